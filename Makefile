@@ -1,0 +1,31 @@
+# The project's verbs. Every target that runs code depends on `install`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+run: install
+	$(BIN)/warmer run
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check warmer tests bench
+	$(BIN)/ruff format --check warmer tests bench
+	$(BIN)/mypy --strict warmer
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""warmer: keeps LLM prompt caches warm for idle conversations."""

@@ -1,0 +1,383 @@
+"""The wire contract, version 1, in code: every message as a msgspec Struct.
+
+Limits are enforced by the types (``Meta`` constraints) wherever msgspec can; the
+one limit it cannot express, the 200-byte ``conversationId``, is checked by
+``__post_init__``, which msgspec reports as an ordinary validation error.
+Each inbound stream has one decoder, built once; ``decode_event`` and
+``decode_command`` turn bytes into a message, an ``UnknownType`` or a ``Rejection``
+and never raise.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+MAX_ID_BYTES: Final = 200
+MAX_ERROR_CHARS: Final = 500
+
+ConversationId = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_ID_BYTES,
+        # C0, DEL and C1: Unicode's control characters (category Cc).
+        pattern=r"^[^\x00-\x1f\x7f-\x9f]+$",
+        description="1 to 200 bytes of UTF-8, no control characters",
+    ),
+]
+Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
+EpochMs = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER, description="epoch milliseconds")]
+Token = Annotated[int, Meta(ge=1, le=MAX_SAFE_INTEGER)]
+Cwd = Annotated[str, Meta(max_length=4096)]
+ModelName = Annotated[str, Meta(max_length=256)]
+ErrorText = Annotated[str, Meta(min_length=1)]
+
+
+class _Message(Struct, frozen=True, kw_only=True, rename="camel", tag_field="type"):
+    """Base of every tagged message: camelCase fields, the tag in ``type``."""
+
+
+class _Addressed(_Message, frozen=True, kw_only=True):
+    """A message about one conversation."""
+
+    conversation_id: ConversationId
+
+    def __post_init__(self) -> None:
+        if len(self.conversation_id.encode()) > MAX_ID_BYTES:
+            raise ValueError(f"conversationId: longer than {MAX_ID_BYTES} bytes of UTF-8")
+
+
+# -- inbound: lifecycle events ------------------------------------------------------
+
+
+class Usage(Struct, frozen=True, kw_only=True, rename="camel"):
+    """Token usage of one provider request; ``input_tokens`` counts cache reads and writes."""
+
+    input_tokens: Count
+    cache_read_tokens: Count
+    cache_write_tokens: Count
+    output_tokens: Count | None = None
+    cache_write_5m_tokens: Count | None = field(default=None, name="cacheWrite5mTokens")
+    cache_write_1h_tokens: Count | None = field(default=None, name="cacheWrite1hTokens")
+
+
+class TurnStarted(_Addressed, frozen=True, kw_only=True, tag="turn.started"):
+    """The conversation began generating a turn."""
+
+    seq: Count | None = None
+    at: EpochMs | None = None
+
+
+class TurnSettled(_Addressed, frozen=True, kw_only=True, tag="turn.settled"):
+    """The turn finished; the conversation is idle."""
+
+    cwd: Cwd | None = None
+    model_name: ModelName | None = None
+    last_request_at: EpochMs | None = None
+    seq: Count | None = None
+    at: EpochMs | None = None
+    usage: Usage | None = None
+    cache_ttl_s: Count | None = field(default=None, name="cacheTtlS")
+    prefix_tokens: Count | None = None
+
+
+class WarmCompleted(_Addressed, frozen=True, kw_only=True, tag="warm.completed"):
+    """A warm finished: ``error`` (which wins when both are given) or ``usage``."""
+
+    token: Token | None = None
+    usage: Usage | None = None
+    error: ErrorText | None = None
+    at: EpochMs | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.usage is None and self.error is None:
+            raise ValueError("usage or error: neither is present")
+
+
+class ConversationClosed(_Addressed, frozen=True, kw_only=True, tag="conversation.closed"):
+    """The user closed the conversation (not a disconnect)."""
+
+    seq: Count | None = None
+    at: EpochMs | None = None
+
+
+LifecycleEvent = TurnStarted | TurnSettled | WarmCompleted | ConversationClosed
+
+# -- inbound: commands --------------------------------------------------------------
+
+
+class SetEnabled(_Addressed, frozen=True, kw_only=True, tag="set_enabled"):
+    """Opt a conversation in or out of warming."""
+
+    enabled: bool
+
+
+class SetInterval(_Addressed, frozen=True, kw_only=True, tag="set_interval"):
+    """Set the warm interval; any JSON number is clamped, never refused."""
+
+    interval_ms: int | float
+
+
+class GetState(_Addressed, frozen=True, kw_only=True, tag="get_state"):
+    """Ask for a conversation's state and panel; changes nothing."""
+
+
+class SurfaceAction(_Addressed, frozen=True, kw_only=True, tag="surface.action"):
+    """A dashboard acting on the panel it was given; ``payload`` depends on the action."""
+
+    action_id: str
+    payload: Any = UNSET
+
+
+Command = SetEnabled | SetInterval | GetState | SurfaceAction
+
+# -- outbound -----------------------------------------------------------------------
+
+
+class WarmRequested(_Message, frozen=True, kw_only=True, tag="warm.requested"):
+    """Asks whoever holds the prompt prefix to re-send it, reading the cache."""
+
+    conversation_id: str
+    token: int
+    requested_at: int
+    cwd: str | UnsetType = UNSET
+    model_name: str | UnsetType = UNSET
+
+
+Status = Literal[
+    "disabled", "active", "idle", "armed", "warming", "retrying", "paused", "budget_exhausted"
+]
+
+
+class StateView(Struct, frozen=True, kw_only=True, rename="camel"):
+    """A conversation's state as dashboards and ``get_state`` see it."""
+
+    enabled: bool
+    interval_ms: int
+    active: bool
+    status: Status
+    last_pct: int | None
+    last_expected_pct: int | None
+    last_warm_at: int | None
+    next_warm_at: int | None
+    last_error: str | None
+    failures: int
+
+
+class ActionRef(Struct, frozen=True, rename="camel"):
+    """The action a panel field triggers, as ``surface.action``'s ``actionId``."""
+
+    action_id: str
+
+
+class _PanelField(Struct, frozen=True, kw_only=True, rename="camel", tag_field="kind"):
+    """Base of the panel's field kinds."""
+
+
+class ToggleField(_PanelField, frozen=True, kw_only=True, tag="toggle"):
+    """An on/off switch."""
+
+    label: str
+    value: bool
+    action: ActionRef
+
+
+class NumberField(_PanelField, frozen=True, kw_only=True, tag="number"):
+    """A number input."""
+
+    label: str
+    value: int
+    min: int
+    step: int
+    unit: str
+    action: ActionRef
+
+
+class StatField(_PanelField, frozen=True, kw_only=True, tag="stat"):
+    """A read-only figure."""
+
+    label: str
+    value: str
+
+
+class TimerPayload(Struct, frozen=True, kw_only=True, rename="camel"):
+    """What the countdown renderer needs."""
+
+    next_warm_at: int | None
+    last_warm_at: int | None
+
+
+class CustomField(_PanelField, frozen=True, kw_only=True, tag="custom"):
+    """A field drawn by a named renderer of the dashboard."""
+
+    renderer_id: str
+    payload: TimerPayload
+
+
+PanelField = ToggleField | NumberField | StatField | CustomField
+
+
+class Panel(Struct, frozen=True, kw_only=True):
+    """The panel (``spec``) a dashboard renders for a conversation."""
+
+    id: str
+    region: str
+    title: str
+    fields: list[PanelField]
+
+
+class SurfaceChanged(_Message, frozen=True, kw_only=True, tag="surface.changed"):
+    """A conversation's state and panel changed."""
+
+    conversation_id: str
+    state: StateView
+    spec: Panel
+    at: int
+
+
+class SettingsView(Struct, frozen=True, kw_only=True, rename="camel"):
+    """A conversation's persisted settings, as replies show them."""
+
+    enabled: bool
+    interval_ms: int
+
+
+class SettingsReply(Struct, frozen=True, kw_only=True):
+    """Reply to ``set_enabled``, ``set_interval`` and the actions standing for them."""
+
+    ok: Literal[True] = True
+    settings: SettingsView
+
+
+class StateReply(Struct, frozen=True, kw_only=True):
+    """Reply to ``get_state``."""
+
+    ok: Literal[True] = True
+    state: StateView
+    spec: Panel
+
+
+class ErrorReply(Struct, frozen=True, kw_only=True):
+    """Reply to a command that could not be applied; it changed nothing."""
+
+    ok: Literal[False] = False
+    error: str
+    code: str
+
+
+Reply = SettingsReply | StateReply | ErrorReply
+
+# -- decoding -----------------------------------------------------------------------
+
+ErrorCode = Literal[
+    "invalid_content_type",
+    "too_large",
+    "invalid_json",
+    "invalid_field",
+    "invalid_payload",
+    "unknown_action",
+    "unknown_type",
+    "store_error",
+]
+# Codes for a body that fails the encoding rules: dead-lettered even when a command.
+ENCODING_CODES: Final = frozenset({"invalid_content_type", "too_large", "invalid_json"})
+
+
+class Rejection(Struct, frozen=True):
+    """Why an inbound message cannot be applied: a contract error code and one line."""
+
+    code: ErrorCode
+    error: str
+
+    @property
+    def dead_letter_always(self) -> bool:
+        """True when the body fails the encoding rules (dead-lettered even as a command)."""
+        return self.code in ENCODING_CODES
+
+
+class UnknownType(Struct, frozen=True):
+    """A well-formed message whose ``type`` this worker does not know."""
+
+    type: str
+
+
+_T = TypeVar("_T")
+_EVENT_DECODER: Final = msgspec.json.Decoder(LifecycleEvent)
+_COMMAND_DECODER: Final = msgspec.json.Decoder(Command)
+_ANY_DECODER: Final = msgspec.json.Decoder()
+_ENCODER: Final = msgspec.json.Encoder()
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def encode(message: Struct) -> bytes:
+    """Encode an outbound message (or reply) as JSON."""
+    return _ENCODER.encode(message)
+
+
+def decode_event(
+    body: bytes, content_type: str | None = None
+) -> LifecycleEvent | UnknownType | Rejection:
+    """Decode a lifecycle event; never raises."""
+    return _decode(_EVENT_DECODER, body, content_type)
+
+
+def decode_command(
+    body: bytes, content_type: str | None = None
+) -> Command | UnknownType | Rejection:
+    """Decode a command; never raises."""
+    return _decode(_COMMAND_DECODER, body, content_type)
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    """True for an absent content type or ``application/json`` with any parameters."""
+    if not content_type:
+        return True
+    return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def _decode(
+    decoder: msgspec.json.Decoder[_T], body: bytes, content_type: str | None
+) -> _T | UnknownType | Rejection:
+    if not is_json_content_type(content_type):
+        return Rejection("invalid_content_type", f"content type {content_type!r} is not JSON")
+    if len(body) > MAX_BODY_BYTES:
+        return Rejection("too_large", f"body is {len(body)} bytes, over the {MAX_BODY_BYTES}")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        return _classify(body, str(exc))
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        return Rejection("invalid_json", f"body is not UTF-8 JSON: {exc}")
+
+
+def _classify(body: bytes, problem: str) -> UnknownType | Rejection:
+    """Tell an unknown type, a non-object and a bad field apart (the slow path only)."""
+    raw = _ANY_DECODER.decode(body)
+    if not isinstance(raw, dict):
+        return Rejection("invalid_json", f"body is a JSON {type(raw).__name__}, not an object")
+    kind = raw.get("type")
+    if kind is None:
+        return Rejection("invalid_field", "type: missing or null")
+    if not isinstance(kind, str):
+        return Rejection("invalid_field", f"type: expected a string, got {kind!r}")
+    if problem.endswith("- at `$.type`"):
+        return UnknownType(kind)
+    return Rejection("invalid_field", f"{kind}: {_describe(problem)}")
+
+
+def _describe(problem: str) -> str:
+    """Rewrite msgspec's message as `field: what was wrong`."""
+    match = _PATH.search(problem)
+    if match is None:
+        return problem
+    what = problem[: match.start()]
+    if "matching regex" in what:
+        what = "Expected `str` with no control characters"
+    return f"{match.group(1) or 'body'}: {what}"
