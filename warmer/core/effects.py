@@ -1,0 +1,61 @@
+"""What the core asks the shell to do; the shell carries these out in order."""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from warmer.contract import Reply, SurfaceChanged, WarmRequested
+from warmer.core.state import Settings
+
+
+class Arm(Struct, frozen=True, gc=False):
+    """Start (or replace) the conversation's one timer."""
+
+    conversation_id: str
+    due_at: int
+    token: int
+
+
+class Cancel(Struct, frozen=True, gc=False):
+    """Stop the conversation's pending timer."""
+
+    conversation_id: str
+
+
+class PublishWarm(Struct, frozen=True):
+    """Publish ``warm.requested``; ``timeout_ms`` is its expiration."""
+
+    request: WarmRequested
+    timeout_ms: int
+
+
+class PublishSurface(Struct, frozen=True):
+    """Publish ``surface.changed``."""
+
+    update: SurfaceChanged
+
+
+class PersistSettings(Struct, frozen=True, gc=False):
+    """Persist a conversation's settings; the input is acknowledged only once committed."""
+
+    conversation_id: str
+    settings: Settings
+
+
+class SendReply(Struct, frozen=True):
+    """Answer the command (when it has a ``reply_to``)."""
+
+    reply: Reply
+
+
+class WarmFailed(Struct, frozen=True, gc=False):
+    """A warm failed (error, unroutable, timeout): for logs and counters."""
+
+    conversation_id: str
+    token: int
+    error: str
+    failures: int
+    paused: bool
+
+
+Effect = Arm | Cancel | PublishWarm | PublishSurface | PersistSettings | SendReply | WarmFailed

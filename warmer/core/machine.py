@@ -1,0 +1,415 @@
+"""The warmer state machine: given the time and an input, it returns effects.
+
+It never sleeps, reads a clock or does I/O. Commands that change settings go in two
+steps, ``plan_command`` then ``commit`` (or ``store_failed``), so the shell can persist
+in between and a store error leaves the in-memory state untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final, Literal
+
+from msgspec import UNSET, Struct
+
+from warmer.contract import (
+    Command,
+    ConversationClosed,
+    ErrorReply,
+    GetState,
+    LifecycleEvent,
+    SetEnabled,
+    SetInterval,
+    SettingsReply,
+    SettingsView,
+    StateReply,
+    SurfaceAction,
+    SurfaceChanged,
+    TurnSettled,
+    TurnStarted,
+    Usage,
+    WarmCompleted,
+    WarmRequested,
+)
+from warmer.core.effects import (
+    Arm,
+    Cancel,
+    Effect,
+    PersistSettings,
+    PublishSurface,
+    PublishWarm,
+    SendReply,
+    WarmFailed,
+)
+from warmer.core.panel import SET_INTERVAL_ACTION, TOGGLE_ACTION, build_panel
+from warmer.core.rules import (
+    GENERATING,
+    NO_CONSUMER,
+    cache_pct,
+    clamp_interval,
+    cut_error,
+    effective_request_start,
+    expected_pct,
+    seconds_to_interval,
+    timeout_error,
+)
+from warmer.core.state import DEFAULT_SETTINGS, Conversation, Phase, Settings
+
+Verdict = Literal["applied", "stale", "dropped_active", "ignored", "rejected"]
+
+
+class Policy(Struct, frozen=True, kw_only=True):
+    """The global knobs of the rules (``WARMER_*`` settings)."""
+
+    warm_timeout_ms: int = 60_000
+    max_failures: int = 3
+    idle_max_ms: int = 2_700_000
+    idle_max_warms: int = 10
+
+
+class Outcome(Struct, frozen=True):
+    """What one input caused: the effects in order, and a verdict for logs and counters."""
+
+    effects: list[Effect]
+    verdict: Verdict = "applied"
+
+
+class SettingsChange(Struct, frozen=True):
+    """A planned settings command: persist ``settings``, then ``commit``."""
+
+    conversation_id: str
+    settings: Settings
+    field: Literal["enabled", "interval"]
+
+
+_NOTHING: Final = Outcome([], "ignored")
+_GUARDED: Final = frozenset({"disabled", "paused", "budget_exhausted"})
+_SCHEDULED: Final = frozenset({"armed", "warming", "retrying"})
+_HAND_RESETS: Final = frozenset({"armed", "retrying", "idle"})
+
+
+class Warmer:
+    """Every conversation's state, and the rules that move it."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        settings: Mapping[str, Settings] | None = None,
+        token_start: int = 0,
+    ) -> None:
+        self.policy = policy or Policy()
+        self._settings: dict[str, Settings] = dict(settings or {})
+        self._conversations: dict[str, Conversation] = {}
+        self._token = token_start
+
+    # -- queries ----------------------------------------------------------------------
+
+    @property
+    def last_token(self) -> int:
+        """The highest token issued so far (or the start of the counter)."""
+        return self._token
+
+    def get(self, conversation_id: str) -> Conversation | None:
+        """The runtime state of a conversation, if it has one."""
+        return self._conversations.get(conversation_id)
+
+    def __len__(self) -> int:
+        return len(self._conversations)
+
+    def persisted(self, conversation_id: str) -> Settings:
+        """The persisted settings of a conversation (defaults when none)."""
+        return self._settings.get(conversation_id, DEFAULT_SETTINGS)
+
+    # -- lifecycle events -------------------------------------------------------------
+
+    def apply_event(self, now: int, event: LifecycleEvent) -> Outcome:
+        """Apply one decoded lifecycle event."""
+        if isinstance(event, WarmCompleted):
+            return self._completed(now, event)
+        conv = self._conversations.get(event.conversation_id)
+        if _is_stale_seq(event.seq, conv):
+            return Outcome([], "stale")
+        if conv is None:
+            conv = self._create(now, event.conversation_id)
+        if event.seq is not None:
+            conv.last_seq = event.seq
+        effects: list[Effect] = []
+        cid = event.conversation_id
+        if isinstance(event, TurnStarted):
+            conv.active = True
+            self._cancel(cid, conv, effects)
+        elif isinstance(event, TurnSettled):
+            self._settled(now, cid, conv, event, effects)
+        else:
+            self._closed(cid, conv, effects)
+        self._surface(now, cid, conv, effects)
+        if isinstance(event, ConversationClosed):
+            settings = Settings(enabled=False, interval_ms=conv.interval_ms)
+            self._settings[cid] = settings
+            effects.append(PersistSettings(cid, settings))
+        return Outcome(effects)
+
+    def _settled(
+        self, now: int, cid: str, conv: Conversation, event: TurnSettled, effects: list[Effect]
+    ) -> None:
+        conv.cwd = event.cwd
+        conv.model_name = event.model_name
+        conv.active = False
+        conv.failures = 0
+        self._start_stretch(now, conv)
+        if conv.enabled:
+            start = effective_request_start(event.last_request_at, now)
+            due = now + conv.interval_ms if start is None else max(now, start + conv.interval_ms)
+            self._arm(now, cid, conv, effects, due=due)
+
+    def _closed(self, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+        self._cancel(cid, conv, effects)
+        conv.enabled = False
+
+    def _completed(self, now: int, event: WarmCompleted) -> Outcome:
+        cid = event.conversation_id
+        conv = self._conversations.get(cid)
+        if conv is not None and conv.active:
+            return Outcome([], "dropped_active")
+        if conv is not None and event.token is not None and event.token < conv.token:
+            return Outcome([], "stale")
+        if conv is None:
+            conv = self._create(now, cid)
+        current = event.token is not None and event.token == conv.token
+        status = conv.status
+        effects: list[Effect] = []
+        if event.error is not None:
+            error = cut_error(event.error)
+            if current and conv.phase is Phase.WARMING:
+                if event.error == GENERATING:
+                    conv.last_error = error
+                    self._cancel(cid, conv, effects)
+                else:
+                    self._fail(now, cid, conv, error, effects)
+            else:
+                conv.last_error = error
+        else:
+            assert event.usage is not None
+            self._record(now, conv, event.usage)
+            if current or status in _HAND_RESETS:
+                conv.failures = 0
+                conv.last_error = None
+                self._arm(now, cid, conv, effects)
+        self._surface(now, cid, conv, effects)
+        return Outcome(effects)
+
+    # -- timers and returns -----------------------------------------------------------
+
+    def on_timer(self, now: int, conversation_id: str, token: int) -> Outcome:
+        """A timer fired: publish a warm, or time out the outstanding one."""
+        conv = self._conversations.get(conversation_id)
+        if conv is None or token != conv.token or not conv.enabled or conv.active:
+            return _NOTHING
+        effects: list[Effect] = []
+        if conv.phase is Phase.WARMING:
+            self._fail(now, conversation_id, conv, timeout_error(conv.timeout_ms), effects)
+        elif conv.phase in (Phase.ARMED, Phase.RETRYING):
+            self._publish_warm(now, conversation_id, conv, effects)
+        else:
+            return _NOTHING
+        self._surface(now, conversation_id, conv, effects)
+        return Outcome(effects)
+
+    def on_warm_returned(self, now: int, conversation_id: str, token: int) -> Outcome:
+        """The broker returned a warm request as unroutable: a failed warm."""
+        conv = self._conversations.get(conversation_id)
+        if conv is None or token != conv.token or conv.phase is not Phase.WARMING:
+            return _NOTHING
+        if not conv.enabled or conv.active:
+            return _NOTHING
+        effects: list[Effect] = []
+        self._fail(now, conversation_id, conv, NO_CONSUMER, effects)
+        self._surface(now, conversation_id, conv, effects)
+        return Outcome(effects)
+
+    def _publish_warm(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+        timeout = min(self.policy.warm_timeout_ms, conv.interval_ms)
+        conv.phase = Phase.WARMING
+        conv.next_warm_at = None
+        conv.idle_warms += 1
+        conv.published_at = now
+        conv.timeout_ms = timeout
+        request = WarmRequested(
+            conversation_id=cid,
+            token=conv.token,
+            requested_at=now,
+            cwd=UNSET if conv.cwd is None else conv.cwd,
+            model_name=UNSET if conv.model_name is None else conv.model_name,
+        )
+        effects.append(PublishWarm(request, timeout))
+        effects.append(Arm(cid, now + timeout, conv.token))
+
+    def _fail(
+        self, now: int, cid: str, conv: Conversation, error: str, effects: list[Effect]
+    ) -> None:
+        conv.last_error = error
+        conv.failures += 1
+        paused = conv.failures >= self.policy.max_failures
+        effects.append(WarmFailed(cid, conv.token, error, conv.failures, paused))
+        if paused:
+            self._cancel(cid, conv, effects)
+            conv.phase = Phase.PAUSED
+            return
+        backoff = now + 2 ** (conv.failures - 1) * 1000
+        due = max(now, min(backoff, conv.published_at + conv.interval_ms))
+        self._arm(now, cid, conv, effects, due=due, retry=True)
+
+    # -- commands ---------------------------------------------------------------------
+
+    def plan_command(self, now: int, command: Command) -> Outcome | SettingsChange:
+        """Validate a command: a reply to send now, or a settings change to persist."""
+        cid = command.conversation_id
+        if isinstance(command, GetState):
+            conv = self._conversations.get(cid) or self._virtual(now, cid)
+            view = conv.view()
+            return Outcome([SendReply(StateReply(state=view, spec=build_panel(view)))])
+        persisted = self.persisted(cid)
+        if isinstance(command, SetEnabled):
+            return SettingsChange(cid, Settings(command.enabled, persisted.interval_ms), "enabled")
+        if isinstance(command, SetInterval):
+            interval = clamp_interval(command.interval_ms)
+            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval")
+        return self._plan_action(now, command, persisted)
+
+    def _plan_action(
+        self, now: int, action: SurfaceAction, persisted: Settings
+    ) -> Outcome | SettingsChange:
+        cid = action.conversation_id
+        payload = action.payload
+        if action.action_id == TOGGLE_ACTION:
+            if isinstance(payload, dict) and "value" in payload:
+                payload = payload["value"]
+            if payload is UNSET or payload is None:
+                conv = self._conversations.get(cid)
+                enabled = not (conv.enabled if conv is not None else persisted.enabled)
+            elif isinstance(payload, bool):
+                enabled = payload
+            else:
+                return reject('payload: the toggle takes {"value": true|false}', "invalid_payload")
+            return SettingsChange(cid, Settings(enabled, persisted.interval_ms), "enabled")
+        if action.action_id == SET_INTERVAL_ACTION:
+            if isinstance(payload, dict):
+                payload = payload.get("value")
+            interval = seconds_to_interval(payload)
+            if interval is None:
+                return reject(
+                    "payload: set-interval takes a positive number of seconds", "invalid_payload"
+                )
+            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval")
+        return reject(f"actionId: unknown action {action.action_id!r}", "unknown_action")
+
+    def commit(self, now: int, change: SettingsChange) -> Outcome:
+        """The planned settings were persisted: merge them, re-arm as the rules say, reply."""
+        cid = change.conversation_id
+        self._settings[cid] = change.settings
+        conv = self._conversations.get(cid) or self._create(now, cid)
+        effects: list[Effect] = []
+        if change.field == "enabled":
+            self._set_enabled(now, cid, conv, change.settings, effects)
+        else:
+            conv.interval_ms = change.settings.interval_ms
+            if conv.status == "armed":
+                self._arm(now, cid, conv, effects)
+        self._surface(now, cid, conv, effects)
+        view = SettingsView(
+            enabled=change.settings.enabled, interval_ms=change.settings.interval_ms
+        )
+        effects.append(SendReply(SettingsReply(settings=view)))
+        return Outcome(effects)
+
+    def _set_enabled(
+        self, now: int, cid: str, conv: Conversation, settings: Settings, effects: list[Effect]
+    ) -> None:
+        status = conv.status
+        conv.enabled = settings.enabled
+        conv.interval_ms = settings.interval_ms
+        if not settings.enabled:
+            self._cancel(cid, conv, effects)
+        elif status in _GUARDED:
+            conv.failures = 0
+            conv.phase = Phase.IDLE
+            self._start_stretch(now, conv)
+            self._arm(now, cid, conv, effects)
+        elif status == "idle":
+            self._arm(now, cid, conv, effects)
+        # armed, warming, retrying: the schedule stands; active: the settle will arm.
+
+    def store_failed(self, change: SettingsChange, error: str) -> Outcome:
+        """Persisting a planned change failed: nothing changes, the requester is told."""
+        return reject(f"settings store failed: {error}", "store_error")
+
+    # -- the shared moves -------------------------------------------------------------
+
+    def _create(self, now: int, cid: str) -> Conversation:
+        conv = self._virtual(now, cid)
+        self._conversations[cid] = conv
+        return conv
+
+    def _virtual(self, now: int, cid: str) -> Conversation:
+        settings = self.persisted(cid)
+        return Conversation(
+            enabled=settings.enabled, interval_ms=settings.interval_ms, idle_since=now
+        )
+
+    def _start_stretch(self, now: int, conv: Conversation) -> None:
+        conv.idle_since = now
+        conv.idle_warms = 0
+        if not conv.phase.pending:
+            conv.phase = Phase.IDLE
+
+    def _cancel(self, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+        if conv.phase.pending:
+            effects.append(Cancel(cid))
+            conv.phase = Phase.IDLE
+        conv.next_warm_at = None
+
+    def _arm(
+        self,
+        now: int,
+        cid: str,
+        conv: Conversation,
+        effects: list[Effect],
+        due: int | None = None,
+        retry: bool = False,
+    ) -> None:
+        if not conv.enabled or conv.active:
+            self._cancel(cid, conv, effects)
+            return
+        due = now + conv.interval_ms if due is None else due
+        policy = self.policy
+        if due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms:
+            self._cancel(cid, conv, effects)
+            conv.phase = Phase.BUDGET_EXHAUSTED
+            return
+        self._token += 1
+        conv.token = self._token
+        conv.phase = Phase.RETRYING if retry else Phase.ARMED
+        conv.next_warm_at = due
+        effects.append(Arm(cid, due, conv.token))
+
+    def _record(self, now: int, conv: Conversation, usage: Usage) -> None:
+        conv.last_pct = cache_pct(usage.input_tokens, usage.cache_read_tokens)
+        conv.last_expected_pct = expected_pct(usage.cache_read_tokens, usage.cache_write_tokens)
+        conv.last_warm_at = now
+
+    def _surface(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+        view = conv.view()
+        update = SurfaceChanged(conversation_id=cid, state=view, spec=build_panel(view), at=now)
+        effects.append(PublishSurface(update))
+
+
+def _is_stale_seq(seq: int | None, conv: Conversation | None) -> bool:
+    """An event whose ``seq`` is not above the last one applied is a redelivery or reordering."""
+    return (
+        seq is not None and conv is not None and conv.last_seq is not None and seq <= conv.last_seq
+    )
+
+
+def reject(error: str, code: str) -> Outcome:
+    """A command that cannot be applied: an error reply, nothing else."""
+    return Outcome([SendReply(ErrorReply(error=error, code=code))], "rejected")
