@@ -1,0 +1,191 @@
+"""The composition root: builds the parts from the config, starts them, stops them.
+
+Start: open the store and load every persisted setting and the token counter, build
+the core and the scheduler, connect (robustly) to the broker, declare the topology,
+consume. Stop (SIGTERM or SIGINT): stop consuming, apply what was already delivered,
+wait until every acknowledgement is settled, stop the timers without touching state,
+flush the token counter, close. Shutting down never changes a conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+
+from warmer.bus.publisher import Publisher
+from warmer.bus.topology import Names, declare
+from warmer.clock import Clock, SystemClock
+from warmer.config import Config
+from warmer.core import Policy, Warmer, parse_settings
+from warmer.core.rules import token_start
+from warmer.scheduler import Scheduler
+from warmer.store import Store, StoreError, open_store
+from warmer.worker import Inbox, Worker
+
+log = structlog.get_logger("warmer.app")
+
+CONNECT_TIMEOUT_S: Final = 10.0
+EXIT_OK: Final = 0
+EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot be reached
+
+
+class StartupError(Exception):
+    """The worker cannot start; the message says what to do about it."""
+
+
+def policy_of(config: Config) -> Policy:
+    """The core's policy from the config."""
+    return Policy(
+        warm_timeout_ms=config.warm_timeout_ms,
+        max_failures=config.max_failures,
+        idle_max_ms=config.idle_max_ms,
+        idle_max_warms=config.idle_max_warms,
+    )
+
+
+class App:
+    """One running worker: store, core, scheduler, broker connection and consumers."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.store: Store = open_store(config.store)
+        self.names = Names.of(config.namespace)
+        self.worker: Worker | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._inboxes: list[Inbox] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Load state, connect, declare and consume; raises StartupError with advice."""
+        try:
+            await self.store.open()
+            raw = await self.store.load_settings()
+            stored_token = await self.store.load_token()
+        except StoreError as exc:
+            raise StartupError(f"cannot open the store {self.config.store}: {exc}") from exc
+        settings = {cid: parse_settings(value) for cid, value in raw.items()}
+        core = Warmer(
+            policy_of(self.config), settings, token_start(stored_token, self.clock.now_ms())
+        )
+        scheduler = Scheduler(self.clock, lambda key, token: worker.on_fire(key, token))
+        worker = Worker(core, scheduler, self.store, self.clock)
+        self.worker = worker
+        log.info("state_loaded", conversations=len(settings), token=core.last_token)
+
+        self._connection = await self._connect()
+        publish_channel = await self._connection.channel(publisher_confirms=True)
+        topology = await declare(publish_channel, self.names)
+        worker.publisher = Publisher(publish_channel, topology)
+        scheduler.start()
+        self._flusher = asyncio.get_running_loop().create_task(worker.flush_token_forever())
+        await self._consume(self.names.lifecycle, worker.on_lifecycle)
+        await self._consume(self.names.commands, worker.on_command)
+        self.ready.set()
+        log.info(
+            "worker_started",
+            amqp_url=self.config.amqp_url_masked,
+            namespace=self.config.namespace,
+            store=self.config.store,
+            prefetch=self.config.prefetch,
+        )
+
+    async def _connect(self) -> AbstractRobustConnection:
+        url = self.config.amqp_url_masked
+        try:
+            connection = await asyncio.wait_for(
+                aio_pika.connect_robust(
+                    self.config.amqp_url,
+                    client_properties={"connection_name": f"warmer {self.config.namespace}"},
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+            raise StartupError(
+                f"cannot reach RabbitMQ at {url} ({_reason(exc)}); start a broker "
+                "(`rabbitmq-server -detached`) or set WARMER_AMQP_URL"
+            ) from exc
+        connection.reconnect_callbacks.add(lambda *_: log.info("broker_reconnected", url=url))
+        connection.close_callbacks.add(
+            lambda *_: None if self._stopping else log.warning("broker_connection_lost", url=url)
+        )
+        return connection
+
+    async def _consume(
+        self, queue_name: str, handle: Callable[[AbstractIncomingMessage], Awaitable[None]]
+    ) -> None:
+        assert self._connection is not None
+        channel: AbstractRobustChannel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=self.config.prefetch)
+        arguments = dict(next(args for name, args in self.names.queues() if name == queue_name))
+        queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+        inbox = Inbox(queue_name, handle)
+        inbox.start()
+        self._inboxes.append(inbox)
+        tag = await queue.consume(inbox.deliver)
+        self._consumers.append((queue, tag))
+
+    async def stop(self) -> None:
+        """Stop consuming, finish what was delivered, settle acks, stop timers, close."""
+        self._stopping = True
+        for queue, tag in self._consumers:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:
+                log.warning("consumer_cancel_failed", queue=queue.name, error=repr(exc))
+        for inbox in self._inboxes:
+            await inbox.drain()
+        worker = self.worker
+        if worker is not None:
+            await worker.scheduler.stop()
+            await worker.settled()
+            if worker.publisher is not None:
+                worker.publisher.close()
+            if self._flusher is not None:
+                self._flusher.cancel()
+            try:
+                await worker.flush_token()
+            except StoreError as exc:
+                log.error("token_flush_failed", error=str(exc))
+        if self._connection is not None:
+            await self._connection.close()
+        await self.store.close()
+        log.info("worker_stopped")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+async def run(config: Config) -> int:
+    """Run the worker until SIGTERM or SIGINT; the process exit code."""
+    app = App(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await app.start()
+    except StartupError as exc:
+        log.error("startup_failed", error=str(exc))
+        await app.store.close()
+        return EXIT_UNAVAILABLE
+    await stop.wait()
+    log.info("worker_stopping")
+    await app.stop()
+    return EXIT_OK
