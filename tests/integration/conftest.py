@@ -1,0 +1,124 @@
+"""Fixtures for tests against a real RabbitMQ: a broker URL, a namespace, a running worker.
+
+The broker: ``WARMER_TEST_AMQP_URL`` if set, else the local broker on 127.0.0.1:5672,
+else a ``rabbitmq:3.10`` container when a Docker daemon answers. With none, the tests
+fail when ``WARMER_REQUIRE_BROKER=1`` (CI sets it) and are skipped, with the reason,
+otherwise. Every test gets its own namespace and deletes what it declared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+import msgspec
+import pytest
+
+from tests.integration.probe import Probe
+from warmer.app import App
+from warmer.bus.topology import Names, delete
+from warmer.config import Config
+
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+RABBITMQ_IMAGE = "rabbitmq:3.10-management"
+
+
+def _answers(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5672), 2):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """The broker every integration test talks to."""
+    given = os.environ.get("WARMER_TEST_AMQP_URL")
+    if given:
+        yield given
+        return
+    if _answers(LOCAL_URL):
+        yield LOCAL_URL
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer(RABBITMQ_IMAGE) as container:
+            params = container.get_connection_params()
+            yield f"amqp://guest:guest@{params.host}:{params.port}/"
+        return
+    reason = (
+        "no RabbitMQ: set WARMER_TEST_AMQP_URL, start one on 127.0.0.1:5672 "
+        "(`rabbitmq-server -detached`) or run a Docker daemon"
+    )
+    if os.environ.get("WARMER_REQUIRE_BROKER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of this test's own."""
+    return f"wt-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def probe(amqp_url: str, namespace: str) -> AsyncIterator[Probe]:
+    """The test's side of the bus; deletes the namespace's topology afterwards."""
+    probe = await Probe.connect(amqp_url, namespace)
+    try:
+        yield probe
+    finally:
+        await probe.close()
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            await delete(await connection.channel(), Names.of(namespace))
+
+
+def make_config(amqp_url: str, namespace: str, tmp_path: Path, **overrides: object) -> Config:
+    """A worker config for tests: its own namespace and SQLite file."""
+    fields: dict[str, object] = {
+        "amqp_url": amqp_url,
+        "namespace": namespace,
+        "store": f"sqlite:///{tmp_path / 'warmer.db'}",
+        "log_format": "console",
+        "log_level": "warning",
+    }
+    fields.update(overrides)
+    return msgspec.convert(fields, Config)
+
+
+@pytest.fixture
+async def start_worker(
+    amqp_url: str, namespace: str, tmp_path: Path, probe: Probe
+) -> AsyncIterator[object]:
+    """Start a worker in this event loop (``await start_worker(**config_overrides)``)."""
+    apps: list[App] = []
+
+    async def start(**overrides: object) -> App:
+        app = App(make_config(amqp_url, namespace, tmp_path, **overrides))
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await asyncio.wait_for(app.stop(), 30)
