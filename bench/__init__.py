@@ -1,0 +1,1 @@
+"""Benchmarks: each module exposing `run() -> dict[str, float]`; `python -m bench` runs them."""

@@ -1,0 +1,179 @@
+"""The timers: one per conversation, one asyncio task over one heap, built for a million.
+
+Arming pushes `(due, seq, key, token)` onto a heap and records that very tuple as the
+key's live timer. Re-arming or cancelling leaves the old tuple in the heap, dead: an
+entry is live only while it *is* the tuple recorded for its key (identity, not equality,
+since a warm timeout re-arms with the same token and can even reuse the due time). Dead
+entries are dropped as they surface, and the heap is rebuilt from the live ones when
+they outnumber half of them, so churn cannot grow memory without bound.
+
+One task sleeps until the earliest due time through a single clock alarm; arming an
+earlier timer wakes it to sleep again on the new earliest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections.abc import Callable
+
+import structlog
+
+from warmer.clock import Alarm, Clock
+
+__all__ = ["OnFire", "Scheduler"]
+
+log = structlog.get_logger(__name__)
+
+OnFire = Callable[[str, int], None]
+"""What a fired timer calls: `on_fire(key, token)`."""
+
+# due (epoch ms), arm sequence (breaks due ties in arm order), key, token.
+_Entry = tuple[int, int, str, int]
+
+# Below this many dead entries the heap is never rebuilt: small heaps are cheap anyway.
+_COMPACT_MIN_DEAD = 1024
+
+
+class Scheduler:
+    """One pending timer per key; fires `on_fire(key, token)` when its due time comes."""
+
+    def __init__(self, clock: Clock, on_fire: OnFire) -> None:
+        self._clock = clock
+        self._on_fire = on_fire
+        self._heap: list[_Entry] = []
+        self._live: dict[str, _Entry] = {}
+        self._dead = 0
+        self._seq = 0
+        self._firing = False
+        self._task: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._sleeping_until: int | None = None
+
+    def __len__(self) -> int:
+        """Return how many timers are armed."""
+        return len(self._live)
+
+    def arm(self, key: str, due_at_ms: int, token: int) -> None:
+        """Arm the timer of `key` for `due_at_ms`, replacing any pending one."""
+        seq = self._seq
+        self._seq = seq + 1
+        entry = (due_at_ms, seq, key, token)
+        if self._live.get(key) is not None:
+            self._dead += 1
+        self._live[key] = entry
+        heapq.heappush(self._heap, entry)
+        if self._waiter is not None and (
+            self._sleeping_until is None or due_at_ms < self._sleeping_until
+        ):
+            self._wake()
+        self._compact_if_mostly_dead()
+
+    def cancel(self, key: str) -> None:
+        """Disarm the timer of `key`; no-op when none is pending."""
+        if self._live.pop(key, None) is not None:
+            self._dead += 1
+            self._compact_if_mostly_dead()
+
+    def pending(self, key: str) -> tuple[int, int] | None:
+        """Return `(due_at_ms, token)` of the timer pending for `key`, or None."""
+        entry = self._live.get(key)
+        return None if entry is None else (entry[0], entry[3])
+
+    def fire_due(self, now_ms: int) -> int:
+        """Fire every timer due at or before `now_ms`, in due order, ties in arm order.
+
+        Each timer is disarmed before its `on_fire` runs, so the callback may re-arm or
+        cancel any key. A timer armed by a callback never fires within the same call,
+        even if already due, so a callback that keeps re-arming in the past cannot spin
+        forever; it fires on the next call. Returns how many timers fired, counting
+        those whose callback raised (logged as `timer_fire_failed`).
+        """
+        first_new_seq = self._seq
+        deferred: list[_Entry] = []
+        fired = 0
+        self._firing = True
+        try:
+            while self._heap and self._heap[0][0] <= now_ms:
+                entry = heapq.heappop(self._heap)
+                _, seq, key, token = entry
+                if self._live.get(key) is not entry:
+                    self._dead -= 1
+                elif seq >= first_new_seq:
+                    deferred.append(entry)
+                else:
+                    del self._live[key]
+                    fired += 1
+                    try:
+                        self._on_fire(key, token)
+                    except Exception:
+                        log.exception("timer_fire_failed", key=key, token=token)
+        finally:
+            self._firing = False
+            for entry in deferred:
+                # Dead or alive, it goes back: `_dead` counted it as a heap entry.
+                heapq.heappush(self._heap, entry)
+            self._compact_if_mostly_dead()
+        return fired
+
+    async def run(self) -> None:
+        """Fire timers as they fall due, forever; cancel the task (or `stop()`) to end."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self.fire_due(self._clock.now_ms())
+            next_due = self._next_due()
+            if next_due is not None and next_due <= self._clock.now_ms():
+                # Armed by a callback already due: fire it after letting others run.
+                await asyncio.sleep(0)
+                continue
+            alarm: Alarm | None = None
+            self._waiter = loop.create_future()
+            self._sleeping_until = next_due
+            try:
+                if next_due is not None:
+                    alarm = self._clock.call_at(next_due, self._wake)
+                await self._waiter
+            finally:
+                self._waiter = None
+                if alarm is not None:
+                    alarm.cancel()
+
+    def start(self) -> None:
+        """Start `run()` as a task on the running loop."""
+        if self._task is not None and not self._task.done():
+            raise RuntimeError("scheduler already started")
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="scheduler")
+
+    async def stop(self) -> None:
+        """Stop the task `start()` made, firing nothing; armed timers stay queryable."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            # Swallow the cancellation we caused, not one aimed at our caller.
+            caller = asyncio.current_task()
+            if caller is not None and caller.cancelling():
+                raise
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _next_due(self) -> int | None:
+        heap = self._heap
+        while heap and self._live.get(heap[0][2]) is not heap[0]:
+            heapq.heappop(heap)
+            self._dead -= 1
+        return heap[0][0] if heap else None
+
+    def _compact_if_mostly_dead(self) -> None:
+        # Not while fire_due runs: it holds popped entries that are still live.
+        if self._firing:
+            return
+        if self._dead > _COMPACT_MIN_DEAD and self._dead * 2 > len(self._live):
+            self._heap = list(self._live.values())
+            heapq.heapify(self._heap)
+            self._dead = 0
