@@ -141,6 +141,8 @@ class App:
 
     async def stop(self) -> None:
         """Stop consuming, finish what was delivered, settle acks, stop timers, close."""
+        if self._stopping:
+            return
         self._stopping = True
         for queue, tag in self._consumers:
             try:

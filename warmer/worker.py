@@ -45,6 +45,9 @@ from warmer.store import Store, StoreError
 log = structlog.get_logger("warmer.worker")
 
 TOKEN_FLUSH_S: Final = 1.0
+# Before forcing a redelivery: every redelivery counts toward the queue's delivery
+# limit (20), so a store that is down for a moment must not burn them all at once.
+REDELIVERY_PAUSE_S: Final = 1.0
 _STOP: Final = object()
 
 
@@ -225,6 +228,7 @@ class Worker:
         except (PublishFailed, StoreError) as exc:
             log.error("delivery_not_durable", routing_key=message.routing_key, error=str(exc))
             self.counts["redeliveries_forced"] += 1
+            await asyncio.sleep(REDELIVERY_PAUSE_S)
             await _redeliver(message)
             return
         try:

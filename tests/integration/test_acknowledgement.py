@@ -1,0 +1,71 @@
+"""Acknowledgement: an event whose effects are not durable stays unacknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.integration.probe import Probe
+from warmer.store import MemoryStore
+
+pytestmark = pytest.mark.broker
+
+
+async def _queue_depth(probe: Probe, name: str) -> int:
+    queue = await probe.channel.declare_queue(name, passive=True)
+    return queue.declaration_result.message_count or 0
+
+
+async def test_close_during_store_outage_is_acked_once_persisted(
+    probe: Probe, start_worker: Any
+) -> None:
+    app = await start_worker(store="memory://")
+    store = app.store
+    assert isinstance(store, MemoryStore)
+    surfaces = await probe.surfaces()
+    reply = await probe.command({"type": "set_enabled", "conversationId": "c", "enabled": True})
+    assert reply["ok"] is True
+    await surfaces.next_body()
+
+    store.failing = True
+    await probe.event({"type": "conversation.closed", "conversationId": "c"})
+    update = await surfaces.next_body()
+    # The in-memory change stands at once: a racing settle must never re-arm.
+    assert update["state"]["enabled"] is False
+    state = await probe.command({"type": "get_state", "conversationId": "c"})
+    assert state["state"]["status"] == "disabled"
+    assert store.settings["c"]["enabled"] is True  # not persisted yet
+    for _ in range(100):  # the worker forces a redelivery (after a pause); still failing
+        if app.worker.counts["redeliveries_forced"] >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert app.worker.counts["redeliveries_forced"] >= 2
+
+    store.failing = False
+    for _ in range(100):
+        if store.settings["c"]["enabled"] is False:
+            break
+        await asyncio.sleep(0.05)
+    assert store.settings["c"] == {"enabled": False, "intervalMs": 240000}
+    await asyncio.sleep(0.2)  # let the acknowledgement reach the broker
+    await app.stop()
+    # An unacknowledged event would be back in the queue once the worker is gone.
+    assert await _queue_depth(probe, probe.names.lifecycle) == 0
+    assert await probe.dead_count() == 0
+
+
+async def test_store_error_on_command_is_answered_and_changes_nothing(
+    probe: Probe, start_worker: Any
+) -> None:
+    app = await start_worker(store="memory://")
+    surfaces = await probe.surfaces()
+    app.store.failing = True
+    reply = await probe.command({"type": "set_enabled", "conversationId": "c", "enabled": True})
+    assert reply["ok"] is False and reply["code"] == "store_error"
+    await surfaces.nothing(0.3)
+    app.store.failing = False
+    state = await probe.command({"type": "get_state", "conversationId": "c"})
+    assert state["state"]["enabled"] is False
+    assert await _queue_depth(probe, probe.names.commands) == 0
