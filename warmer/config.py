@@ -1,0 +1,288 @@
+"""The worker's settings: read once from the environment into one frozen `Config`.
+
+Nothing else in `warmer` reads `os.environ`; the CLI calls `Config.from_env` at the
+edge and hands the result down. Every setting is a `WARMER_*` variable listed in
+`SETTINGS`, which also feeds `warmer run --help`.
+"""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Final, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+__all__ = [
+    "SETTINGS",
+    "Config",
+    "ConfigError",
+    "Setting",
+    "mask_password",
+    "settings_help",
+    "unknown_settings",
+]
+
+# JSON-safe integer ceiling, the same one the contract uses for times and counts.
+_INT_MAX: Final = 2**53 - 1
+
+Namespace = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9._-]{1,100}\Z")]
+AmqpUrl = Annotated[str, msgspec.Meta(pattern=r"\Aamqps?://.+\Z")]
+StoreUrl = Annotated[str, msgspec.Meta(pattern=r"\A(sqlite:///.+|redis://.+|memory://)\Z")]
+Prefetch = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+LogFormat = Literal["json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+Milliseconds = Annotated[int, msgspec.Meta(ge=1000, le=_INT_MAX)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1, le=_INT_MAX)]
+HttpMode = Literal["off"]
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message is one line naming it and what is allowed."""
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of the worker, validated; build it with `Config.from_env`.
+
+    The defaults equal those of `from_env` on an empty environment (log format: json),
+    so tests may build a `Config(...)` directly with only the fields they care about.
+    """
+
+    amqp_url: AmqpUrl = "amqp://guest:guest@localhost:5672/"
+    namespace: Namespace = "warmer"
+    store: StoreUrl = "sqlite:///warmer.db"
+    prefetch: Prefetch = 256
+    log_format: LogFormat = "json"
+    log_level: LogLevel = "info"
+    warm_timeout_ms: Milliseconds = 60_000
+    max_failures: AtLeastOne = 3
+    idle_max_ms: Milliseconds = 2_700_000
+    idle_max_warms: AtLeastOne = 10
+    http: HttpMode = "off"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
+        """Build the config from `environ` (pure: pass `os.environ` or a dict).
+
+        `isatty` says whether stderr is a terminal; it picks the default log format
+        (console on a terminal, json otherwise). Raises `ConfigError` on the first
+        invalid setting.
+        """
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw = environ.get(setting.name)
+            if raw is None:
+                raw = _default_log_format(isatty) if setting.field == "log_format" else None
+            if raw is None:
+                continue
+            values[setting.field] = _parse(setting, raw)
+        return msgspec.convert(values, cls)
+
+    @property
+    def amqp_url_masked(self) -> str:
+        """The broker URL with its password replaced by `***`, safe to log."""
+        return mask_password(self.amqp_url)
+
+    def as_log_fields(self) -> dict[str, str | int]:
+        """Every setting as key-value pairs for a log event, passwords masked."""
+        fields: dict[str, str | int] = {}
+        for name in self.__struct_fields__:
+            value = getattr(self, name)
+            fields[name] = mask_password(value) if isinstance(value, str) else value
+        return fields
+
+    def __repr__(self) -> str:
+        # The default repr would print the broker password.
+        args = ", ".join(f"{k}={v!r}" for k, v in self.as_log_fields().items())
+        return f"Config({args})"
+
+    def __rich_repr__(self) -> Any:
+        """Rich's view of the config, passwords masked like `repr`."""
+        yield from self.as_log_fields().items()
+
+
+class Setting(msgspec.Struct, frozen=True):
+    """One `WARMER_*` variable: its name, default, meaning and what it accepts."""
+
+    name: str
+    field: str
+    default: str
+    meaning: str
+    expected: str
+
+
+SETTINGS: Final[tuple[Setting, ...]] = (
+    Setting(
+        "WARMER_AMQP_URL",
+        "amqp_url",
+        "amqp://guest:guest@localhost:5672/",
+        "the RabbitMQ broker (its password is never logged)",
+        "an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost",
+    ),
+    Setting(
+        "WARMER_NAMESPACE",
+        "namespace",
+        "warmer",
+        "prefix of every exchange and queue name",
+        "1 to 100 characters among letters, digits, '.', '_' and '-'",
+    ),
+    Setting(
+        "WARMER_STORE",
+        "store",
+        "sqlite:///warmer.db",
+        "where conversation state is kept: sqlite:///relative.db, "
+        "sqlite:////absolute/path.db or memory://",
+        "a sqlite:///<path>, redis://<host>:<port>/<db> or memory:// URL",
+    ),
+    Setting(
+        "WARMER_PREFETCH",
+        "prefetch",
+        "256",
+        "unacknowledged lifecycle events per consumer",
+        "an integer from 1 to 65535",
+    ),
+    Setting(
+        "WARMER_LOG_FORMAT",
+        "log_format",
+        "console on a terminal, json otherwise",
+        "json (one object per line) or console (for people)",
+        "one of json, console",
+    ),
+    Setting(
+        "WARMER_LOG_LEVEL",
+        "log_level",
+        "info",
+        "the least severe level logged",
+        "one of debug, info, warning, error",
+    ),
+    Setting(
+        "WARMER_WARM_TIMEOUT_MS",
+        "warm_timeout_ms",
+        "60000",
+        "how long a warm request waits for its completion, in ms",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
+    ),
+    Setting(
+        "WARMER_MAX_FAILURES",
+        "max_failures",
+        "3",
+        "consecutive failed warms before warming pauses",
+        f"an integer from 1 to {_INT_MAX}",
+    ),
+    Setting(
+        "WARMER_IDLE_MAX_MS",
+        "idle_max_ms",
+        "2700000",
+        "idleness after which a conversation is no longer warmed, in ms",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
+    ),
+    Setting(
+        "WARMER_IDLE_MAX_WARMS",
+        "idle_max_warms",
+        "10",
+        "warms at most in one idle stretch",
+        f"an integer from 1 to {_INT_MAX}",
+    ),
+    Setting(
+        "WARMER_HTTP",
+        "http",
+        "off",
+        "the health and metrics endpoint (reserved)",
+        "off (the health and metrics endpoint arrives in a later version)",
+    ),
+)
+
+_FIELD_TYPES: Final[dict[str, Any]] = {f.name: f.type for f in msgspec.structs.fields(Config)}
+_DIGITS: Final = re.compile(r"[0-9]{1,16}")  # 16 digits already exceed _INT_MAX
+_PREFIX: Final = "WARMER_"
+_SHOWN_MAX: Final = 200
+
+
+def settings_help() -> str:
+    """The `WARMER_*` variables as a text table for `warmer run --help`."""
+    indent = " " * (max(len(s.name) for s in SETTINGS) + 4)
+    lines = ["environment variables (an invalid one stops `warmer run` with exit code 2):"]
+    for s in SETTINGS:
+        first = f"  {s.name}".ljust(len(indent)) + s.meaning
+        lines.extend(textwrap.wrap(first, width=88, subsequent_indent=indent))
+        lines.append(f"{indent}default: {s.default}")
+    return "\n".join(lines)
+
+
+def unknown_settings(environ: Mapping[str, str]) -> list[str]:
+    """Names in `environ` that start with `WARMER_` but are no setting (likely typos)."""
+    known = {s.name for s in SETTINGS}
+    return sorted(n for n in environ if n.startswith(_PREFIX) and n not in known)
+
+
+def mask_password(url: str) -> str:
+    """`url` with the password of its user info replaced by `***`.
+
+    Deliberately conservative: everything between the first ':' of the user info and
+    the last '@' is hidden, so a password holding an unescaped '/', '?', '#' or '@'
+    still never shows, even in a URL too malformed to parse.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    if not colon:
+        return url
+    return f"{scheme}{sep}{user}:***@{hostpart}"
+
+
+def _default_log_format(isatty: bool) -> str:
+    return "console" if isatty else "json"
+
+
+def _parse(setting: Setting, raw: str) -> object:
+    """`raw` converted to the field's type, or `ConfigError` naming the setting."""
+    value: object = raw
+    kind = _FIELD_TYPES[setting.field]
+    if _is_int(kind):
+        if _DIGITS.fullmatch(raw) is None:
+            raise _invalid(setting, raw)
+        value = int(raw)
+    elif _is_literal(kind):
+        value = raw.lower()
+    try:
+        parsed = msgspec.convert(value, kind)
+    except msgspec.ValidationError:
+        raise _invalid(setting, raw) from None
+    check = _EXTRA_CHECKS.get(setting.field)
+    if check is not None and not check(parsed):
+        raise _invalid(setting, raw)
+    return parsed
+
+
+def _invalid(setting: Setting, raw: str) -> ConfigError:
+    shown = mask_password(raw)
+    if len(shown) > _SHOWN_MAX:  # keep the message one readable line
+        shown = shown[:_SHOWN_MAX] + "..."
+    return ConfigError(f"{setting.name}={shown!r} is not valid: expected {setting.expected}")
+
+
+def _is_int(kind: Any) -> bool:
+    return getattr(kind, "__origin__", kind) is int
+
+
+def _is_literal(kind: Any) -> bool:
+    return getattr(kind, "__origin__", None) is Literal
+
+
+def _amqp_url_is_usable(url: str) -> bool:
+    """The URL names a host and, if any, a numeric port (the pattern checked the scheme)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    return bool(parts.hostname) and (port is None or port > 0)
+
+
+_EXTRA_CHECKS: Final[dict[str, Callable[[Any], bool]]] = {"amqp_url": _amqp_url_is_usable}
