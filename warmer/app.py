@@ -26,7 +26,7 @@ from aio_pika.abc import (
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
 from warmer.clock import Clock, SystemClock
-from warmer.config import Config
+from warmer.config import Config, mask_password
 from warmer.core import Policy, Warmer, parse_settings
 from warmer.core.rules import token_start
 from warmer.scheduler import Scheduler
@@ -77,7 +77,9 @@ class App:
             raw = await self.store.load_settings()
             stored_token = await self.store.load_token()
         except StoreError as exc:
-            raise StartupError(f"cannot open the store {self.config.store}: {exc}") from exc
+            raise StartupError(
+                f"cannot open the store {mask_password(self.config.store)}: {exc}"
+            ) from exc
         settings = {cid: parse_settings(value) for cid, value in raw.items()}
         core = Warmer(
             policy_of(self.config), settings, token_start(stored_token, self.clock.now_ms())
@@ -96,13 +98,7 @@ class App:
         await self._consume(self.names.lifecycle, worker.on_lifecycle)
         await self._consume(self.names.commands, worker.on_command)
         self.ready.set()
-        log.info(
-            "worker_started",
-            amqp_url=self.config.amqp_url_masked,
-            namespace=self.config.namespace,
-            store=self.config.store,
-            prefetch=self.config.prefetch,
-        )
+        log.info("worker_started", namespace=self.config.namespace)
 
     async def _connect(self) -> AbstractRobustConnection:
         url = self.config.amqp_url_masked
