@@ -37,6 +37,7 @@ log = structlog.get_logger("warmer.app")
 
 CONNECT_TIMEOUT_S: Final = 10.0
 EXIT_OK: Final = 0
+EXIT_USAGE: Final = 2  # a setting the worker cannot use
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot be reached
 
 
@@ -60,7 +61,10 @@ class App:
     def __init__(self, config: Config, clock: Clock | None = None) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
-        self.store: Store = open_store(config.store)
+        try:
+            self.store: Store = open_store(config.store)
+        except ValueError as exc:
+            raise StartupError(f"WARMER_STORE: {exc}") from exc
         self.names = Names.of(config.namespace)
         self.worker: Worker | None = None
         self._connection: AbstractRobustConnection | None = None
@@ -172,7 +176,11 @@ def _reason(exc: BaseException) -> str:
 
 async def run(config: Config) -> int:
     """Run the worker until SIGTERM or SIGINT; the process exit code."""
-    app = App(config)
+    try:
+        app = App(config)
+    except StartupError as exc:
+        log.error("startup_failed", error=str(exc))
+        return EXIT_USAGE
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
