@@ -337,7 +337,7 @@ def decode_command(
 
 def is_json_content_type(content_type: str | None) -> bool:
     """True for an absent content type or ``application/json`` with any parameters."""
-    if not content_type:
+    if not content_type or content_type == "application/json":
         return True
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Final
 
 from warmer.contract import (
@@ -34,6 +35,30 @@ DEFAULT_PANEL: Final = Panel(
 )
 
 
+# Every field but the timer takes few values, and the structs are frozen: build each
+# once and share it. Building the panel is on the path of every applied input.
+_ENABLED: Final = {
+    value: ToggleField(label="Enabled", value=value, action=_TOGGLE) for value in (False, True)
+}
+
+
+@lru_cache(maxsize=1024)
+def _interval(interval_ms: int) -> NumberField:
+    return NumberField(
+        label="Refresh Interval",
+        value=interval_seconds(interval_ms),
+        min=1,
+        step=1,
+        unit="s",
+        action=_SET_INTERVAL,
+    )
+
+
+@lru_cache(maxsize=512)
+def _stat(label: str, value: str) -> StatField:
+    return StatField(label=label, value=value)
+
+
 def _pct(value: int | None) -> str:
     return _NONE if value is None else f"{value}%"
 
@@ -41,22 +66,15 @@ def _pct(value: int | None) -> str:
 def build_panel(state: StateView) -> Panel:
     """The panel for one conversation: the five contract fields, then Status, then Last error."""
     fields: list[PanelField] = [
-        ToggleField(label="Enabled", value=state.enabled, action=_TOGGLE),
-        NumberField(
-            label="Refresh Interval",
-            value=interval_seconds(state.interval_ms),
-            min=1,
-            step=1,
-            unit="s",
-            action=_SET_INTERVAL,
-        ),
-        StatField(label="Last Cache %", value=_pct(state.last_pct)),
-        StatField(label="Cache retention", value=_pct(state.last_expected_pct)),
+        _ENABLED[state.enabled],
+        _interval(state.interval_ms),
+        _stat("Last Cache %", _pct(state.last_pct)),
+        _stat("Cache retention", _pct(state.last_expected_pct)),
         CustomField(
             renderer_id="cache-warming-timer",
             payload=TimerPayload(next_warm_at=state.next_warm_at, last_warm_at=state.last_warm_at),
         ),
-        StatField(label="Status", value=state.status),
+        _stat("Status", state.status),
     ]
     if state.last_error is not None:
         fields.append(StatField(label="Last error", value=state.last_error))

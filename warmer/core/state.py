@@ -49,6 +49,15 @@ class Phase(enum.Enum):
 
 
 _PENDING: Final = frozenset({Phase.ARMED, Phase.WARMING, Phase.RETRYING})
+# Enum's ``.value`` is a slow descriptor; status is read on every applied input.
+_STATUS: Final[dict[Phase, Status]] = {
+    Phase.IDLE: "idle",
+    Phase.ARMED: "armed",
+    Phase.WARMING: "warming",
+    Phase.RETRYING: "retrying",
+    Phase.PAUSED: "paused",
+    Phase.BUDGET_EXHAUSTED: "budget_exhausted",
+}
 
 
 class Conversation(Struct, kw_only=True):
@@ -80,7 +89,7 @@ class Conversation(Struct, kw_only=True):
             return "disabled"
         if self.active:
             return "active"
-        return self.phase.value
+        return _STATUS[self.phase]
 
     def view(self) -> StateView:
         """The state as dashboards see it."""
