@@ -49,6 +49,10 @@ class _Addressed(_Message, frozen=True, kw_only=True):
     conversation_id: ConversationId
 
     def __post_init__(self) -> None:
+        # msgspec's pattern is searched with `re`, whose `$` also matches before a final
+        # newline: the one control character the pattern lets through.
+        if self.conversation_id.endswith("\n"):
+            raise ValueError("conversationId: Expected `str` with no control characters")
         if len(self.conversation_id.encode()) > MAX_ID_BYTES:
             raise ValueError(f"conversationId: longer than {MAX_ID_BYTES} bytes of UTF-8")
 
@@ -264,18 +268,6 @@ class StateReply(Struct, frozen=True, kw_only=True):
     spec: Panel
 
 
-class ErrorReply(Struct, frozen=True, kw_only=True):
-    """Reply to a command that could not be applied; it changed nothing."""
-
-    ok: Literal[False] = False
-    error: str
-    code: str
-
-
-Reply = SettingsReply | StateReply | ErrorReply
-
-# -- decoding -----------------------------------------------------------------------
-
 ErrorCode = Literal[
     "invalid_content_type",
     "too_large",
@@ -286,6 +278,20 @@ ErrorCode = Literal[
     "unknown_type",
     "store_error",
 ]
+
+
+class ErrorReply(Struct, frozen=True, kw_only=True):
+    """Reply to a command that could not be applied; it changed nothing."""
+
+    ok: Literal[False] = False
+    error: str
+    code: ErrorCode
+
+
+Reply = SettingsReply | StateReply | ErrorReply
+
+# -- decoding -----------------------------------------------------------------------
+
 # Codes for a body that fails the encoding rules: dead-lettered even when a command.
 ENCODING_CODES: Final = frozenset({"invalid_content_type", "too_large", "invalid_json"})
 

@@ -15,6 +15,7 @@ from msgspec import UNSET, Struct
 from warmer.contract import (
     Command,
     ConversationClosed,
+    ErrorCode,
     ErrorReply,
     GetState,
     LifecycleEvent,
@@ -410,6 +411,6 @@ def _is_stale_seq(seq: int | None, conv: Conversation | None) -> bool:
     )
 
 
-def reject(error: str, code: str) -> Outcome:
+def reject(error: str, code: ErrorCode) -> Outcome:
     """A command that cannot be applied: an error reply, nothing else."""
     return Outcome([SendReply(ErrorReply(error=error, code=code))], "rejected")

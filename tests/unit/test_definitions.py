@@ -1,0 +1,116 @@
+"""deploy/definitions.json: the topology of CONTRACT.md, and the same as the code renders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from warmer.bus.topology import definitions
+
+DEFINITIONS_FILE = Path(__file__).parents[2] / "deploy" / "definitions.json"
+
+# CONTRACT.md, "Queues": the two inbound queues share these arguments.
+INBOUND_ARGUMENTS = {
+    "x-queue-type": "quorum",
+    "x-dead-letter-exchange": "warmer.dlx",
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+    "x-delivery-limit": 20,
+}
+QUEUES = {
+    "warmer.lifecycle": INBOUND_ARGUMENTS,
+    "warmer.commands": INBOUND_ARGUMENTS,
+    "warmer.dead": {"x-queue-type": "quorum"},
+}
+EXCHANGES = {
+    "warmer.lifecycle": "topic",
+    "warmer.commands": "direct",
+    "warmer.warm": "topic",
+    "warmer.surface": "topic",
+    "warmer.dlx": "fanout",
+}
+BINDINGS = {
+    ("warmer.lifecycle", "warmer.lifecycle", "#"),
+    ("warmer.commands", "warmer.commands", "command"),
+    ("warmer.dlx", "warmer.dead", ""),
+}
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    return json.loads(DEFINITIONS_FILE.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def test_the_file_is_what_the_code_renders(document: dict[str, Any]) -> None:
+    assert document == definitions("warmer")
+
+
+def test_the_file_is_formatted_as_the_regeneration_one_liner_prints_it() -> None:
+    expected = json.dumps(definitions("warmer"), indent=2) + "\n"
+    assert DEFINITIONS_FILE.read_text(encoding="utf-8") == expected
+
+
+def test_only_exchanges_queues_and_bindings(document: dict[str, Any]) -> None:
+    assert set(document) == {"exchanges", "queues", "bindings"}
+
+
+def test_every_exchange_of_the_contract_with_its_type(document: dict[str, Any]) -> None:
+    exchanges = {e["name"]: e for e in document["exchanges"]}
+    assert {name: e["type"] for name, e in exchanges.items()} == EXCHANGES
+    assert len(document["exchanges"]) == len(EXCHANGES)
+    for exchange in exchanges.values():
+        assert exchange["vhost"] == "/"
+        assert exchange["durable"] is True
+        assert exchange["auto_delete"] is False
+        assert exchange["internal"] is False
+        assert exchange["arguments"] == {}
+
+
+def test_every_queue_of_the_contract_with_its_exact_arguments(document: dict[str, Any]) -> None:
+    queues = {q["name"]: q for q in document["queues"]}
+    assert {name: q["arguments"] for name, q in queues.items()} == QUEUES
+    assert len(document["queues"]) == len(QUEUES)
+    for queue in queues.values():
+        assert queue["vhost"] == "/"
+        assert queue["durable"] is True
+        assert queue["auto_delete"] is False
+
+
+def test_the_delivery_limit_is_an_integer(document: dict[str, Any]) -> None:
+    # A string "20" would be a different argument to RabbitMQ (and fail the worker's declare).
+    for queue in document["queues"]:
+        limit = queue["arguments"].get("x-delivery-limit")
+        assert limit is None or type(limit) is int
+
+
+def test_every_binding_of_the_contract(document: dict[str, Any]) -> None:
+    bindings = {(b["source"], b["destination"], b["routing_key"]) for b in document["bindings"]}
+    assert bindings == BINDINGS
+    assert len(document["bindings"]) == len(BINDINGS)
+    for binding in document["bindings"]:
+        assert binding["vhost"] == "/"
+        assert binding["destination_type"] == "queue"
+        assert binding["arguments"] == {}
+
+
+def test_a_binding_joins_only_declared_names(document: dict[str, Any]) -> None:
+    exchanges = {e["name"] for e in document["exchanges"]}
+    queues = {q["name"] for q in document["queues"]}
+    for binding in document["bindings"]:
+        assert binding["source"] in exchanges
+        assert binding["destination"] in queues
+
+
+def test_another_namespace_renames_everything_the_same_way() -> None:
+    rendered = json.dumps(definitions("myns"))
+    assert "warmer" not in rendered
+    assert json.loads(rendered.replace("myns.", "warmer.")) == definitions("warmer")
+
+
+def test_another_vhost() -> None:
+    document = definitions("warmer", vhost="prod")
+    for section in ("exchanges", "queues", "bindings"):
+        assert {item["vhost"] for item in document[section]} == {"prod"}
