@@ -317,7 +317,6 @@ class UnknownType(Struct, frozen=True):
 _T = TypeVar("_T")
 _EVENT_DECODER: Final = msgspec.json.Decoder(LifecycleEvent)
 _COMMAND_DECODER: Final = msgspec.json.Decoder(Command)
-_ANY_DECODER: Final = msgspec.json.Decoder()
 _ENCODER: Final = msgspec.json.Encoder()
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
 
@@ -348,6 +347,15 @@ def is_json_content_type(content_type: str | None) -> bool:
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
 
 
+class _Envelope(Struct):
+    """Just a message's ``type``: every other field is skipped, however odd."""
+
+    type: Any = None
+
+
+_ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+
+
 def _decode(
     decoder: msgspec.json.Decoder[_T], body: bytes, content_type: str | None
 ) -> _T | UnknownType | Rejection:
@@ -356,19 +364,27 @@ def _decode(
     if len(body) > MAX_BODY_BYTES:
         return Rejection("too_large", f"body is {len(body)} bytes, over the {MAX_BODY_BYTES}")
     try:
-        return decoder.decode(body)
+        # Decoding to str first checks the whole body is UTF-8: msgspec skips the
+        # bytes of fields it ignores without looking at them.
+        text = body.decode()
+    except UnicodeDecodeError as exc:
+        return Rejection("invalid_json", f"body is not UTF-8: {exc.reason} at byte {exc.start}")
+    try:
+        return decoder.decode(text)
     except msgspec.ValidationError as exc:
-        return _classify(body, str(exc))
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        return Rejection("invalid_json", f"body is not UTF-8 JSON: {exc}")
+        return _classify(text, str(exc))
+    except msgspec.DecodeError as exc:
+        return Rejection("invalid_json", f"body is not JSON: {exc}")
 
 
-def _classify(body: bytes, problem: str) -> UnknownType | Rejection:
+def _classify(text: str, problem: str) -> UnknownType | Rejection:
     """Tell an unknown type, a non-object and a bad field apart (the slow path only)."""
-    raw = _ANY_DECODER.decode(body)
-    if not isinstance(raw, dict):
-        return Rejection("invalid_json", f"body is a JSON {type(raw).__name__}, not an object")
-    kind = raw.get("type")
+    try:
+        kind = _ENVELOPE_DECODER.decode(text).type
+    except msgspec.ValidationError:
+        return Rejection("invalid_json", "body is not a JSON object")
+    except msgspec.DecodeError as exc:
+        return Rejection("invalid_json", f"body is not JSON: {exc}")
     if kind is None:
         return Rejection("invalid_field", "type: missing or null")
     if not isinstance(kind, str):

@@ -22,6 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from warmer.bus.publisher import Publisher, PublishFailed
 from warmer.clock import Clock
 from warmer.contract import (
+    Command,
     ErrorReply,
     Rejection,
     UnknownType,
@@ -45,6 +46,7 @@ from warmer.store import Store, StoreError
 log = structlog.get_logger("warmer.worker")
 
 TOKEN_FLUSH_S: Final = 1.0
+_REPLANS: Final = 5
 # Before forcing a redelivery: every redelivery counts toward the queue's delivery
 # limit (20), so a store that is down for a moment must not burn them all at once.
 REDELIVERY_PAUSE_S: Final = 1.0
@@ -76,10 +78,15 @@ class Inbox:
 
     async def _pump(self) -> None:
         while (message := await self._queue.get()) is not _STOP:
+            assert isinstance(message, AbstractIncomingMessage)
             try:
-                await self._handle(message)  # type: ignore[arg-type]
+                await self._handle(message)
             except Exception:
-                log.exception("delivery_failed", queue=self.name)
+                # A bug, not bad input (bad input is rejected with a reason). Give it back:
+                # each redelivery counts, and at the queue's delivery limit the broker
+                # dead-letters it with x-death reason delivery_limit.
+                log.exception("delivery_failed", queue=self.name, message_id=message.message_id)
+                await _give_back(message)
 
 
 class Worker:
@@ -132,23 +139,31 @@ class Worker:
                 pending.append(self._publisher.dead_letter(message, decoded))
             await self._settle_now(message, pending)
             return
-        now = self.clock.now_ms()
-        plan = self.core.plan_command(now, decoded)
-        if not isinstance(plan, Outcome):
+        plan = await self._apply_command(decoded)
+        self._count(plan, decoded.conversation_id, type(decoded).__name__)
+        if plan.verdict == "rejected" and not reply_to:
+            log.warning("command_rejected_silently", conversation_id=decoded.conversation_id)
+        await self._settle_now(message, self._carry_out(plan, reply_to, correlation_id))
+
+    async def _apply_command(self, command: Command) -> Outcome:
+        """Plan, persist and commit; plan again if a close moved the settings meanwhile."""
+        for _ in range(_REPLANS):
+            planned = self.core.plan_command(self.clock.now_ms(), command)
+            if isinstance(planned, Outcome):
+                return planned
+            plan = planned
+            settings = plan.settings
             try:
-                settings = plan.settings
                 await self.store.put_settings(
                     plan.conversation_id, settings.enabled, settings.interval_ms
                 )
             except StoreError as exc:
                 log.error("store_failed", conversation_id=plan.conversation_id, error=str(exc))
-                plan = self.core.store_failed(plan, str(exc))
-            else:
-                plan = self.core.commit(self.clock.now_ms(), plan)
-        self._count(plan, decoded.conversation_id, type(decoded).__name__)
-        if plan.verdict == "rejected" and not reply_to:
-            log.warning("command_rejected_silently", conversation_id=decoded.conversation_id)
-        await self._settle_now(message, self._carry_out(plan, reply_to, correlation_id))
+                return self.core.store_failed(plan, str(exc))
+            if self.core.is_current(plan):
+                return self.core.commit(self.clock.now_ms(), plan)
+            log.info("command_replanned", conversation_id=plan.conversation_id)
+        return self.core.store_failed(plan, "the settings kept changing while being persisted")
 
     # -- timers and returns -----------------------------------------------------------
 
@@ -302,6 +317,13 @@ class Worker:
             routing_key=message.routing_key,
             message_id=message.message_id,
         )
+
+
+async def _give_back(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.nack(requeue=True)
+    except Exception as exc:
+        log.info("nack_lost", error=repr(exc))
 
 
 async def _redeliver(message: AbstractIncomingMessage) -> None:

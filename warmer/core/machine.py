@@ -56,7 +56,7 @@ from warmer.core.rules import (
 )
 from warmer.core.state import DEFAULT_SETTINGS, Conversation, Phase, Settings
 
-Verdict = Literal["applied", "stale", "dropped_active", "ignored", "rejected"]
+Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
 
 
 class Policy(Struct, frozen=True, kw_only=True):
@@ -81,9 +81,11 @@ class SettingsChange(Struct, frozen=True):
     conversation_id: str
     settings: Settings
     field: Literal["enabled", "interval"]
+    base: Settings  # the persisted settings the change was planned on
 
 
 _NOTHING: Final = Outcome([], "ignored")
+_TOGGLE_PAYLOAD: Final = 'payload: the toggle takes {"value": true|false}'
 _GUARDED: Final = frozenset({"disabled", "paused", "budget_exhausted"})
 _SCHEDULED: Final = frozenset({"armed", "warming", "retrying"})
 _HAND_RESETS: Final = frozenset({"armed", "retrying", "idle"})
@@ -268,13 +270,16 @@ class Warmer:
         if isinstance(command, GetState):
             conv = self._conversations.get(cid) or self._virtual(now, cid)
             view = conv.view()
-            return Outcome([SendReply(StateReply(state=view, spec=build_panel(view)))])
+            reply = StateReply(state=view, spec=build_panel(view))
+            return Outcome([SendReply(reply)], "answered")
         persisted = self.persisted(cid)
         if isinstance(command, SetEnabled):
-            return SettingsChange(cid, Settings(command.enabled, persisted.interval_ms), "enabled")
+            return SettingsChange(
+                cid, Settings(command.enabled, persisted.interval_ms), "enabled", persisted
+            )
         if isinstance(command, SetInterval):
             interval = clamp_interval(command.interval_ms)
-            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval")
+            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval", persisted)
         return self._plan_action(now, command, persisted)
 
     def _plan_action(
@@ -283,16 +288,20 @@ class Warmer:
         cid = action.conversation_id
         payload = action.payload
         if action.action_id == TOGGLE_ACTION:
-            if isinstance(payload, dict) and "value" in payload:
-                payload = payload["value"]
+            if isinstance(payload, dict):
+                payload = payload.get("value", UNSET)
+                if not isinstance(payload, bool):
+                    return reject(_TOGGLE_PAYLOAD, "invalid_payload")
             if payload is UNSET or payload is None:
                 conv = self._conversations.get(cid)
                 enabled = not (conv.enabled if conv is not None else persisted.enabled)
             elif isinstance(payload, bool):
                 enabled = payload
             else:
-                return reject('payload: the toggle takes {"value": true|false}', "invalid_payload")
-            return SettingsChange(cid, Settings(enabled, persisted.interval_ms), "enabled")
+                return reject(_TOGGLE_PAYLOAD, "invalid_payload")
+            return SettingsChange(
+                cid, Settings(enabled, persisted.interval_ms), "enabled", persisted
+            )
         if action.action_id == SET_INTERVAL_ACTION:
             if isinstance(payload, dict):
                 payload = payload.get("value")
@@ -301,8 +310,17 @@ class Warmer:
                 return reject(
                     "payload: set-interval takes a positive number of seconds", "invalid_payload"
                 )
-            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval")
+            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval", persisted)
         return reject(f"actionId: unknown action {action.action_id!r}", "unknown_action")
+
+    def is_current(self, change: SettingsChange) -> bool:
+        """False when the persisted settings moved while ``change`` was being persisted.
+
+        A ``conversation.closed`` applied meanwhile writes ``enabled = false``; committing
+        a change planned before it would bring the old ``enabled`` back. The shell plans
+        again and persists again instead.
+        """
+        return self.persisted(change.conversation_id) == change.base
 
     def commit(self, now: int, change: SettingsChange) -> Outcome:
         """The planned settings were persisted: merge them, re-arm as the rules say, reply."""

@@ -1,0 +1,648 @@
+"""The wire contract of CONTRACT.md: decoding every inbound kind, every error code, encodings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+from msgspec import UNSET
+
+from warmer.contract import (
+    ConversationClosed,
+    ErrorReply,
+    GetState,
+    Rejection,
+    SetEnabled,
+    SetInterval,
+    SettingsReply,
+    SettingsView,
+    StateReply,
+    StateView,
+    SurfaceAction,
+    SurfaceChanged,
+    TurnSettled,
+    TurnStarted,
+    UnknownType,
+    Usage,
+    WarmCompleted,
+    WarmRequested,
+    decode_command,
+    decode_event,
+    encode,
+)
+from warmer.core import DEFAULT_PANEL, build_panel
+
+MAX_SAFE = 2**53 - 1
+USAGE = {"inputTokens": 1000, "cacheReadTokens": 800, "cacheWriteTokens": 200}
+
+
+def body(**fields: Any) -> bytes:
+    """A JSON body (UTF-8, not ASCII-escaped) with the given fields."""
+    return msgspec.json.encode(fields)
+
+
+def event(kind: str, **fields: Any) -> bytes:
+    return body(type=kind, **fields)
+
+
+def started(**fields: Any) -> bytes:
+    return event("turn.started", conversationId="c", **fields)
+
+
+def completed(**fields: Any) -> bytes:
+    fields.setdefault("conversationId", "c")
+    return event("warm.completed", **fields)
+
+
+def command(kind: str, **fields: Any) -> bytes:
+    fields.setdefault("conversationId", "c")
+    return body(type=kind, **fields)
+
+
+def rejected(result: object, code: str) -> Rejection:
+    assert isinstance(result, Rejection), result
+    assert result.code == code, result
+    assert result.error
+    return result
+
+
+def invalid_field(result: object, names: str | None = None) -> Rejection:
+    rejection = rejected(result, "invalid_field")
+    if names is not None:
+        assert names in rejection.error, rejection.error
+    assert not rejection.dead_letter_always
+    return rejection
+
+
+def as_json(value: msgspec.Struct) -> Any:
+    return msgspec.json.decode(encode(value))
+
+
+# -- lifecycle events -------------------------------------------------------------------------
+
+
+def test_turn_started() -> None:
+    assert decode_event(started()) == TurnStarted(conversation_id="c")
+    assert decode_event(started(seq=3, at=1_760_000_000_000)) == TurnStarted(
+        conversation_id="c", seq=3, at=1_760_000_000_000
+    )
+
+
+def test_turn_settled_with_every_field() -> None:
+    decoded = decode_event(
+        event(
+            "turn.settled",
+            conversationId="conv-1",
+            cwd="/home/u/repo",
+            modelName="claude-sonnet",
+            lastRequestAt=1_760_000_000_000,
+            seq=7,
+            at=1_760_000_090_000,
+            usage={**USAGE, "outputTokens": 5, "cacheWrite5mTokens": 150, "cacheWrite1hTokens": 50},
+            cacheTtlS=300,
+            prefixTokens=900,
+        )
+    )
+    assert isinstance(decoded, TurnSettled)
+    assert decoded.conversation_id == "conv-1"
+    assert (decoded.cwd, decoded.model_name) == ("/home/u/repo", "claude-sonnet")
+    assert (decoded.last_request_at, decoded.seq, decoded.at) == (
+        1_760_000_000_000,
+        7,
+        1_760_000_090_000,
+    )
+    assert decoded.usage == Usage(
+        input_tokens=1000,
+        cache_read_tokens=800,
+        cache_write_tokens=200,
+        output_tokens=5,
+        cache_write_5m_tokens=150,
+        cache_write_1h_tokens=50,
+    )
+    assert (decoded.cache_ttl_s, decoded.prefix_tokens) == (300, 900)
+
+
+def test_turn_settled_with_only_an_id() -> None:
+    assert decode_event(event("turn.settled", conversationId="c")) == TurnSettled(
+        conversation_id="c"
+    )
+
+
+def test_warm_completed_with_usage() -> None:
+    decoded = decode_event(completed(token=42, usage=USAGE, at=5))
+    assert decoded == WarmCompleted(
+        conversation_id="c",
+        token=42,
+        usage=Usage(input_tokens=1000, cache_read_tokens=800, cache_write_tokens=200),
+        at=5,
+    )
+
+
+def test_warm_completed_by_hand_has_no_token() -> None:
+    decoded = decode_event(completed(error="no history"))
+    assert decoded == WarmCompleted(conversation_id="c", error="no history")
+
+
+def test_warm_completed_with_both_keeps_the_error() -> None:
+    decoded = decode_event(completed(token=1, usage=USAGE, error="boom"))
+    assert isinstance(decoded, WarmCompleted) and decoded.error == "boom"
+
+
+def test_conversation_closed() -> None:
+    assert decode_event(event("conversation.closed", conversationId="c", seq=0)) == (
+        ConversationClosed(conversation_id="c", seq=0)
+    )
+
+
+def test_unknown_fields_are_ignored() -> None:
+    decoded = decode_event(started(seq=1, newField={"x": [1, 2]}, another=None))
+    assert decoded == TurnStarted(conversation_id="c", seq=1)
+    usage = {**USAGE, "cacheWrite30mTokens": 3}
+    assert isinstance(decode_event(completed(usage=usage)), WarmCompleted)
+
+
+def test_field_names_are_camel_case() -> None:
+    invalid_field(decode_event(event("turn.started", conversation_id="c")), "conversationId")
+    decoded = decode_event(event("turn.settled", conversationId="c", model_name="m", cwd="/w"))
+    assert isinstance(decoded, TurnSettled) and decoded.model_name is None
+
+
+@pytest.mark.parametrize("kind", ["turn.paused", "TURN.STARTED", "warm.requested", "set_enabled"])
+def test_an_unknown_event_type_is_unknown_not_invalid(kind: str) -> None:
+    assert decode_event(event(kind, conversationId="c", whatever=1)) == UnknownType(kind)
+
+
+def test_an_unknown_event_type_with_odd_fields_is_still_only_unknown() -> None:
+    assert decode_event(body(type="turn.paused")) == UnknownType("turn.paused")
+    assert decode_event(body(type="turn.paused", conversationId=5, seq=-1)) == UnknownType(
+        "turn.paused"
+    )
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def test_set_enabled() -> None:
+    assert decode_command(command("set_enabled", enabled=True)) == SetEnabled(
+        conversation_id="c", enabled=True
+    )
+    assert decode_command(command("set_enabled", enabled=False)) == SetEnabled(
+        conversation_id="c", enabled=False
+    )
+
+
+@pytest.mark.parametrize("interval", [5000, 1500.5, 0, -5, 500, 86_400_001, 1e15, 10**30, -1e308])
+def test_set_interval_takes_any_json_number(interval: float) -> None:
+    # Clamped by the core, never refused by the decoder.
+    decoded = decode_command(command("set_interval", intervalMs=interval))
+    assert decoded == SetInterval(conversation_id="c", interval_ms=interval)
+
+
+def test_get_state() -> None:
+    assert decode_command(command("get_state")) == GetState(conversation_id="c")
+
+
+@pytest.mark.parametrize("payload", [30, 1.5, {"value": True}, {"value": 30}, "x", None, [1], {}])
+def test_surface_action_carries_its_payload_as_given(payload: Any) -> None:
+    decoded = decode_command(command("surface.action", actionId="cache-warming/x", payload=payload))
+    assert decoded == SurfaceAction(
+        conversation_id="c", action_id="cache-warming/x", payload=payload
+    )
+
+
+def test_surface_action_without_payload() -> None:
+    decoded = decode_command(command("surface.action", actionId="cache-warming/toggle"))
+    assert isinstance(decoded, SurfaceAction) and decoded.payload is UNSET
+
+
+@pytest.mark.parametrize("kind", ["set_paused", "turn.started", "Set_Enabled"])
+def test_an_unknown_command_type(kind: str) -> None:
+    assert decode_command(command(kind, enabled=True)) == UnknownType(kind)
+
+
+# -- content type, size, JSON ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json",
+        "application/json; charset=utf-8",
+        "application/json;charset=UTF-8",
+        "APPLICATION/JSON; CHARSET=UTF-8",
+        "Application/Json",
+    ],
+)
+def test_json_content_types_are_accepted(content_type: str | None) -> None:
+    assert decode_event(started(), content_type) == TurnStarted(conversation_id="c")
+    assert decode_command(command("get_state"), content_type) == GetState(conversation_id="c")
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "text/json", "application/xml", "application/jsonx", "application/x-json"],
+)
+def test_other_content_types_are_invalid(content_type: str) -> None:
+    for decode, good in ((decode_event, started()), (decode_command, command("get_state"))):
+        rejection = rejected(decode(good, content_type), "invalid_content_type")
+        assert rejection.dead_letter_always
+
+
+def test_a_body_of_64_kib_is_accepted_and_one_byte_more_is_too_large() -> None:
+    empty = started(pad="")
+    exact = started(pad="x" * (64 * 1024 - len(empty)))
+    assert len(exact) == 64 * 1024
+    assert decode_event(exact) == TurnStarted(conversation_id="c")
+    over = started(pad="x" * (64 * 1024 - len(empty) + 1))
+    for decode in (decode_event, decode_command):
+        rejection = rejected(decode(over), "too_large")
+        assert rejection.dead_letter_always
+
+
+def test_too_large_does_not_need_to_be_json() -> None:
+    rejected(decode_event(b"\xff" * (64 * 1024 + 1)), "too_large")
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["turn.started", "set_enabled"],
+)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b'{"type": "%s", "conversationId": "c"',
+        b'{"type": "%s", "conversationId": "c", "enabled": true} trailing',
+        b"{'type': '%s'}",
+        b'{"type": "%s", "conversationId": "\xff"}',  # not UTF-8
+        b'{"type": "%s", "conversationId": "\xc3"}',  # a cut multi-byte character
+        b"\xfe\xff\x00{",
+    ],
+)
+def test_what_is_not_utf8_json_is_invalid_json(raw: bytes, kind: str) -> None:
+    raw = raw.replace(b"%s", kind.encode())
+    decode = decode_event if kind == "turn.started" else decode_command
+    rejection = rejected(decode(raw), "invalid_json")
+    assert rejection.dead_letter_always
+
+
+@pytest.mark.parametrize(
+    "raw", [b"[]", b'[{"type": "turn.started"}]', b'"x"', b"42", b"null", b"true"]
+)
+def test_json_that_is_not_an_object_is_invalid_json(raw: bytes) -> None:
+    for decode in (decode_event, decode_command):
+        rejected(decode(raw), "invalid_json")
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{}", b'{"type": null}', b'{"conversationId": "c"}', b'{"type": 5}']
+)
+def test_no_type_is_invalid_field(raw: bytes) -> None:
+    for decode in (decode_event, decode_command):
+        invalid_field(decode(raw), "type")
+
+
+# -- a known type with a bad field ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        (event("turn.started"), "conversationId"),
+        (event("turn.started", conversationId=None), "conversationId"),
+        (event("turn.started", conversationId=5), "conversationId"),
+        (event("turn.started", conversationId=["c"]), "conversationId"),
+        (started(seq="1"), "seq"),
+        (started(seq=1.0), "seq"),
+        (started(seq=1.5), "seq"),
+        (started(seq=True), "seq"),
+        (started(at="2025-01-01"), "at"),
+        (event("turn.settled", conversationId="c", cwd=5), "cwd"),
+        (event("turn.settled", conversationId="c", modelName=True), "modelName"),
+        (event("turn.settled", conversationId="c", lastRequestAt=1.5), "lastRequestAt"),
+        (event("conversation.closed", seq="x", conversationId="c"), "seq"),
+        (event("conversation.closed"), "conversationId"),
+        (completed(token="1", usage=USAGE), "token"),
+        (completed(token=1.0, usage=USAGE), "token"),
+        (completed(usage=5), "usage"),
+        (completed(usage={"inputTokens": 1, "cacheReadTokens": 0}), "cacheWriteTokens"),
+        (completed(usage={"cacheReadTokens": 0, "cacheWriteTokens": 0}), "inputTokens"),
+        (completed(usage={**USAGE, "inputTokens": None}), "inputTokens"),
+        (completed(usage={**USAGE, "cacheReadTokens": 1.5}), "cacheReadTokens"),
+        (completed(error=5), "error"),
+        (completed(error=["boom"]), "error"),
+    ],
+)
+def test_a_missing_null_or_mistyped_event_field(raw: bytes, name: str) -> None:
+    invalid_field(decode_event(raw), name)
+
+
+def test_warm_completed_needs_usage_or_error() -> None:
+    invalid_field(decode_event(completed()))
+    invalid_field(decode_event(completed(token=3)))
+    invalid_field(decode_event(completed(usage=None, error=None)))
+
+
+def test_warm_completed_error_must_not_be_empty() -> None:
+    invalid_field(decode_event(completed(error="")), "error")
+    invalid_field(decode_event(completed(error="", usage=USAGE)), "error")
+
+
+@pytest.mark.parametrize(
+    ("raw", "name"),
+    [
+        (command("set_enabled"), "enabled"),
+        (command("set_enabled", enabled=None), "enabled"),
+        (command("set_enabled", enabled="true"), "enabled"),
+        (command("set_enabled", enabled=1), "enabled"),
+        (command("set_interval"), "intervalMs"),
+        (command("set_interval", intervalMs=None), "intervalMs"),
+        (command("set_interval", intervalMs="5000"), "intervalMs"),
+        (command("set_interval", intervalMs=True), "intervalMs"),
+        (command("set_interval", intervalMs=False), "intervalMs"),
+        (command("set_interval", intervalMs={"value": 5}), "intervalMs"),
+        (command("surface.action"), "actionId"),
+        (command("surface.action", actionId=None), "actionId"),
+        (command("surface.action", actionId=5), "actionId"),
+        (body(type="get_state"), "conversationId"),
+        (command("get_state", conversationId=None), "conversationId"),
+        (command("get_state", conversationId=""), "conversationId"),
+        (command("set_enabled", conversationId="a\x00b", enabled=True), "conversationId"),
+    ],
+)
+def test_a_missing_null_or_mistyped_command_field(raw: bytes, name: str) -> None:
+    invalid_field(decode_command(raw), name)
+
+
+# -- limits ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cid",
+    [
+        "c",
+        "x" * 200,
+        "é" * 100,  # 200 bytes
+        "€" * 66,  # 198 bytes
+        "😀" * 50,  # 200 bytes
+        "conv:1/é ü",
+        "a\u00a0b",  # no-break space is not a control character
+        " ",
+    ],
+)
+def test_conversation_id_within_the_limits(cid: str) -> None:
+    assert decode_event(event("turn.started", conversationId=cid)) == TurnStarted(
+        conversation_id=cid
+    )
+    assert decode_command(command("get_state", conversationId=cid)) == GetState(conversation_id=cid)
+
+
+@pytest.mark.parametrize(
+    "cid",
+    [
+        "",
+        "x" * 201,
+        "é" * 101,  # 202 bytes, 101 characters
+        "€" * 67,  # 201 bytes
+        "😀" * 51,  # 204 bytes
+        "x" * 199 + "é",  # 201 bytes
+        "\x00",
+        "a\x00b",
+        "a\tb",
+        "a\nb",
+        "\nabc",
+        "a\rb",
+        "a\x1fb",
+        "a\x7fb",
+        "a\x85b",
+        "a\x9fb",
+        "abc\n",  # `$` in a regex also matches before a final newline
+    ],
+)
+def test_conversation_id_outside_the_limits(cid: str) -> None:
+    invalid_field(decode_event(event("turn.started", conversationId=cid)), "conversationId")
+    invalid_field(decode_command(command("set_enabled", conversationId=cid, enabled=True)))
+
+
+@pytest.mark.parametrize("value", [0, 1, MAX_SAFE])
+def test_seq_and_times_from_zero_to_the_largest_safe_integer(value: int) -> None:
+    assert decode_event(started(seq=value, at=value)) == TurnStarted(
+        conversation_id="c", seq=value, at=value
+    )
+    decoded = decode_event(
+        event("turn.settled", conversationId="c", seq=value, lastRequestAt=value, at=value)
+    )
+    assert isinstance(decoded, TurnSettled) and decoded.last_request_at == value
+    counts = {"inputTokens": value, "cacheReadTokens": value, "cacheWriteTokens": value}
+    decoded = decode_event(completed(usage={**counts, "outputTokens": value}, at=value))
+    assert isinstance(decoded, WarmCompleted) and decoded.usage is not None
+    assert decoded.usage.input_tokens == value
+
+
+@pytest.mark.parametrize("value", [-1, MAX_SAFE + 1, 2**64])
+def test_seq_and_times_outside_the_bounds(value: int) -> None:
+    invalid_field(decode_event(started(seq=value)), "seq")
+    invalid_field(decode_event(started(at=value)), "at")
+    invalid_field(decode_event(event("conversation.closed", conversationId="c", seq=value)), "seq")
+    invalid_field(
+        decode_event(event("turn.settled", conversationId="c", lastRequestAt=value)),
+        "lastRequestAt",
+    )
+    invalid_field(decode_event(completed(error="x", at=value)), "at")
+    for name in ("inputTokens", "cacheReadTokens", "cacheWriteTokens", "outputTokens"):
+        invalid_field(decode_event(completed(usage={**USAGE, name: value})), name)
+
+
+@pytest.mark.parametrize("token", [1, 2, MAX_SAFE])
+def test_token_within_its_bounds(token: int) -> None:
+    decoded = decode_event(completed(token=token, error="x"))
+    assert isinstance(decoded, WarmCompleted) and decoded.token == token
+
+
+@pytest.mark.parametrize("token", [0, -1, MAX_SAFE + 1])
+def test_token_outside_its_bounds(token: int) -> None:
+    # Tokens are issued from 1 to 2^53 - 1 (CONTRACT.md, "Outbound: warm requests").
+    invalid_field(decode_event(completed(token=token, usage=USAGE)), "token")
+
+
+def test_cwd_and_model_name_lengths_count_characters() -> None:
+    ok = decode_event(
+        event("turn.settled", conversationId="c", cwd="é" * 4096, modelName="é" * 256)
+    )
+    assert isinstance(ok, TurnSettled) and ok.cwd == "é" * 4096
+    invalid_field(decode_event(event("turn.settled", conversationId="c", cwd="x" * 4097)), "cwd")
+    invalid_field(
+        decode_event(event("turn.settled", conversationId="c", modelName="x" * 257)), "modelName"
+    )
+
+
+# -- never raises ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        pytest.param(event("turn.paused")[:-1] + b',"x":1e400}', "unknown"),
+        pytest.param(b"[1e400]", "invalid_json"),
+        pytest.param(
+            completed()[:-1] + b',"usage":{"inputTokens":1e400,"cacheReadTokens":0,'
+            b'"cacheWriteTokens":0}}',
+            "invalid_field",
+        ),
+        pytest.param(b'{"type":"turn.paused","x":"\xff"}', "invalid_json"),
+        pytest.param(
+            b'{"type":"turn.started","conversationId":"c","seq":"x","y":"\xff"}',
+            "invalid_json",
+        ),
+        pytest.param(b'{"type":"turn.started","conversationId":"c","x":1e400}', "ok"),
+        # Malformed JSON after the point where the typed decoder already gave up.
+        pytest.param(b'{"type":"turn.paused","x":', "invalid_json"),
+        pytest.param(b'{"type":"turn.paused"} trailing', "invalid_json"),
+        pytest.param(b'{"type":"turn.started"} trailing', "invalid_json"),
+        pytest.param(
+            b'{"type":"turn.started","conversationId":5,"x":',
+            "invalid_json",
+        ),
+        pytest.param(b'{"type":"set_enabled","conversationId":"c"', "invalid_json"),
+    ],
+)
+def test_decoding_never_raises(raw: bytes, code: str) -> None:
+    for decode in (decode_event, decode_command):
+        result = decode(raw)  # must not raise
+        assert isinstance(result, Rejection | UnknownType | msgspec.Struct)
+    result = decode_event(raw)
+    if code == "unknown":
+        assert isinstance(result, UnknownType)
+    elif code != "ok":
+        rejected(result, code)
+
+
+def test_an_unknown_field_beyond_a_double_is_ignored() -> None:
+    raw = b'{"type":"turn.started","conversationId":"c","x":1e400}'
+    assert decode_event(raw) == TurnStarted(conversation_id="c")
+
+
+def test_set_interval_of_a_number_beyond_a_double_is_an_invalid_field() -> None:
+    # docs/decisions.md: a number no IEEE double can hold is refused, not clamped.
+    decoded = decode_command(command("set_interval")[:-1] + b',"intervalMs":1e400}')
+    rejected(decoded, "invalid_field")
+
+
+def test_invalid_utf8_anywhere_in_the_body_is_invalid_json() -> None:
+    rejected(
+        decode_event(b'{"type":"turn.started","conversationId":"c","x":"\xff"}'), "invalid_json"
+    )
+
+
+# -- outbound encodings -------------------------------------------------------------------
+
+
+def test_warm_requested_leaves_out_unknown_context() -> None:
+    request = WarmRequested(conversation_id="c", token=7, requested_at=1_760_000_000_000)
+    assert as_json(request) == {
+        "type": "warm.requested",
+        "conversationId": "c",
+        "token": 7,
+        "requestedAt": 1_760_000_000_000,
+    }
+
+
+def test_warm_requested_with_context() -> None:
+    request = WarmRequested(
+        conversation_id="c", token=7, requested_at=1, cwd="/w", model_name="claude"
+    )
+    assert as_json(request) == {
+        "type": "warm.requested",
+        "conversationId": "c",
+        "token": 7,
+        "cwd": "/w",
+        "modelName": "claude",
+        "requestedAt": 1,
+    }
+
+
+def _state(**changes: Any) -> StateView:
+    fields: dict[str, Any] = {
+        "enabled": False,
+        "interval_ms": 240_000,
+        "active": False,
+        "status": "disabled",
+        "last_pct": None,
+        "last_expected_pct": None,
+        "last_warm_at": None,
+        "next_warm_at": None,
+        "last_error": None,
+        "failures": 0,
+    }
+    fields.update(changes)
+    return StateView(**fields)
+
+
+def test_surface_changed_keeps_its_nulls() -> None:
+    state = _state()
+    update = SurfaceChanged(conversation_id="c", state=state, spec=build_panel(state), at=9)
+    encoded = as_json(update)
+    assert encoded["type"] == "surface.changed"
+    assert encoded["conversationId"] == "c" and encoded["at"] == 9
+    assert encoded["state"] == {
+        "enabled": False,
+        "intervalMs": 240_000,
+        "active": False,
+        "status": "disabled",
+        "lastPct": None,
+        "lastExpectedPct": None,
+        "lastWarmAt": None,
+        "nextWarmAt": None,
+        "lastError": None,
+        "failures": 0,
+    }
+    assert encoded["spec"]["id"] == "cache-warming"
+    assert set(encoded) == {"type", "conversationId", "state", "spec", "at"}
+
+
+def test_surface_changed_with_figures() -> None:
+    state = _state(
+        enabled=True,
+        status="armed",
+        last_pct=80,
+        last_expected_pct=75,
+        last_warm_at=10,
+        next_warm_at=20,
+        last_error="boom",
+        failures=2,
+    )
+    encoded = as_json(
+        SurfaceChanged(conversation_id="c", state=state, spec=build_panel(state), at=1)
+    )
+    assert encoded["state"]["lastPct"] == 80 and encoded["state"]["nextWarmAt"] == 20
+    assert encoded["state"]["lastError"] == "boom" and encoded["state"]["failures"] == 2
+    assert encoded["spec"]["fields"][-1] == {"kind": "stat", "label": "Last error", "value": "boom"}
+
+
+def test_replies() -> None:
+    settings = SettingsReply(settings=SettingsView(enabled=True, interval_ms=5000))
+    assert as_json(settings) == {"ok": True, "settings": {"enabled": True, "intervalMs": 5000}}
+    error = ErrorReply(error="actionId: unknown", code="unknown_action")
+    assert as_json(error) == {"ok": False, "error": "actionId: unknown", "code": "unknown_action"}
+    state = _state()
+    reply = as_json(StateReply(state=state, spec=build_panel(state)))
+    assert set(reply) == {"ok", "state", "spec"} and reply["ok"] is True
+
+
+def test_the_default_panel_encoding() -> None:
+    assert as_json(DEFAULT_PANEL) == {
+        "id": "cache-warming",
+        "region": "side",
+        "title": "Cache Warming",
+        "fields": [{"kind": "stat", "label": "Status", "value": "No conversation focused"}],
+    }
+
+
+def test_the_dash_is_an_em_dash() -> None:
+    fields = as_json(build_panel(_state()))["fields"]
+    assert fields[2]["value"] == "\u2014" == fields[3]["value"]
+    assert encode(build_panel(_state())).count("\u2014".encode()) == 2
