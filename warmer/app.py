@@ -22,6 +22,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from yarl import URL
 
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
@@ -36,6 +37,9 @@ from warmer.worker import Inbox, Worker
 log = structlog.get_logger("warmer.app")
 
 CONNECT_TIMEOUT_S: Final = 10.0
+CLOSE_TIMEOUT_S: Final = 2.0
+RECONNECT_INTERVAL_S: Final = 1
+STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2  # a setting the worker cannot use
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot be reached
@@ -109,7 +113,7 @@ class App:
         try:
             connection = await asyncio.wait_for(
                 aio_pika.connect_robust(
-                    self.config.amqp_url,
+                    _with_reconnect_interval(self.config.amqp_url),
                     client_properties={"connection_name": f"warmer {self.config.namespace}"},
                 ),
                 CONNECT_TIMEOUT_S,
@@ -140,23 +144,28 @@ class App:
         self._consumers.append((queue, tag))
 
     async def stop(self) -> None:
-        """Stop consuming, finish what was delivered, settle acks, stop timers, close."""
+        """Stop consuming, finish what was delivered, settle acks, stop timers, close.
+
+        Bounded: with the broker gone, nothing can be acknowledged any more (the broker
+        requeues it all), so publishes stop waiting for it and the worker exits.
+        """
         if self._stopping:
             return
         self._stopping = True
-        for queue, tag in self._consumers:
-            try:
-                await queue.cancel(tag)
-            except Exception as exc:
-                log.warning("consumer_cancel_failed", queue=queue.name, error=repr(exc))
-        for inbox in self._inboxes:
-            await inbox.drain()
         worker = self.worker
+        connected = self._connection is not None and self._connection.connected.is_set()
+        if worker is not None and worker.publisher is not None and not connected:
+            worker.publisher.close()
+        try:
+            await asyncio.wait_for(self._finish(connected), STOP_GRACE_S)
+        except TimeoutError:
+            log.warning("stop_grace_expired", grace_s=STOP_GRACE_S)
         if worker is not None:
-            await worker.scheduler.stop()
-            await worker.settled()
             if worker.publisher is not None:
                 worker.publisher.close()
+            for inbox in self._inboxes:
+                inbox.cancel()
+            await worker.scheduler.stop()
             if self._flusher is not None:
                 self._flusher.cancel()
             try:
@@ -164,9 +173,34 @@ class App:
             except StoreError as exc:
                 log.error("token_flush_failed", error=str(exc))
         if self._connection is not None:
-            await self._connection.close()
+            try:
+                await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
+            except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
+                log.warning("connection_close_failed", error=repr(exc))
         await self.store.close()
         log.info("worker_stopped")
+
+    async def _finish(self, connected: bool) -> None:
+        """The graceful part of stopping: no new deliveries, the delivered ones applied."""
+        if connected:
+            for queue, tag in self._consumers:
+                try:
+                    await asyncio.wait_for(queue.cancel(tag), CLOSE_TIMEOUT_S)
+                except Exception as exc:
+                    log.warning("consumer_cancel_failed", queue=queue.name, error=repr(exc))
+        for inbox in self._inboxes:
+            await inbox.drain()
+        if self.worker is not None:
+            await self.worker.scheduler.stop()
+            await self.worker.settled()
+
+
+def _with_reconnect_interval(url: str) -> URL:
+    """Reconnect every second (aio-pika waits 5 s) unless the URL says otherwise."""
+    parsed = URL(url)
+    if "reconnect_interval" in parsed.query:
+        return parsed
+    return parsed.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
 
 
 def _reason(exc: BaseException) -> str:

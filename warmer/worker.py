@@ -19,7 +19,7 @@ from typing import Final
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from warmer.bus.publisher import Publisher, PublishFailed
+from warmer.bus.publisher import Publisher, PublishFailed, PublishWithdrawn
 from warmer.clock import Clock
 from warmer.contract import (
     Command,
@@ -75,6 +75,11 @@ class Inbox:
         self._queue.put_nowait(_STOP)
         if self._task is not None:
             await self._task
+
+    def cancel(self) -> None:
+        """Stop the pump at once (the grace period ran out); unacked deliveries return."""
+        if self._task is not None:
+            self._task.cancel()
 
     async def _pump(self) -> None:
         while (message := await self._queue.get()) is not _STOP:
@@ -174,8 +179,14 @@ class Worker:
 
     async def _send_warm(self, effect: PublishWarm) -> None:
         request = effect.request
+        cid, token = request.conversation_id, request.token
         try:
-            routed = await self._publisher.warm(request, effect.timeout_ms)
+            routed = await self._publisher.warm(
+                request, effect.timeout_ms, lambda: self.core.is_awaiting(cid, token)
+            )
+        except PublishWithdrawn:
+            log.info("warm_withdrawn", conversation_id=cid, token=token)
+            return
         except PublishFailed as exc:
             # Left to the warm timeout, which fails and retries it.
             log.error(

@@ -114,7 +114,8 @@ async def start_worker(
     apps: list[App] = []
 
     async def start(**overrides: object) -> App:
-        app = App(make_config(amqp_url, namespace, tmp_path, **overrides))
+        url = str(overrides.pop("amqp_url", amqp_url))
+        app = App(make_config(url, namespace, tmp_path, **overrides))
         await app.start()
         apps.append(app)
         return app

@@ -10,6 +10,7 @@ that caused it unacknowledged.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final
 
@@ -39,6 +40,14 @@ class PublishFailed(Exception):
     """The broker refused a publish (negative confirm) or did not confirm it in time."""
 
 
+class PublishWithdrawn(Exception):
+    """A publish cut by a lost connection was no longer wanted once it came back."""
+
+
+def _always() -> bool:
+    return True
+
+
 class Publisher:
     """Publishes with confirms on one robust channel."""
 
@@ -60,8 +69,15 @@ class Publisher:
         """Stop retrying publishes cut by a lost connection."""
         self._closing = True
 
-    async def warm(self, request: WarmRequested, timeout_ms: int) -> bool:
-        """Publish a warm request, mandatory; False when the broker returned it unroutable."""
+    async def warm(
+        self, request: WarmRequested, timeout_ms: int, still_wanted: Callable[[], bool]
+    ) -> bool:
+        """Publish a warm request, mandatory; False when the broker returned it unroutable.
+
+        A request cut by a lost connection is published again only while
+        ``still_wanted()``: once its warm timed out, its retry has a new token, and the old
+        request must not run late beside it.
+        """
         message = Message(
             encode(request),
             content_type=JSON,
@@ -71,7 +87,9 @@ class Publisher:
             timestamp=request.requested_at / 1000,
             expiration=timedelta(milliseconds=timeout_ms),
         )
-        result = await self._publish(self._warm, message, WARM_ROUTING_KEY, mandatory=True)
+        result = await self._publish(
+            self._warm, message, WARM_ROUTING_KEY, mandatory=True, still_wanted=still_wanted
+        )
         return not isinstance(result, DeliveredMessage)
 
     async def surface(self, update: SurfaceChanged) -> None:
@@ -119,8 +137,25 @@ class Publisher:
         )
         await self._publish(self._dlx, message, incoming.routing_key or "", mandatory=False)
 
+    async def _until_ready(self, cause: BaseException) -> None:
+        """Wait for the robust channel to be back; give up as soon as closing starts."""
+        while True:
+            if self._closing:
+                raise PublishFailed(f"connection lost while closing: {cause!r}") from cause
+            try:
+                await asyncio.wait_for(self._channel.ready(), _RETRY_PAUSE_S)
+                return
+            except TimeoutError:
+                continue
+
     async def _publish(
-        self, exchange: AbstractExchange, message: Message, routing_key: str, *, mandatory: bool
+        self,
+        exchange: AbstractExchange,
+        message: Message,
+        routing_key: str,
+        *,
+        mandatory: bool,
+        still_wanted: Callable[[], bool] = _always,
     ) -> object:
         while True:
             try:
@@ -135,8 +170,7 @@ class Publisher:
             except TimeoutError as exc:
                 raise PublishFailed("no confirm from the broker in time") from exc
             except _CONNECTION_ERRORS as exc:
-                if self._closing:
-                    raise PublishFailed(f"connection lost while closing: {exc!r}") from exc
                 log.warning("publish_waiting_for_connection", routing_key=routing_key)
-                await asyncio.sleep(_RETRY_PAUSE_S)
-                await self._channel.ready()
+                await self._until_ready(exc)
+                if not still_wanted():
+                    raise PublishWithdrawn(routing_key) from exc

@@ -119,6 +119,11 @@ class Warmer:
     def __len__(self) -> int:
         return len(self._conversations)
 
+    def is_awaiting(self, conversation_id: str, token: int) -> bool:
+        """True while the warm request of ``token`` is the one out (status ``warming``)."""
+        conv = self._conversations.get(conversation_id)
+        return conv is not None and conv.token == token and conv.phase is Phase.WARMING
+
     def persisted(self, conversation_id: str) -> Settings:
         """The persisted settings of a conversation (defaults when none)."""
         return self._settings.get(conversation_id, DEFAULT_SETTINGS)

@@ -1,0 +1,180 @@
+"""Fixtures for reliability tests: the integration fixtures, a cuttable proxy, a real process.
+
+The broker fixtures (``amqp_url``, ``namespace``, ``probe``, ``start_worker``) are the
+integration ones, imported so they apply here too (pytest forbids ``pytest_plugins``
+outside the root conftest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import (  # noqa: F401  (fixtures, used by name)
+    amqp_url,
+    make_config,
+    namespace,
+    probe,
+)
+from tests.integration.probe import Probe
+from tests.reliability.tcp_proxy import TcpProxy
+from warmer.app import App
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+async def proxy(amqp_url: str) -> AsyncIterator[TcpProxy]:  # noqa: F811
+    """A TCP proxy in front of the broker; ``proxy.url(amqp_url)`` goes through it."""
+    proxy = await TcpProxy.to_broker(amqp_url)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+@pytest.fixture
+async def start_worker(
+    amqp_url: str,  # noqa: F811
+    namespace: str,  # noqa: F811
+    tmp_path: Path,
+    probe: Probe,  # noqa: F811
+) -> AsyncIterator[Callable[..., Any]]:
+    """Start a worker in this event loop (``await start_worker(**config_overrides)``).
+
+    Unlike the integration fixture, ``amqp_url`` may be overridden (to go through a proxy).
+    """
+    apps: list[App] = []
+
+    async def start(**overrides: Any) -> App:
+        url = overrides.pop("amqp_url", amqp_url)
+        app = App(make_config(url, namespace, tmp_path, **overrides))
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await asyncio.wait_for(app.stop(), 30)
+
+
+class WorkerProcess:
+    """``warmer run`` in a child process; its output is collected line by line on threads."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "warmer", "run"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream,), daemon=True)
+            for stream in (self.process.stderr, self.process.stdout)
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON log lines so far, decoded (other lines skipped)."""
+        events = []
+        for line in list(self.lines):
+            with contextlib.suppress(ValueError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    events.append(value)
+        return events
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        """The JSON log lines whose ``event`` is ``event``."""
+        return [e for e in self.events() if e.get("event") == event]
+
+    async def wait_event(self, event: str, timeout: float = 15.0) -> dict[str, Any]:
+        """Wait for the JSON log line whose ``event`` is ``event``; fail with the log."""
+        deadline = time.monotonic() + timeout
+        while not (found := self.named(event)):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.finish_reading()
+                if found := self.named(event):
+                    break
+                raise AssertionError(
+                    f"no {event!r} log line within {timeout} s "
+                    f"(exit code {self.process.poll()}); log:\n{self.log()}"
+                )
+            await asyncio.sleep(0.05)
+        return found[0]
+
+    async def wait_exit(self, timeout: float) -> int | None:
+        """The exit code, or None when the process still runs after ``timeout`` s."""
+        try:
+            code = await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.finish_reading()
+        return code
+
+    def finish_reading(self) -> None:
+        """After exit: wait until every line the process wrote has been read."""
+        for reader in self._readers:
+            reader.join(2)
+
+    def sigterm(self) -> None:
+        """Ask the worker to stop."""
+        self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """Kill the process (nothing when it is gone already) and reap it."""
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+        self.finish_reading()
+
+    def log(self) -> str:
+        """The last lines the process wrote, for failure messages."""
+        return "\n".join(self.lines[-60:])
+
+
+def worker_env(**settings: str) -> dict[str, str]:
+    """The current environment without any ``WARMER_*`` variable, plus ``settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARMER_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(settings)
+    return env
+
+
+@pytest.fixture
+def spawn_worker() -> Iterator[Callable[..., WorkerProcess]]:
+    """Start ``warmer run`` processes (``spawn_worker(WARMER_X=...)``); killed afterwards."""
+    processes: list[WorkerProcess] = []
+
+    def spawn(**settings: str) -> WorkerProcess:
+        process = WorkerProcess(worker_env(**settings))
+        processes.append(process)
+        return process
+
+    try:
+        yield spawn
+    finally:
+        for process in processes:
+            process.kill()
