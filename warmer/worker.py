@@ -146,8 +146,16 @@ class Worker:
             return
         plan = await self._apply_command(decoded)
         self._count(plan, decoded.conversation_id, type(decoded).__name__)
-        if plan.verdict == "rejected" and not reply_to:
-            log.warning("command_rejected_silently", conversation_id=decoded.conversation_id)
+        for effect in plan.effects:
+            if isinstance(effect, SendReply) and isinstance(effect.reply, ErrorReply):
+                self.counts[f"rejected_{effect.reply.code}"] += 1
+                log.warning(
+                    "command_rejected",
+                    code=effect.reply.code,
+                    error=effect.reply.error,
+                    conversation_id=decoded.conversation_id,
+                    answered=bool(reply_to),
+                )
         await self._settle_now(message, self._carry_out(plan, reply_to, correlation_id))
 
     async def _apply_command(self, command: Command) -> Outcome:
