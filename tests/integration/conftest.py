@@ -26,7 +26,7 @@ from warmer.bus.topology import Names, delete
 from warmer.config import Config
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
-RABBITMQ_IMAGE = "rabbitmq:3.10-management"
+RABBITMQ_IMAGE = "rabbitmq:3.10"
 
 
 def _answers(url: str) -> bool:

@@ -69,3 +69,28 @@ async def test_store_error_on_command_is_answered_and_changes_nothing(
     state = await probe.command({"type": "get_state", "conversationId": "c"})
     assert state["state"]["enabled"] is False
     assert await _queue_depth(probe, probe.names.commands) == 0
+
+
+async def test_a_delivery_the_worker_fails_on_is_dead_lettered_at_the_delivery_limit(
+    probe: Probe, start_worker: Any
+) -> None:
+    app = await start_worker()
+    apply_event = app.worker.core.apply_event
+
+    def crash_on_poison(now: int, event: Any) -> Any:
+        if event.conversation_id == "poison":
+            raise RuntimeError("a bug in the worker")
+        return apply_event(now, event)
+
+    app.worker.core.apply_event = crash_on_poison
+    surfaces = await probe.surfaces()
+    await probe.event({"type": "turn.started", "conversationId": "poison"})
+    dead = await probe.dead_letter(20)
+    assert dead.body == b'{"type":"turn.started","conversationId":"poison"}'
+    deaths = dead.headers["x-death"]
+    assert deaths[0]["reason"] == "delivery_limit"
+    assert "x-warmer-reason" not in dead.headers  # the broker dead-lettered it, not the worker
+    # The queue keeps flowing: a good event is applied.
+    await probe.event({"type": "turn.started", "conversationId": "good"})
+    update = await surfaces.until(lambda b: b["conversationId"] == "good")
+    assert update["state"]["active"] is True
