@@ -24,13 +24,11 @@ import pytest
 
 from tests.integration.conftest import (  # noqa: F401  (fixtures, used by name)
     amqp_url,
-    make_config,
     namespace,
     probe,
+    start_worker,
 )
-from tests.integration.probe import Probe
 from tests.reliability.tcp_proxy import TcpProxy
-from warmer.app import App
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -43,31 +41,6 @@ async def proxy(amqp_url: str) -> AsyncIterator[TcpProxy]:  # noqa: F811
         yield proxy
     finally:
         await proxy.close()
-
-
-@pytest.fixture
-async def start_worker(
-    amqp_url: str,  # noqa: F811
-    namespace: str,  # noqa: F811
-    tmp_path: Path,
-    probe: Probe,  # noqa: F811
-) -> AsyncIterator[Callable[..., Any]]:
-    """Start a worker in this event loop (``await start_worker(**config_overrides)``).
-
-    Unlike the integration fixture, ``amqp_url`` may be overridden (to go through a proxy).
-    """
-    apps: list[App] = []
-
-    async def start(**overrides: Any) -> App:
-        url = overrides.pop("amqp_url", amqp_url)
-        app = App(make_config(url, namespace, tmp_path, **overrides))
-        await app.start()
-        apps.append(app)
-        return app
-
-    yield start
-    for app in apps:
-        await asyncio.wait_for(app.stop(), 30)
 
 
 class WorkerProcess:
