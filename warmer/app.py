@@ -75,7 +75,6 @@ class App:
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
         self._inboxes: list[Inbox] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.ready = asyncio.Event()
         self._stopping = False
 
     async def start(self) -> None:
@@ -105,7 +104,6 @@ class App:
         self._flusher = asyncio.get_running_loop().create_task(worker.flush_token_forever())
         await self._consume(self.names.lifecycle, worker.on_lifecycle)
         await self._consume(self.names.commands, worker.on_command)
-        self.ready.set()
         log.info("worker_started", namespace=self.config.namespace)
 
     async def _connect(self) -> AbstractRobustConnection:
