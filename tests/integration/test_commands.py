@@ -250,14 +250,19 @@ async def test_get_state_of_an_unseen_conversation_answers_defaults_and_creates_
     assert state == {**DEFAULT_STATE, "intervalMs": 7000}
 
 
+async def enable_with_a_minute(probe: Probe, surfaces: Listener) -> None:
+    """Enable CID with a 60 s interval; consume the enable's surface (the caller reads the next)."""
+    await probe.command({"type": "set_enabled", "conversationId": CID, "enabled": True})
+    await probe.command({"type": "set_interval", "conversationId": CID, "intervalMs": 60000})
+    await surfaces.next_body(WAIT_S)
+
+
 async def test_get_state_reports_the_current_state_and_publishes_no_surface(
     probe: Probe, start_worker: Any
 ) -> None:
     await start_worker()
     surfaces = await probe.surfaces()
-    await probe.command({"type": "set_enabled", "conversationId": CID, "enabled": True})
-    await probe.command({"type": "set_interval", "conversationId": CID, "intervalMs": 60000})
-    await surfaces.next_body(WAIT_S)
+    await enable_with_a_minute(probe, surfaces)
     last = await one_surface(surfaces)
     for _ in range(3):
         assert await get_state(probe) == last
@@ -413,9 +418,7 @@ async def test_every_rejection_has_its_code_changes_nothing_and_publishes_nothin
 ) -> None:
     await start_worker()
     surfaces = await probe.surfaces()
-    await probe.command({"type": "set_enabled", "conversationId": CID, "enabled": True})
-    await probe.command({"type": "set_interval", "conversationId": CID, "intervalMs": 60000})
-    await surfaces.next_body(WAIT_S)
+    await enable_with_a_minute(probe, surfaces)
     before = await one_surface(surfaces)
 
     for name, body, code in ALL_REJECTIONS:
