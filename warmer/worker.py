@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Final
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Final
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -249,9 +249,7 @@ class Worker:
 
     def _settle(self, message: AbstractIncomingMessage, pending: list[Awaitable[None]]) -> None:
         """Acknowledge once ``pending`` completes, without holding up the next delivery."""
-        task = asyncio.get_running_loop().create_task(self._settle_now(message, pending))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        self._spawn(self._settle_now(message, pending))
 
     async def _settle_now(
         self, message: AbstractIncomingMessage, pending: list[Awaitable[None]]
@@ -273,17 +271,11 @@ class Worker:
     def _detach(self, pending: list[Awaitable[None]]) -> None:
         """Run effects nobody acknowledges (timer fires, returns) to completion."""
         if pending:
-            self._settle_detached(pending)
+            self._spawn(_run_detached(pending))
 
-    def _settle_detached(self, pending: list[Awaitable[None]]) -> None:
-        async def run() -> None:
-            for awaitable in pending:
-                try:
-                    await awaitable
-                except (PublishFailed, StoreError) as exc:
-                    log.error("effect_failed", error=str(exc))
-
-        task = asyncio.get_running_loop().create_task(run())
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that ``settled()`` waits for."""
+        task = asyncio.get_running_loop().create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
@@ -336,6 +328,14 @@ class Worker:
             routing_key=message.routing_key,
             message_id=message.message_id,
         )
+
+
+async def _run_detached(pending: list[Awaitable[None]]) -> None:
+    for awaitable in pending:
+        try:
+            await awaitable
+        except (PublishFailed, StoreError) as exc:
+            log.error("effect_failed", error=str(exc))
 
 
 async def _give_back(message: AbstractIncomingMessage) -> None:
