@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Alarm", "Clock", "ManualClock", "SystemClock"]
+__all__ = ["Alarm", "Clock", "ManualClock", "SystemClock", "sleep"]
 
 # The wall clock can step (NTP, a suspended VM). Sleeping at most this long in one go
 # means an alarm notices a forward step within this many seconds.
@@ -152,3 +152,18 @@ class _ManualAlarm:
         """Make sure the callback is not called."""
         self._cancelled = True
         self._clock._forget(self)
+
+
+async def sleep(clock: Clock, ms: int) -> None:
+    """Wait ``ms`` milliseconds on ``clock``: a `ManualClock` ends it when advanced."""
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ring() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    alarm = clock.call_at(clock.now_ms() + ms, ring)
+    try:
+        await future
+    finally:
+        alarm.cancel()
