@@ -24,6 +24,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from warmer.bus import lenient
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
 from warmer.clock import Clock, SystemClock
@@ -32,7 +33,7 @@ from warmer.core import Policy, Warmer, parse_settings
 from warmer.core.rules import token_start
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
-from warmer.worker import Inbox, Worker
+from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Gate, Inbox, Worker
 
 log = structlog.get_logger("warmer.app")
 
@@ -62,9 +63,17 @@ def policy_of(config: Config) -> Policy:
 class App:
     """One running worker: store, core, scheduler, broker connection and consumers."""
 
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock | None = None,
+        retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
+    ) -> None:
+        """``retry_ms``: the first and longest pause between retries of a failed commit."""
+        lenient.install()
         self.config = config
         self.clock: Clock = clock or SystemClock()
+        self._retry_ms = retry_ms
         try:
             self.store: Store = open_store(config.store)
         except ValueError as exc:
@@ -76,6 +85,8 @@ class App:
         self._inboxes: list[Inbox] = []
         self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
+        self.reconnections = 0
+        """How many times the connection was re-established since start."""
 
     async def start(self) -> None:
         """Load state, connect, declare and consume; raises StartupError with advice."""
@@ -92,18 +103,23 @@ class App:
             policy_of(self.config), settings, token_start(stored_token, self.clock.now_ms())
         )
         scheduler = Scheduler(self.clock, lambda key, token: worker.on_fire(key, token))
-        worker = Worker(core, scheduler, self.store, self.clock)
+        worker = Worker(core, scheduler, self.store, self.clock, self._retry_ms)
         self.worker = worker
         log.info("state_loaded", conversations=len(settings), token=core.last_token)
 
         self._connection = await self._connect()
         publish_channel = await self._connection.channel(publisher_confirms=True)
         topology = await declare(publish_channel, self.names)
-        worker.publisher = Publisher(publish_channel, topology)
+        # Dead letters on a channel of their own: one the broker refuses closes only it.
+        dead_channel = await self._connection.channel(publisher_confirms=True)
+        dlx = await dead_channel.declare_exchange(
+            self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        worker.publisher = Publisher(publish_channel, topology, dead_channel, dlx)
         scheduler.start()
         self._flusher = asyncio.get_running_loop().create_task(worker.flush_token_forever())
-        await self._consume(self.names.lifecycle, worker.on_lifecycle)
-        await self._consume(self.names.commands, worker.on_command)
+        await self._consume(self.names.lifecycle, worker.on_lifecycle, worker.lifecycle_gate)
+        await self._consume(self.names.commands, worker.on_command, worker.commands_gate)
         log.info("worker_started", namespace=self.config.namespace)
 
     async def _connect(self) -> AbstractRobustConnection:
@@ -121,21 +137,28 @@ class App:
                 f"cannot reach RabbitMQ at {url} ({_reason(exc)}); start a broker "
                 "(`rabbitmq-server -detached`) or set WARMER_AMQP_URL"
             ) from exc
-        connection.reconnect_callbacks.add(lambda *_: log.info("broker_reconnected", url=url))
+        connection.reconnect_callbacks.add(self._on_reconnect)
         connection.close_callbacks.add(
             lambda *_: None if self._stopping else log.warning("broker_connection_lost", url=url)
         )
         return connection
 
+    def _on_reconnect(self, *_: object) -> None:
+        self.reconnections += 1
+        log.info("broker_reconnected", url=self.config.amqp_url_masked)
+
     async def _consume(
-        self, queue_name: str, handle: Callable[[AbstractIncomingMessage], Awaitable[None]]
+        self,
+        queue_name: str,
+        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        gate: Gate,
     ) -> None:
         assert self._connection is not None
         channel: AbstractRobustChannel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.config.prefetch)
         arguments = dict(next(args for name, args in self.names.queues() if name == queue_name))
         queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
-        inbox = Inbox(queue_name, handle)
+        inbox = Inbox(queue_name, handle, gate)
         inbox.start()
         self._inboxes.append(inbox)
         tag = await queue.consume(inbox.deliver)
@@ -159,6 +182,7 @@ class App:
         except TimeoutError:
             log.warning("stop_grace_expired", grace_s=STOP_GRACE_S)
         if worker is not None:
+            worker.abandon()
             if worker.publisher is not None:
                 worker.publisher.close()
             for inbox in self._inboxes:

@@ -5,12 +5,14 @@ one limit it cannot express, the 200-byte ``conversationId``, is checked by
 ``__post_init__``, which msgspec reports as an ordinary validation error.
 Each inbound stream has one decoder, built once; ``decode_event`` and
 ``decode_command`` turn bytes into a message, an ``UnknownType`` or a ``Rejection``
-and never raise.
+and never raise, whatever the input: nesting is bounded before the decoder runs, and
+every error text is bounded however long the value it quotes.
 """
 
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
@@ -270,6 +272,7 @@ class StateReply(Struct, frozen=True, kw_only=True):
 
 ErrorCode = Literal[
     "invalid_content_type",
+    "invalid_properties",
     "too_large",
     "invalid_json",
     "invalid_field",
@@ -292,26 +295,51 @@ Reply = SettingsReply | StateReply | ErrorReply
 
 # -- decoding -----------------------------------------------------------------------
 
-# Codes for a body that fails the encoding rules: dead-lettered even when a command.
-ENCODING_CODES: Final = frozenset({"invalid_content_type", "too_large", "invalid_json"})
+# Codes for a message that fails the encoding rules: dead-lettered even when a command.
+ENCODING_CODES: Final = frozenset(
+    {"invalid_content_type", "invalid_properties", "too_large", "invalid_json"}
+)
+# Arrays and objects open at once at most; the top-level object is depth 1.
+MAX_DEPTH: Final = 32
+# A value quoted in an error, and an unknown type shown in a log: either can be as
+# long as the body.
+_QUOTED_CHARS: Final = 200
+_SHOWN_TYPE_CHARS: Final = 64
+_PLAIN_ENCODINGS: Final = frozenset({"", "identity", "utf-8"})
 
 
 class Rejection(Struct, frozen=True):
-    """Why an inbound message cannot be applied: a contract error code and one line."""
+    """Why an inbound message cannot be applied: a contract error code and one line.
+
+    ``error`` is cut to ``MAX_ERROR_CHARS`` characters however it was built, so it can go
+    into a header, a reply or a log as it is.
+    """
 
     code: ErrorCode
     error: str
 
+    def __post_init__(self) -> None:
+        if len(self.error) > MAX_ERROR_CHARS:
+            msgspec.structs.force_setattr(self, "error", _cut(self.error, MAX_ERROR_CHARS))
+
     @property
     def dead_letter_always(self) -> bool:
-        """True when the body fails the encoding rules (dead-lettered even as a command)."""
+        """True when the message fails the encoding rules (dead-lettered even as a command)."""
         return self.code in ENCODING_CODES
 
 
 class UnknownType(Struct, frozen=True):
-    """A well-formed message whose ``type`` this worker does not know."""
+    """A well-formed message whose ``type`` this worker does not know.
+
+    ``type`` is the value as sent, up to the size of the body: log ``shown`` instead.
+    """
 
     type: str
+
+    @property
+    def shown(self) -> str:
+        """``type`` cut to at most 64 characters (with an ellipsis), for logs."""
+        return _cut(self.type, _SHOWN_TYPE_CHARS)
 
 
 _T = TypeVar("_T")
@@ -319,6 +347,13 @@ _EVENT_DECODER: Final = msgspec.json.Decoder(LifecycleEvent)
 _COMMAND_DECODER: Final = msgspec.json.Decoder(Command)
 _ENCODER: Final = msgspec.json.Encoder()
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
+# A JSON string as the parser reads it. An unterminated one runs to the end of the text:
+# requiring its closing quote would make the scan quadratic, the search for that quote
+# starting again at every later (escaped) quote.
+_STRING: Final = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_REPR: Final = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 40, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 4
 
 
 def encode(message: Struct) -> bytes:
@@ -327,17 +362,17 @@ def encode(message: Struct) -> bytes:
 
 
 def decode_event(
-    body: bytes, content_type: str | None = None
+    body: bytes, content_type: str | None = None, *, content_encoding: str | None = None
 ) -> LifecycleEvent | UnknownType | Rejection:
-    """Decode a lifecycle event; never raises."""
-    return _decode(_EVENT_DECODER, body, content_type)
+    """Decode a lifecycle event (with its AMQP content type and encoding); never raises."""
+    return _decode(_EVENT_DECODER, body, content_type, content_encoding)
 
 
 def decode_command(
-    body: bytes, content_type: str | None = None
+    body: bytes, content_type: str | None = None, *, content_encoding: str | None = None
 ) -> Command | UnknownType | Rejection:
-    """Decode a command; never raises."""
-    return _decode(_COMMAND_DECODER, body, content_type)
+    """Decode a command (with its AMQP content type and encoding); never raises."""
+    return _decode(_COMMAND_DECODER, body, content_type, content_encoding)
 
 
 def is_json_content_type(content_type: str | None) -> bool:
@@ -345,6 +380,30 @@ def is_json_content_type(content_type: str | None) -> bool:
     if not content_type or content_type == "application/json":
         return True
     return content_type.split(";", 1)[0].strip().lower() == "application/json"
+
+
+def _nested_too_deep(text: str) -> bool:
+    """True when the JSON ``text`` nests arrays and objects more than ``MAX_DEPTH`` deep.
+
+    The depth at a point is the number of arrays and objects open there: a scalar is
+    at depth 0, the top-level object at depth 1, and ``{"a": [1]}`` reaches depth 2.
+    Brackets inside strings do not count (an unterminated string runs to the end, as
+    for the parser). On malformed text the count agrees with the parser up to its first
+    error, where it stops, so the decoder never nests deeper than counted here. Linear
+    in the size of the text: one regular expression removes the strings.
+    """
+    outside = _STRING.sub("", text)
+    if outside.count("[") + outside.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for char in outside:
+        if char == "[" or char == "{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif char == "]" or char == "}":
+            depth -= 1
+    return False
 
 
 class _Envelope(Struct):
@@ -357,10 +416,19 @@ _ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
 
 
 def _decode(
-    decoder: msgspec.json.Decoder[_T], body: bytes, content_type: str | None
+    decoder: msgspec.json.Decoder[_T],
+    body: bytes,
+    content_type: str | None,
+    content_encoding: str | None,
 ) -> _T | UnknownType | Rejection:
     if not is_json_content_type(content_type):
-        return Rejection("invalid_content_type", f"content type {content_type!r} is not JSON")
+        return Rejection("invalid_content_type", f"content type {_quote(content_type)} is not JSON")
+    if content_encoding and content_encoding.strip().lower() not in _PLAIN_ENCODINGS:
+        return Rejection(
+            "invalid_content_type",
+            f"content encoding {_quote(content_encoding)} is not identity or utf-8:"
+            " a compressed body is not read",
+        )
     if len(body) > MAX_BODY_BYTES:
         return Rejection("too_large", f"body is {len(body)} bytes, over the {MAX_BODY_BYTES}")
     try:
@@ -369,29 +437,41 @@ def _decode(
         text = body.decode()
     except UnicodeDecodeError as exc:
         return Rejection("invalid_json", f"body is not UTF-8: {exc.reason} at byte {exc.start}")
+    # msgspec recurses once per level, skipped fields included: decide the depth before
+    # it runs. At most MAX_DEPTH openers in all (nearly every body) cannot be too deep.
+    # One count of `{` after `replace` (which finds no `[` in most bodies and then
+    # returns the body itself) costs half of counting both.
+    if body.replace(b"[", b"{").count(b"{") > MAX_DEPTH and _nested_too_deep(text):
+        return Rejection("invalid_json", f"body is nested more than {MAX_DEPTH} levels deep")
     try:
         return decoder.decode(text)
     except msgspec.ValidationError as exc:
         return _classify(text, str(exc))
     except msgspec.DecodeError as exc:
         return Rejection("invalid_json", f"body is not JSON: {exc}")
+    except RecursionError:  # not reached after the depth check: belt and braces
+        return Rejection("invalid_json", "body is nested too deep to read")
 
 
 def _classify(text: str, problem: str) -> UnknownType | Rejection:
     """Tell an unknown type, a non-object and a bad field apart (the slow path only)."""
     try:
         kind = _ENVELOPE_DECODER.decode(text).type
-    except msgspec.ValidationError:
+    except msgspec.ValidationError as exc:
+        if str(exc).endswith("- at `$.type`"):  # a number no integer or double can hold
+            return Rejection("invalid_field", "type: expected a string, got a number out of range")
         return Rejection("invalid_json", "body is not a JSON object")
     except msgspec.DecodeError as exc:
         return Rejection("invalid_json", f"body is not JSON: {exc}")
+    except RecursionError:  # not reached after the depth check: belt and braces
+        return Rejection("invalid_json", "body is nested too deep to read")
     if kind is None:
         return Rejection("invalid_field", "type: missing or null")
     if not isinstance(kind, str):
-        return Rejection("invalid_field", f"type: expected a string, got {kind!r}")
+        return Rejection("invalid_field", f"type: expected a string, got {_quote(kind)}")
     if problem.endswith("- at `$.type`"):
         return UnknownType(kind)
-    return Rejection("invalid_field", f"{kind}: {_describe(problem)}")
+    return Rejection("invalid_field", f"{_cut(kind, _SHOWN_TYPE_CHARS)}: {_describe(problem)}")
 
 
 def _describe(problem: str) -> str:
@@ -403,3 +483,30 @@ def _describe(problem: str) -> str:
     if "matching regex" in what:
         what = "Expected `str` with no control characters"
     return f"{match.group(1) or 'body'}: {what}"
+
+
+def _quote(value: object) -> str:
+    """``repr(value)`` for an error text, at most 200 characters whatever the value.
+
+    A string too long to show whole is cut inside its quotes and followed by its length,
+    as in ``'xxxx…' (32000 chars)``; other values are shortened by ``reprlib``.
+    """
+    if not isinstance(value, str):
+        return _cut(_REPR.repr(value), _QUOTED_CHARS)
+    shown = repr(value[:_QUOTED_CHARS])  # never the repr of 64 KiB to show 200 characters
+    if len(value) <= _QUOTED_CHARS and len(shown) <= _QUOTED_CHARS:
+        return shown
+    size = f" ({len(value)} chars)"
+    room = _QUOTED_CHARS - len(size) - 1  # the ellipsis
+    count = room
+    shown = repr(value[:count])
+    # Escapes make the repr longer than the string: cut the string, never an escape.
+    while len(shown) > room:
+        count = count * room // len(shown)
+        shown = repr(value[:count])
+    return f"{shown[:-1]}…{shown[-1]}{size}"
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text`` when it has at most ``limit`` characters, else its start and an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

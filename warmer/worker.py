@@ -4,24 +4,35 @@ Each inbound queue has one inbox and one pump, so its deliveries are applied in 
 A lifecycle event is applied at once and acknowledged when everything it caused is
 durable (publishes confirmed, settings committed); the next event does not wait for
 that. A command is planned, persisted, committed and answered before the next one, so
-two commands for one conversation never read the same stale settings. When what a
-delivery caused cannot be made durable, its channel is closed so the broker delivers
-it (and every later unacknowledged one) again, in order.
+two commands for one conversation never read the same stale settings.
+
+Every delivery ends in exactly one of: acknowledged, dead-lettered then acknowledged,
+rejected to the queue's own dead-lettering, or delivered again. A commit or a confirm
+that fails is retried in place, with backoff, while the delivery stays unacknowledged and
+the inboxes take no more (every return to a quorum queue counts toward its delivery
+limit, so the worker never hands a good message back to make a failure go away); only
+stopping, or the broker taking the delivery back with a lost connection, ends that. An
+exception nobody expected (a bug) gives the delivery back to the queue, logged with its
+traceback; at the delivery limit the broker dead-letters it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Final, assert_never, cast
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from warmer.bus.publisher import Publisher, PublishFailed, PublishWithdrawn
-from warmer.clock import Clock
+from warmer.bus.lenient import unreadable
+from warmer.bus.publisher import DeadLetterRefused, Publisher, PublishFailed, PublishWithdrawn
+from warmer.clock import Clock, sleep
 from warmer.contract import (
+    MAX_ERROR_CHARS,
     Command,
     ErrorReply,
     Rejection,
@@ -47,18 +58,57 @@ log = structlog.get_logger("warmer.worker")
 
 TOKEN_FLUSH_S: Final = 1.0
 _REPLANS: Final = 5
-# Before forcing a redelivery: every redelivery counts toward the queue's delivery
-# limit (20), so a store that is down for a moment must not burn them all at once.
-REDELIVERY_PAUSE_S: Final = 1.0
+RETRY_FIRST_MS: Final = 100
+RETRY_MAX_MS: Final = 5000
+UNKNOWN_TYPES_REMEMBERED: Final = 256
 _STOP: Final = object()
+
+Effect = Callable[[], Awaitable[None]]
+"""One thing that must be durable before a delivery is acknowledged; can be tried again."""
+
+
+class Gate:
+    """Closed while any effect is being retried: the inboxes take no more deliveries."""
+
+    def __init__(self) -> None:
+        self._holders = 0
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep the gate closed for the duration of the block."""
+        self._holders += 1
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if not self._holders:
+                self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        """True when no effect is being retried."""
+        return self._open.is_set()
+
+    async def passed(self) -> None:
+        """Return once the gate is open."""
+        await self._open.wait()
 
 
 class Inbox:
     """One queue's deliveries, applied in arrival order by one pump task."""
 
-    def __init__(self, name: str, handle: Callable[[AbstractIncomingMessage], Awaitable[None]]):
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        gate: Gate | None = None,
+    ):
         self.name = name
         self._handle = handle
+        self._gate = gate or Gate()
         self._queue: asyncio.Queue[AbstractIncomingMessage | object] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -69,6 +119,7 @@ class Inbox:
     def start(self) -> None:
         """Start the pump."""
         self._task = asyncio.get_running_loop().create_task(self._pump(), name=self.name)
+        self._task.add_done_callback(_log_failure)
 
     async def drain(self) -> None:
         """Apply what was already delivered, then stop the pump."""
@@ -82,8 +133,9 @@ class Inbox:
             self._task.cancel()
 
     async def _pump(self) -> None:
-        while (message := await self._queue.get()) is not _STOP:
-            assert isinstance(message, AbstractIncomingMessage)
+        while (item := await self._queue.get()) is not _STOP:
+            message = cast(AbstractIncomingMessage, item)
+            await self._gate.passed()
             try:
                 await self._handle(message)
             except Exception:
@@ -97,31 +149,44 @@ class Inbox:
 class Worker:
     """Carries out the core's effects with the scheduler, the store and the publisher."""
 
-    def __init__(self, core: Warmer, scheduler: Scheduler, store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        core: Warmer,
+        scheduler: Scheduler,
+        store: Store,
+        clock: Clock,
+        retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
+    ) -> None:
+        """``retry_ms``: the first and the longest pause between retries of an effect."""
         self.core = core
         self.scheduler = scheduler
         self.store = store
         self.clock = clock
+        self.lifecycle_gate = Gate()
+        """Closed while a lifecycle event's effects are retried: that inbox waits."""
+        self.commands_gate = Gate()
+        """Closed while a command's effects are retried: that inbox waits."""
         self.counts: Counter[str] = Counter()
         self.publisher: Publisher | None = None
+        self._retry_first_ms, self._retry_max_ms = retry_ms
         self._settling: set[asyncio.Task[None]] = set()
         self._unknown_types: set[str] = set()
         self._flushed_token = core.last_token
+        self._abandoned = False
 
     # -- inbound ----------------------------------------------------------------------
 
     async def on_lifecycle(self, message: AbstractIncomingMessage) -> None:
         """Apply one lifecycle event; acknowledge it once its effects are durable."""
-        decoded = decode_event(message.body, message.content_type)
+        decoded = _unreadable(message) or decode_event(
+            message.body, message.content_type, content_encoding=message.content_encoding
+        )
         if isinstance(decoded, Rejection):
             self._rejected("lifecycle", message, decoded)
-            self._settle(message, [self._publisher.dead_letter(message, decoded)])
+            self._spawn(self._dead_letter(message, decoded, [], self.lifecycle_gate))
             return
         if isinstance(decoded, UnknownType):
-            self.counts["events_unknown_type"] += 1
-            if decoded.type not in self._unknown_types:
-                self._unknown_types.add(decoded.type)
-                log.info("event_type_unknown", type=decoded.type, routing_key=message.routing_key)
+            self._unknown(decoded, message)
             self._settle(message, [])
             return
         outcome = self.core.apply_event(self.clock.now_ms(), decoded)
@@ -131,18 +196,21 @@ class Worker:
     async def on_command(self, message: AbstractIncomingMessage) -> None:
         """Apply one command and answer it; the next command waits for this one."""
         reply_to, correlation_id = message.reply_to, message.correlation_id
-        decoded = decode_command(message.body, message.content_type)
+        decoded = _unreadable(message) or decode_command(
+            message.body, message.content_type, content_encoding=message.content_encoding
+        )
         if isinstance(decoded, UnknownType):
-            decoded = Rejection("unknown_type", f"type: unknown command {decoded.type!r}")
+            decoded = Rejection("unknown_type", f"type: unknown command {decoded.shown}")
         if isinstance(decoded, Rejection):
             self._rejected("commands", message, decoded)
-            pending: list[Awaitable[None]] = []
+            answer: list[Effect] = []
             if reply_to:
                 reply = ErrorReply(error=decoded.error, code=decoded.code)
-                pending.append(self._publisher.reply(reply_to, correlation_id, reply))
+                answer.append(functools.partial(self._reply, reply_to, correlation_id, reply))
             if decoded.dead_letter_always:
-                pending.append(self._publisher.dead_letter(message, decoded))
-            await self._settle_now(message, pending)
+                await self._dead_letter(message, decoded, answer, self.commands_gate)
+            else:
+                await self._settle_now(message, answer, self.commands_gate)
             return
         plan = await self._apply_command(decoded)
         self._count(plan, decoded.conversation_id, type(decoded).__name__)
@@ -156,7 +224,8 @@ class Worker:
                     conversation_id=decoded.conversation_id,
                     answered=bool(reply_to),
                 )
-        await self._settle_now(message, self._carry_out(plan, reply_to, correlation_id))
+        effects = self._carry_out(plan, reply_to, correlation_id)
+        await self._settle_now(message, effects, self.commands_gate)
 
     async def _apply_command(self, command: Command) -> Outcome:
         """Plan, persist and commit; plan again if a close moved the settings meanwhile."""
@@ -172,6 +241,7 @@ class Worker:
                 )
             except StoreError as exc:
                 log.error("store_failed", conversation_id=plan.conversation_id, error=str(exc))
+                self.counts["store_errors"] += 1
                 return self.core.store_failed(plan, str(exc))
             if self.core.is_current(plan):
                 return self.core.commit(self.clock.now_ms(), plan)
@@ -197,92 +267,171 @@ class Worker:
             return
         except PublishFailed as exc:
             # Left to the warm timeout, which fails and retries it.
-            log.error(
-                "warm_publish_failed", conversation_id=request.conversation_id, error=str(exc)
-            )
+            log.error("warm_publish_failed", conversation_id=cid, error=str(exc))
             return
         self.counts["warms_requested"] += 1
-        log.info("warm_requested", conversation_id=request.conversation_id, token=request.token)
+        log.info("warm_requested", conversation_id=cid, token=token)
         if not routed:
-            outcome = self.core.on_warm_returned(
-                self.clock.now_ms(), request.conversation_id, request.token
-            )
+            outcome = self.core.on_warm_returned(self.clock.now_ms(), cid, token)
             self._detach(self._carry_out(outcome))
 
     # -- effects ----------------------------------------------------------------------
 
     def _carry_out(
         self, outcome: Outcome, reply_to: str | None = None, correlation_id: str | None = None
-    ) -> list[Awaitable[None]]:
-        """Arm and cancel at once; return what must complete before the input is acked."""
-        pending: list[Awaitable[None]] = []
+    ) -> list[Effect]:
+        """Arm and cancel at once; return what must be durable before the input is acked."""
+        pending: list[Effect] = []
         for effect in outcome.effects:
-            if isinstance(effect, Arm):
-                self.scheduler.arm(effect.conversation_id, effect.due_at, effect.token)
-            elif isinstance(effect, Cancel):
-                self.scheduler.cancel(effect.conversation_id)
-            elif isinstance(effect, PublishSurface):
-                pending.append(self._publisher.surface(effect.update))
-            elif isinstance(effect, PublishWarm):
-                self._detach([self._send_warm(effect)])
-            elif isinstance(effect, PersistSettings):
-                settings = effect.settings
-                pending.append(
-                    self.store.put_settings(
-                        effect.conversation_id, settings.enabled, settings.interval_ms
+            match effect:
+                case Arm():
+                    self.scheduler.arm(effect.conversation_id, effect.due_at, effect.token)
+                case Cancel():
+                    self.scheduler.cancel(effect.conversation_id)
+                case PublishSurface():
+                    pending.append(functools.partial(self._publisher.surface, effect.update))
+                case PublishWarm():
+                    self._spawn(self._send_warm(effect))
+                case PersistSettings():
+                    settings = effect.settings
+                    pending.append(
+                        functools.partial(
+                            self.store.put_settings,
+                            effect.conversation_id,
+                            settings.enabled,
+                            settings.interval_ms,
+                        )
                     )
-                )
-            elif isinstance(effect, SendReply):
-                if reply_to:
-                    pending.append(self._publisher.reply(reply_to, correlation_id, effect.reply))
-            elif isinstance(effect, WarmFailed):
-                self.counts["warms_failed"] += 1
-                log.warning(
-                    "warm_failed",
-                    conversation_id=effect.conversation_id,
-                    token=effect.token,
-                    error=effect.error,
-                    failures=effect.failures,
-                    paused=effect.paused,
-                )
+                case SendReply():
+                    if reply_to:
+                        reply = functools.partial(
+                            self._reply, reply_to, correlation_id, effect.reply
+                        )
+                        pending.append(reply)
+                case WarmFailed():
+                    self.counts["warms_failed"] += 1
+                    log.warning(
+                        "warm_failed",
+                        conversation_id=effect.conversation_id,
+                        token=effect.token,
+                        error=effect.error,
+                        failures=effect.failures,
+                        paused=effect.paused,
+                    )
+                case _:
+                    assert_never(effect)
         return pending
 
-    def _settle(self, message: AbstractIncomingMessage, pending: list[Awaitable[None]]) -> None:
-        """Acknowledge once ``pending`` completes, without holding up the next delivery."""
-        self._spawn(self._settle_now(message, pending))
+    async def _reply(self, reply_to: str, correlation_id: str | None, reply: Any) -> None:
+        await self._publisher.reply(reply_to, correlation_id, reply)
+
+    def _settle(self, message: AbstractIncomingMessage, pending: list[Effect]) -> None:
+        """Acknowledge an event once ``pending`` is durable, not holding up the next one."""
+        self._spawn(self._settle_now(message, pending, self.lifecycle_gate))
 
     async def _settle_now(
-        self, message: AbstractIncomingMessage, pending: list[Awaitable[None]]
+        self, message: AbstractIncomingMessage, pending: list[Effect], gate: Gate
     ) -> None:
-        try:
-            for awaitable in pending:
-                await awaitable
-        except (PublishFailed, StoreError) as exc:
-            log.error("delivery_not_durable", routing_key=message.routing_key, error=str(exc))
-            self.counts["redeliveries_forced"] += 1
-            await asyncio.sleep(REDELIVERY_PAUSE_S)
-            await _redeliver(message)
-            return
-        try:
-            await message.ack()
-        except Exception as exc:  # the channel went away: the broker delivers it again
-            log.info("ack_lost", routing_key=message.routing_key, error=repr(exc))
+        """Make ``pending`` durable, then acknowledge; a bug gives the delivery back.
 
-    def _detach(self, pending: list[Awaitable[None]]) -> None:
+        A dead letter that cannot go out rejects the delivery instead, so the queue's own
+        dead-lettering takes it (``x-death`` reason ``rejected``).
+        """
+        try:
+            if await self._durable(pending, gate, message):
+                await _ack(message)
+        except DeadLetterRefused as exc:
+            self.counts["dead_letters_refused"] += 1
+            log.warning(
+                "dead_letter_refused",
+                why=str(exc),
+                routing_key=message.routing_key,
+                action="rejected to the queue's own dead-lettering",
+            )
+            await _reject(message)
+        except Exception:
+            log.exception("delivery_failed", routing_key=message.routing_key)
+            await _give_back(message)
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        rejection: Rejection,
+        answer: list[Effect],
+        gate: Gate,
+    ) -> None:
+        """Answer (when asked), dead-letter, then acknowledge."""
+        dead_letter = functools.partial(self._publisher.dead_letter, message, rejection)
+        await self._settle_now(message, [*answer, dead_letter], gate)
+
+    async def _durable(
+        self,
+        pending: list[Effect],
+        gate: Gate | None = None,
+        message: AbstractIncomingMessage | None = None,
+    ) -> bool:
+        """Run each effect, retrying failed commits and confirms in place; False if stopped.
+
+        While an effect is retried ``gate`` is closed: its inbox takes no further delivery.
+        """
+        for effect in pending:
+            try:
+                await effect()
+                continue
+            except (PublishFailed, StoreError) as exc:
+                failure: Exception = exc
+            with gate.held() if gate is not None else contextlib.nullcontext():
+                attempt = 0
+                while True:
+                    attempt += 1
+                    self.counts["effect_retries"] += 1
+                    if isinstance(failure, StoreError):
+                        self.counts["store_errors"] += 1
+                    if self._abandoned or self._publisher.closing:
+                        log.warning("effect_abandoned", error=str(failure)[:300])
+                        return False
+                    pause = min(self._retry_max_ms, self._retry_first_ms << min(attempt - 1, 20))
+                    log.warning(
+                        "effect_retrying",
+                        attempt=attempt,
+                        pause_ms=pause,
+                        error=str(failure)[:300],
+                        routing_key=None if message is None else message.routing_key,
+                    )
+                    await sleep(self.clock, pause)
+                    try:
+                        await effect()
+                        break
+                    except (PublishFailed, StoreError) as exc:
+                        failure = exc
+            log.info("effect_recovered", attempts=attempt + 1)
+        return True
+
+    def _detach(self, pending: list[Effect]) -> None:
         """Run effects nobody acknowledges (timer fires, returns) to completion."""
         if pending:
-            self._spawn(_run_detached(pending))
+            self._spawn(self._durable_detached(pending))
+
+    async def _durable_detached(self, pending: list[Effect]) -> None:
+        await self._durable(pending)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` as a task that ``settled()`` waits for."""
+        """Run ``work`` as a task that ``settled()`` waits for; a failure is logged."""
         task = asyncio.get_running_loop().create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        task.add_done_callback(_log_failure)
 
     async def settled(self) -> None:
         """Wait until every acknowledgement and detached effect under way has finished."""
         while self._settling:
             await asyncio.gather(*list(self._settling), return_exceptions=True)
+
+    def abandon(self) -> None:
+        """Stop retrying (the worker is going): what is not durable stays unacknowledged."""
+        self._abandoned = True
+        for task in list(self._settling):
+            task.cancel()
 
     async def flush_token(self) -> None:
         """Persist the token counter when it moved (the restart floor covers the gap)."""
@@ -298,6 +447,7 @@ class Worker:
             try:
                 await self.flush_token()
             except StoreError as exc:
+                self.counts["store_errors"] += 1
                 log.error("token_flush_failed", error=str(exc))
 
     # -- bookkeeping ------------------------------------------------------------------
@@ -318,6 +468,23 @@ class Worker:
                 verdict=outcome.verdict,
             )
 
+    def _unknown(self, decoded: UnknownType, message: AbstractIncomingMessage) -> None:
+        """Count an unknown event type; log each of a bounded number of them once."""
+        self.counts["events_unknown_type"] += 1
+        shown = decoded.shown
+        if shown in self._unknown_types:
+            return
+        if len(self._unknown_types) < UNKNOWN_TYPES_REMEMBERED:
+            self._unknown_types.add(shown)
+            log.info("event_type_unknown", type=shown, routing_key=message.routing_key)
+        elif len(self._unknown_types) == UNKNOWN_TYPES_REMEMBERED:
+            self._unknown_types.add("")  # marks the one overflow line as written
+            log.warning(
+                "event_types_unknown_overflow",
+                remembered=UNKNOWN_TYPES_REMEMBERED,
+                note="further unknown types are counted, not logged",
+            )
+
     def _rejected(self, queue: str, message: AbstractIncomingMessage, rejection: Rejection) -> None:
         self.counts[f"rejected_{rejection.code}"] += 1
         log.warning(
@@ -330,27 +497,40 @@ class Worker:
         )
 
 
-async def _run_detached(pending: list[Awaitable[None]]) -> None:
-    for awaitable in pending:
-        try:
-            await awaitable
-        except (PublishFailed, StoreError) as exc:
-            log.error("effect_failed", error=str(exc))
+def _unreadable(message: AbstractIncomingMessage) -> Rejection | None:
+    """``invalid_properties`` when the lenient reader could not read all the properties."""
+    notes = unreadable(message.headers)
+    if notes is None:
+        return None
+    return Rejection("invalid_properties", notes.describe()[:MAX_ERROR_CHARS])
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    """Retrieve a finished task's exception and log it with its traceback."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.error("task_failed", task=task.get_name(), exc_info=exc)
+
+
+async def _ack(message: AbstractIncomingMessage) -> None:
+    try:
+        await message.ack()
+    except Exception as exc:  # the channel went away: the broker delivers it again
+        log.info("ack_lost", routing_key=message.routing_key, error=repr(exc)[:300])
+
+
+async def _reject(message: AbstractIncomingMessage) -> None:
+    """basic.reject without requeue: the queue's own dead-lettering takes it (``rejected``)."""
+    try:
+        await message.reject(requeue=False)
+    except Exception as exc:
+        log.info("reject_lost", routing_key=message.routing_key, error=repr(exc)[:300])
 
 
 async def _give_back(message: AbstractIncomingMessage) -> None:
     try:
         await message.nack(requeue=True)
     except Exception as exc:
-        log.info("nack_lost", error=repr(exc))
-
-
-async def _redeliver(message: AbstractIncomingMessage) -> None:
-    """Close the channel under a delivery: the broker redelivers its unacked messages in order.
-
-    The robust channel above it sees an unexpected close, reopens and consumes again.
-    """
-    try:
-        await message.channel.close()
-    except Exception as exc:
-        log.warning("channel_close_failed", error=repr(exc))
+        log.info("nack_lost", error=repr(exc)[:300])

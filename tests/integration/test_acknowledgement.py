@@ -37,11 +37,12 @@ async def test_close_during_store_outage_is_acked_once_persisted(
     state = await probe.command({"type": "get_state", "conversationId": "c"})
     assert state["state"]["status"] == "disabled"
     assert store.settings["c"]["enabled"] is True  # not persisted yet
-    for _ in range(100):  # the worker forces a redelivery (after a pause); still failing
-        if app.worker.counts["redeliveries_forced"] >= 2:
+    for _ in range(100):  # the worker retries the commit in place; still failing
+        if app.worker.counts["effect_retries"] >= 2:
             break
         await asyncio.sleep(0.05)
-    assert app.worker.counts["redeliveries_forced"] >= 2
+    assert app.worker.counts["effect_retries"] >= 2
+    assert not app.worker.lifecycle_gate.is_open  # and takes no more deliveries meanwhile
 
     store.failing = False
     for _ in range(100):

@@ -275,6 +275,8 @@ def test_limits_are_the_contract_constants(schemas: dict[str, Any]) -> None:
     assert schemas["StateView"]["properties"]["lastError"]["maxLength"] == (
         contract.MAX_ERROR_CHARS
     )
+    reason = schemas["DeadLetterHeaders"]["properties"]["x-warmer-error"]
+    assert reason["maxLength"] == contract.MAX_ERROR_CHARS
 
 
 # -- messages and tags ----------------------------------------------------------------
@@ -383,6 +385,15 @@ def test_error_codes_are_the_contract_codes(schemas: dict[str, Any]) -> None:
     codes = schemas["ErrorCode"]["enum"]
     assert codes == list(get_args(contract.ErrorCode))
     assert list(schemas["ErrorCode"]["x-enum-descriptions"]) == codes
+
+
+def test_the_encoding_codes_come_first_and_are_named(schemas: dict[str, Any]) -> None:
+    # "The first four are encoding errors": a command failing them is dead-lettered too.
+    codes, count = schemas["ErrorCode"]["enum"], len(contract.ENCODING_CODES)
+    assert "invalid_properties" in codes
+    assert set(codes[:count]) == contract.ENCODING_CODES
+    words = {3: "three", 4: "four", 5: "five"}
+    assert f"The first {words[count]} are encoding errors" in schemas["ErrorCode"]["description"]
 
 
 def test_reply_code_and_reason_header_are_error_codes(schemas: dict[str, Any]) -> None:

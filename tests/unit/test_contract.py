@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from msgspec import UNSET
 
+from warmer import contract
 from warmer.contract import (
+    ENCODING_CODES,
+    MAX_DEPTH,
+    MAX_ERROR_CHARS,
     ConversationClosed,
     ErrorReply,
     GetState,
@@ -536,6 +543,308 @@ def test_invalid_utf8_anywhere_in_the_body_is_invalid_json() -> None:
     rejected(
         decode_event(b'{"type":"turn.started","conversationId":"c","x":"\xff"}'), "invalid_json"
     )
+
+
+# -- nesting --------------------------------------------------------------------------------
+
+
+def nested(depth: int, kind: str = "array") -> bytes:
+    """A JSON value ``depth`` levels deep: arrays, objects (``{"a": ...}``) or both in turn."""
+    opens = {"array": ["["], "object": ['{"a":'], "mixed": ["[", '{"a":']}[kind]
+    closes = {"[": "]", '{"a":': "}"}
+    levels = [opens[i % len(opens)] for i in range(depth)]
+    return ("".join(levels) + "1" + "".join(closes[o] for o in reversed(levels))).encode()
+
+
+def with_field(raw: bytes, value: bytes) -> bytes:
+    """``raw`` (a JSON object) with the field ``x`` set to the JSON text ``value``."""
+    return raw[:-1] + b',"x":' + value + b"}"
+
+
+def too_deep(result: object) -> Rejection:
+    rejection = rejected(result, "invalid_json")
+    assert "nested" in rejection.error, rejection.error
+    assert rejection.dead_letter_always
+    return rejection
+
+
+@pytest.mark.parametrize("kind", ["array", "object", "mixed"])
+def test_nesting_of_32_levels_is_read_and_33_is_invalid_json(kind: str) -> None:
+    # The top-level object is level 1, so a field's value may nest 31 levels more.
+    assert MAX_DEPTH == 32
+    assert decode_event(with_field(started(), nested(31, kind))) == TurnStarted(conversation_id="c")
+    too_deep(decode_event(with_field(started(), nested(32, kind))))
+    assert isinstance(decode_command(with_field(command("get_state"), nested(31, kind))), GetState)
+    too_deep(decode_command(with_field(command("get_state"), nested(32, kind))))
+
+
+@pytest.mark.parametrize("kind", ["array", "object", "mixed"])
+def test_a_payload_nests_as_deep_as_any_field(kind: str) -> None:
+    action = command("surface.action", actionId="cache-warming/toggle")
+    decoded = decode_command(action[:-1] + b',"payload":' + nested(31, kind) + b"}")
+    assert isinstance(decoded, SurfaceAction)
+    assert decoded.payload == msgspec.json.decode(nested(31, kind))
+    too_deep(decode_command(action[:-1] + b',"payload":' + nested(32, kind) + b"}"))
+
+
+def test_the_depth_of_a_body_that_is_not_an_object() -> None:
+    for raw in (nested(32), nested(1)):
+        rejection = rejected(decode_event(raw), "invalid_json")
+        assert "nested" not in rejection.error
+    too_deep(decode_event(nested(33)))
+
+
+def test_the_depth_counts_open_brackets_not_all_of_them() -> None:
+    # 40 arrays one after the other, each 2 levels deep inside the body: depth 3.
+    raw = with_field(started(), b"[" + b",".join([b"[1]"] * 40) + b"]")
+    assert decode_event(raw) == TurnStarted(conversation_id="c")
+
+
+@pytest.mark.parametrize("bracket", ["[", "{", "]", "}", "[{"])
+def test_brackets_inside_strings_do_not_count(bracket: str) -> None:
+    cid = bracket * (40 // len(bracket))
+    assert decode_event(event("turn.started", conversationId=cid)) == TurnStarted(
+        conversation_id=cid
+    )
+    # In a field name, and in an unknown field beside a value 31 levels deep.
+    assert isinstance(decode_event(started(**{cid: cid * 3})), TurnStarted)
+    raw = with_field(started(pad=cid * 3), nested(31))
+    assert decode_event(raw) == TurnStarted(conversation_id="c")
+
+
+def test_an_escaped_quote_does_not_end_a_string() -> None:
+    # `\"` stays inside the string, so the brackets after it are text.
+    raw = with_field(started(), b'"\\"' + b"[" * 40 + b'\\\\\\""')
+    assert decode_event(raw) == TurnStarted(conversation_id="c")
+
+
+def test_an_escaped_backslash_ends_a_string_before_its_quote() -> None:
+    # `"\\"` is one backslash: the quote after it ends the string, and what follows counts.
+    raw = started(a="\\")[:-1] + b',"x":' + nested(32) + b"}"
+    assert b'"\\\\"' in raw
+    too_deep(decode_event(raw))
+    assert decode_event(started(a="\\")[:-1] + b',"x":' + nested(31) + b"}") == TurnStarted(
+        conversation_id="c"
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"[" * 10_000 + b"]" * 10_000, id="top level"),
+        pytest.param(with_field(started(), b"[" * 10_000 + b"]" * 10_000), id="in a field"),
+        pytest.param(with_field(started(), b"[" * 10_000), id="unclosed"),
+        pytest.param(b'{"x":' * 10_000 + b"1" + b"}" * 10_000, id="objects"),
+        pytest.param(b'{"type":"set_enabled","x":' + b"[" * 30_000, id="no type yet"),
+    ],
+)
+def test_ten_thousand_levels_are_invalid_json_and_nothing_raises(raw: bytes) -> None:
+    for decode in (decode_event, decode_command):
+        too_deep(decode(raw))
+
+
+def test_the_slow_path_reads_a_deep_body_after_the_depth_check_too() -> None:
+    # conversationId missing: the typed decoder fails, and `type` is read again.
+    at_limit = with_field(event("turn.started"), nested(31))
+    invalid_field(decode_event(at_limit), "conversationId")
+    too_deep(decode_event(with_field(event("turn.started"), b"[" * 10_000 + b"]" * 10_000)))
+    too_deep(decode_event(event("turn.started")[:-1] + b',"x":' + b"[" * 10_000))
+
+
+def test_a_recursion_error_is_invalid_json_even_without_the_depth_check(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Belt and braces: were the check ever wrong, the decoders' own limit still holds.
+    monkeypatch.setattr(contract, "_nested_too_deep", lambda text: False)
+    deep = b"[" * 30_000 + b"]" * 30_000  # far beyond the interpreter's recursion limit
+    bad_id = event("turn.started", conversationId=5)
+    for decode in (decode_event, decode_command):
+        # The typed decoder meets the depth; then, with conversationId failing first, the
+        # envelope decoder that reads `type` again.
+        for raw in (with_field(started(), deep), with_field(bad_id, deep)):
+            rejection = rejected(decode(raw), "invalid_json")
+            assert "too deep" in rejection.error
+
+
+def test_an_unterminated_string_of_escaped_quotes_is_read_in_linear_time() -> None:
+    # A scan that looked for the closing quote again from every quote would take seconds.
+    raw = b'{"type":"turn.started","x":"' + b'\\"' * 32_000 + b"[" * 40
+    assert len(raw) <= 64 * 1024
+    start = time.perf_counter()
+    for decode in (decode_event, decode_command):
+        rejected(decode(raw), "invalid_json")
+    assert time.perf_counter() - start < 1.0
+
+
+# -- content encoding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "encoding", [None, "", "identity", "IDENTITY", "utf-8", "UTF-8", " utf-8 "]
+)
+def test_a_plain_content_encoding_is_accepted(encoding: str | None) -> None:
+    assert decode_event(started(), content_encoding=encoding) == TurnStarted(conversation_id="c")
+    assert decode_command(command("get_state"), content_encoding=encoding) == GetState(
+        conversation_id="c"
+    )
+
+
+@pytest.mark.parametrize(
+    "encoding", ["gzip", "deflate", "br", "utf-16", "x-gzip", "identity, gzip"]
+)
+def test_any_other_content_encoding_is_invalid_content_type(encoding: str) -> None:
+    for decode, good in ((decode_event, started()), (decode_command, command("get_state"))):
+        rejection = rejected(decode(good, content_encoding=encoding), "invalid_content_type")
+        assert rejection.dead_letter_always
+        assert repr(encoding) in rejection.error and "compressed" in rejection.error
+
+
+def test_the_content_type_is_checked_before_the_encoding() -> None:
+    rejection = rejected(
+        decode_event(started(), "text/plain", content_encoding="gzip"), "invalid_content_type"
+    )
+    assert "text/plain" in rejection.error
+
+
+# -- error texts are bounded ----------------------------------------------------------------
+
+
+def test_a_type_that_is_not_a_string_is_quoted_short() -> None:
+    raw = body(type=["\u0378" * 32_000])  # each character a 6-character escape in a repr
+    assert len(raw) == 64_013
+    for decode in (decode_event, decode_command):
+        rejection = invalid_field(decode(raw), "type")
+        assert len(rejection.error) <= MAX_ERROR_CHARS
+
+
+def test_a_type_number_beyond_a_double_is_an_invalid_field() -> None:
+    for raw in (b'{"type":1e400}', b'{"type":' + b"9" * 400 + b"}"):
+        for decode in (decode_event, decode_command):
+            invalid_field(decode(raw), "type")
+
+
+def test_a_long_content_type_is_quoted_short_with_its_length() -> None:
+    content_type = "text/" + "x" * 250  # 255: the most AMQP's short string holds
+    rejection = rejected(decode_event(started(), content_type), "invalid_content_type")
+    assert len(rejection.error) <= 260
+    assert "xxxx…' (255 chars)" in rejection.error
+
+
+def test_a_long_content_encoding_is_quoted_short() -> None:
+    rejection = rejected(
+        decode_event(started(), content_encoding="\x00" * 255), "invalid_content_type"
+    )
+    assert "(255 chars)" in rejection.error and len(rejection.error) <= 300
+
+
+def test_a_long_unknown_type_is_kept_whole_and_shown_short() -> None:
+    kind = "t" * 60_000
+    for decode in (decode_event, decode_command):
+        decoded = decode(body(type=kind, conversationId="c"))
+        assert decoded == UnknownType(kind)
+        assert isinstance(decoded, UnknownType)
+        assert len(decoded.shown) == 64 and decoded.shown == "t" * 63 + "…"
+    assert UnknownType("turn.paused").shown == "turn.paused"
+    assert UnknownType("x" * 64).shown == "x" * 64
+
+
+def test_every_rejection_is_cut_to_500_characters() -> None:
+    rejection = Rejection("invalid_properties", "header x-a: " + "é" * 10_000)
+    assert len(rejection.error) == MAX_ERROR_CHARS
+    assert rejection.error.startswith("header x-a: éé") and rejection.error.endswith("…")
+    assert Rejection("invalid_field", "x" * 500).error == "x" * 500
+
+
+def test_unreadable_properties_fail_the_encoding_rules() -> None:
+    # The worker reads the properties and builds this rejection itself.
+    assert {
+        "invalid_content_type",
+        "invalid_properties",
+        "too_large",
+        "invalid_json",
+    } == ENCODING_CODES
+    assert Rejection("invalid_properties", "header x-a: not UTF-8").dead_letter_always
+    assert not Rejection("unknown_type", "x").dead_letter_always
+
+
+_KINDS = [
+    "turn.started",
+    "turn.settled",
+    "warm.completed",
+    "conversation.closed",
+    "set_enabled",
+    "set_interval",
+    "get_state",
+    "surface.action",
+    "turn.paused",
+]
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=300)
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=40,
+)
+_FIELD_NAMES = st.sampled_from(
+    [
+        "conversationId",
+        "seq",
+        "at",
+        "cwd",
+        "modelName",
+        "usage",
+        "token",
+        "error",
+        "enabled",
+        "intervalMs",
+        "actionId",
+        "payload",
+        "x",
+    ]
+)
+_MESSAGES = st.builds(
+    lambda kind, fields: {"type": kind, **fields},
+    st.sampled_from(_KINDS) | _JSON,
+    st.dictionaries(_FIELD_NAMES, _JSON, max_size=5),
+)
+
+
+def _never_raises_and_is_bounded(raw: bytes, content_type: str | None = None) -> None:
+    for decode in (decode_event, decode_command):
+        result = decode(raw, content_type)
+        assert isinstance(result, Rejection | UnknownType | msgspec.Struct)
+        if isinstance(result, Rejection):
+            assert 0 < len(result.error) <= MAX_ERROR_CHARS, result
+        if isinstance(result, UnknownType):
+            assert len(result.shown) <= 64
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=4096), content_type=st.none() | st.text(max_size=300))
+def test_arbitrary_bytes_never_raise_and_errors_stay_short(
+    raw: bytes, content_type: str | None
+) -> None:
+    _never_raises_and_is_bounded(raw, content_type)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=_MESSAGES | _JSON, cut=st.integers(0, 64), depth=st.integers(0, 40))
+def test_arbitrary_json_never_raises_and_errors_stay_short(
+    message: Any, cut: int, depth: int
+) -> None:
+    raw = msgspec.json.encode(message)
+    _never_raises_and_is_bounded(raw)
+    _never_raises_and_is_bounded(raw[: len(raw) - cut])  # cut short: malformed
+    _never_raises_and_is_bounded(b"[" * depth + raw + b"]" * depth)
+    if isinstance(message, dict):
+        _never_raises_and_is_bounded(with_field(raw, nested(depth)))
 
 
 # -- outbound encodings -------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """The one publisher: warm requests, surface updates, replies and dead letters.
 
-Every publish waits for the broker's confirm. A publish cut by a lost connection is
-retried once the robust connection is back, so a warm that fell due while the worker
-was disconnected goes out after the reconnection instead of being lost. A negative
-confirm or a confirm timeout raises ``PublishFailed``: the caller leaves the message
-that caused it unacknowledged.
+Every publish waits for the broker's confirm. A publish cut by a lost connection (or a
+channel the broker closed) is retried once the robust channel is back, so a warm that
+fell due while the worker was disconnected goes out after the reconnection instead of
+being lost. A negative confirm or a confirm timeout raises ``PublishFailed``: the caller
+retries it in place and leaves the message that caused it unacknowledged meanwhile.
+
+Dead letters go out on a channel of their own: one the broker refuses (for something in
+the message itself) closes only that channel, never the one good messages use, and
+raises ``DeadLetterRefused`` so the caller rejects the original instead.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Final
+from typing import Final
 
 import aiormq
 import structlog
@@ -20,6 +24,7 @@ from aio_pika import DeliveryMode, Message
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
 
+from warmer.bus import deadletter
 from warmer.bus.topology import SURFACE_ROUTING_KEY, WARM_ROUTING_KEY, Topology
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested, encode
 
@@ -28,11 +33,19 @@ log = structlog.get_logger("warmer.bus")
 JSON: Final = "application/json"
 CONFIRM_TIMEOUT_S: Final = 10.0
 _RETRY_PAUSE_S: Final = 0.5
+_REOPEN_POLL_S: Final = 0.02
 # Errors that mean "the connection or channel went away": wait for it and publish again.
 _CONNECTION_ERRORS: Final = (
     aiormq.exceptions.AMQPConnectionError,
     aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
     ConnectionError,
+)
+# What the broker answers to a publish it refuses for the message's own sake (a user_id
+# naming another user, an expiration that is not a number): the channel is closed.
+_REFUSALS: Final = (
+    aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelAccessRefused,
 )
 
 
@@ -42,6 +55,10 @@ class PublishFailed(Exception):
 
 class PublishWithdrawn(Exception):
     """A publish cut by a lost connection was no longer wanted once it came back."""
+
+
+class DeadLetterRefused(Exception):
+    """A dead letter cannot be published as such; reject the original instead."""
 
 
 def _always() -> bool:
@@ -55,19 +72,29 @@ class Publisher:
         self,
         channel: AbstractRobustChannel,
         topology: Topology,
+        dead_channel: AbstractRobustChannel,
+        dead_letters: AbstractExchange,
         confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
     ) -> None:
+        """Publish on ``channel``; dead letters to ``dead_letters`` on ``dead_channel``."""
         self._channel = channel
         self._names = topology.names
         self._warm = topology.exchanges[topology.names.warm]
         self._surface = topology.exchanges[topology.names.surface]
-        self._dlx = topology.exchanges[topology.names.dlx]
+        self._dlx = dead_letters
+        self._dead_channel = dead_channel
+        self._dead_letter_lock = asyncio.Lock()
         self._confirm_timeout_s = confirm_timeout_s
         self._closing = False
 
     def close(self) -> None:
         """Stop retrying publishes cut by a lost connection."""
         self._closing = True
+
+    @property
+    def closing(self) -> bool:
+        """True once ``close()`` was called: no publish waits for the broker any more."""
+        return self._closing
 
     async def warm(
         self, request: WarmRequested, timeout_ms: int, still_wanted: Callable[[], bool]
@@ -114,36 +141,55 @@ class Publisher:
         await self._publish(exchange, message, reply_to, mandatory=False)
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, rejection: Rejection) -> None:
-        """Re-publish an invalid message unchanged to the dead-letter exchange, with reasons."""
-        headers: dict[str, Any] = dict(incoming.headers or {})
-        headers["x-warmer-reason"] = rejection.code
-        headers["x-warmer-error"] = rejection.error
-        headers["x-warmer-original-exchange"] = incoming.exchange or ""
-        headers["x-warmer-original-routing-key"] = incoming.routing_key or ""
-        message = Message(
-            incoming.body,
-            headers=headers,
-            content_type=incoming.content_type,
-            content_encoding=incoming.content_encoding,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            priority=incoming.priority,
-            correlation_id=incoming.correlation_id,
-            reply_to=incoming.reply_to,
-            message_id=incoming.message_id,
-            timestamp=incoming.timestamp,
-            type=incoming.type,
-            user_id=incoming.user_id,
-            app_id=incoming.app_id,
-        )
-        await self._publish(self._dlx, message, incoming.routing_key or "", mandatory=False)
+        """Re-publish an invalid message to the dead-letter exchange, with its reasons.
 
-    async def _until_ready(self, cause: BaseException) -> None:
+        Raises DeadLetterRefused when it cannot go out as such (too large for a frame
+        even without its headers, not encodable, or refused by the broker). One dead
+        letter is out at a time: when the broker refuses one it closes the channel, and a
+        second one already sent on it would cost the whole connection (the broker answers
+        a frame on a closed channel with CHANNEL_ERROR).
+        """
+        async with self._dead_letter_lock:
+            while True:
+                try:
+                    channel = await self._dead_channel.get_underlay_channel()
+                    break
+                except _CONNECTION_ERRORS as exc:
+                    await self._until_ready(exc, self._dead_channel)
+            frame_max = channel.connection.connection_tune.frame_max
+            try:
+                message = deadletter.build(incoming, rejection, frame_max)
+            except deadletter.DeadLetterUnfit as exc:
+                raise DeadLetterRefused(str(exc)) from exc
+            routing_key = incoming.routing_key or ""
+            try:
+                await self._publish(self._dlx, message, routing_key, mandatory=False)
+            except _REFUSALS as exc:
+                await self._reopened(channel)
+                raise DeadLetterRefused(f"the broker refused it: {exc}"[:300]) from exc
+            except (TypeError, ValueError) as exc:  # the client could not encode it after all
+                raise DeadLetterRefused(f"it cannot be encoded: {exc}"[:300]) from exc
+
+    async def _reopened(self, refused: aiormq.abc.AbstractChannel) -> None:
+        """Wait until the dead-letter channel the broker closed has been opened anew."""
+        for _ in range(int(CONFIRM_TIMEOUT_S / _REOPEN_POLL_S)):
+            if self._closing:
+                return
+            try:
+                current = await self._dead_channel.get_underlay_channel()
+            except _CONNECTION_ERRORS:
+                current = refused
+            if current is not refused and not current.is_closed:
+                return
+            await asyncio.sleep(_REOPEN_POLL_S)
+
+    async def _until_ready(self, cause: BaseException, channel: AbstractRobustChannel) -> None:
         """Wait for the robust channel to be back; give up as soon as closing starts."""
         while True:
             if self._closing:
                 raise PublishFailed(f"connection lost while closing: {cause!r}") from cause
             try:
-                await asyncio.wait_for(self._channel.ready(), _RETRY_PAUSE_S)
+                await asyncio.wait_for(channel.ready(), _RETRY_PAUSE_S)
                 return
             except TimeoutError:
                 continue
@@ -169,8 +215,13 @@ class Publisher:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except TimeoutError as exc:
                 raise PublishFailed("no confirm from the broker in time") from exc
+            except _REFUSALS as exc:
+                if exchange is self._dlx:
+                    raise
+                raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
             except _CONNECTION_ERRORS as exc:
-                log.warning("publish_waiting_for_connection", routing_key=routing_key)
-                await self._until_ready(exc)
+                log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
+                channel = self._dead_channel if exchange is self._dlx else self._channel
+                await self._until_ready(exc, channel)
                 if not still_wanted():
                     raise PublishWithdrawn(routing_key) from exc
