@@ -284,11 +284,18 @@ ErrorCode = Literal[
 
 
 class ErrorReply(Struct, frozen=True, kw_only=True):
-    """Reply to a command that could not be applied; it changed nothing."""
+    """Reply to a command that could not be applied; it changed nothing.
+
+    ``error`` is cut to ``MAX_ERROR_CHARS`` characters however it was built.
+    """
 
     ok: Literal[False] = False
     error: str
     code: ErrorCode
+
+    def __post_init__(self) -> None:
+        if len(self.error) > MAX_ERROR_CHARS:
+            msgspec.structs.force_setattr(self, "error", _cut(self.error, MAX_ERROR_CHARS))
 
 
 Reply = SettingsReply | StateReply | ErrorReply
@@ -422,11 +429,11 @@ def _decode(
     content_encoding: str | None,
 ) -> _T | UnknownType | Rejection:
     if not is_json_content_type(content_type):
-        return Rejection("invalid_content_type", f"content type {_quote(content_type)} is not JSON")
+        return Rejection("invalid_content_type", f"content type {quoted(content_type)} is not JSON")
     if content_encoding and content_encoding.strip().lower() not in _PLAIN_ENCODINGS:
         return Rejection(
             "invalid_content_type",
-            f"content encoding {_quote(content_encoding)} is not identity or utf-8:"
+            f"content encoding {quoted(content_encoding)} is not identity or utf-8:"
             " a compressed body is not read",
         )
     if len(body) > MAX_BODY_BYTES:
@@ -468,7 +475,7 @@ def _classify(text: str, problem: str) -> UnknownType | Rejection:
     if kind is None:
         return Rejection("invalid_field", "type: missing or null")
     if not isinstance(kind, str):
-        return Rejection("invalid_field", f"type: expected a string, got {_quote(kind)}")
+        return Rejection("invalid_field", f"type: expected a string, got {quoted(kind)}")
     if problem.endswith("- at `$.type`"):
         return UnknownType(kind)
     return Rejection("invalid_field", f"{_cut(kind, _SHOWN_TYPE_CHARS)}: {_describe(problem)}")
@@ -485,7 +492,7 @@ def _describe(problem: str) -> str:
     return f"{match.group(1) or 'body'}: {what}"
 
 
-def _quote(value: object) -> str:
+def quoted(value: object) -> str:
     """``repr(value)`` for an error text, at most 200 characters whatever the value.
 
     A string too long to show whole is cut inside its quotes and followed by its length,

@@ -530,7 +530,12 @@ async def _reject(message: AbstractIncomingMessage) -> None:
 
 
 async def _give_back(message: AbstractIncomingMessage) -> None:
+    """basic.reject with requeue: counts toward the delivery limit on every RabbitMQ version.
+
+    (From 4.3 on, ``basic.nack`` and returns on a closed channel no longer count, so a
+    bug given back with them would loop without end.)
+    """
     try:
-        await message.nack(requeue=True)
+        await message.reject(requeue=True)
     except Exception as exc:
-        log.info("nack_lost", error=repr(exc)[:300])
+        log.info("give_back_lost", error=repr(exc)[:300])

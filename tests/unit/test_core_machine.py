@@ -963,6 +963,13 @@ def test_unknown_action(shell: Any) -> None:
     assert snapshot(shell) == before
 
 
+def test_an_unknown_action_id_the_size_of_the_body_is_quoted_short(shell: Any) -> None:
+    shell.action(C, "x" * 60_000)
+    assert shell.last_reply.code == "unknown_action"
+    assert "(60000 chars)" in shell.last_reply.error
+    assert len(shell.last_reply.error) <= 250
+
+
 # -- get_state --------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """Every delivery settles: whatever effect raises, each one ends acknowledged, rejected to
-the queue's dead-lettering, or given back to be delivered again, and no task fails unseen.
+the queue's dead-lettering, or given back (reject with requeue) to be delivered again, and
+no task fails unseen.
 
 The worker runs with its real core, scheduler, inboxes and a memory store on a manual
 clock; only the publisher is a stand-in that records and raises on demand (the broker
@@ -48,10 +49,10 @@ class Delivery:
         self.settled.append("ack")
 
     async def reject(self, requeue: bool = False) -> None:
-        self.settled.append("reject")
+        self.settled.append("requeue" if requeue else "reject")
 
     async def nack(self, requeue: bool = True) -> None:
-        self.settled.append("nack")
+        self.settled.append("nack")  # never: it would not count on RabbitMQ 4.3
 
 
 class Publisher:
@@ -190,7 +191,7 @@ async def test_a_bug_in_an_effect_gives_the_delivery_back(rig: Rig) -> None:
     rig.publisher.fail["surface"] = [TypeError("a bug")]
     delivery = Delivery(settled())
     await rig.run(rig.lifecycle, delivery)
-    assert delivery.settled == ["nack"]
+    assert delivery.settled == ["requeue"]
 
 
 async def test_a_bug_while_applying_gives_the_delivery_back(rig: Rig) -> None:
@@ -200,7 +201,7 @@ async def test_a_bug_while_applying_gives_the_delivery_back(rig: Rig) -> None:
     rig.scheduler.arm = crash  # type: ignore[method-assign]
     broken, fine = Delivery(settled()), Delivery(closed("d"))
     await rig.run(rig.lifecycle, broken, fine)
-    assert broken.settled == ["nack"]
+    assert broken.settled == ["requeue"]
     assert fine.settled == ["ack"]  # the pump goes on
 
 
@@ -222,7 +223,7 @@ async def test_an_ack_that_fails_is_logged_not_raised(rig: Rig) -> None:
     [
         ([PublishFailed("nack"), PublishFailed("nack")], "ack"),  # retried in place
         ([DeadLetterRefused("PRECONDITION_FAILED")], "reject"),  # the queue dead-letters it
-        ([TypeError("a bug")], "nack"),  # given back
+        ([TypeError("a bug")], "requeue"),  # given back
     ],
 )
 async def test_an_invalid_event_is_dead_lettered_rejected_or_given_back(
@@ -268,7 +269,7 @@ async def test_a_bug_in_a_command_reply_gives_it_back(rig: Rig) -> None:
     rig.publisher.fail["reply"] = [RuntimeError("a bug")]
     delivery = Delivery(enable("d"), reply_to="replies")
     await rig.run(rig.commands, delivery)
-    assert delivery.settled == ["nack"]
+    assert delivery.settled == ["requeue"]
 
 
 # -- timers and stopping ---------------------------------------------------------------

@@ -31,6 +31,7 @@ from warmer.contract import (
     Usage,
     WarmCompleted,
     WarmRequested,
+    quoted,
 )
 from warmer.core.effects import (
     Arm,
@@ -316,7 +317,7 @@ class Warmer:
                     "payload: set-interval takes a positive number of seconds", "invalid_payload"
                 )
             return SettingsChange(cid, Settings(persisted.enabled, interval), "interval", persisted)
-        return reject(f"actionId: unknown action {action.action_id!r}", "unknown_action")
+        return reject(f"actionId: unknown action {quoted(action.action_id)}", "unknown_action")
 
     def is_current(self, change: SettingsChange) -> bool:
         """False when the persisted settings moved while ``change`` was being persisted.
