@@ -31,6 +31,7 @@ from warmer.clock import Clock, SystemClock
 from warmer.config import Config, mask_password
 from warmer.core import Policy, Warmer, parse_settings
 from warmer.core.rules import token_start
+from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
 from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Gate, Inbox, Worker
@@ -117,7 +118,8 @@ class App:
         )
         worker.publisher = Publisher(publish_channel, topology, dead_channel, dlx)
         scheduler.start()
-        self._flusher = asyncio.get_running_loop().create_task(worker.flush_token_forever())
+        flusher = asyncio.get_running_loop().create_task(worker.flush_token_forever())
+        self._flusher = watch(flusher)
         await self._consume(self.names.lifecycle, worker.on_lifecycle, worker.lifecycle_gate)
         await self._consume(self.names.commands, worker.on_command, worker.commands_gate)
         log.info("worker_started", namespace=self.config.namespace)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import structlog
 
 from warmer.clock import Alarm, Clock
+from warmer.observe.tasks import watch
 
 __all__ = ["OnFire", "Scheduler"]
 
@@ -142,7 +143,7 @@ class Scheduler:
         """Start `run()` as a task on the running loop."""
         if self._task is not None and not self._task.done():
             raise RuntimeError("scheduler already started")
-        self._task = asyncio.get_running_loop().create_task(self.run(), name="scheduler")
+        self._task = watch(asyncio.get_running_loop().create_task(self.run(), name="scheduler"))
 
     async def stop(self) -> None:
         """Stop the task `start()` made, firing nothing; armed timers stay queryable."""

@@ -51,6 +51,7 @@ from warmer.core import (
     Warmer,
     WarmFailed,
 )
+from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError
 
@@ -118,8 +119,7 @@ class Inbox:
 
     def start(self) -> None:
         """Start the pump."""
-        self._task = asyncio.get_running_loop().create_task(self._pump(), name=self.name)
-        self._task.add_done_callback(_log_failure)
+        self._task = watch(asyncio.get_running_loop().create_task(self._pump(), name=self.name))
 
     async def drain(self) -> None:
         """Apply what was already delivered, then stop the pump."""
@@ -420,7 +420,7 @@ class Worker:
         task = asyncio.get_running_loop().create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        task.add_done_callback(_log_failure)
+        watch(task)
 
     async def settled(self) -> None:
         """Wait until every acknowledgement and detached effect under way has finished."""
@@ -503,15 +503,6 @@ def _unreadable(message: AbstractIncomingMessage) -> Rejection | None:
     if notes is None:
         return None
     return Rejection("invalid_properties", notes.describe()[:MAX_ERROR_CHARS])
-
-
-def _log_failure(task: asyncio.Task[Any]) -> None:
-    """Retrieve a finished task's exception and log it with its traceback."""
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        log.error("task_failed", task=task.get_name(), exc_info=exc)
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiosqlite
 import structlog
 
+from warmer.observe.tasks import watch
 from warmer.store.base import RawSettings, StoreError
 
 log = structlog.get_logger(__name__)
@@ -182,7 +183,7 @@ class SqliteStore:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch.waiters.append(waiter)
         if self._writer is None:
-            self._writer = asyncio.create_task(self._commit_batches(conn))
+            self._writer = watch(asyncio.create_task(self._commit_batches(conn)))
         await waiter
 
     async def _commit_batches(self, conn: aiosqlite.Connection) -> None:
