@@ -1,10 +1,12 @@
 """The composition root: builds the parts from the config, starts them, stops them.
 
-Start: open the store and load every persisted setting and the token counter, build
-the core and the scheduler, connect (robustly) to the broker, declare the topology,
-consume. Stop (SIGTERM or SIGINT): stop consuming, apply what was already delivered,
-wait until every acknowledgement is settled, stop the timers without touching state,
-flush the token counter, close. Shutting down never changes a conversation.
+Start: open the store and load every record; build the core from them and recover the
+schedules (re-arm, await the warm that was out, warm at once what fell due while the cache
+can still be alive), commit what recovery changed; connect (robustly) to the broker and
+declare the topology; build the publisher, the inputs, the scheduler and the pipeline,
+each complete, in that order; arm the recovered timers; consume. Stop (SIGTERM or
+SIGINT): stop consuming, let the pipeline apply and acknowledge what was delivered, stop
+the timers without touching state, close. Shutting down never changes a conversation.
 """
 
 from __future__ import annotations
@@ -27,14 +29,15 @@ from yarl import URL
 from warmer.bus import lenient
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
-from warmer.clock import Clock, SystemClock
+from warmer.clock import Clock, SystemClock, sleep
 from warmer.config import Config, mask_password
-from warmer.core import Policy, Warmer, parse_settings
+from warmer.core import Arm, Policy, Warmer, parse_settings
+from warmer.core.records import RecordError, decode_record, encode_record
 from warmer.core.rules import token_start
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
-from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Gate, Inbox, Worker
+from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Inputs, Prune, Worker
 
 log = structlog.get_logger("warmer.app")
 
@@ -42,6 +45,7 @@ CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_INTERVAL_S: Final = 1
 STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
+PRUNE_EVERY_MS: Final = 60_000
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2  # a setting the worker cannot use
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot be reached
@@ -58,6 +62,8 @@ def policy_of(config: Config) -> Policy:
         max_failures=config.max_failures,
         idle_max_ms=config.idle_max_ms,
         idle_max_warms=config.idle_max_warms,
+        cache_ttl_ms=config.cache_ttl_ms,
+        retention_ms=config.retention_ms,
     )
 
 
@@ -81,33 +87,18 @@ class App:
             raise StartupError(f"WARMER_STORE: {exc}") from exc
         self.names = Names.of(config.namespace)
         self.worker: Worker | None = None
+        self._publisher: Publisher | None = None
+        self._recovery_arms: list[Arm] = []
         self._connection: AbstractRobustConnection | None = None
         self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
-        self._inboxes: list[Inbox] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.reconnections = 0
         """How many times the connection was re-established since start."""
 
     async def start(self) -> None:
-        """Load state, connect, declare and consume; raises StartupError with advice."""
-        try:
-            await self.store.open()
-            raw = await self.store.load_settings()
-            stored_token = await self.store.load_token()
-        except StoreError as exc:
-            raise StartupError(
-                f"cannot open the store {mask_password(self.config.store)}: {exc}"
-            ) from exc
-        settings = {cid: parse_settings(value) for cid, value in raw.items()}
-        core = Warmer(
-            policy_of(self.config), settings, token_start(stored_token, self.clock.now_ms())
-        )
-        scheduler = Scheduler(self.clock, lambda key, token: worker.on_fire(key, token))
-        worker = Worker(core, scheduler, self.store, self.clock, self._retry_ms)
-        self.worker = worker
-        log.info("state_loaded", conversations=len(settings), token=core.last_token)
-
+        """Load and recover state, connect, declare and consume; StartupError with advice."""
+        core, committed = await self._recovered_core()
         self._connection = await self._connect()
         publish_channel = await self._connection.channel(publisher_confirms=True)
         topology = await declare(publish_channel, self.names)
@@ -116,13 +107,87 @@ class App:
         dlx = await dead_channel.declare_exchange(
             self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        worker.publisher = Publisher(publish_channel, topology, dead_channel, dlx)
+        publisher = Publisher(publish_channel, topology, dead_channel, dlx, self.clock)
+        self._publisher = publisher
+        inputs = Inputs()
+        scheduler = Scheduler(self.clock, inputs.fired)
+        worker = Worker(
+            core,
+            scheduler,
+            self.store,
+            self.clock,
+            publisher,
+            inputs,
+            retry_ms=self._retry_ms,
+            committed_token=committed,
+        )
+        self.worker = worker
+        for arm in self._recovery_arms:
+            scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
         scheduler.start()
-        flusher = asyncio.get_running_loop().create_task(worker.flush_token_forever())
-        self._flusher = watch(flusher)
-        await self._consume(self.names.lifecycle, worker.on_lifecycle, worker.lifecycle_gate)
-        await self._consume(self.names.commands, worker.on_command, worker.commands_gate)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            watch(loop.create_task(worker.run(), name="pipeline")),
+            watch(loop.create_task(self._prune_forever(inputs), name="prune")),
+        ]
+        await self._consume(self.names.lifecycle, inputs.lifecycle)
+        await self._consume(self.names.commands, inputs.command)
         log.info("worker_started", namespace=self.config.namespace)
+
+    async def _recovered_core(self) -> tuple[Warmer, int]:
+        """The core with every persisted conversation, its schedules recovered and committed."""
+        store_name = mask_password(self.config.store)
+        try:
+            await self.store.open()
+            loaded = await self.store.load()
+        except StoreError as exc:
+            raise StartupError(f"cannot open the store {store_name}: {exc}") from exc
+        records = {}
+        for cid, raw in loaded.records.items():
+            try:
+                records[cid] = decode_record(raw)
+            except RecordError as exc:
+                raise StartupError(
+                    f"the store {store_name} holds an unreadable record for conversation "
+                    f"{cid[:200]!r}: {exc}; fix or delete it (nothing was changed)"
+                ) from exc
+        now = self.clock.now_ms()
+        core = Warmer(
+            policy_of(self.config),
+            records=records,
+            settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
+            token_start=token_start(loaded.token, now),
+        )
+        core.begin()
+        recovery = core.recover(now)
+        changes = {
+            cid: None if record is None else encode_record(record)
+            for cid, record in core.touched().items()
+        }
+        try:
+            await self.store.commit(changes, core.last_token)
+        except StoreError as exc:
+            core.rollback()
+            raise StartupError(f"cannot write the store {store_name}: {exc}") from exc
+        finally:
+            core.end()
+        self._recovery_arms = recovery.arms
+        log.info(
+            "state_recovered",
+            loaded=recovery.loaded,
+            rearmed=recovery.rearmed,
+            awaited=recovery.awaited,
+            warmed_now=recovery.warmed_now,
+            expired=recovery.expired,
+            token=core.last_token,
+        )
+        return core, core.last_token
+
+    async def _prune_forever(self, inputs: Inputs) -> None:
+        """Ask the pipeline to forget conversations past the retention time, every minute."""
+        while True:
+            await sleep(self.clock, PRUNE_EVERY_MS)
+            inputs.put(Prune())
 
     async def _connect(self) -> AbstractRobustConnection:
         url = self.config.amqp_url_masked
@@ -150,24 +215,18 @@ class App:
         log.info("broker_reconnected", url=self.config.amqp_url_masked)
 
     async def _consume(
-        self,
-        queue_name: str,
-        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
-        gate: Gate,
+        self, queue_name: str, deliver: Callable[[AbstractIncomingMessage], Awaitable[None]]
     ) -> None:
         assert self._connection is not None
         channel: AbstractRobustChannel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.config.prefetch)
         arguments = dict(next(args for name, args in self.names.queues() if name == queue_name))
         queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
-        inbox = Inbox(queue_name, handle, gate)
-        inbox.start()
-        self._inboxes.append(inbox)
-        tag = await queue.consume(inbox.deliver)
+        tag = await queue.consume(deliver)
         self._consumers.append((queue, tag))
 
     async def stop(self) -> None:
-        """Stop consuming, finish what was delivered, settle acks, stop timers, close.
+        """Stop consuming, apply and acknowledge what was delivered, stop timers, close.
 
         Bounded: with the broker gone, nothing can be acknowledged any more (the broker
         requeues it all), so publishes stop waiting for it and the worker exits.
@@ -175,27 +234,21 @@ class App:
         if self._stopping:
             return
         self._stopping = True
-        worker = self.worker
         connected = self._connection is not None and self._connection.connected.is_set()
-        if worker is not None and worker.publisher is not None and not connected:
-            worker.publisher.close()
+        if self._publisher is not None and not connected:
+            self._publisher.close()
         try:
             await asyncio.wait_for(self._finish(connected), STOP_GRACE_S)
         except TimeoutError:
             log.warning("stop_grace_expired", grace_s=STOP_GRACE_S)
-        if worker is not None:
-            worker.abandon()
-            if worker.publisher is not None:
-                worker.publisher.close()
-            for inbox in self._inboxes:
-                inbox.cancel()
-            await worker.scheduler.stop()
-            if self._flusher is not None:
-                self._flusher.cancel()
-            try:
-                await worker.flush_token()
-            except StoreError as exc:
-                log.error("token_flush_failed", error=str(exc))
+        if self.worker is not None:
+            self.worker.abandon()
+            await self.worker.scheduler.stop()
+        if self._publisher is not None:
+            self._publisher.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._connection is not None:
             try:
                 await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
@@ -212,10 +265,10 @@ class App:
                     await asyncio.wait_for(queue.cancel(tag), CLOSE_TIMEOUT_S)
                 except Exception as exc:
                     log.warning("consumer_cancel_failed", queue=queue.name, error=repr(exc))
-        for inbox in self._inboxes:
-            await inbox.drain()
         if self.worker is not None:
             await self.worker.scheduler.stop()
+            self.worker.inputs.close()
+            await asyncio.wait([self._tasks[0]])  # the pipeline drains what was delivered
             await self.worker.settled()
 
 

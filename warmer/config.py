@@ -30,7 +30,7 @@ _INT_MAX: Final = 2**53 - 1
 
 Namespace = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9._-]{1,100}\Z")]
 AmqpUrl = Annotated[str, msgspec.Meta(pattern=r"\Aamqps?://.+\Z")]
-StoreUrl = Annotated[str, msgspec.Meta(pattern=r"\A(sqlite:///.+|redis://.+|memory://)\Z")]
+StoreUrl = Annotated[str, msgspec.Meta(pattern=r"\A(sqlite:///.+|rediss?://.+|memory://)\Z")]
 Prefetch = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -60,6 +60,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_failures: AtLeastOne = 3
     idle_max_ms: Milliseconds = 2_700_000
     idle_max_warms: AtLeastOne = 10
+    cache_ttl_ms: Milliseconds = 300_000
+    retention_ms: Milliseconds = 7 * 24 * 3_600_000
     http: HttpMode = "off"
 
     @classmethod
@@ -133,8 +135,9 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "store",
         "sqlite:///warmer.db",
         "where conversation state is kept: sqlite:///relative.db, "
-        "sqlite:////absolute/path.db or memory://",
-        "a sqlite:///<path>, redis://<host>:<port>/<db> or memory:// URL",
+        "sqlite:////absolute/path.db (embedded), redis://host:6379/0 (a standby can take "
+        "over), or memory:// (tests only: nothing survives)",
+        "a sqlite:///<path>, redis://<host>:<port>/<db>, rediss://... or memory:// URL",
     ),
     Setting(
         "WARMER_PREFETCH",
@@ -184,6 +187,21 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "10",
         "warms at most in one idle stretch",
         f"an integer from 1 to {_INT_MAX}",
+    ),
+    Setting(
+        "WARMER_CACHE_TTL_MS",
+        "cache_ttl_ms",
+        "300000",
+        "the provider's cache lifetime, in ms: after a restart, an overdue warm is sent only "
+        "if the cache can still be alive",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
+    ),
+    Setting(
+        "WARMER_RETENTION_MS",
+        "retention_ms",
+        "604800000",
+        "a conversation with no input for this long (7 days) is forgotten, in ms",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
     ),
     Setting(
         "WARMER_HTTP",

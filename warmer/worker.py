@@ -1,40 +1,43 @@
-"""The shell around the core: decodes deliveries, feeds the core, carries out its effects.
+"""The shell: one pipeline from deliveries to acknowledgements, a batch at a time.
 
-Each inbound queue has one inbox and one pump, so its deliveries are applied in order.
-A lifecycle event is applied at once and acknowledged when everything it caused is
-durable (publishes confirmed, settings committed); the next event does not wait for
-that. A command is planned, persisted, committed and answered before the next one, so
-two commands for one conversation never read the same stale settings.
+    take what was delivered (and timers that fell due) -> decode -> apply to the core in
+    order -> commit every record the batch touched in one store transaction -> arm the
+    timers -> publish, confirms awaited together -> reject what must be, then one
+    ``basic.ack`` with ``multiple`` per channel
 
-Every delivery ends in exactly one of: acknowledged, dead-lettered then acknowledged,
-rejected to the queue's own dead-lettering, or delivered again. A commit or a confirm
-that fails is retried in place, with backoff, while the delivery stays unacknowledged and
-the inboxes take no more (every return to a quorum queue counts toward its delivery
-limit, so the worker never hands a good message back to make a failure go away); only
-stopping, or the broker taking the delivery back with a lost connection, ends that. An
-exception nobody expected (a bug) gives the delivery back to the queue, logged with its
-traceback; at the delivery limit the broker dead-letters it.
+A state change counts once it is committed. A commit or a confirm that fails is retried in
+place, with backoff, while the batch's deliveries stay unacknowledged and the pipeline
+takes no more; when the worker stops or loses its connection first, the batch is rolled
+back in memory, so its redelivery is applied again (never dropped as stale by ``seq``).
+A batch with commands whose commit fails is rolled back and applied again with every
+command answered ``store_error`` (CONTRACT.md, "Acknowledgement"); the rest is retried.
+
+Every delivery ends in exactly one of: acknowledged; dead-lettered, then acknowledged;
+rejected to the queue's own dead-lettering; or delivered again (given back with
+``basic.reject`` and requeue on a bug, or left for the broker when the worker goes).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, Final, assert_never, cast
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Final, Literal, assert_never
 
+import msgspec
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.exceptions import ChannelInvalidStateError
 
 from warmer.bus.lenient import unreadable
-from warmer.bus.publisher import DeadLetterRefused, Publisher, PublishFailed, PublishWithdrawn
+from warmer.bus.port import Delivery, Outbound
+from warmer.bus.publisher import DeadLetterRefused, PublishFailed, PublishWithdrawn
 from warmer.clock import Clock, sleep
 from warmer.contract import (
     MAX_ERROR_CHARS,
     Command,
     ErrorReply,
+    LifecycleEvent,
     Rejection,
     UnknownType,
     decode_command,
@@ -44,110 +47,138 @@ from warmer.core import (
     Arm,
     Cancel,
     Outcome,
-    PersistSettings,
     PublishSurface,
     PublishWarm,
     SendReply,
+    SettingsChange,
     Warmer,
     WarmFailed,
 )
+from warmer.core.records import encode_record
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError
 
 log = structlog.get_logger("warmer.worker")
 
-TOKEN_FLUSH_S: Final = 1.0
-_REPLANS: Final = 5
 RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
+BATCH_MAX: Final = 1024
 UNKNOWN_TYPES_REMEMBERED: Final = 256
-_STOP: Final = object()
 
+Queue = Literal["lifecycle", "commands"]
 Effect = Callable[[], Awaitable[None]]
-"""One thing that must be durable before a delivery is acknowledged; can be tried again."""
+"""A publish the batch must see confirmed; can be tried again."""
+Settle = Literal["ack", "reject", "requeue", "leave"]
 
 
-class Gate:
-    """Closed while any effect is being retried: the inboxes take no more deliveries."""
+class Received(msgspec.Struct, frozen=True):
+    """A delivery from one of the two inbound queues."""
+
+    queue: Queue
+    delivery: Delivery
+
+
+class Fired(msgspec.Struct, frozen=True, gc=False):
+    """A timer fell due: a regular warm, a retry or a warm timeout."""
+
+    conversation_id: str
+    token: int
+
+
+class Returned(msgspec.Struct, frozen=True, gc=False):
+    """The broker returned a warm request as unroutable."""
+
+    conversation_id: str
+    token: int
+
+
+class Prune(msgspec.Struct, frozen=True, gc=False):
+    """Time to forget conversations past the retention time."""
+
+
+Input = Received | Fired | Returned | Prune
+
+
+class Inputs:
+    """What the pipeline has yet to apply, in arrival order; consumers and timers add to it."""
 
     def __init__(self) -> None:
-        self._holders = 0
-        self._open = asyncio.Event()
-        self._open.set()
+        self._items: deque[Input] = deque()
+        self._ready = asyncio.Event()
+        self._closed = False
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        """Keep the gate closed for the duration of the block."""
-        self._holders += 1
-        self._open.clear()
-        try:
-            yield
-        finally:
-            self._holders -= 1
-            if not self._holders:
-                self._open.set()
+    def __len__(self) -> int:
+        return len(self._items)
 
-    @property
-    def is_open(self) -> bool:
-        """True when no effect is being retried."""
-        return self._open.is_set()
+    def put(self, item: Input) -> None:
+        """Add one input at the end."""
+        self._items.append(item)
+        self._ready.set()
 
-    async def passed(self) -> None:
-        """Return once the gate is open."""
-        await self._open.wait()
+    def put_back(self, items: Iterable[Input]) -> None:
+        """Put inputs of an abandoned batch back at the front, in their order."""
+        self._items.extendleft(reversed(list(items)))
+        if self._items:
+            self._ready.set()
+
+    async def lifecycle(self, delivery: Delivery) -> None:
+        """The lifecycle consumer's callback."""
+        self.put(Received("lifecycle", delivery))
+
+    async def command(self, delivery: Delivery) -> None:
+        """The commands consumer's callback."""
+        self.put(Received("commands", delivery))
+
+    def fired(self, conversation_id: str, token: int) -> None:
+        """The scheduler's callback: hands back what fell due, never re-enters it."""
+        self.put(Fired(conversation_id, token))
+
+    def close(self) -> None:
+        """No more inputs will come: ``take`` returns what is left, then None."""
+        self._closed = True
+        self._ready.set()
+
+    async def take(self, limit: int = BATCH_MAX) -> list[Input] | None:
+        """Wait for at least one input, then take every one there is (at most ``limit``)."""
+        while not self._items:
+            if self._closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        count = min(limit, len(self._items))
+        return [self._items.popleft() for _ in range(count)]
 
 
-class Inbox:
-    """One queue's deliveries, applied in arrival order by one pump task."""
+class _Step:
+    """One input of a batch: what it publishes, and how its delivery is settled."""
 
-    def __init__(
-        self,
-        name: str,
-        handle: Callable[[AbstractIncomingMessage], Awaitable[None]],
-        gate: Gate | None = None,
-    ):
-        self.name = name
-        self._handle = handle
-        self._gate = gate or Gate()
-        self._queue: asyncio.Queue[AbstractIncomingMessage | object] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+    __slots__ = ("delivery", "publishes", "queue", "settle")
 
-    async def deliver(self, message: AbstractIncomingMessage) -> None:
-        """The consumer callback: enqueue first, before anything can reorder deliveries."""
-        self._queue.put_nowait(message)
+    def __init__(self, item: Input) -> None:
+        self.delivery: Delivery | None = None
+        self.queue: Queue | None = None
+        if isinstance(item, Received):
+            self.delivery, self.queue = item.delivery, item.queue
+        self.publishes: list[Effect] = []
+        self.settle: Settle = "ack"
 
-    def start(self) -> None:
-        """Start the pump."""
-        self._task = watch(asyncio.get_running_loop().create_task(self._pump(), name=self.name))
 
-    async def drain(self) -> None:
-        """Apply what was already delivered, then stop the pump."""
-        self._queue.put_nowait(_STOP)
-        if self._task is not None:
-            await self._task
+class _Applied:
+    """What applying a batch produced, kept apart until it is committed."""
 
-    def cancel(self) -> None:
-        """Stop the pump at once (the grace period ran out); unacked deliveries return."""
-        if self._task is not None:
-            self._task.cancel()
+    __slots__ = ("counts", "refused", "steps", "timers", "warms")
 
-    async def _pump(self) -> None:
-        while (item := await self._queue.get()) is not _STOP:
-            message = cast(AbstractIncomingMessage, item)
-            await self._gate.passed()
-            try:
-                await self._handle(message)
-            except Exception:
-                # A bug, not bad input (bad input is rejected with a reason). Give it back:
-                # each redelivery counts, and at the queue's delivery limit the broker
-                # dead-letters it with x-death reason delivery_limit.
-                log.exception("delivery_failed", queue=self.name, message_id=message.message_id)
-                await _give_back(message)
+    def __init__(self, refused: bool) -> None:
+        self.refused = refused
+        self.steps: list[_Step] = []
+        self.timers: list[Arm | Cancel] = []
+        self.warms: list[PublishWarm] = []
+        self.counts: Counter[str] = Counter()
 
 
 class Worker:
-    """Carries out the core's effects with the scheduler, the store and the publisher."""
+    """The pipeline: applies batches of inputs to the core, commits, publishes, acknowledges."""
 
     def __init__(
         self,
@@ -155,68 +186,208 @@ class Worker:
         scheduler: Scheduler,
         store: Store,
         clock: Clock,
+        outbound: Outbound,
+        inputs: Inputs,
+        *,
         retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
+        committed_token: int = 0,
     ) -> None:
-        """``retry_ms``: the first and the longest pause between retries of an effect."""
+        """``retry_ms``: the first and the longest pause between retries of a failed step."""
         self.core = core
         self.scheduler = scheduler
         self.store = store
         self.clock = clock
-        self.lifecycle_gate = Gate()
-        """Closed while a lifecycle event's effects are retried: that inbox waits."""
-        self.commands_gate = Gate()
-        """Closed while a command's effects are retried: that inbox waits."""
+        self.outbound = outbound
+        self.inputs = inputs
         self.counts: Counter[str] = Counter()
-        self.publisher: Publisher | None = None
         self._retry_first_ms, self._retry_max_ms = retry_ms
-        self._settling: set[asyncio.Task[None]] = set()
+        self._committed_token = committed_token
+        self._warms: set[asyncio.Task[None]] = set()
         self._unknown_types: set[str] = set()
-        self._flushed_token = core.last_token
         self._abandoned = False
 
-    # -- inbound ----------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------
 
-    async def on_lifecycle(self, message: AbstractIncomingMessage) -> None:
-        """Apply one lifecycle event; acknowledge it once its effects are durable."""
-        decoded = _unreadable(message) or decode_event(
-            message.body, message.content_type, content_encoding=message.content_encoding
+    async def run(self) -> None:
+        """Apply batches until the inputs are closed and drained (or the worker abandons)."""
+        while not self._abandoned and (items := await self.inputs.take()) is not None:
+            try:
+                await self.run_batch(items)
+            except Exception:  # a bug: hand the deliveries back, keep the pipeline going
+                log.exception("batch_failed", size=len(items))
+                self.counts["batches_failed"] += 1
+                await _give_back([i.delivery for i in items if isinstance(i, Received)])
+
+    def abandon(self) -> None:
+        """Stop retrying (the worker is going): what is not durable stays unacknowledged."""
+        self._abandoned = True
+        self.inputs.close()
+
+    async def settled(self) -> None:
+        """Wait for the warm requests under way."""
+        while self._warms:
+            await asyncio.gather(*list(self._warms), return_exceptions=True)
+
+    async def run_batch(self, items: list[Input]) -> None:
+        """One batch, from decoding to acknowledgement."""
+        steps = await self._apply_and_commit(items)
+        if steps is None:
+            return
+        publishes = [self._publish(step, effect) for step in steps for effect in step.publishes]
+        await asyncio.gather(*publishes)
+        await self._settle(steps)
+        self.counts["batches"] += 1
+
+    # -- apply and commit -------------------------------------------------------------
+
+    async def _apply_and_commit(self, items: list[Input]) -> list[_Step] | None:
+        """Apply ``items`` and commit what they changed; None when abandoned (rolled back)."""
+        now = self.clock.now_ms()
+        self.core.begin()
+        try:
+            applied = self._apply(items, now, None)
+            attempt = 0
+            while True:
+                changes = {
+                    cid: None if record is None else encode_record(record)
+                    for cid, record in self.core.touched().items()
+                }
+                token = self.core.last_token
+                try:
+                    if changes:  # tokens matter only with the records that hold them
+                        await self.store.commit(changes, token)
+                    break
+                except StoreError as exc:
+                    self.counts["store_errors"] += 1
+                    if not applied.refused and any(s.queue == "commands" for s in applied.steps):
+                        # CONTRACT.md: a store error on a command is answered store_error.
+                        log.error("store_failed_commands_refused", error=str(exc)[:300])
+                        self.core.rollback()
+                        self.core.end()
+                        self.core.begin()
+                        applied = self._apply(items, now, str(exc)[:300])
+                        continue
+                    attempt += 1
+                    if not await self._pause(attempt, exc, applied.steps):
+                        self.core.rollback()
+                        self.inputs.put_back(i for i in items if not isinstance(i, Received))
+                        return None
+            if attempt:
+                log.info("commit_recovered", attempts=attempt + 1)
+        except BaseException:
+            self.core.rollback()
+            raise
+        finally:
+            self.core.end()
+        self._committed_token = max(self._committed_token, token)
+        self.counts.update(applied.counts)
+        for timer in applied.timers:
+            match timer:
+                case Arm():
+                    self.scheduler.arm(timer.conversation_id, timer.due_at, timer.token)
+                case Cancel():
+                    self.scheduler.cancel(timer.conversation_id)
+                case _:
+                    assert_never(timer)
+        for warm in applied.warms:
+            task = watch(asyncio.get_running_loop().create_task(self._send_warm(warm)))
+            self._warms.add(task)
+            task.add_done_callback(self._warms.discard)
+        return applied.steps
+
+    def _apply(self, items: list[Input], now: int, refuse_commands: str | None) -> _Applied:
+        applied = _Applied(refused=refuse_commands is not None)
+        for item in items:
+            step = _Step(item)
+            applied.steps.append(step)
+            try:
+                outcome = self._outcome(item, step, now, refuse_commands, applied.counts)
+            except Exception:  # a bug while applying: give this one back, go on
+                log.exception("input_failed", kind=type(item).__name__)
+                step.settle = "requeue"
+                continue
+            if outcome is not None:
+                self._collect(outcome, step, applied)
+        return applied
+
+    def _outcome(
+        self,
+        item: Input,
+        step: _Step,
+        now: int,
+        refuse_commands: str | None,
+        counts: Counter[str],
+    ) -> Outcome | None:
+        match item:
+            case Fired(cid, token):
+                return self.core.on_timer(now, cid, token)
+            case Returned(cid, token):
+                return self.core.on_warm_returned(now, cid, token)
+            case Prune():
+                pruned = self.core.prune(now)
+                if pruned:
+                    log.info("conversations_pruned", count=len(pruned))
+                return None
+            case Received("lifecycle", delivery):
+                return self._event(delivery, step, now, counts)
+            case Received(_, delivery):
+                return self._command(delivery, step, now, refuse_commands, counts)
+            case _:
+                assert_never(item)
+
+    def _event(
+        self, delivery: Delivery, step: _Step, now: int, counts: Counter[str]
+    ) -> Outcome | None:
+        decoded = _unreadable(delivery) or decode_event(
+            delivery.body, delivery.content_type, content_encoding=delivery.content_encoding
         )
         if isinstance(decoded, Rejection):
-            self._rejected("lifecycle", message, decoded)
-            self._spawn(self._dead_letter(message, decoded, [], self.lifecycle_gate))
-            return
+            _rejected(counts, "lifecycle", delivery, decoded)
+            step.publishes.append(functools.partial(self.outbound.dead_letter, delivery, decoded))
+            return None
         if isinstance(decoded, UnknownType):
-            self._unknown(decoded, message)
-            self._settle(message, [])
-            return
-        outcome = self.core.apply_event(self.clock.now_ms(), decoded)
-        self._count(outcome, decoded.conversation_id, type(decoded).__name__)
-        self._settle(message, self._carry_out(outcome))
+            counts["events_unknown_type"] += 1
+            self._unknown(decoded, delivery)
+            return None
+        outcome = self.core.apply_event(now, decoded)
+        _count(counts, outcome, decoded)
+        return outcome
 
-    async def on_command(self, message: AbstractIncomingMessage) -> None:
-        """Apply one command and answer it; the next command waits for this one."""
-        reply_to, correlation_id = message.reply_to, message.correlation_id
-        decoded = _unreadable(message) or decode_command(
-            message.body, message.content_type, content_encoding=message.content_encoding
+    def _command(
+        self,
+        delivery: Delivery,
+        step: _Step,
+        now: int,
+        refuse: str | None,
+        counts: Counter[str],
+    ) -> Outcome | None:
+        reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
+        decoded = _unreadable(delivery) or decode_command(
+            delivery.body, delivery.content_type, content_encoding=delivery.content_encoding
         )
         if isinstance(decoded, UnknownType):
             decoded = Rejection("unknown_type", f"type: unknown command {decoded.shown}")
         if isinstance(decoded, Rejection):
-            self._rejected("commands", message, decoded)
-            answer: list[Effect] = []
+            _rejected(counts, "commands", delivery, decoded)
             if reply_to:
                 reply = ErrorReply(error=decoded.error, code=decoded.code)
-                answer.append(functools.partial(self._reply, reply_to, correlation_id, reply))
+                step.publishes.append(
+                    functools.partial(self.outbound.reply, reply_to, correlation_id, reply)
+                )
             if decoded.dead_letter_always:
-                await self._dead_letter(message, decoded, answer, self.commands_gate)
+                publish = functools.partial(self.outbound.dead_letter, delivery, decoded)
+                step.publishes.append(publish)
+            return None
+        planned = self.core.plan_command(now, decoded)
+        if isinstance(planned, SettingsChange):
+            if refuse is None:
+                planned = self.core.commit(now, planned)
             else:
-                await self._settle_now(message, answer, self.commands_gate)
-            return
-        plan = await self._apply_command(decoded)
-        self._count(plan, decoded.conversation_id, type(decoded).__name__)
-        for effect in plan.effects:
+                planned = self.core.store_failed(planned, refuse)
+        _count(counts, planned, decoded)
+        for effect in planned.effects:
             if isinstance(effect, SendReply) and isinstance(effect.reply, ErrorReply):
-                self.counts[f"rejected_{effect.reply.code}"] += 1
+                counts[f"rejected_{effect.reply.code}"] += 1
                 log.warning(
                     "command_rejected",
                     code=effect.reply.code,
@@ -224,92 +395,29 @@ class Worker:
                     conversation_id=decoded.conversation_id,
                     answered=bool(reply_to),
                 )
-        effects = self._carry_out(plan, reply_to, correlation_id)
-        await self._settle_now(message, effects, self.commands_gate)
+        return planned
 
-    async def _apply_command(self, command: Command) -> Outcome:
-        """Plan, persist and commit; plan again if a close moved the settings meanwhile."""
-        for _ in range(_REPLANS):
-            planned = self.core.plan_command(self.clock.now_ms(), command)
-            if isinstance(planned, Outcome):
-                return planned
-            plan = planned
-            settings = plan.settings
-            try:
-                await self.store.put_settings(
-                    plan.conversation_id, settings.enabled, settings.interval_ms
-                )
-            except StoreError as exc:
-                log.error("store_failed", conversation_id=plan.conversation_id, error=str(exc))
-                self.counts["store_errors"] += 1
-                return self.core.store_failed(plan, str(exc))
-            if self.core.is_current(plan):
-                return self.core.commit(self.clock.now_ms(), plan)
-            log.info("command_replanned", conversation_id=plan.conversation_id)
-        return self.core.store_failed(plan, "the settings kept changing while being persisted")
-
-    # -- timers and returns -----------------------------------------------------------
-
-    def on_fire(self, conversation_id: str, token: int) -> None:
-        """The scheduler's callback: a regular warm, a retry or a warm timeout fell due."""
-        outcome = self.core.on_timer(self.clock.now_ms(), conversation_id, token)
-        self._detach(self._carry_out(outcome))
-
-    async def _send_warm(self, effect: PublishWarm) -> None:
-        request = effect.request
-        cid, token = request.conversation_id, request.token
-        try:
-            routed = await self._publisher.warm(
-                request, effect.timeout_ms, lambda: self.core.is_awaiting(cid, token)
-            )
-        except PublishWithdrawn:
-            log.info("warm_withdrawn", conversation_id=cid, token=token)
-            return
-        except PublishFailed as exc:
-            # Left to the warm timeout, which fails and retries it.
-            log.error("warm_publish_failed", conversation_id=cid, error=str(exc))
-            return
-        self.counts["warms_requested"] += 1
-        log.info("warm_requested", conversation_id=cid, token=token)
-        if not routed:
-            outcome = self.core.on_warm_returned(self.clock.now_ms(), cid, token)
-            self._detach(self._carry_out(outcome))
-
-    # -- effects ----------------------------------------------------------------------
-
-    def _carry_out(
-        self, outcome: Outcome, reply_to: str | None = None, correlation_id: str | None = None
-    ) -> list[Effect]:
-        """Arm and cancel at once; return what must be durable before the input is acked."""
-        pending: list[Effect] = []
+    def _collect(self, outcome: Outcome, step: _Step, applied: _Applied) -> None:
+        delivery = step.delivery
         for effect in outcome.effects:
             match effect:
-                case Arm():
-                    self.scheduler.arm(effect.conversation_id, effect.due_at, effect.token)
-                case Cancel():
-                    self.scheduler.cancel(effect.conversation_id)
+                case Arm() | Cancel():
+                    applied.timers.append(effect)
                 case PublishSurface():
-                    pending.append(functools.partial(self._publisher.surface, effect.update))
+                    step.publishes.append(functools.partial(self.outbound.surface, effect.update))
                 case PublishWarm():
-                    self._spawn(self._send_warm(effect))
-                case PersistSettings():
-                    settings = effect.settings
-                    pending.append(
-                        functools.partial(
-                            self.store.put_settings,
-                            effect.conversation_id,
-                            settings.enabled,
-                            settings.interval_ms,
-                        )
-                    )
+                    applied.warms.append(effect)
                 case SendReply():
-                    if reply_to:
-                        reply = functools.partial(
-                            self._reply, reply_to, correlation_id, effect.reply
+                    if delivery is not None and delivery.reply_to:
+                        answer = functools.partial(
+                            self.outbound.reply,
+                            delivery.reply_to,
+                            delivery.correlation_id,
+                            effect.reply,
                         )
-                        pending.append(reply)
+                        step.publishes.append(answer)
                 case WarmFailed():
-                    self.counts["warms_failed"] += 1
+                    applied.counts["warms_failed"] += 1
                     log.warning(
                         "warm_failed",
                         conversation_id=effect.conversation_id,
@@ -320,163 +428,108 @@ class Worker:
                     )
                 case _:
                     assert_never(effect)
-        return pending
 
-    async def _reply(self, reply_to: str, correlation_id: str | None, reply: Any) -> None:
-        await self._publisher.reply(reply_to, correlation_id, reply)
+    # -- publish and settle -----------------------------------------------------------
 
-    def _settle(self, message: AbstractIncomingMessage, pending: list[Effect]) -> None:
-        """Acknowledge an event once ``pending`` is durable, not holding up the next one."""
-        self._spawn(self._settle_now(message, pending, self.lifecycle_gate))
-
-    async def _settle_now(
-        self, message: AbstractIncomingMessage, pending: list[Effect], gate: Gate
-    ) -> None:
-        """Make ``pending`` durable, then acknowledge; a bug gives the delivery back.
-
-        A dead letter that cannot go out rejects the delivery instead, so the queue's own
-        dead-lettering takes it (``x-death`` reason ``rejected``).
-        """
+    async def _publish(self, step: _Step, effect: Effect) -> None:
+        """One publish of the batch, retried in place; a failure decides the settlement."""
         try:
-            if await self._durable(pending, gate, message):
-                await _ack(message)
+            attempt = 0
+            while True:
+                try:
+                    await effect()
+                    break
+                except PublishFailed as exc:
+                    attempt += 1
+                    if not await self._pause(attempt, exc, [step]):
+                        step.settle = "leave"
+                        return
         except DeadLetterRefused as exc:
             self.counts["dead_letters_refused"] += 1
             log.warning(
                 "dead_letter_refused",
                 why=str(exc),
-                routing_key=message.routing_key,
                 action="rejected to the queue's own dead-lettering",
             )
-            await _reject(message)
+            step.settle = "reject"
         except Exception:
-            log.exception("delivery_failed", routing_key=message.routing_key)
-            await _give_back(message)
+            log.exception("publish_failed_unexpectedly")
+            step.settle = "requeue"
 
-    async def _dead_letter(
-        self,
-        message: AbstractIncomingMessage,
-        rejection: Rejection,
-        answer: list[Effect],
-        gate: Gate,
-    ) -> None:
-        """Answer (when asked), dead-letter, then acknowledge."""
-        dead_letter = functools.partial(self._publisher.dead_letter, message, rejection)
-        await self._settle_now(message, [*answer, dead_letter], gate)
-
-    async def _durable(
-        self,
-        pending: list[Effect],
-        gate: Gate | None = None,
-        message: AbstractIncomingMessage | None = None,
-    ) -> bool:
-        """Run each effect, retrying failed commits and confirms in place; False if stopped.
-
-        While an effect is retried ``gate`` is closed: its inbox takes no further delivery.
-        """
-        for effect in pending:
-            try:
-                await effect()
-                continue
-            except (PublishFailed, StoreError) as exc:
-                failure: Exception = exc
-            with gate.held() if gate is not None else contextlib.nullcontext():
-                attempt = 0
-                while True:
-                    attempt += 1
-                    self.counts["effect_retries"] += 1
-                    if isinstance(failure, StoreError):
-                        self.counts["store_errors"] += 1
-                    if self._abandoned or self._publisher.closing:
-                        log.warning("effect_abandoned", error=str(failure)[:300])
-                        return False
-                    pause = min(self._retry_max_ms, self._retry_first_ms << min(attempt - 1, 20))
-                    log.warning(
-                        "effect_retrying",
-                        attempt=attempt,
-                        pause_ms=pause,
-                        error=str(failure)[:300],
-                        routing_key=None if message is None else message.routing_key,
-                    )
-                    await sleep(self.clock, pause)
-                    try:
-                        await effect()
-                        break
-                    except (PublishFailed, StoreError) as exc:
-                        failure = exc
-            log.info("effect_recovered", attempts=attempt + 1)
+    async def _pause(self, attempt: int, failure: Exception, steps: list[_Step]) -> bool:
+        """Wait before retrying; False when the worker is going or the deliveries are gone."""
+        self.counts["retries"] += 1
+        if self._abandoned or self.outbound.closing:
+            log.warning("retry_abandoned", error=str(failure)[:300])
+            return False
+        gone = any(s.delivery is not None and not _open(s.delivery) for s in steps)
+        if gone and isinstance(failure, StoreError):  # the broker took the deliveries back
+            log.warning("retry_abandoned_connection_lost", error=str(failure)[:300])
+            return False
+        pause = min(self._retry_max_ms, self._retry_first_ms << min(attempt - 1, 20))
+        log.warning("retrying", attempt=attempt, pause_ms=pause, error=str(failure)[:300])
+        await sleep(self.clock, pause)
         return True
 
-    def _detach(self, pending: list[Effect]) -> None:
-        """Run effects nobody acknowledges (timer fires, returns) to completion."""
-        if pending:
-            self._spawn(self._durable_detached(pending))
+    async def _settle(self, steps: list[_Step]) -> None:
+        """Rejections first, then one acknowledgement with ``multiple`` per channel.
 
-    async def _durable_detached(self, pending: list[Effect]) -> None:
-        await self._durable(pending)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run ``work`` as a task that ``settled()`` waits for; a failure is logged."""
-        task = asyncio.get_running_loop().create_task(work)
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
-        watch(task)
-
-    async def settled(self) -> None:
-        """Wait until every acknowledgement and detached effect under way has finished."""
-        while self._settling:
-            await asyncio.gather(*list(self._settling), return_exceptions=True)
-
-    def abandon(self) -> None:
-        """Stop retrying (the worker is going): what is not durable stays unacknowledged."""
-        self._abandoned = True
-        for task in list(self._settling):
-            task.cancel()
-
-    async def flush_token(self) -> None:
-        """Persist the token counter when it moved (the restart floor covers the gap)."""
-        token = self.core.last_token
-        if token > self._flushed_token:
-            await self.store.put_token(token)
-            self._flushed_token = token
-
-    async def flush_token_forever(self) -> None:
-        """Flush the token counter every second."""
-        while True:
-            await asyncio.sleep(TOKEN_FLUSH_S)
+        A ``multiple`` acknowledgement must never cover a delivery that is rejected or left
+        for redelivery: those are settled (or skipped) before, and a channel with a delivery
+        left unsettled has its others acknowledged one by one.
+        """
+        acks: dict[int, list[Delivery]] = {}
+        left: set[int] = set()
+        for step in steps:
+            delivery = step.delivery
+            if delivery is None:
+                continue
             try:
-                await self.flush_token()
-            except StoreError as exc:
-                self.counts["store_errors"] += 1
-                log.error("token_flush_failed", error=str(exc))
+                channel = id(delivery.channel)
+            except ChannelInvalidStateError:
+                continue  # the broker delivers it again
+            if step.settle == "ack":
+                acks.setdefault(channel, []).append(delivery)
+            elif step.settle == "leave":
+                left.add(channel)
+            else:
+                await _reject(delivery, requeue=step.settle == "requeue")
+        for channel, deliveries in acks.items():
+            if channel in left:
+                for delivery in deliveries:
+                    await _ack(delivery, multiple=False)
+            else:
+                last = max(deliveries, key=lambda d: d.delivery_tag or 0)
+                await _ack(last, multiple=True)
+
+    async def _send_warm(self, effect: PublishWarm) -> None:
+        request = effect.request
+        cid, token = request.conversation_id, request.token
+        try:
+            routed = await self.outbound.warm(
+                request, effect.timeout_ms, lambda: self.core.is_awaiting(cid, token)
+            )
+        except PublishWithdrawn:
+            log.info("warm_withdrawn", conversation_id=cid, token=token)
+            return
+        except PublishFailed as exc:  # left to the warm timeout, which fails and retries it
+            log.error("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
+            return
+        self.counts["warms_requested"] += 1
+        log.info("warm_requested", conversation_id=cid, token=token)
+        if not routed:
+            self.inputs.put(Returned(cid, token))
 
     # -- bookkeeping ------------------------------------------------------------------
 
-    @property
-    def _publisher(self) -> Publisher:
-        if self.publisher is None:
-            raise RuntimeError("the worker has no publisher yet")
-        return self.publisher
-
-    def _count(self, outcome: Outcome, conversation_id: str, kind: str) -> None:
-        self.counts[f"inputs_{outcome.verdict}"] += 1
-        if outcome.verdict != "applied":
-            log.debug(
-                "input_not_applied",
-                kind=kind,
-                conversation_id=conversation_id,
-                verdict=outcome.verdict,
-            )
-
-    def _unknown(self, decoded: UnknownType, message: AbstractIncomingMessage) -> None:
+    def _unknown(self, decoded: UnknownType, delivery: Delivery) -> None:
         """Count an unknown event type; log each of a bounded number of them once."""
-        self.counts["events_unknown_type"] += 1
         shown = decoded.shown
         if shown in self._unknown_types:
             return
         if len(self._unknown_types) < UNKNOWN_TYPES_REMEMBERED:
             self._unknown_types.add(shown)
-            log.info("event_type_unknown", type=shown, routing_key=message.routing_key)
+            log.info("event_type_unknown", type=shown, routing_key=delivery.routing_key)
         elif len(self._unknown_types) == UNKNOWN_TYPES_REMEMBERED:
             self._unknown_types.add("")  # marks the one overflow line as written
             log.warning(
@@ -485,48 +538,68 @@ class Worker:
                 note="further unknown types are counted, not logged",
             )
 
-    def _rejected(self, queue: str, message: AbstractIncomingMessage, rejection: Rejection) -> None:
-        self.counts[f"rejected_{rejection.code}"] += 1
-        log.warning(
-            "message_rejected",
-            queue=queue,
-            code=rejection.code,
-            error=rejection.error,
-            routing_key=message.routing_key,
-            message_id=message.message_id,
+
+def _count(counts: Counter[str], outcome: Outcome, decoded: LifecycleEvent | Command) -> None:
+    counts[f"inputs_{outcome.verdict}"] += 1
+    if outcome.verdict != "applied":
+        log.debug(
+            "input_not_applied",
+            kind=type(decoded).__name__,
+            conversation_id=decoded.conversation_id,
+            verdict=outcome.verdict,
         )
 
 
-def _unreadable(message: AbstractIncomingMessage) -> Rejection | None:
+def _rejected(counts: Counter[str], queue: str, delivery: Delivery, rejection: Rejection) -> None:
+    counts[f"rejected_{rejection.code}"] += 1
+    log.warning(
+        "message_rejected",
+        queue=queue,
+        code=rejection.code,
+        error=rejection.error,
+        routing_key=delivery.routing_key,
+        message_id=delivery.message_id,
+    )
+
+
+def _unreadable(delivery: Delivery) -> Rejection | None:
     """``invalid_properties`` when the lenient reader could not read all the properties."""
-    notes = unreadable(message.headers)
+    notes = unreadable(delivery.headers)
     if notes is None:
         return None
     return Rejection("invalid_properties", notes.describe()[:MAX_ERROR_CHARS])
 
 
-async def _ack(message: AbstractIncomingMessage) -> None:
+def _open(delivery: Delivery) -> bool:
     try:
-        await message.ack()
+        delivery.channel  # noqa: B018 - raises once the channel is closed
+    except ChannelInvalidStateError:
+        return False
+    return True
+
+
+async def _ack(delivery: Delivery, *, multiple: bool) -> None:
+    try:
+        await delivery.ack(multiple=multiple)
     except Exception as exc:  # the channel went away: the broker delivers it again
-        log.info("ack_lost", routing_key=message.routing_key, error=repr(exc)[:300])
+        log.info("ack_lost", routing_key=delivery.routing_key, error=repr(exc)[:300])
 
 
-async def _reject(message: AbstractIncomingMessage) -> None:
-    """basic.reject without requeue: the queue's own dead-lettering takes it (``rejected``)."""
-    try:
-        await message.reject(requeue=False)
-    except Exception as exc:
-        log.info("reject_lost", routing_key=message.routing_key, error=repr(exc)[:300])
+async def _reject(delivery: Delivery, *, requeue: bool) -> None:
+    """Without requeue the queue's dead-lettering takes it (``x-death`` reason ``rejected``).
 
-
-async def _give_back(message: AbstractIncomingMessage) -> None:
-    """basic.reject with requeue: counts toward the delivery limit on every RabbitMQ version.
-
-    (From 4.3 on, ``basic.nack`` and returns on a closed channel no longer count, so a
-    bug given back with them would loop without end.)
+    With requeue it is delivered again and counts toward the delivery limit on every
+    RabbitMQ version (from 4.3 on, ``basic.nack`` and returns on a closed channel do not).
     """
     try:
-        await message.reject(requeue=True)
+        await delivery.reject(requeue=requeue)
     except Exception as exc:
-        log.info("give_back_lost", error=repr(exc)[:300])
+        log.info("reject_lost", routing_key=delivery.routing_key, error=repr(exc)[:300])
+
+
+async def _give_back(deliveries: list[Delivery]) -> None:
+    for delivery in deliveries:
+        await _reject(delivery, requeue=True)
+
+
+__all__ = ["Fired", "Input", "Inputs", "Prune", "Received", "Returned", "Worker"]

@@ -484,7 +484,7 @@ async def test_a_store_error_is_answered_and_changes_nothing(
     async def failing(*_: object) -> None:
         raise StoreError("disk full")
 
-    monkeypatch.setattr(app.worker.store, "put_settings", failing)
+    monkeypatch.setattr(app.worker.store, "commit", failing)
     for body in (
         {"type": "set_enabled", "conversationId": CID, "enabled": True},
         {"type": "set_interval", "conversationId": CID, "intervalMs": 2000},

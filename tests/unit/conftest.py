@@ -2,15 +2,18 @@
 
 Tests drive a ``Warmer`` through it and read like the rules of SEMANTICS.md:
 ``shell.settled("c")``, ``shell.fire("c")``, ``shell.completed("c", usage=...)``.
-Timers are a dict of the one pending timer per conversation (``Arm`` starts or
-replaces it, ``Cancel`` removes it); what was published, persisted and answered is
-collected in lists.
+Each input is applied as the worker's pipeline does it, in a batch of its own: the
+records it touched are encoded into ``store`` (a dict of bytes, as a store keeps them),
+then its effects are carried out. A command whose store commit fails rolls the batch
+back and is answered ``store_error``. Timers are a dict of the one pending timer per
+conversation (``Arm`` starts or replaces it, ``Cancel`` removes it); what was
+published and answered is collected in lists.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, assert_never
 
 import pytest
 from msgspec import UNSET
@@ -35,15 +38,17 @@ from warmer.core import (
     Cancel,
     Conversation,
     Outcome,
-    PersistSettings,
     Policy,
     PublishSurface,
     PublishWarm,
+    Record,
     SendReply,
     Settings,
     SettingsChange,
     Warmer,
     WarmFailed,
+    decode_record,
+    encode_record,
 )
 
 T0 = 1_760_000_000_000
@@ -64,17 +69,29 @@ class Shell:
         settings: Mapping[str, Settings] | None = None,
         token_start: int = 0,
         now: int = T0,
+        records: Mapping[str, Record] | None = None,
+        batched: bool = True,
     ) -> None:
         self.warmer = Warmer(
-            policy or Policy(), settings=dict(settings or {}), token_start=token_start
+            policy or Policy(),
+            settings=dict(settings or {}),
+            token_start=token_start,
+            records=records,
         )
+        self.batched = batched
+        """False: inputs are applied one by one outside any batch, and nothing is stored."""
+        self.store: dict[str, bytes] = {
+            cid: encode_record(record) for cid, record in (records or {}).items()
+        }
+        """The store's records, encoded; ``settings`` (an older store's) are not in it."""
+        self.commits: list[dict[str, Record | None]] = []
+        """What each batch committed, in order."""
         self.now = now
         self.timers: dict[str, tuple[int, int]] = {}
         """The one pending timer per conversation: ``(due_at, token)``."""
         self.warms: list[PublishWarm] = []
         self.surfaces: list[SurfaceChanged] = []
         self.replies: list[Reply] = []
-        self.persists: list[PersistSettings] = []
         self.failed: list[WarmFailed] = []
         self.outcomes: list[Outcome] = []
         self.arms: list[Arm] = []
@@ -86,25 +103,43 @@ class Shell:
         """Carry out an outcome's effects in order, as the worker's shell would."""
         self.outcomes.append(outcome)
         for effect in outcome.effects:
-            if isinstance(effect, Arm):
-                self.arms.append(effect)
-                self.timers[effect.conversation_id] = (effect.due_at, effect.token)
-            elif isinstance(effect, Cancel):
-                self.cancels.append(effect)
-                self.timers.pop(effect.conversation_id, None)
-            elif isinstance(effect, PublishWarm):
-                self.warms.append(effect)
-            elif isinstance(effect, PublishSurface):
-                self.surfaces.append(effect.update)
-            elif isinstance(effect, SendReply):
-                self.replies.append(effect.reply)
-            elif isinstance(effect, PersistSettings):
-                self.persists.append(effect)
-            elif isinstance(effect, WarmFailed):
-                self.failed.append(effect)
-            else:  # pragma: no cover - a new effect kind the shell does not know
-                raise AssertionError(f"unknown effect {effect!r}")
+            match effect:
+                case Arm():
+                    self.arms.append(effect)
+                    self.timers[effect.conversation_id] = (effect.due_at, effect.token)
+                case Cancel():
+                    self.cancels.append(effect)
+                    self.timers.pop(effect.conversation_id, None)
+                case PublishWarm():
+                    self.warms.append(effect)
+                case PublishSurface():
+                    self.surfaces.append(effect.update)
+                case SendReply():
+                    self.replies.append(effect.reply)
+                case WarmFailed():
+                    self.failed.append(effect)
+                case _:  # pragma: no cover - a new effect kind the shell does not know
+                    assert_never(effect)
         return outcome
+
+    def apply(self, step: Callable[[], Outcome]) -> Outcome:
+        """Apply one input in a batch of its own: commit what it touched, then carry it out."""
+        if not self.batched:
+            return self.run(step())
+        self.warmer.begin()
+        outcome = step()
+        self.commit(self.warmer.touched())
+        self.warmer.end()
+        return self.run(outcome)
+
+    def commit(self, changes: dict[str, Record | None]) -> None:
+        """What a store's commit does: put each record (encoded), None deletes it."""
+        self.commits.append(changes)
+        for cid, record in changes.items():
+            if record is None:
+                self.store.pop(cid, None)
+            else:
+                self.store[cid] = encode_record(record)
 
     def advance(self, ms: int) -> int:
         """Let ``ms`` milliseconds pass; returns the new time."""
@@ -115,7 +150,7 @@ class Shell:
 
     def event(self, event: LifecycleEvent) -> Outcome:
         """Apply a decoded lifecycle event at the current time."""
-        return self.run(self.warmer.apply_event(self.now, event))
+        return self.apply(lambda: self.warmer.apply_event(self.now, event))
 
     def started(self, cid: str, seq: int | None = None) -> Outcome:
         """``turn.started``."""
@@ -147,31 +182,40 @@ class Shell:
         """Fire the conversation's pending timer at its due time (or now, if that is later)."""
         due, token = self.timers.pop(cid)
         self.now = max(self.now, due)
-        return self.run(self.warmer.on_timer(self.now, cid, token))
+        return self.apply(lambda: self.warmer.on_timer(self.now, cid, token))
 
     def fire_token(self, cid: str, token: int) -> Outcome:
         """A timer with ``token`` fires now (a stale one, say); the pending timer stays."""
-        return self.run(self.warmer.on_timer(self.now, cid, token))
+        return self.apply(lambda: self.warmer.on_timer(self.now, cid, token))
 
     def returned(self, cid: str, token: int | None = None) -> Outcome:
         """The broker returned the warm request (by default the last one) as unroutable."""
         if token is None:
             token = self.last_warm.token
-        return self.run(self.warmer.on_warm_returned(self.now, cid, token))
+        return self.apply(lambda: self.warmer.on_warm_returned(self.now, cid, token))
 
     # -- commands ---------------------------------------------------------------------
 
     def command(
         self, command: SetEnabled | SetInterval | GetState | SurfaceAction, store_error: str = ""
     ) -> Outcome:
-        """Plan a command, persist what it changes (or fail to), and commit it."""
+        """Plan a command and apply what it changes; a store error rolls it back.
+
+        With ``store_error`` the batch is applied, its commit fails, and it is rolled
+        back before the command is answered ``store_error``, as the worker does.
+        """
         plan = self.warmer.plan_command(self.now, command)
         if isinstance(plan, Outcome):
             return self.run(plan)
         assert isinstance(plan, SettingsChange)
         if store_error:
+            if self.batched:
+                self.warmer.begin()
+                self.warmer.commit(self.now, plan)
+                self.warmer.rollback()
+                self.warmer.end()
             return self.run(self.warmer.store_failed(plan, store_error))
-        return self.run(self.warmer.commit(self.now, plan))
+        return self.apply(lambda: self.warmer.commit(self.now, plan))
 
     def set_enabled(self, cid: str, enabled: bool, store_error: str = "") -> Outcome:
         """``set_enabled``."""
@@ -198,6 +242,11 @@ class Shell:
         conv = self.warmer.get(cid)
         assert conv is not None, f"no record for {cid!r}"
         return conv
+
+    def stored(self, cid: str) -> Record | None:
+        """The conversation's record as the store holds it, decoded; None when it has none."""
+        raw = self.store.get(cid)
+        return None if raw is None else decode_record(raw)
 
     def status(self, cid: str) -> str:
         """The conversation's status."""
@@ -241,7 +290,7 @@ class Shell:
 
 @pytest.fixture(scope="session")
 def make_shell() -> Callable[..., Shell]:
-    """Build a fresh fake shell: ``make_shell(policy=..., settings=..., token_start=...)``."""
+    """Build a fresh fake shell: ``make_shell(policy=..., settings=..., records=...)``."""
     return Shell
 
 

@@ -208,7 +208,7 @@ def test_repr_and_log_fields_never_show_a_password() -> None:
         ("WARMER_AMQP_URL", "http://app:s3cr3t@rabbit/"),
         ("WARMER_AMQP_URL", "amqp://app:s3cr3t@rabbit:bad/"),
         ("WARMER_AMQP_URL", "amqp://app:s3/cr3t@rabbit/"),
-        ("WARMER_STORE", "rediss://:s3cr3t@cache/0"),
+        ("WARMER_STORE", "postgres://:s3cr3t@db/0"),
     ],
 )
 def test_an_invalid_url_is_reported_without_its_password(name: str, raw: str) -> None:

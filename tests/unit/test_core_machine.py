@@ -30,7 +30,6 @@ from warmer.core import (
     Arm,
     Cancel,
     Outcome,
-    PersistSettings,
     Policy,
     PublishSurface,
     PublishWarm,
@@ -77,6 +76,12 @@ def snapshot(shell: Any, cid: str = C) -> Any:
         shell.warmer.last_token,
         shell.warmer.persisted(cid),
     )
+
+
+def assert_rolled_back(before: Any, after: Any) -> None:
+    """All is as before but the token counter, which never goes back (it may skip tokens)."""
+    assert (after[0], after[1], after[3]) == (before[0], before[1], before[3])
+    assert after[2] >= before[2]
 
 
 # -- turn.started -------------------------------------------------------------------------
@@ -375,6 +380,64 @@ def test_a_completion_whose_retry_already_went_out_is_stale(shell: Any) -> None:
     assert snapshot(shell) == before
 
 
+def test_a_duplicate_after_an_arm_that_spent_the_budget_is_stale(make_shell: Any) -> None:
+    # The completion's arm finds the budget spent: no new token, so the duplicate still
+    # carries the conversation's token; it was answered already, so it is stale.
+    shell = make_shell(Policy(idle_max_warms=1))
+    warm = shell.warming(C)
+    first = shell.completed(C, token=warm.token)
+    assert first.verdict == "applied" and shell.status(C) == "budget_exhausted"
+    assert shell.conv(C).token == warm.token == shell.conv(C).answered_token
+    before, stored = snapshot(shell), shell.stored(C)
+    shell.advance(1_000)
+    for again in (
+        shell.completed(C, token=warm.token),
+        shell.completed(
+            C,
+            token=warm.token,
+            usage=Usage(input_tokens=9, cache_read_tokens=1, cache_write_tokens=0),
+        ),
+        shell.completed(C, token=warm.token, error="late"),
+    ):
+        assert again.verdict == "stale" and again.effects == []
+    assert snapshot(shell) == before and shell.stored(C) == stored
+
+
+@pytest.mark.parametrize("how", ["usage", "error", "generating"])
+def test_a_duplicate_after_the_conversation_was_disabled_is_stale(shell: Any, how: str) -> None:
+    # Disabled while warming: the completion is applied (figures or error only) and
+    # arms nothing, so the token stays; its duplicate is stale.
+    warm = shell.warming(C)
+    shell.set_enabled(C, False)
+    error = {"usage": None, "error": "boom", "generating": "conversation is generating"}[how]
+    first = shell.completed(C, token=warm.token, error=error)
+    assert first.verdict == "applied" and shell.status(C) == "disabled"
+    assert shell.conv(C).token == warm.token == shell.conv(C).answered_token
+    before = snapshot(shell)
+    surfaces = len(shell.surfaces)
+    shell.advance(1_000)
+    again = shell.completed(C, token=warm.token, error=error)
+    assert again.verdict == "stale" and again.effects == []
+    assert snapshot(shell) == before and len(shell.surfaces) == surfaces
+
+
+def test_a_duplicate_of_a_generating_answer_is_stale(shell: Any) -> None:
+    warm = shell.warming(C)
+    shell.completed(C, token=warm.token, error="conversation is generating")
+    assert shell.status(C) == "idle"
+    out = shell.completed(C, token=warm.token, error="conversation is generating")
+    assert out.verdict == "stale" and out.effects == []
+
+
+def test_a_completion_by_hand_never_marks_a_token_answered(shell: Any) -> None:
+    warm = shell.warming(C)
+    shell.completed(C)  # no token: by hand, while warming
+    shell.completed(C, token=warm.token + 5)  # a token from before the state was lost
+    assert shell.conv(C).answered_token == 0 and shell.status(C) == "warming"
+    assert shell.completed(C, token=warm.token).verdict == "applied"
+    assert shell.conv(C).answered_token == warm.token
+
+
 def test_completion_by_hand_resets_the_cycle_while_armed(shell: Any) -> None:
     shell.enabled_and_armed(C)
     old = shell.conv(C).token
@@ -601,19 +664,20 @@ def test_a_refused_first_warm_after_enable_is_a_failure(shell: Any) -> None:
 # -- conversation.closed ------------------------------------------------------------------
 
 
-def test_closed_cancels_disables_publishes_then_persists(shell: Any) -> None:
+def test_closed_cancels_disables_publishes_and_persists(shell: Any) -> None:
     shell.set_interval(C, 30_000)
     shell.enabled_and_armed(C)
     out = shell.closed(C)
     conv = shell.conv(C)
     assert conv.status == "disabled" and not conv.enabled and conv.next_warm_at is None
     assert C not in shell.timers
-    assert effects_of(out, Cancel) == [Cancel(C)]
+    assert [type(e) for e in out.effects] == [Cancel, PublishSurface]
     assert one_surface(out).state.enabled is False
-    assert effects_of(out, PersistSettings) == [PersistSettings(C, Settings(False, 30_000))]
-    kinds = [type(e) for e in out.effects]
-    assert kinds.index(PublishSurface) < kinds.index(PersistSettings)
     assert shell.warmer.persisted(C) == Settings(False, 30_000)
+    # Committed with the event's batch, before the surface goes out.
+    stored = shell.stored(C)
+    assert stored.settings == Settings(False, 30_000)
+    assert stored.state.status == "disabled" and stored.state.next_warm_at is None
 
 
 def test_closed_leaves_active_the_context_and_the_figures(shell: Any) -> None:
@@ -629,8 +693,9 @@ def test_closed_leaves_active_the_context_and_the_figures(shell: Any) -> None:
 
 def test_closed_never_seen_keeps_the_stored_interval(make_shell: Any) -> None:
     shell = make_shell(settings={C: Settings(True, 45_000)})
-    out = shell.closed(C)
-    assert effects_of(out, PersistSettings) == [PersistSettings(C, Settings(False, 45_000))]
+    shell.closed(C)
+    assert shell.warmer.persisted(C) == Settings(False, 45_000)
+    assert shell.stored(C).settings == Settings(False, 45_000)
 
 
 def test_close_racing_a_settle_never_rearms(shell: Any) -> None:
@@ -1030,13 +1095,16 @@ def test_get_state_of_a_known_conversation_changes_and_publishes_nothing(shell: 
 )
 def test_a_store_error_changes_nothing_and_publishes_nothing(shell: Any, command: Any) -> None:
     shell.enabled_and_armed(C)
-    before = snapshot(shell)
+    before, stored = snapshot(shell), shell.stored(C)
     surfaces = len(shell.surfaces)
     out = shell.command(command, store_error="disk full")
     assert out.verdict == "rejected" and [type(e) for e in out.effects] == [SendReply]
     assert as_json(shell.last_reply)["ok"] is False
     assert shell.last_reply.code == "store_error"
-    assert snapshot(shell) == before and len(shell.surfaces) == surfaces
+    # The batch was applied then rolled back: all is as before but the token counter,
+    # which never goes back (the rolled back arm's token is skipped).
+    assert_rolled_back(before, snapshot(shell))
+    assert len(shell.surfaces) == surfaces and shell.stored(C) == stored
 
 
 def test_a_store_error_on_a_never_seen_conversation_creates_nothing(shell: Any) -> None:
@@ -1053,7 +1121,8 @@ def test_a_store_error_on_enable_leaves_a_paused_conversation_paused(make_shell:
     shell.returned(C)
     before = snapshot(shell)
     shell.set_enabled(C, True, store_error="disk full")
-    assert snapshot(shell) == before and shell.status(C) == "paused"
+    assert_rolled_back(before, snapshot(shell))
+    assert shell.status(C) == "paused"
 
 
 # -- addition 2: failures -----------------------------------------------------------------

@@ -7,6 +7,12 @@ returns and completions (current, stale, future and missing tokens) while time
 advances. Time only moves through ``advance``, which fires every timer that falls due
 on the way, in due order, the way the scheduler would. After every step the
 invariants of SEMANTICS.md are checked against the fake shell's view of the effects.
+
+Every step runs in a batch of its own and its ``touched`` records are committed to the
+fake shell's store (encoded bytes); a command failing in the store is rolled back.
+After every step the decoded store is compared with the test's own model of what it
+must hold: the settings, the status, the failures, the idle stretch's warm count and
+the last ``seq`` of each conversation.
 """
 
 from __future__ import annotations
@@ -31,15 +37,17 @@ from warmer.contract import (
 from warmer.core import (
     Arm,
     Outcome,
-    PersistSettings,
     Policy,
     PublishSurface,
     PublishWarm,
+    Record,
     SendReply,
     Settings,
     SettingsChange,
     build_panel,
+    decode_record,
 )
+from warmer.core.rules import clamp_interval, seconds_to_interval
 
 CIDS = ("a", "b", "c")
 PENDING = frozenset({"armed", "warming", "retrying"})
@@ -113,6 +121,10 @@ steps = st.one_of(
         store_errors,
     ),
     st.tuples(st.just("get_state"), cids),
+    # The worker is killed and a new one starts from the store after some downtime.
+    st.tuples(st.just("restart"), st.sampled_from([0, 1_000, 60_000, 400_000, 3_000_000])),
+    # ... just after its next timer fell due (and a little, or much, later).
+    st.tuples(st.just("restart_past_due"), st.sampled_from([1, 1, 2_000, 400_000])),
 )
 
 policies = st.builds(
@@ -151,6 +163,15 @@ class Model:
     last_token: int = 0
     conv_tokens: dict[str, int] = field(default_factory=dict)
     warm_of: dict[str, PublishWarm] = field(default_factory=dict)
+    timeout_due: dict[str, int] = field(default_factory=dict)
+    # What the store must hold: settings per conversation with a record, and, for a
+    # conversation an input was applied to, its state as the model sees it.
+    settings: dict[str, Settings] = field(default_factory=dict)
+    states: set[str] = field(default_factory=set)
+    active: dict[str, bool] = field(default_factory=dict)
+    status: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    last_seq: dict[str, int] = field(default_factory=dict)
 
 
 def _status_before(shell: Any, cid: str) -> str:
@@ -182,12 +203,32 @@ def _token(shell: Any, cid: str, kind: str, k: int = 1) -> int | None:
     return None
 
 
+def _planned_settings(model: Model, cid: str, command: Any) -> Settings | None:
+    """The settings a command sets, as the model reads the rules; None: it is refused."""
+    current = model.settings.get(cid, Settings())
+    if isinstance(command, SetEnabled):
+        return Settings(command.enabled, current.interval_ms)
+    if isinstance(command, SetInterval):
+        return Settings(current.enabled, clamp_interval(command.interval_ms))
+    payload = command.payload
+    if command.action_id == "cache-warming/toggle":
+        if isinstance(payload, dict):
+            payload = payload.get("value")
+        elif payload is UNSET or payload is None:
+            return Settings(not current.enabled, current.interval_ms)
+        return Settings(payload, current.interval_ms) if isinstance(payload, bool) else None
+    if isinstance(payload, dict):
+        payload = payload.get("value")
+    interval = seconds_to_interval(payload)
+    return None if interval is None else Settings(current.enabled, interval)
+
+
 class Run:
     """Runs one drawn scenario step by step, checking the invariants after each."""
 
-    def __init__(self, shell: Any) -> None:
+    def __init__(self, shell: Any, stored: dict[str, Settings] | None = None) -> None:
         self.shell = shell
-        self.model = Model(last_token=shell.warmer.last_token)
+        self.model = Model(last_token=shell.warmer.last_token, settings=dict(stored or {}))
 
     # -- driving ------------------------------------------------------------------------
 
@@ -196,6 +237,13 @@ class Run:
         shell = self.shell
         if kind == "advance":
             self.advance(args[0])
+            return
+        if kind == "restart":
+            self.restart(args[0])
+            return
+        if kind == "restart_past_due":
+            if shell.timers:
+                self.restart(min(due for due, _ in shell.timers.values()) - shell.now + args[0])
             return
         if kind == "fire_next":
             if shell.timers:
@@ -224,6 +272,9 @@ class Run:
             cid = warming[0]
         before = _snapshot(shell)
         status_before = _status_before(shell, cid)
+        seq = args[1] if kind in ("started", "settled", "closed") else None
+        last_seq = self.model.last_seq.get(cid)
+        stale_seq = seq is not None and last_seq is not None and seq <= last_seq
         if kind == "started":
             out = shell.started(cid, seq=args[1])
         elif kind == "settled":
@@ -247,7 +298,7 @@ class Run:
             token = _token(shell, cid, args[1])
             if token is None:
                 return
-            out = shell.run(shell.warmer.on_warm_returned(shell.now, cid, token))
+            out = shell.returned(cid, token)
         elif kind == "fire_stale":
             token = _token(shell, cid, "stale", args[1])
             if token is None:
@@ -258,19 +309,67 @@ class Run:
             out = shell.command(GetState(conversation_id=cid))
         else:
             command, store_error = self.command(kind, cid, args[1]), args[2]
+            planned = _planned_settings(self.model, cid, command)
             plan = shell.warmer.plan_command(shell.now, command)
+            out = shell.command(command, store_error)
             if isinstance(plan, SettingsChange) and not store_error:
-                out = shell.run(shell.warmer.commit(shell.now, plan))
-                assert shell.warmer.persisted(cid) == plan.settings
+                assert shell.warmer.persisted(cid) == plan.settings == planned
+                self.model.settings[cid] = planned
             elif isinstance(plan, SettingsChange):
-                out = shell.run(shell.warmer.store_failed(plan, store_error))
                 assert [type(e) for e in out.effects] == [SendReply]
                 reply = out.effects[0].reply
                 assert isinstance(reply, ErrorReply) and reply.code == "store_error"
-                assert _snapshot(shell) == before, "a store error must change nothing"
+                # Applied, then rolled back: nothing stands but the tokens it took.
+                after = _snapshot(shell)
+                assert (after[0], after[1], after[3]) == (before[0], before[1], before[3])
+                assert after[2] >= before[2], "the token counter went back"
+                self.model.last_token = shell.warmer.last_token
+                before = after
             else:
-                out = shell.run(plan)
+                assert planned is None, "the model expected the command to apply"
+        if kind in ("started", "settled", "closed"):
+            assert (out.verdict == "stale") == stale_seq, (kind, seq, last_seq, out.verdict)
+            if seq is not None and not stale_seq:
+                self.model.last_seq[cid] = seq
         self.check_outcome(kind, cid, out, before, status_before)
+
+    def restart(self, downtime: int) -> None:
+        """Kill the worker (only the store survives) and start a new one ``downtime`` later."""
+        old, model = self.shell, self.model
+        if not old.batched:  # a shell outside batches stores nothing to restart from
+            return
+        records = {cid: decode_record(raw) for cid, raw in old.store.items()}
+        now = old.now + downtime
+        shell = type(old)(
+            old.warmer.policy, records=records, token_start=old.warmer.last_token + 1, now=now
+        )
+        shell.warmer.begin()
+        recovery = shell.warmer.recover(now)
+        shell.commit(shell.warmer.touched())
+        shell.warmer.end()
+        shell.run(Outcome(list(recovery.arms)))
+        self.shell = shell
+        model.last_token = shell.warmer.last_token
+        assert recovery.loaded == len(records)
+        assert all(arm.due_at >= now for arm in recovery.arms)
+        for cid in CIDS:
+            conv = shell.warmer.get(cid)
+            if conv is None:
+                assert cid not in records
+                continue
+            if cid not in model.states:  # settings only: a state, as a first input makes it
+                assert conv.status in ("idle", "disabled") and conv.idle_since == now
+                model.states.add(cid)
+                model.stretches[cid] = Stretch(now)
+                model.failures[cid] = 0
+            elif conv.status != model.status[cid]:
+                # Fell due while down and not warmed at once: it waits for its next turn.
+                assert model.status[cid] in ("armed", "retrying"), (cid, conv.status)
+                assert conv.status in ("idle", "budget_exhausted"), (cid, conv.status)
+            model.status[cid] = conv.status
+            if conv.status == "warming":  # awaited until its own timeout, or at once
+                model.timeout_due[cid] = max(now, model.timeout_due[cid])
+        self.check_state()
 
     def command(self, kind: str, cid: str, arg: Any) -> Any:
         if kind == "set_enabled":
@@ -311,6 +410,7 @@ class Run:
             assert update.conversation_id == cid and update.at == shell.now
             assert update.state == conv.view(), "the surface is published after the re-arm"
             assert update.spec == build_panel(update.state)
+            self.expect_stored(kind, cid, update.state)
         else:
             assert not surfaces, f"{kind}: a surface for an input that was not applied"
             assert not [e for e in out.effects if not isinstance(e, SendReply)]
@@ -358,9 +458,7 @@ class Run:
                     "a warm beyond the budget time"
                 )
                 model.warm_of[cid] = effect
-            elif isinstance(effect, PersistSettings):
-                assert kind == "closed" and effect.settings.enabled is False
-                assert effect.settings.interval_ms == shell.conv(cid).interval_ms
+                model.timeout_due[cid] = effect.request.requested_at + effect.timeout_ms
         conv = shell.warmer.get(cid)
         if conv is not None and conv.status == "budget_exhausted" != status_before:
             # Never exhausted early: any arm is due at most one interval from now.
@@ -371,8 +469,42 @@ class Run:
             ), "budget_exhausted while the idle budget was not spent"
         self.check_state()
 
+    def expect_stored(self, kind: str, cid: str, state: Any) -> None:
+        """An input was applied to ``cid``: what its record must now hold, as the model says."""
+        model = self.model
+        model.states.add(cid)
+        if kind == "closed":
+            model.settings[cid] = Settings(False, model.settings.get(cid, Settings()).interval_ms)
+        elif kind in ("started", "settled"):
+            model.active[cid] = kind == "started"
+        if not model.settings.get(cid, Settings()).enabled:
+            assert state.status == "disabled", f"{kind}: enabled in memory, not in the model"
+        elif model.active.get(cid, False):
+            assert state.status == "active"
+        model.status[cid] = state.status
+        model.failures[cid] = state.failures
+
+    def check_store(self) -> None:
+        """The store holds what the model says, record by record, decoded from its bytes."""
+        shell, model = self.shell, self.model
+        store = {cid: decode_record(raw) for cid, raw in shell.store.items()}
+        assert set(store) == set(model.settings) | model.states
+        for cid, record in store.items():
+            assert record.settings == model.settings.get(cid, Settings()), cid
+            state = record.state
+            if cid not in model.states:
+                assert state is None, f"{cid}: a state stored without an input applied"
+                continue
+            assert state is not None
+            assert state.status == model.status[cid], cid
+            assert state.failures == model.failures[cid], cid
+            assert state.idle_warms == model.stretches[cid].warms, f"{cid}: the stretch's warms"
+            assert state.last_seq == model.last_seq.get(cid), cid
+
     def check_state(self) -> None:
         shell, model = self.shell, self.model
+        if shell.batched:
+            self.check_store()
         assert shell.warmer.last_token >= model.last_token
         assert shell.warmer.last_token == model.last_token, "a token taken and not armed"
         for cid in CIDS:
@@ -402,7 +534,7 @@ class Run:
             if status == "warming":
                 warm = model.warm_of[cid]
                 assert warm.request.token == conv.token
-                assert timer == (warm.request.requested_at + warm.timeout_ms, conv.token)
+                assert timer == (model.timeout_due[cid], conv.token)
             assert 0 <= conv.failures < shell.warmer.policy.max_failures or status in (
                 "paused",
                 "disabled",
@@ -434,7 +566,8 @@ def test_invariants_hold_after_every_step(
     scenario: list[tuple[Any, ...]],
     token_start: int,
 ) -> None:
-    run = Run(make_shell(policy, settings=stored, token_start=token_start))
+    records = {cid: Record(settings=value) for cid, value in stored.items()}
+    run = Run(make_shell(policy, records=records, token_start=token_start), stored)
     for cid, settle in zip(CIDS, prelude, strict=True):
         if settle:  # most stored settings are enabled: this arms them
             run.step(("settled", cid, None, None, "/repo"))
@@ -479,3 +612,29 @@ def test_repeated_enables_never_postpone_a_warm(
         shell.advance(min(gap, due - shell.now - 1))
         shell.set_enabled("a", True)
         assert shell.due("a") == due
+
+
+_COMMANDS = frozenset({"set_enabled", "set_interval", "toggle", "set_interval_action"})
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    policy=policies,
+    stored=persisted,
+    scenario=st.lists(steps, min_size=10, max_size=60),
+)
+def test_a_batch_changes_nothing_but_what_is_remembered(
+    make_shell: Any, policy: Policy, stored: dict[str, Settings], scenario: list[tuple[Any, ...]]
+) -> None:
+    # The same inputs, in batches and outside any: the same effects, the same states.
+    # (No store errors: a rolled back batch skips tokens the direct run does not take.)
+    scenario = [(*step[:-1], "") if step[0] in _COMMANDS else step for step in scenario]
+    scenario = [step for step in scenario if not step[0].startswith("restart")]
+    records = {cid: Record(settings=value) for cid, value in stored.items()}
+    batched = Run(make_shell(policy, records=records), stored)
+    direct = Run(make_shell(policy, settings=stored, batched=False), stored)
+    for step in scenario:
+        batched.step(step)
+        direct.step(step)
+        assert batched.shell.outcomes == direct.shell.outcomes
+        assert _snapshot(batched.shell) == _snapshot(direct.shell)

@@ -1,10 +1,10 @@
-"""MemoryStore: the same contract in a dict, and a switch that makes it fail."""
+"""MemoryStore: the Store contract in dicts (see test_store_contract), and switches that fail it."""
 
 from __future__ import annotations
 
 import pytest
 
-from warmer.store import MemoryStore, RawSettings, Store, StoreError
+from warmer.store import Loaded, MemoryStore, RawSettings, Store, StoreError
 
 
 def test_satisfies_the_store_protocol() -> None:
@@ -12,38 +12,49 @@ def test_satisfies_the_store_protocol() -> None:
     assert isinstance(store, MemoryStore)
 
 
-async def test_settings_round_trip_and_overwrite() -> None:
+async def test_what_was_committed_is_visible_in_its_attributes() -> None:
     store = MemoryStore()
-    await store.put_settings("c-1", True, 60000)
-    await store.put_settings("c-2", True, 1000)
-    await store.put_settings("c-1", False, 5000)
-    assert await store.load_settings() == {
-        "c-1": {"enabled": False, "intervalMs": 5000},
-        "c-2": {"enabled": True, "intervalMs": 1000},
-    }
+    await store.commit({"c-1": b"one", "c-2": b"two"}, 4)
+    await store.commit({"c-2": None}, 2)
+    assert store.records == {"c-1": b"one"}
+    assert store.token == 4
 
 
-async def test_seeded_malformed_settings_read_back_raw() -> None:
-    store = MemoryStore(settings={"c-1": {"enabled": "yes", "intervalMs": None}})
-    assert await store.load_settings() == {"c-1": {"enabled": "yes", "intervalMs": None}}
+async def test_seeded_state_loads_back() -> None:
+    store = MemoryStore(
+        {"old": {"enabled": "yes", "intervalMs": None}}, token=9, records={"c-1": b"one"}
+    )
+    assert await store.load() == Loaded(
+        records={"c-1": b"one"},
+        settings={"old": {"enabled": "yes", "intervalMs": None}},
+        token=9,
+    )
 
 
-async def test_loaded_settings_are_a_copy() -> None:
+async def test_legacy_settings_load_only_for_ids_without_a_record() -> None:
+    store = MemoryStore(
+        {"both": {"enabled": True}, "old": {"enabled": False}}, records={"both": b"new"}
+    )
+    assert (await store.load()).settings == {"old": {"enabled": False}}
+
+
+async def test_a_commit_for_an_id_removes_its_legacy_settings() -> None:
+    store = MemoryStore({"put": {"enabled": True}, "deleted": {}, "kept": {}})
+    await store.commit({"put": b"record", "deleted": None}, 1)
+    assert store.settings == {"kept": {}}
+    assert await store.load() == Loaded(records={"put": b"record"}, settings={"kept": {}}, token=1)
+
+
+async def test_loaded_state_is_a_copy() -> None:
     seed: dict[str, RawSettings] = {"c-1": {"enabled": True, "intervalMs": 1000}}
-    store = MemoryStore(settings=seed)
+    store = MemoryStore(seed, records={"c-2": b"two"})
     seed["c-1"]["enabled"] = False
-    loaded = await store.load_settings()
-    loaded["c-1"]["intervalMs"] = 1
-    assert await store.load_settings() == {"c-1": {"enabled": True, "intervalMs": 1000}}
-
-
-async def test_token_keeps_the_maximum() -> None:
-    store = MemoryStore(token=10)
-    assert await store.load_token() == 10
-    await store.put_token(4)
-    assert await store.load_token() == 10
-    await store.put_token(12)
-    assert await store.load_token() == 12
+    loaded = await store.load()
+    loaded.settings["c-1"]["intervalMs"] = 1
+    loaded.records["c-3"] = b"three"
+    assert await store.load() == Loaded(
+        records={"c-2": b"two"}, settings={"c-1": {"enabled": True, "intervalMs": 1000}}, token=0
+    )
 
 
 async def test_open_and_close_are_tracked() -> None:
@@ -56,16 +67,15 @@ async def test_open_and_close_are_tracked() -> None:
 
 
 async def test_fail_next_fails_that_many_calls_and_changes_nothing() -> None:
-    store = MemoryStore(token=3)
-    await store.put_settings("c-1", True, 1000)
+    store = MemoryStore({"old": {}}, token=3)
+    await store.commit({"c-1": b"one"}, 3)
     store.fail_next = 2
     with pytest.raises(StoreError):
-        await store.put_settings("c-1", False, 9000)
+        await store.commit({"c-1": b"two", "old": b"new"}, 99)
     with pytest.raises(StoreError):
-        await store.put_token(99)
+        await store.load()
     assert store.fail_next == 0
-    assert await store.load_settings() == {"c-1": {"enabled": True, "intervalMs": 1000}}
-    assert await store.load_token() == 3
+    assert await store.load() == Loaded(records={"c-1": b"one"}, settings={"old": {}}, token=3)
 
 
 async def test_failing_fails_every_call_until_cleared() -> None:
@@ -74,12 +84,20 @@ async def test_failing_fails_every_call_until_cleared() -> None:
     with pytest.raises(StoreError):
         await store.open()
     with pytest.raises(StoreError):
-        await store.load_settings()
+        await store.load()
     with pytest.raises(StoreError):
-        await store.load_token()
-    with pytest.raises(StoreError):
-        await store.put_settings("c-1", True, 1000)
+        await store.commit({"c-1": b"one"}, 1)
     await store.close()  # closing never fails
+    assert store.records == {}
+    assert store.token == 0
     store.failing = False
-    await store.put_settings("c-1", True, 1000)
-    assert await store.load_settings() == {"c-1": {"enabled": True, "intervalMs": 1000}}
+    await store.commit({"c-1": b"one"}, 1)
+    assert await store.load() == Loaded(records={"c-1": b"one"}, settings={}, token=1)
+
+
+async def test_a_refused_commit_does_not_use_up_a_failure() -> None:
+    store = MemoryStore()
+    store.fail_next = 1
+    with pytest.raises(ValueError):
+        await store.commit({}, -1)
+    assert store.fail_next == 1

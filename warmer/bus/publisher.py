@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Final
 
 import aiormq
+import msgspec
 import structlog
 from aio_pika import DeliveryMode, Message
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel
@@ -26,6 +27,7 @@ from aiormq.abc import DeliveredMessage
 
 from warmer.bus import deadletter
 from warmer.bus.topology import SURFACE_ROUTING_KEY, WARM_ROUTING_KEY, Topology
+from warmer.clock import Clock
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested, encode
 
 log = structlog.get_logger("warmer.bus")
@@ -61,10 +63,6 @@ class DeadLetterRefused(Exception):
     """A dead letter cannot be published as such; reject the original instead."""
 
 
-def _always() -> bool:
-    return True
-
-
 class Publisher:
     """Publishes with confirms on one robust channel."""
 
@@ -74,6 +72,7 @@ class Publisher:
         topology: Topology,
         dead_channel: AbstractRobustChannel,
         dead_letters: AbstractExchange,
+        clock: Clock,
         confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
     ) -> None:
         """Publish on ``channel``; dead letters to ``dead_letters`` on ``dead_channel``."""
@@ -83,6 +82,7 @@ class Publisher:
         self._surface = topology.exchanges[topology.names.surface]
         self._dlx = dead_letters
         self._dead_channel = dead_channel
+        self._clock = clock
         self._dead_letter_lock = asyncio.Lock()
         self._confirm_timeout_s = confirm_timeout_s
         self._closing = False
@@ -101,22 +101,30 @@ class Publisher:
     ) -> bool:
         """Publish a warm request, mandatory; False when the broker returned it unroutable.
 
-        A request cut by a lost connection is published again only while
-        ``still_wanted()``: once its warm timed out, its retry has a new token, and the old
-        request must not run late beside it.
+        Each attempt carries its real publish time as ``requestedAt`` and what is left of
+        the attempt's timeout (counted from the request's ``requested_at``) as its
+        expiration. A request cut by a lost connection is published again only while
+        ``still_wanted()`` and time is left: once its warm timed out, its retry has a new
+        token, and the old request must not run late beside it (PublishWithdrawn).
         """
-        message = Message(
-            encode(request),
-            content_type=JSON,
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=f"{request.conversation_id}:{request.token}",
-            headers={"conversation-id": request.conversation_id},
-            timestamp=request.requested_at / 1000,
-            expiration=timedelta(milliseconds=timeout_ms),
-        )
-        result = await self._publish(
-            self._warm, message, WARM_ROUTING_KEY, mandatory=True, still_wanted=still_wanted
-        )
+
+        def attempt() -> Message | None:
+            now = self._clock.now_ms()
+            left = timeout_ms - max(0, now - request.requested_at)
+            if left <= 0 or not still_wanted():
+                return None
+            body = msgspec.structs.replace(request, requested_at=now)
+            return Message(
+                encode(body),
+                content_type=JSON,
+                delivery_mode=DeliveryMode.PERSISTENT,
+                message_id=f"{request.conversation_id}:{request.token}",
+                headers={"conversation-id": request.conversation_id},
+                timestamp=now / 1000,
+                expiration=timedelta(milliseconds=left),
+            )
+
+        result = await self._publish(self._warm, attempt, WARM_ROUTING_KEY, mandatory=True)
         return not isinstance(result, DeliveredMessage)
 
     async def surface(self, update: SurfaceChanged) -> None:
@@ -127,7 +135,7 @@ class Publisher:
             delivery_mode=DeliveryMode.NOT_PERSISTENT,
             headers={"conversation-id": update.conversation_id},
         )
-        await self._publish(self._surface, message, SURFACE_ROUTING_KEY, mandatory=False)
+        await self._publish(self._surface, lambda: message, SURFACE_ROUTING_KEY, mandatory=False)
 
     async def reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         """Answer a command on its ``reply_to`` queue through the default exchange."""
@@ -138,7 +146,7 @@ class Publisher:
             delivery_mode=DeliveryMode.NOT_PERSISTENT,
         )
         exchange = self._channel.default_exchange
-        await self._publish(exchange, message, reply_to, mandatory=False)
+        await self._publish(exchange, lambda: message, reply_to, mandatory=False)
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, rejection: Rejection) -> None:
         """Re-publish an invalid message to the dead-letter exchange, with its reasons.
@@ -163,7 +171,7 @@ class Publisher:
                 raise DeadLetterRefused(str(exc)) from exc
             routing_key = incoming.routing_key or ""
             try:
-                await self._publish(self._dlx, message, routing_key, mandatory=False)
+                await self._publish(self._dlx, lambda: message, routing_key, mandatory=False)
             except _REFUSALS as exc:
                 await self._reopened(channel)
                 raise DeadLetterRefused(f"the broker refused it: {exc}"[:300]) from exc
@@ -197,13 +205,16 @@ class Publisher:
     async def _publish(
         self,
         exchange: AbstractExchange,
-        message: Message,
+        attempt: Callable[[], Message | None],
         routing_key: str,
         *,
         mandatory: bool,
-        still_wanted: Callable[[], bool] = _always,
     ) -> object:
+        """Publish what ``attempt()`` builds, again after a lost connection; None withdraws."""
         while True:
+            message = attempt()
+            if message is None:
+                raise PublishWithdrawn(routing_key[:255])
             try:
                 return await exchange.publish(
                     message,
@@ -223,5 +234,3 @@ class Publisher:
                 log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
                 channel = self._dead_channel if exchange is self._dlx else self._channel
                 await self._until_ready(exc, channel)
-                if not still_wanted():
-                    raise PublishWithdrawn(routing_key) from exc

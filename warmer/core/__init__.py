@@ -4,15 +4,17 @@ from warmer.core.effects import (
     Arm,
     Cancel,
     Effect,
-    PersistSettings,
     PublishSurface,
     PublishWarm,
     SendReply,
     WarmFailed,
 )
-from warmer.core.machine import Outcome, Policy, SettingsChange, Warmer
+from warmer.core.machine import Outcome, SettingsChange, Warmer
 from warmer.core.panel import DEFAULT_PANEL, build_panel
-from warmer.core.state import Conversation, Phase, Settings, parse_settings
+from warmer.core.policy import Policy
+from warmer.core.records import RecordError, decode_record, encode_record
+from warmer.core.recovery import Recovery
+from warmer.core.state import Conversation, Phase, Record, Settings, parse_settings
 
 __all__ = [
     "DEFAULT_PANEL",
@@ -21,16 +23,20 @@ __all__ = [
     "Conversation",
     "Effect",
     "Outcome",
-    "PersistSettings",
     "Phase",
     "Policy",
     "PublishSurface",
     "PublishWarm",
+    "Record",
+    "RecordError",
+    "Recovery",
     "SendReply",
     "Settings",
     "SettingsChange",
     "WarmFailed",
     "Warmer",
     "build_panel",
+    "decode_record",
+    "encode_record",
     "parse_settings",
 ]

@@ -1,11 +1,14 @@
-"""What the core asks the shell to do; the shell carries these out in order."""
+"""What the core asks the shell to do; the shell carries these out in order.
+
+What must be persisted is not an effect: the shell persists a batch's records
+(``Warmer.touched``) before it carries out the effects that depend on them.
+"""
 
 from __future__ import annotations
 
 from msgspec import Struct
 
 from warmer.contract import Reply, SurfaceChanged, WarmRequested
-from warmer.core.state import Settings
 
 
 class Arm(Struct, frozen=True, gc=False):
@@ -35,13 +38,6 @@ class PublishSurface(Struct, frozen=True):
     update: SurfaceChanged
 
 
-class PersistSettings(Struct, frozen=True, gc=False):
-    """Persist a conversation's settings; the input is acknowledged only once committed."""
-
-    conversation_id: str
-    settings: Settings
-
-
 class SendReply(Struct, frozen=True):
     """Answer the command (when it has a ``reply_to``)."""
 
@@ -58,4 +54,4 @@ class WarmFailed(Struct, frozen=True, gc=False):
     paused: bool
 
 
-Effect = Arm | Cancel | PublishWarm | PublishSurface | PersistSettings | SendReply | WarmFailed
+Effect = Arm | Cancel | PublishWarm | PublishSurface | SendReply | WarmFailed

@@ -1,8 +1,16 @@
 """The warmer state machine: given the time and an input, it returns effects.
 
 It never sleeps, reads a clock or does I/O. Commands that change settings go in two
-steps, ``plan_command`` then ``commit`` (or ``store_failed``), so the shell can persist
-in between and a store error leaves the in-memory state untouched.
+steps, ``plan_command`` then ``commit``, or ``store_failed`` when the batch they were
+committed in could not be persisted and was rolled back.
+
+Batches: the shell opens one (``begin``), applies a run of inputs, persists the records
+they changed (``touched``) in one transaction and closes it (``end``), or, when that
+cannot be done, puts the batch back (``rollback``) so the redelivered inputs apply
+again. Outside a batch every input works the same, with nothing remembered.
+
+Start-up: a ``Warmer`` built from the stored records (``records=``) recovers their
+timers with ``recover``; ``prune`` forgets conversations without input for too long.
 """
 
 from __future__ import annotations
@@ -11,10 +19,10 @@ from collections.abc import Mapping
 from typing import Final, Literal
 
 from msgspec import UNSET, Struct
+from msgspec.structs import replace
 
 from warmer.contract import (
     Command,
-    ConversationClosed,
     ErrorCode,
     ErrorReply,
     GetState,
@@ -37,13 +45,15 @@ from warmer.core.effects import (
     Arm,
     Cancel,
     Effect,
-    PersistSettings,
     PublishSurface,
     PublishWarm,
     SendReply,
     WarmFailed,
 )
 from warmer.core.panel import SET_INTERVAL_ACTION, TOGGLE_ACTION, build_panel
+from warmer.core.policy import Policy
+from warmer.core.recovery import Recovery, plan_recovery
+from warmer.core.retention import Retention
 from warmer.core.rules import (
     GENERATING,
     NO_CONSUMER,
@@ -55,18 +65,9 @@ from warmer.core.rules import (
     seconds_to_interval,
     timeout_error,
 )
-from warmer.core.state import DEFAULT_SETTINGS, Conversation, Phase, Settings
+from warmer.core.state import DEFAULT_SETTINGS, Conversation, Phase, Record, Settings
 
 Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
-
-
-class Policy(Struct, frozen=True, kw_only=True):
-    """The global knobs of the rules (``WARMER_*`` settings)."""
-
-    warm_timeout_ms: int = 60_000
-    max_failures: int = 3
-    idle_max_ms: int = 2_700_000
-    idle_max_warms: int = 10
 
 
 class Outcome(Struct, frozen=True):
@@ -77,13 +78,16 @@ class Outcome(Struct, frozen=True):
 
 
 class SettingsChange(Struct, frozen=True):
-    """A planned settings command: persist ``settings``, then ``commit``."""
+    """A planned settings command: ``commit`` applies it (or ``store_failed`` refuses it)."""
 
     conversation_id: str
     settings: Settings
     field: Literal["enabled", "interval"]
     base: Settings  # the persisted settings the change was planned on
 
+
+Snapshot = tuple[Conversation | None, Settings | None]
+"""A conversation as a batch found it: its state and its persisted settings, if any."""
 
 _NOTHING: Final = Outcome([], "ignored")
 _TOGGLE_PAYLOAD: Final = 'payload: the toggle takes {"value": true|false}'
@@ -100,11 +104,27 @@ class Warmer:
         policy: Policy | None = None,
         settings: Mapping[str, Settings] | None = None,
         token_start: int = 0,
+        *,
+        records: Mapping[str, Record] | None = None,
     ) -> None:
+        """Start empty, or from what the store holds.
+
+        ``settings``: persisted settings of conversations without a record (an older
+        store); ``records``: the stored records (their states are copied). The token
+        counter starts at ``token_start``, and never below a stored token.
+        """
         self.policy = policy or Policy()
         self._settings: dict[str, Settings] = dict(settings or {})
         self._conversations: dict[str, Conversation] = {}
         self._token = token_start
+        self._batch: dict[str, Snapshot] | None = None
+        self._retention = Retention(self.policy.retention_ms)
+        shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
+        for cid, record in (records or {}).items():
+            self._settings[cid] = shared.setdefault(record.settings, record.settings)
+            if record.state is not None:
+                self._conversations[cid] = replace(record.state)
+                self._token = max(self._token, record.state.token)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -129,21 +149,129 @@ class Warmer:
         """The persisted settings of a conversation (defaults when none)."""
         return self._settings.get(conversation_id, DEFAULT_SETTINGS)
 
+    # -- batches ----------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Open a batch: each conversation is snapshotted before an input first changes it."""
+        if self._batch is not None:
+            raise RuntimeError("a batch is already open")
+        self._batch = {}
+
+    def touched(self) -> dict[str, Record | None]:
+        """The record of each conversation the open batch changed or created; None: removed.
+
+        A conversation an input only looked at (a stale or dropped input, a fire that
+        failed its check) is not listed: its record did not change.
+        """
+        changes: dict[str, Record | None] = {}
+        for cid, (conv_before, settings_before) in self._open().items():
+            conv = self._conversations.get(cid)
+            settings = self._settings.get(cid)
+            if conv == conv_before and settings == settings_before:
+                continue
+            if conv is None and settings is None:
+                changes[cid] = None
+            else:
+                changes[cid] = Record(
+                    settings=DEFAULT_SETTINGS if settings is None else settings,
+                    state=None if conv is None else replace(conv),
+                )
+        return changes
+
+    def end(self) -> None:
+        """Close the batch: its changes were committed."""
+        self._open()
+        self._batch = None
+
+    def rollback(self) -> None:
+        """Put every conversation the batch touched back as it was at ``begin``.
+
+        Conversations the batch created are removed, removed ones come back, and the
+        batch stays open (as if just begun) until ``end``. Timers are not the core's:
+        the shell carries out a batch's ``Arm`` and ``Cancel`` only once it is committed,
+        and applies again the inputs nobody will redeliver (timer fires, returned warms).
+        The token counter does not go back: tokens only grow, so a rolled back batch
+        skips the tokens it took.
+        """
+        self._retention.rescan()  # older last inputs may come back
+        for cid, (conv, settings) in self._open().items():
+            if conv is None:
+                self._conversations.pop(cid, None)
+            else:
+                self._conversations[cid] = replace(conv)  # the snapshot stays the snapshot
+            if settings is None:
+                self._settings.pop(cid, None)
+            else:
+                self._settings[cid] = settings
+
+    def _open(self) -> dict[str, Snapshot]:
+        if self._batch is None:
+            raise RuntimeError("no batch is open")
+        return self._batch
+
+    def _touch(self, cid: str) -> None:
+        """Called before an input changes ``cid``: in a batch, snapshot it the first time."""
+        batch = self._batch
+        if batch is not None and cid not in batch:
+            conv = self._conversations.get(cid)
+            batch[cid] = (None if conv is None else replace(conv), self._settings.get(cid))
+
+    # -- start-up and retention -------------------------------------------------------
+
+    def recover(self, now: int) -> Recovery:
+        """The timers of the restored schedules, at start-up (``warmer.core.recovery``).
+
+        Settings-only records get a state, as their first input would create it, and a
+        last input unknown (0, an older record) counts from now. Open a batch first:
+        what this changes is to be persisted (``touched``).
+        """
+        for cid in self._settings.keys() - self._conversations.keys():
+            self._create(now, cid)
+        for cid, conv in self._conversations.items():
+            if conv.last_input_at == 0:
+                self._touch(cid)
+                conv.last_input_at = now
+        plan = plan_recovery(self._conversations, now, self.policy)
+        for arm in plan.warm_now:
+            self._touch(arm.conversation_id)
+            self._conversations[arm.conversation_id].next_warm_at = arm.due_at
+        for phase, cids in ((Phase.IDLE, plan.expired), (Phase.BUDGET_EXHAUSTED, plan.exhausted)):
+            for cid in cids:
+                self._touch(cid)
+                conv = self._conversations[cid]
+                conv.phase = phase
+                conv.next_warm_at = None
+        return plan.recovery
+
+    def prune(self, now: int) -> list[str]:
+        """Forget (state and settings) every conversation without input for ``retention_ms``.
+
+        Returns their ids; in a batch, ``touched`` lists them as None. A conversation
+        whose last input is unknown (0, before ``recover``) is kept.
+        """
+        gone = self._retention.due(self._conversations, now)
+        for cid in gone:
+            self._touch(cid)
+            del self._conversations[cid]
+            self._settings.pop(cid, None)
+        return gone
+
     # -- lifecycle events -------------------------------------------------------------
 
     def apply_event(self, now: int, event: LifecycleEvent) -> Outcome:
         """Apply one decoded lifecycle event."""
         if isinstance(event, WarmCompleted):
             return self._completed(now, event)
-        conv = self._conversations.get(event.conversation_id)
+        cid = event.conversation_id
+        conv = self._conversations.get(cid)
         if _is_stale_seq(event.seq, conv):
             return Outcome([], "stale")
+        self._touch(cid)
         if conv is None:
-            conv = self._create(now, event.conversation_id)
+            conv = self._create(now, cid)
         if event.seq is not None:
             conv.last_seq = event.seq
         effects: list[Effect] = []
-        cid = event.conversation_id
         if isinstance(event, TurnStarted):
             conv.active = True
             self._cancel(cid, conv, effects)
@@ -151,11 +279,7 @@ class Warmer:
             self._settled(now, cid, conv, event, effects)
         else:
             self._closed(cid, conv, effects)
-        self._surface(now, cid, conv, effects)
-        if isinstance(event, ConversationClosed):
-            settings = Settings(enabled=False, interval_ms=conv.interval_ms)
-            self._settings[cid] = settings
-            effects.append(PersistSettings(cid, settings))
+        self._applied(now, cid, conv, effects)
         return Outcome(effects)
 
     def _settled(
@@ -166,25 +290,31 @@ class Warmer:
         conv.active = False
         conv.failures = 0
         self._start_stretch(now, conv)
+        start = effective_request_start(event.last_request_at, now)
+        conv.last_read_at = now if start is None else start
         if conv.enabled:
-            start = effective_request_start(event.last_request_at, now)
             due = now + conv.interval_ms if start is None else max(now, start + conv.interval_ms)
             self._arm(now, cid, conv, effects, due=due)
 
     def _closed(self, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+        # Persisted with the record, in the same commit as the event's batch.
         self._cancel(cid, conv, effects)
         conv.enabled = False
+        self._settings[cid] = Settings(enabled=False, interval_ms=conv.interval_ms)
 
     def _completed(self, now: int, event: WarmCompleted) -> Outcome:
         cid = event.conversation_id
         conv = self._conversations.get(cid)
         if conv is not None and conv.active:
             return Outcome([], "dropped_active")
-        if conv is not None and event.token is not None and event.token < conv.token:
+        if conv is not None and _is_stale_token(event.token, conv):
             return Outcome([], "stale")
+        self._touch(cid)
         if conv is None:
             conv = self._create(now, cid)
         current = event.token is not None and event.token == conv.token
+        if current:
+            conv.answered_token = conv.token
         status = conv.status
         effects: list[Effect] = []
         if event.error is not None:
@@ -204,7 +334,7 @@ class Warmer:
                 conv.failures = 0
                 conv.last_error = None
                 self._arm(now, cid, conv, effects)
-        self._surface(now, cid, conv, effects)
+        self._applied(now, cid, conv, effects)
         return Outcome(effects)
 
     # -- timers and returns -----------------------------------------------------------
@@ -214,6 +344,7 @@ class Warmer:
         conv = self._conversations.get(conversation_id)
         if conv is None or token != conv.token or not conv.enabled or conv.active:
             return _NOTHING
+        self._touch(conversation_id)
         effects: list[Effect] = []
         if conv.phase is Phase.WARMING:
             self._fail(now, conversation_id, conv, timeout_error(conv.timeout_ms), effects)
@@ -221,7 +352,7 @@ class Warmer:
             self._publish_warm(now, conversation_id, conv, effects)
         else:
             return _NOTHING
-        self._surface(now, conversation_id, conv, effects)
+        self._applied(now, conversation_id, conv, effects)
         return Outcome(effects)
 
     def on_warm_returned(self, now: int, conversation_id: str, token: int) -> Outcome:
@@ -231,9 +362,10 @@ class Warmer:
             return _NOTHING
         if not conv.enabled or conv.active:
             return _NOTHING
+        self._touch(conversation_id)
         effects: list[Effect] = []
         self._fail(now, conversation_id, conv, NO_CONSUMER, effects)
-        self._surface(now, conversation_id, conv, effects)
+        self._applied(now, conversation_id, conv, effects)
         return Outcome(effects)
 
     def _publish_warm(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
@@ -329,8 +461,13 @@ class Warmer:
         return self.persisted(change.conversation_id) == change.base
 
     def commit(self, now: int, change: SettingsChange) -> Outcome:
-        """The planned settings were persisted: merge them, re-arm as the rules say, reply."""
+        """Apply a planned change: merge the settings, re-arm as the rules say, reply.
+
+        In a batch the settings are persisted with the batch's records; when that commit
+        fails, the shell rolls the batch back and answers with ``store_failed``.
+        """
         cid = change.conversation_id
+        self._touch(cid)
         self._settings[cid] = change.settings
         conv = self._conversations.get(cid) or self._create(now, cid)
         effects: list[Effect] = []
@@ -340,7 +477,7 @@ class Warmer:
             conv.interval_ms = change.settings.interval_ms
             if conv.status == "armed":
                 self._arm(now, cid, conv, effects)
-        self._surface(now, cid, conv, effects)
+        self._applied(now, cid, conv, effects)
         view = SettingsView(
             enabled=change.settings.enabled, interval_ms=change.settings.interval_ms
         )
@@ -371,6 +508,7 @@ class Warmer:
     # -- the shared moves -------------------------------------------------------------
 
     def _create(self, now: int, cid: str) -> Conversation:
+        self._touch(cid)
         conv = self._virtual(now, cid)
         self._conversations[cid] = conv
         return conv
@@ -421,11 +559,19 @@ class Warmer:
         conv.last_pct = cache_pct(usage.input_tokens, usage.cache_read_tokens)
         conv.last_expected_pct = expected_pct(usage.cache_read_tokens, usage.cache_write_tokens)
         conv.last_warm_at = now
+        conv.last_read_at = now
 
-    def _surface(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+    def _applied(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
+        """Every applied input ends here: note when (retention) and publish the surface."""
+        conv.last_input_at = now
         view = conv.view()
         update = SurfaceChanged(conversation_id=cid, state=view, spec=build_panel(view), at=now)
         effects.append(PublishSurface(update))
+
+
+def _is_stale_token(token: int | None, conv: Conversation) -> bool:
+    """A completion older than the armed token, or a duplicate of one already applied."""
+    return token is not None and (token < conv.token or token <= conv.answered_token)
 
 
 def _is_stale_seq(seq: int | None, conv: Conversation | None) -> bool:

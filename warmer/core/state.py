@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Annotated, Final
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
-from warmer.contract import StateView, Status
-from warmer.core.rules import DEFAULT_INTERVAL_MS, parse_stored_interval
+from warmer.contract import MAX_ERROR_CHARS, Count, Cwd, ModelName, StateView, Status
+from warmer.core.rules import (
+    DEFAULT_INTERVAL_MS,
+    MAX_INTERVAL_MS,
+    MIN_INTERVAL_MS,
+    parse_stored_interval,
+)
+
+# The constraints only act when a record is decoded (``warmer.core.records``); the core
+# never builds a value outside them. ``array_like``: a record is encoded as arrays, not
+# maps (no field names on disk); a field is only ever added at the end, with a default.
+Interval = Annotated[int, Meta(ge=MIN_INTERVAL_MS, le=MAX_INTERVAL_MS)]
+Pct = Annotated[int, Meta(ge=0, le=100)]
+LastError = Annotated[str, Meta(max_length=MAX_ERROR_CHARS)]
 
 
-class Settings(Struct, frozen=True, gc=False):
+class Settings(Struct, frozen=True, gc=False, array_like=True):
     """What is persisted per conversation: warming is opt-in."""
 
     enabled: bool = False
-    interval_ms: int = DEFAULT_INTERVAL_MS
+    interval_ms: Interval = DEFAULT_INTERVAL_MS
 
 
 DEFAULT_SETTINGS: Final = Settings()
@@ -60,27 +72,38 @@ _STATUS: Final[dict[Phase, Status]] = {
 }
 
 
-class Conversation(Struct, kw_only=True):
-    """One conversation's runtime state, settings merged in, and its last turn's context."""
+class Conversation(Struct, kw_only=True, gc=False, array_like=True):
+    """One conversation's runtime state, settings merged in, and its last turn's context.
+
+    Every field is an immutable value, so a shallow copy is a full snapshot (batches),
+    and no field can make a reference cycle (``gc=False``: a million of these cost the
+    garbage collector nothing).
+    """
 
     enabled: bool
-    interval_ms: int
+    interval_ms: Interval
     idle_since: int
     active: bool = False
     phase: Phase = Phase.IDLE
-    token: int = 0
+    token: Count = 0
     next_warm_at: int | None = None
-    failures: int = 0
-    last_pct: int | None = None
-    last_expected_pct: int | None = None
+    failures: Count = 0
+    last_pct: Pct | None = None
+    last_expected_pct: Pct | None = None
     last_warm_at: int | None = None
-    last_error: str | None = None
-    cwd: str | None = None
-    model_name: str | None = None
-    last_seq: int | None = None
-    idle_warms: int = 0
+    last_error: LastError | None = None
+    cwd: Cwd | None = None
+    model_name: ModelName | None = None
+    last_seq: Count | None = None
+    idle_warms: Count = 0
     published_at: int = 0
-    timeout_ms: int = 0
+    timeout_ms: Count = 0
+    answered_token: Count = 0
+    """The token of the last completion applied as current: a duplicate of it is stale."""
+    last_read_at: int | None = None
+    """When the provider last read the cache, as far as the worker knows (recovery)."""
+    last_input_at: int = 0
+    """When an input was last applied (retention); 0 when unknown (an older record)."""
 
     @property
     def status(self) -> Status:
@@ -105,3 +128,14 @@ class Conversation(Struct, kw_only=True):
             last_error=self.last_error,
             failures=self.failures,
         )
+
+
+class Record(Struct, frozen=True, kw_only=True, gc=False, array_like=True):
+    """What the store keeps per conversation: its settings and, once it has one, its state.
+
+    A record without state is a conversation with persisted settings only (left by an
+    older store); ``Warmer.recover`` gives it a state.
+    """
+
+    settings: Settings
+    state: Conversation | None = None

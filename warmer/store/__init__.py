@@ -4,33 +4,49 @@
 
     store = open_store("sqlite:///var/warmer.db")
     await store.open()
-    settings = await store.load_settings()
+    loaded = await store.load()
+    await store.commit({"c-1": record, "c-2": None}, token=loaded.token + 1)
 """
 
 from __future__ import annotations
 
-from warmer.store.base import RawSettings, Store, StoreError
+from warmer.store.base import Loaded, RawSettings, Store, StoreError
 from warmer.store.memory import MemoryStore
+from warmer.store.redis import RedisStore
 from warmer.store.sqlite import SqliteStore
 
-__all__ = ["MemoryStore", "RawSettings", "SqliteStore", "Store", "StoreError", "open_store"]
+__all__ = [
+    "Loaded",
+    "MemoryStore",
+    "RawSettings",
+    "RedisStore",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "open_store",
+]
 
-_FORMS = "sqlite:///relative/path.db, sqlite:////absolute/path.db, or memory:// (tests only)"
-_REDIS = "redis store arrives with the durability issue; use sqlite:///path.db"
+_FORMS = (
+    "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
+    "redis://[[user]:password@]host[:port][/db][?prefix=name], rediss://... (TLS), "
+    "or memory:// (tests only)"
+)
 
 
 def open_store(url: str) -> Store:
     """The store ``url`` names, not yet opened; ValueError for a URL of another form.
 
     ``sqlite:///relative/path.db`` is relative to the working directory,
-    ``sqlite:////absolute/path.db`` absolute; ``memory://`` keeps nothing.
+    ``sqlite:////absolute/path.db`` absolute; ``redis://`` and ``rediss://`` (TLS) name a
+    Redis database and the prefix of its keys (``warmer`` unless ``?prefix=`` says);
+    ``memory://`` keeps nothing. No error shows the URL's password.
     """
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
     if not separator:
         raise ValueError(f"store URL has no scheme; use {_FORMS}")
     if scheme in ("redis", "rediss"):
-        raise ValueError(_REDIS)
+        return RedisStore(url)
     if scheme == "memory" and not rest:
         return MemoryStore()
     if scheme == "sqlite":

@@ -1,8 +1,8 @@
 """The embedded default store: one SQLite file, WAL mode, fsynced at every commit.
 
-Writes issued while a commit is in flight are gathered and committed together, so a burst
-of ``put_settings`` costs one fsync, not one each; every caller still returns only once
-its own write is committed.
+Commits issued while one is in flight are merged and committed together, so a burst of
+them costs one fsync, not one each; every caller still returns only once its own changes
+are committed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import sqlite3
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,28 +20,38 @@ import aiosqlite
 import structlog
 
 from warmer.observe.tasks import watch
-from warmer.store.base import RawSettings, StoreError
+from warmer.store.base import Loaded, RawSettings, StoreError, check_commit
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
-"""Bumped by a change to the tables below (the persisted schedules will make it 2)."""
+SCHEMA_VERSION = 2
+"""1: settings per conversation. 2: one opaque record per conversation (settings kept)."""
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS settings (conversation_id TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    # Untyped value: integers today, room for other kinds of metadata later.
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value NOT NULL)",
-    f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', {SCHEMA_VERSION})",
+_CREATE_CONVERSATIONS = (
+    "CREATE TABLE conversations (conversation_id TEXT PRIMARY KEY, record BLOB NOT NULL)"
 )
-_PUT_SETTINGS = (
-    "INSERT INTO settings (conversation_id, value) VALUES (?, ?) "
-    "ON CONFLICT (conversation_id) DO UPDATE SET value = excluded.value"
+# Untyped value: integers today, room for other kinds of metadata later.
+_CREATE_META = "CREATE TABLE meta (key TEXT PRIMARY KEY, value NOT NULL)"
+_SET_VERSION = (
+    "INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 )
+_PUT_RECORD = (
+    "INSERT INTO conversations (conversation_id, record) VALUES (?, ?) "
+    "ON CONFLICT (conversation_id) DO UPDATE SET record = excluded.record"
+)
+_DELETE_RECORD = "DELETE FROM conversations WHERE conversation_id = ?"
+_DELETE_SETTINGS = "DELETE FROM settings WHERE conversation_id = ?"
 _PUT_TOKEN = (
     "INSERT INTO meta (key, value) VALUES ('token', ?) "
     "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)"
 )
-_MAX_INTEGER = 2**63 - 1
+_SELECT_RECORDS = "SELECT conversation_id, record FROM conversations"
+_SELECT_SETTINGS = (
+    "SELECT conversation_id, value FROM settings "
+    "WHERE conversation_id NOT IN (SELECT conversation_id FROM conversations)"
+)
+_SELECT_TOKEN = "SELECT value FROM meta WHERE key = 'token'"
 # What the driver raises when the file, the disk or the connection fails. aiosqlite
 # raises ValueError on a closed connection.
 _BACKEND_ERRORS = (sqlite3.Error, OSError, ValueError)
@@ -48,10 +59,10 @@ _BACKEND_ERRORS = (sqlite3.Error, OSError, ValueError)
 
 @dataclass
 class _Batch:
-    """Writes waiting for the next commit, and who waits for it."""
+    """Changes waiting for the next transaction, and who waits for them."""
 
-    settings: dict[str, str] = field(default_factory=dict)
-    token: int | None = None
+    changes: dict[str, bytes | None] = field(default_factory=dict)
+    token: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
 
@@ -63,27 +74,35 @@ class SqliteStore:
         self.path = Path(path)
         self._busy_timeout_ms = busy_timeout_ms
         self._conn: aiosqlite.Connection | None = None
+        self._legacy = False
+        """Whether the file has the schema-1 settings table."""
+        self._token = 0
+        """The token known committed: a commit that would not raise it may skip the disk."""
+        # One transaction at a time on the one connection: load beside the group commit.
+        self._transaction = asyncio.Lock()
         self._pending: _Batch | None = None
         self._writer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        """Connect, switch to WAL with full fsync, and create the tables if missing."""
+        """Connect, switch to WAL with full fsync, create or upgrade the schema."""
         if self._conn is not None:
             return
         if not self.path.parent.is_dir():
             raise StoreError(
                 f"store directory {self.path.parent} does not exist (store file {self.path})"
             )
+        if self.path.is_dir():
+            raise StoreError(f"cannot open store {self.path}: it is a directory, not a file")
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except _BACKEND_ERRORS as exc:
-            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+            raise self._error("cannot open store", exc) from exc
         try:
             journal_mode = await self._prepare(conn)
         except BaseException as exc:
             await _close_quietly(conn)
             if isinstance(exc, _BACKEND_ERRORS):
-                raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+                raise self._error("cannot open store", exc) from exc
             raise
         self._conn = conn
         if journal_mode != "wal":
@@ -93,29 +112,49 @@ class SqliteStore:
     async def _prepare(self, conn: aiosqlite.Connection) -> str:
         await conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
         rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
-        # NORMAL in WAL mode may lose the last commits on power loss; a put must be durable.
+        # NORMAL in WAL mode may lose the last commits on power loss; a commit must be durable.
         await conn.execute("PRAGMA synchronous = FULL")
         await conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _SCHEMA:
-                await conn.execute(statement)
-            version_rows = list(
-                await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'schema_version'")
-            )
+            await self._migrate(conn)
+            self._token = await self._read_token(conn)
             await conn.execute("COMMIT")
         except BaseException:
             await _rollback_quietly(conn)
             raise
-        version = version_rows[0][0]
+        return str(rows[0][0]).lower()
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        """Bring the file to SCHEMA_VERSION inside the caller's transaction."""
+        tables = {
+            str(row[0])
+            for row in await conn.execute_fetchall(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        if "meta" not in tables:
+            await conn.execute(_CREATE_META)
+            version: object = 0
+        else:
+            found = list(
+                await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'schema_version'")
+            )
+            version = found[0][0] if found else None
         if not isinstance(version, int) or version > SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.path} has schema version {version!r}; "
                 f"this warmer reads up to {SCHEMA_VERSION}"
             )
-        return str(rows[0][0]).lower()
+        if version < 2 and "conversations" not in tables:
+            await conn.execute(_CREATE_CONVERSATIONS)
+        if version < SCHEMA_VERSION:
+            await conn.execute(_SET_VERSION, (SCHEMA_VERSION,))
+            if version > 0:
+                log.info("store_upgraded", path=str(self.path), version=SCHEMA_VERSION)
+        self._legacy = "settings" in tables
 
     async def close(self) -> None:
-        """Wait for pending writes, then close the file; calling it twice is harmless."""
+        """Wait for pending commits, then close the file; calling it twice is harmless."""
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -125,7 +164,7 @@ class SqliteStore:
         try:
             await conn.close()
         except _BACKEND_ERRORS as exc:
-            raise StoreError(f"cannot close store {self.path}: {exc}") from exc
+            raise self._error("cannot close store", exc) from exc
         log.info("store_closed", path=str(self.path))
 
     def _connection(self) -> aiosqlite.Connection:
@@ -133,53 +172,69 @@ class SqliteStore:
             raise StoreError(f"store {self.path} is not open")
         return self._conn
 
-    async def load_settings(self) -> dict[str, RawSettings]:
-        """Every stored settings value, decoded but not validated (``{}`` when undecodable)."""
+    async def load(self) -> Loaded:
+        """Every record, the legacy settings of ids without one, and the token: one snapshot."""
         conn = self._connection()
-        try:
-            rows = await conn.execute_fetchall("SELECT conversation_id, value FROM settings")
-        except _BACKEND_ERRORS as exc:
-            raise StoreError(f"cannot read settings from {self.path}: {exc}") from exc
-        return {str(conversation_id): _decode(value) for conversation_id, value in rows}
+        async with self._transaction:
+            try:
+                await conn.execute("BEGIN")
+                try:
+                    rows = await conn.execute_fetchall(_SELECT_RECORDS)
+                    legacy = await conn.execute_fetchall(_SELECT_SETTINGS) if self._legacy else ()
+                    token = await self._read_token(conn)
+                finally:
+                    await _rollback_quietly(conn)
+            except _BACKEND_ERRORS as exc:
+                raise self._error("cannot read store", exc) from exc
+        records = self._records(rows)
+        settings = {str(conversation_id): _decode(value) for conversation_id, value in legacy}
+        self._token = max(self._token, token)
+        return Loaded(records=records, settings=settings, token=token)
 
-    async def put_settings(self, conversation_id: str, enabled: bool, interval_ms: int) -> None:
-        """Replace a conversation's settings; committed when this returns."""
-        conn = self._connection()
-        value = json.dumps({"enabled": enabled, "intervalMs": interval_ms}, separators=(",", ":"))
-        batch = self._next_batch()
-        batch.settings[conversation_id] = value
-        await self._await_commit(conn, batch)
+    def _records(self, rows: Iterable[sqlite3.Row]) -> dict[str, bytes]:
+        records: dict[str, bytes] = dict(rows)  # type: ignore[arg-type]
+        # One pass in C to find out whether a slow pass is needed to name the bad row.
+        if all(type(record) is bytes for record in records.values()) and all(
+            type(conversation_id) is str for conversation_id in records
+        ):
+            return records
+        for conversation_id, record in records.items():
+            if type(conversation_id) is not str:
+                raise StoreError(
+                    f"store {self.path} is corrupt: conversation id {_short(conversation_id)} "
+                    f"is {type(conversation_id).__name__}, not TEXT"
+                )
+            if type(record) is not bytes:
+                raise StoreError(
+                    f"store {self.path} is corrupt: the record of {_short(conversation_id)} "
+                    f"is {_sql_type(record)}, not a BLOB"
+                )
+        return records
 
-    async def load_token(self) -> int:
-        """The highest token stored, 0 when none was."""
-        conn = self._connection()
-        try:
-            rows = list(await conn.execute_fetchall("SELECT value FROM meta WHERE key = 'token'"))
-        except _BACKEND_ERRORS as exc:
-            raise StoreError(f"cannot read the token from {self.path}: {exc}") from exc
+    async def _read_token(self, conn: aiosqlite.Connection) -> int:
+        rows = list(await conn.execute_fetchall(_SELECT_TOKEN))
         if not rows:
             return 0
         token = rows[0][0]
-        if not isinstance(token, int):
-            raise StoreError(f"store {self.path} holds a token that is not an integer: {token!r}")
+        if type(token) is not int or token < 0:
+            raise StoreError(
+                f"store {self.path} is corrupt: the token is {_short(token)}, "
+                "not a non-negative integer"
+            )
         return token
 
-    async def put_token(self, token: int) -> None:
-        """Store ``max(stored, token)``; committed when this returns."""
-        if not 0 <= token <= _MAX_INTEGER:
-            raise ValueError(f"token {token} is outside 0..{_MAX_INTEGER}")
+    async def commit(self, changes: Mapping[str, bytes | None], token: int) -> None:
+        """Put and delete records, raise the token: committed, with fsync, when this returns."""
+        check_commit(changes, token)
         conn = self._connection()
-        batch = self._next_batch()
-        batch.token = token if batch.token is None else max(batch.token, token)
-        await self._await_commit(conn, batch)
-
-    def _next_batch(self) -> _Batch:
+        if not changes and token <= self._token:
+            return
         if self._pending is None:
             self._pending = _Batch()
-        return self._pending
-
-    async def _await_commit(self, conn: aiosqlite.Connection, batch: _Batch) -> None:
-        # A caller cancelled while waiting may still see its write committed.
+        batch = self._pending
+        batch.changes.update(changes)
+        batch.token = max(batch.token, token)
+        # A caller cancelled while waiting may still see its changes committed.
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         batch.waiters.append(waiter)
         if self._writer is None:
@@ -193,52 +248,86 @@ class SqliteStore:
             while self._pending is not None:
                 batch, self._pending = self._pending, None
                 failure = await self._commit(conn, batch)
+                if failure is None:
+                    self._token = max(self._token, batch.token)
                 _settle(batch.waiters, failure)
         finally:
             self._writer = None
             # Only reached with waiters left when this task was cancelled mid-commit.
-            interrupted = StoreError(f"write to {self.path} was interrupted")
+            interrupted = StoreError(f"commit to store {self.path} was interrupted")
             for left in (batch, self._pending):
                 if left is not None:
                     _settle(left.waiters, interrupted)
             self._pending = None
 
-    async def _commit(self, conn: aiosqlite.Connection, batch: _Batch) -> Exception | None:
-        """Write one batch in one transaction; the backend error, if any, instead of raising."""
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
+    async def _commit(self, conn: aiosqlite.Connection, batch: _Batch) -> StoreError | None:
+        """Write one batch in one transaction; the error, if any, instead of raising."""
+        puts = [(key, record) for key, record in batch.changes.items() if record is not None]
+        deletes = [(key,) for key, record in batch.changes.items() if record is None]
+        async with self._transaction:
             try:
-                if batch.settings:
-                    await conn.executemany(_PUT_SETTINGS, batch.settings.items())
-                if batch.token is not None:
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if puts:
+                        await conn.executemany(_PUT_RECORD, puts)
+                    if deletes:
+                        await conn.executemany(_DELETE_RECORD, deletes)
+                    if self._legacy:
+                        # A conversation lives in one place: its record, or (never written
+                        # since the upgrade) its legacy settings.
+                        await conn.executemany(_DELETE_SETTINGS, ((key,) for key in batch.changes))
                     await conn.execute(_PUT_TOKEN, (batch.token,))
-                await conn.execute("COMMIT")
-            except BaseException:
-                await _rollback_quietly(conn)
-                raise
-        except _BACKEND_ERRORS as exc:
-            return exc
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await _rollback_quietly(conn)
+                    raise
+            except _BACKEND_ERRORS as exc:
+                return self._error("cannot commit to store", exc)
         return None
 
+    def _error(self, doing: str, exc: BaseException) -> StoreError:
+        """One line naming the file and what is wrong with it, the cause attached."""
+        if isinstance(exc, StoreError):
+            return exc
+        error = StoreError(f"{doing} {self.path}: {self._diagnose(exc)}")
+        error.__cause__ = exc
+        return error
 
-def _settle(waiters: list[asyncio.Future[None]], failure: Exception | None) -> None:
+    def _diagnose(self, exc: BaseException) -> str:
+        """What went wrong, in words a reader can act on: the driver's own are terse."""
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if self.path.is_dir():
+            return "it is a directory, not a file"
+        if self.path.exists() and not os.access(self.path, os.R_OK | os.W_OK):
+            return f"permission denied: this process cannot read and write the file ({reason})"
+        if not os.access(self.path.parent, os.W_OK | os.X_OK):
+            return (
+                f"permission denied: this process cannot create files in {self.path.parent}, "
+                f"which WAL mode needs ({reason})"
+            )
+        if isinstance(exc, sqlite3.DatabaseError) and reason == "file is not a database":
+            return "the file is not an SQLite database (corrupted, or another kind of file)"
+        if isinstance(exc, sqlite3.DatabaseError) and "malformed" in reason:
+            return f"the database file is corrupted ({reason})"
+        return reason
+
+
+def _settle(waiters: list[asyncio.Future[None]], failure: StoreError | None) -> None:
     for waiter in waiters:
         if waiter.done():
             continue
         if failure is None:
             waiter.set_result(None)
-        elif isinstance(failure, StoreError):
-            waiter.set_exception(StoreError(str(failure)))
         else:
             # A fresh error per waiter: one exception object raised in many tasks would
             # collect all their tracebacks.
-            error = StoreError(f"cannot write the store: {failure}")
-            error.__cause__ = failure
+            error = StoreError(str(failure))
+            error.__cause__ = failure.__cause__
             waiter.set_exception(error)
 
 
 def _decode(value: object) -> RawSettings:
-    """A stored settings value as the object it holds; ``{}`` when it holds none."""
+    """A legacy settings value as the object it holds; ``{}`` when it holds none."""
     if isinstance(value, bytes):
         try:
             value = value.decode()
@@ -251,6 +340,18 @@ def _decode(value: object) -> RawSettings:
     except (ValueError, RecursionError):
         return {}
     return decoded if isinstance(decoded, dict) else {}
+
+
+def _short(value: object) -> str:
+    """``repr(value)`` cut to fit in a one-line error."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _sql_type(value: object) -> str:
+    """The SQLite storage class a Python value read from a row came from."""
+    names = {str: "TEXT", int: "INTEGER", float: "REAL", type(None): "NULL"}
+    return names.get(type(value), type(value).__name__)
 
 
 async def _rollback_quietly(conn: aiosqlite.Connection) -> None:

@@ -1,0 +1,276 @@
+"""RedisStore against a real Redis: its keys, one round trip per commit, and every way it fails.
+
+What every back end does is in tests/unit/test_store_contract.py. Each test has a key
+prefix of its own (``redis_store_url``, tests/conftest.py), deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from warmer.store import Loaded, RedisStore, StoreError, open_store
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain client on the same database, to look at (and break) the keys."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_store_url: str) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(redis_store_url)
+    await opened.open()
+    yield opened
+    await opened.close()
+
+
+def assert_one_line(error: StoreError, *words: str) -> None:
+    message = str(error)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+async def test_open_store_opens_a_redis_store(redis_store_url: str, redis_prefix: str) -> None:
+    store = open_store(redis_store_url)
+    assert isinstance(store, RedisStore)
+    await store.open()
+    try:
+        await store.commit({"c-1": b"one"}, 1)
+        assert await store.load() == Loaded(records={"c-1": b"one"}, settings={}, token=1)
+    finally:
+        await store.close()
+    assert store.records_key == f"{redis_prefix}:conversations"
+
+
+async def test_the_keys_are_one_hash_and_one_token(
+    store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    await store.commit({"c-1": b"\x00one", "c-2": b"two"}, 7)
+    await store.commit({"c-2": None}, 3)
+    assert await raw.hgetall(f"{redis_prefix}:conversations") == {b"c-1": b"\x00one"}
+    assert await raw.get(f"{redis_prefix}:token") == b"7"
+    keys = {key async for key in raw.scan_iter(match=f"{redis_prefix}*")}
+    assert keys == {f"{redis_prefix}:conversations".encode(), f"{redis_prefix}:token".encode()}
+
+
+async def test_the_prefix_defaults_to_warmer(redis_url: str) -> None:
+    store = RedisStore(redis_url)
+    assert (store.records_key, store.token_key) == ("warmer:conversations", "warmer:token")
+
+
+async def test_prefixes_keep_stores_apart(redis_url: str, redis_prefix: str) -> None:
+    first = RedisStore(f"{redis_url}?prefix={redis_prefix}:a")
+    second = RedisStore(f"{redis_url}?prefix={redis_prefix}:b")
+    await first.open()
+    await second.open()
+    try:
+        await first.commit({"c-1": b"first"}, 5)
+        assert await second.load() == Loaded(records={}, settings={}, token=0)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_commit_is_one_round_trip(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert store._client is not None
+    sent: list[object] = []
+    execute = store._client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(args[0])
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(store._client, "execute_command", counting)
+    await store.commit({f"c-{n}": bytes(120) for n in range(256)} | {"gone": None}, 9)
+    assert sent == ["EVALSHA"]
+
+
+async def test_the_script_is_loaded_again_after_a_flush(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    await raw.script_flush()
+    await store.commit({"c-1": b"one"}, 1)
+    assert (await store.load()).records == {"c-1": b"one"}
+
+
+async def test_load_reads_the_hash_in_chunks(
+    redis_store_url: str, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = {f"c-{n}": n.to_bytes(2, "big") for n in range(1000)}
+    await store.commit(records, 1)
+    small = RedisStore(redis_store_url, scan_count=50)
+    await small.open()
+    try:
+        assert small._client is not None
+        scans = 0
+        hscan = small._client.hscan
+
+        async def counting(*args: Any, **options: Any) -> Any:
+            nonlocal scans
+            scans += 1
+            return await hscan(*args, **options)
+
+        monkeypatch.setattr(small._client, "hscan", counting)
+        assert (await small.load()).records == records
+        assert scans >= 1000 // 50 // 2
+    finally:
+        await small.close()
+
+
+async def test_close_lets_issued_commits_finish(redis_store_url: str) -> None:
+    store = RedisStore(redis_store_url)
+    await store.open()
+    commits = [asyncio.create_task(store.commit({f"c-{n}": b"x"}, n)) for n in range(20)]
+    await asyncio.sleep(0)
+    await store.close()
+    await asyncio.gather(*commits)
+    again = RedisStore(redis_store_url)
+    await again.open()
+    try:
+        assert len((await again.load()).records) == 20
+    finally:
+        await again.close()
+
+
+async def test_calls_before_open_and_after_close_raise_store_error(redis_store_url: str) -> None:
+    store = RedisStore(redis_store_url)
+    with pytest.raises(StoreError, match="not open"):
+        await store.load()
+    await store.open()
+    await store.open()
+    await store.close()
+    await store.close()
+    with pytest.raises(StoreError, match="not open"):
+        await store.commit({"c-1": b"one"}, 1)
+
+
+# Keys that hold something else: StoreError, one line, naming the key; nothing written
+
+
+async def test_a_records_key_of_another_type(
+    store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    await raw.rpush(f"{redis_prefix}:conversations", b"a list")
+    with pytest.raises(StoreError) as at_load:
+        await store.load()
+    assert_one_line(at_load.value, f"{redis_prefix}:conversations", store.url)
+    with pytest.raises(StoreError) as at_commit:
+        await store.commit({"c-1": b"one"}, 5)
+    assert_one_line(at_commit.value, f"{redis_prefix}:conversations holds a list, not a hash")
+    assert await raw.get(f"{redis_prefix}:token") is None
+
+
+@pytest.mark.parametrize("kind", ["list", "hash"])
+async def test_a_token_key_of_another_type(
+    store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str, kind: str
+) -> None:
+    token_key = f"{redis_prefix}:token"
+    if kind == "list":
+        await raw.rpush(token_key, b"1")
+    else:
+        await raw.hset(token_key, "token", "1")
+    with pytest.raises(StoreError) as at_load:
+        await store.load()
+    assert_one_line(at_load.value, token_key)
+    with pytest.raises(StoreError) as at_commit:
+        await store.commit({"c-1": b"one"}, 5)
+    assert_one_line(at_commit.value, f"{token_key} holds a {kind}, not a token")
+    assert await raw.exists(f"{redis_prefix}:conversations") == 0
+
+
+@pytest.mark.parametrize("value", [b"soon", b"-5", b"1.5", b"007", b"9223372036854775808", b""])
+async def test_a_token_that_is_not_a_token(
+    store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str, value: bytes
+) -> None:
+    await raw.set(f"{redis_prefix}:token", value)
+    with pytest.raises(StoreError) as at_load:
+        await store.load()
+    assert_one_line(at_load.value, f"{redis_prefix}:token holds")
+    with pytest.raises(StoreError) as at_commit:
+        await store.commit({"c-1": b"one"}, 5)
+    assert_one_line(at_commit.value, f"{redis_prefix}:token holds")
+    assert await raw.exists(f"{redis_prefix}:conversations") == 0
+
+
+async def test_a_conversation_id_that_is_not_utf8(
+    store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    await raw.hset(f"{redis_prefix}:conversations", b"\xff\xfe", b"record")
+    with pytest.raises(StoreError) as raised:
+        await store.load()
+    assert_one_line(raised.value, "not UTF-8")
+
+
+# A Redis that is not there, does not answer, or refuses us: the URL shown, the password not
+
+
+async def _unused_port() -> int:
+    server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)
+    port: int = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return port
+
+
+async def test_open_fails_when_nothing_listens() -> None:
+    port = await _unused_port()
+    store = RedisStore(f"redis://warmer:s3cret-pass@127.0.0.1:{port}/0")
+    started = time.monotonic()
+    with pytest.raises(StoreError) as raised:
+        await store.open()
+    assert time.monotonic() - started < 5
+    assert_one_line(raised.value, f"redis://warmer:***@127.0.0.1:{port}/0", "ConnectionError")
+    assert "s3cret" not in str(raised.value)
+    with pytest.raises(StoreError, match="not open"):
+        await store.load()
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_open_fails_when_redis_does_not_answer() -> None:
+    async with silent_server() as port:
+        store = RedisStore(f"redis://:s3cret-pass@127.0.0.1:{port}/0", timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(StoreError) as raised:
+            await store.open()
+        assert time.monotonic() - started < 3
+    assert_one_line(raised.value, f"redis://:***@127.0.0.1:{port}/0", "Timeout")
+    assert "s3cret" not in str(raised.value)
+
+
+async def test_a_wrong_password_is_a_store_error_without_it(redis_url: str) -> None:
+    host = redis_url.split("://", 1)[1].rpartition("@")[2]
+    store = RedisStore(f"redis://nobody-here:s3cret-pass@{host}")
+    with pytest.raises(StoreError) as raised:
+        await store.open()
+    assert_one_line(raised.value, "redis://nobody-here:***@", "Error")
+    assert "s3cret" not in str(raised.value)

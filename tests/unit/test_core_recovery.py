@@ -1,0 +1,463 @@
+"""Start-up and retention: restoring records, ``recover`` (SEMANTICS.md, addition 3), ``prune``.
+
+The worker builds the core from the stored records, opens a batch, calls ``recover(now)``,
+commits what it touched and arms the timers it returns. Every rule is checked here with
+an explicit ``now``; times are offsets from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from warmer.contract import TurnSettled, WarmCompleted
+from warmer.core import (
+    Arm,
+    Conversation,
+    Outcome,
+    Phase,
+    Policy,
+    PublishWarm,
+    Record,
+    Recovery,
+    Settings,
+    Warmer,
+    WarmFailed,
+    decode_record,
+)
+
+NOW = 1_760_000_000_000
+START = NOW * 1000  # where the restarted counter starts (rules.token_start)
+INTERVAL = 240_000
+TTL = 300_000
+C = "conv-1"
+
+
+def conv(phase: Phase = Phase.IDLE, **fields: Any) -> Conversation:
+    """A conversation as a record holds it; armed ones due in one minute by default."""
+    if phase in (Phase.ARMED, Phase.RETRYING):
+        fields.setdefault("next_warm_at", NOW + 60_000)
+    fields.setdefault("enabled", True)
+    fields.setdefault("interval_ms", INTERVAL)
+    fields.setdefault("idle_since", NOW - 60_000)
+    fields.setdefault("token", 100)
+    fields.setdefault("last_input_at", NOW - 60_000)
+    return Conversation(phase=phase, **fields)
+
+
+def record(state: Conversation | None = None, settings: Settings | None = None) -> Record:
+    if settings is None:
+        settings = Settings(True, INTERVAL) if state is None else Settings(state.enabled, INTERVAL)
+    return Record(settings=settings, state=state)
+
+
+def restore(
+    records: dict[str, Record], now: int = NOW, policy: Policy | None = None, **kwargs: Any
+) -> tuple[Warmer, Recovery, dict[str, Record | None]]:
+    """A restarted core: built from ``records``, recovered at ``now`` inside a batch."""
+    warmer = Warmer(policy or Policy(), token_start=START, records=records, **kwargs)
+    warmer.begin()
+    recovery = warmer.recover(now)
+    touched = warmer.touched()
+    warmer.end()
+    return warmer, recovery, touched
+
+
+def counts(recovery: Recovery) -> tuple[int, int, int, int, int]:
+    r = recovery
+    return (r.loaded, r.rearmed, r.awaited, r.warmed_now, r.expired)
+
+
+# -- restoring -----------------------------------------------------------------------------
+
+
+def test_restoring_copies_the_states_and_the_settings() -> None:
+    state = conv(Phase.ARMED, cwd="/w")
+    warmer = Warmer(records={C: record(state, Settings(True, 5_000))}, token_start=START)
+    assert warmer.get(C) == state and warmer.get(C) is not state
+    assert warmer.persisted(C) == Settings(True, 5_000)
+    assert warmer.last_token == START
+
+
+def test_the_token_counter_never_starts_below_a_stored_token() -> None:
+    warmer = Warmer(records={C: record(conv(token=START + 5))}, token_start=START)
+    assert warmer.last_token == START + 5
+
+
+def test_a_record_wins_over_older_settings_of_the_same_conversation() -> None:
+    warmer = Warmer(
+        settings={C: Settings(False, 1_000), "old": Settings(True, 2_000)},
+        records={C: record(conv(), Settings(True, 5_000))},
+    )
+    assert warmer.persisted(C) == Settings(True, 5_000)
+    assert warmer.persisted("old") == Settings(True, 2_000) and warmer.get("old") is None
+
+
+# -- recover: re-armed as they were --------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", [Phase.ARMED, Phase.RETRYING])
+@pytest.mark.parametrize("due", [NOW, NOW + 1, NOW + 200_000])
+def test_a_pending_timer_due_later_is_rearmed_with_its_token(phase: Phase, due: int) -> None:
+    state = conv(phase, next_warm_at=due, token=START - 7)
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [Arm(C, due, START - 7)]
+    assert counts(recovery) == (1, 1, 0, 0, 0)
+    assert warmer.get(C) == state and touched == {}
+
+
+# -- recover: a warm that was out ----------------------------------------------------------
+
+
+def test_a_warm_out_is_awaited_until_its_own_timeout() -> None:
+    state = conv(Phase.WARMING, published_at=NOW - 10_000, timeout_ms=60_000, token=77)
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [Arm(C, NOW + 50_000, 77)]
+    assert counts(recovery) == (1, 0, 1, 0, 0) and touched == {}
+    assert warmer.is_awaiting(C, 77)
+
+
+def test_its_completion_with_the_token_from_before_the_crash_is_applied_as_current(
+    make_usage: Any,
+) -> None:
+    state = conv(Phase.WARMING, published_at=NOW - 10_000, timeout_ms=60_000, token=77)
+    warmer, _, _ = restore({C: record(state)})
+    event = WarmCompleted(conversation_id=C, token=77, usage=make_usage())
+    out = warmer.apply_event(NOW + 1_000, event)
+    arms = [e for e in out.effects if isinstance(e, Arm)]
+    after = warmer.get(C)
+    assert out.verdict == "applied" and after is not None
+    assert after.phase is Phase.ARMED and after.answered_token == 77 and after.last_pct == 80
+    assert arms == [Arm(C, NOW + 1_000 + INTERVAL, START + 1)]
+    assert warmer.apply_event(NOW + 2_000, event).verdict == "stale"
+
+
+def test_a_timeout_already_past_fires_at_once_and_fails_by_the_normal_rules() -> None:
+    state = conv(Phase.WARMING, published_at=NOW - 90_000, timeout_ms=60_000, token=77)
+    warmer, recovery, _ = restore({C: record(state)})
+    assert recovery.arms == [Arm(C, NOW, 77)]
+    out = warmer.on_timer(NOW, C, 77)
+    failed = [e for e in out.effects if isinstance(e, WarmFailed)]
+    assert failed == [WarmFailed(C, 77, "no completion within 60 s", 1, False)]
+    after = warmer.get(C)
+    assert after is not None and after.phase is Phase.RETRYING and after.token == START + 1
+
+
+# -- recover: fell due while down ----------------------------------------------------------
+
+
+def test_overdue_with_the_cache_alive_warms_at_once() -> None:
+    state = conv(Phase.ARMED, next_warm_at=NOW - 5_000, last_read_at=NOW - TTL + 1, token=9)
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [Arm(C, NOW, 9)]
+    assert counts(recovery) == (1, 0, 0, 1, 0)
+    after = warmer.get(C)
+    assert after is not None and after.phase is Phase.ARMED and after.next_warm_at == NOW
+    assert touched == {C: Record(settings=Settings(True, INTERVAL), state=after)}
+    out = warmer.on_timer(NOW, C, 9)
+    assert [e.request.token for e in out.effects if isinstance(e, PublishWarm)] == [9]
+
+
+def test_overdue_without_a_known_read_counts_from_when_it_went_idle() -> None:
+    alive = conv(Phase.RETRYING, next_warm_at=NOW - 1, idle_since=NOW - TTL + 1)
+    gone = conv(Phase.RETRYING, next_warm_at=NOW - 1, idle_since=NOW - TTL)
+    _, recovery, _ = restore({"alive": record(alive), "gone": record(gone)})
+    assert [a.conversation_id for a in recovery.arms] == ["alive"]
+    assert counts(recovery) == (2, 0, 0, 1, 1)
+
+
+@pytest.mark.parametrize("read", [NOW - TTL, NOW - TTL - 1, NOW - 3_600_000])
+def test_overdue_with_the_cache_gone_waits_for_its_next_turn(read: int) -> None:
+    state = conv(Phase.ARMED, next_warm_at=NOW - 1_000, last_read_at=read)
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [] and counts(recovery) == (1, 0, 0, 0, 1)
+    after = warmer.get(C)
+    assert after is not None and after.status == "idle" and after.next_warm_at is None
+    assert after.token == state.token
+    assert touched == {C: Record(settings=Settings(True, INTERVAL), state=after)}
+    # Its next turn arms it as usual.
+    warmer.apply_event(NOW + 5, TurnSettled(conversation_id=C))
+    assert warmer.get(C).status == "armed"  # type: ignore[union-attr]
+
+
+def test_a_warm_moved_beyond_the_idle_budget_time_is_not_armed() -> None:
+    # Due at the very end of the stretch's budget, then the worker was down: warming at
+    # once would be a warm due after stretch start + idle max (addition 4).
+    idle_max = Policy().idle_max_ms
+    state = conv(
+        Phase.ARMED,
+        idle_since=NOW - idle_max,
+        next_warm_at=NOW - 1,
+        last_read_at=NOW - 60_000,
+    )
+    within = conv(Phase.ARMED, idle_since=NOW - idle_max, next_warm_at=NOW - 2, last_read_at=NOW)
+    warmer, recovery, touched = restore({"late": record(state), "within": record(within)})
+    assert recovery.arms == [Arm("within", NOW, within.token)]
+    assert counts(recovery) == (2, 0, 0, 1, 1)
+    late = warmer.get("late")
+    assert late is not None and late.status == "budget_exhausted" and late.next_warm_at is None
+    assert set(touched) == {"late", "within"}
+
+
+def test_the_cache_ttl_is_a_policy() -> None:
+    state = conv(Phase.ARMED, next_warm_at=NOW - 1_000, last_read_at=NOW - 400_000)
+    _, recovery, _ = restore({C: record(state)}, policy=Policy(cache_ttl_ms=3_600_000))
+    assert recovery.warmed_now == 1
+
+
+def test_a_burst_is_spread_most_overdue_first() -> None:
+    records = {
+        f"c{i}": record(conv(Phase.ARMED, next_warm_at=NOW - 1_000 * (i + 1), last_read_at=NOW))
+        for i in range(3)
+    }
+    _, recovery, _ = restore(records)
+    assert [(a.conversation_id, a.due_at) for a in recovery.arms] == [
+        ("c2", NOW),
+        ("c1", NOW + 50),
+        ("c0", NOW + 100),
+    ]
+
+
+@pytest.mark.parametrize(("count", "spread_ms"), [(100, 5_000), (1_000, 5_000), (7, 100)])
+def test_a_large_burst_stays_within_the_spread_window(count: int, spread_ms: int) -> None:
+    records = {
+        f"c{i:04d}": record(conv(Phase.ARMED, next_warm_at=NOW - 1, last_read_at=NOW))
+        for i in range(count)
+    }
+    policy = Policy(recovery_spread_ms=spread_ms)
+    _, recovery, touched = restore(records, policy=policy)
+    dues = [a.due_at for a in recovery.arms]
+    assert recovery.warmed_now == count == len(touched)
+    assert dues == sorted(dues) and dues[0] == NOW and dues[-1] < NOW + spread_ms
+    assert len(set(dues)) == count, "no two warms of the burst in the same instant"
+    assert dues[1] - dues[0] == min(50, spread_ms // count)
+
+
+# -- recover: what stays as it is ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        conv(Phase.PAUSED, failures=3),
+        conv(Phase.BUDGET_EXHAUSTED),
+        conv(Phase.IDLE),
+        conv(Phase.IDLE, enabled=False),
+        conv(Phase.IDLE, active=True),
+        conv(Phase.IDLE, enabled=False, active=True),
+    ],
+    ids=["paused", "budget_exhausted", "idle", "disabled", "active", "disabled_active"],
+)
+def test_other_statuses_stay_as_they_are_without_a_timer(state: Conversation) -> None:
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [] and counts(recovery) == (1, 0, 0, 0, 0)
+    assert warmer.get(C) == state and touched == {}
+
+
+# -- recover: records from an older store --------------------------------------------------
+
+
+def test_settings_only_records_get_a_state_as_a_first_input_would() -> None:
+    warmer, recovery, touched = restore(
+        {C: record(None, Settings(True, 5_000)), "off": record(None, Settings(False, 1_000))},
+        settings={"older": Settings(True, 2_000)},
+    )
+    assert counts(recovery) == (3, 0, 0, 0, 0) and recovery.arms == []
+    assert set(touched) == {C, "off", "older"}
+    state = warmer.get(C)
+    assert state is not None and state.status == "idle" and state.interval_ms == 5_000
+    assert state.idle_since == NOW and state.last_input_at == NOW
+    assert touched[C] == Record(settings=Settings(True, 5_000), state=state)
+    assert warmer.get("off").status == "disabled"  # type: ignore[union-attr]
+    assert warmer.get("older").interval_ms == 2_000  # type: ignore[union-attr]
+
+
+def test_an_unknown_last_input_counts_from_now_and_is_persisted() -> None:
+    state = conv(Phase.ARMED, last_input_at=0)
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.rearmed == 1
+    after = warmer.get(C)
+    assert after is not None and after.last_input_at == NOW
+    assert touched == {C: Record(settings=Settings(True, INTERVAL), state=after)}
+
+
+# -- after recovery the machine goes on ----------------------------------------------------
+
+
+def test_after_recovery_the_rearmed_timer_fires_and_new_tokens_are_above_the_start() -> None:
+    state = conv(Phase.ARMED, next_warm_at=NOW + 1_000, token=START - 50, cwd="/w")
+    warmer, recovery, _ = restore({C: record(state)})
+    (arm,) = recovery.arms
+    out = warmer.on_timer(arm.due_at, C, arm.token)
+    warms = [e for e in out.effects if isinstance(e, PublishWarm)]
+    assert [(w.request.token, w.request.cwd) for w in warms] == [(START - 50, "/w")]
+    timeouts = [e for e in out.effects if isinstance(e, Arm)]
+    assert timeouts == [Arm(C, NOW + 1_000 + 60_000, START - 50)]
+    # The warm's completion re-arms with a token from the new counter.
+    warmer.apply_event(
+        NOW + 2_000,
+        WarmCompleted(conversation_id=C, token=START - 50, error="provider error"),
+    )
+    after = warmer.get(C)
+    assert after is not None and after.phase is Phase.RETRYING and after.token == START + 1
+    assert after.answered_token == START - 50
+
+
+def test_a_shell_restarted_from_its_store_picks_up_its_schedules(make_shell: Any) -> None:
+    # One worker runs, is killed (nothing but the store survives) and a new one starts.
+    before = make_shell(token_start=START)
+    before.set_enabled("armed", True)
+    before.settled("armed", cwd="/a", seq=3)
+    before.set_enabled("warming", True)
+    before.set_interval("warming", 10_000)
+    before.settled("warming")
+    before.fire("warming")
+    before.set_interval("off", 5_000)
+    states = {cid: before.warmer.get(cid) for cid in ("armed", "warming", "off")}
+    records = {cid: decode_record(raw) for cid, raw in before.store.items()}
+    assert set(records) == set(states)
+
+    now = before.now + 1_000
+    after = make_shell(records=records, token_start=before.warmer.last_token + 1, now=now)
+    after.warmer.begin()
+    recovery = after.warmer.recover(now)
+    assert after.warmer.touched() == {}
+    after.warmer.end()
+    after.run(Outcome(list(recovery.arms)))
+    assert counts(recovery) == (3, 1, 1, 0, 0)
+    assert {cid: after.warmer.get(cid) for cid in states} == states
+    assert after.timers == {cid: before.timers[cid] for cid in ("armed", "warming")}, (
+        "the timers are those the old worker had"
+    )
+    assert after.settled("armed", seq=3).verdict == "stale", "the last seq survived"
+    timeout = after.fire("warming")  # the warm out before the crash times out
+    assert isinstance(timeout.effects[0], WarmFailed)
+    assert after.conv("warming").token > before.warmer.last_token
+
+
+# -- what recovery and retention read ------------------------------------------------------
+
+
+def test_a_settle_records_when_the_provider_read_the_cache(shell: Any) -> None:
+    now = shell.now
+    shell.settled(C, last_request_at=now - 90_000)
+    assert shell.conv(C).last_read_at == now - 90_000
+    shell.settled(C, last_request_at=now + 1_500)  # up to 2 s ahead counts as now
+    assert shell.conv(C).last_read_at == now
+    shell.advance(10)
+    shell.settled(C, last_request_at=shell.now + 5_000)  # further ahead is ignored
+    assert shell.conv(C).last_read_at == shell.now
+    shell.advance(10)
+    shell.settled(C)
+    assert shell.conv(C).last_read_at == shell.now
+
+
+def test_a_completion_with_usage_is_a_read_an_error_is_not(shell: Any) -> None:
+    shell.settled(C)
+    read = shell.now
+    shell.advance(1_000)
+    shell.completed(C, error="boom")
+    assert shell.conv(C).last_read_at == read
+    shell.advance(1_000)
+    shell.completed(C)
+    assert shell.conv(C).last_read_at == shell.now
+
+
+def test_only_applied_inputs_count_as_input(shell: Any) -> None:
+    shell.set_enabled(C, True)
+    shell.settled(C, seq=5)
+    applied = shell.now
+    assert shell.conv(C).last_input_at == applied
+    shell.advance(1_000)
+    shell.settled(C, seq=4)  # stale
+    shell.get_state(C)
+    shell.fire_token(C, 1)  # stale timer
+    shell.completed(C, token=1)  # stale completion
+    assert shell.conv(C).last_input_at == applied
+    shell.fire(C)
+    assert shell.conv(C).last_input_at == shell.now
+
+
+# -- prune ---------------------------------------------------------------------------------
+
+
+def test_prune_forgets_state_and_settings_after_the_retention_time(make_shell: Any) -> None:
+    shell = make_shell(Policy(retention_ms=10_000))
+    shell.set_interval("old", 5_000)
+    shell.advance(5_000)
+    shell.started("recent")
+    shell.advance(5_001)  # old: 10,001 ms without input; recent: 5,001
+    shell.warmer.begin()
+    assert shell.warmer.prune(shell.now) == ["old"]
+    assert shell.warmer.touched() == {"old": None}
+    shell.warmer.end()
+    assert shell.warmer.get("old") is None and shell.warmer.persisted("old") == Settings()
+    assert shell.warmer.get("recent") is not None
+    # A pruned conversation that comes back starts afresh.
+    shell.set_enabled("old", True)
+    assert shell.warmer.persisted("old") == Settings(True, 240_000)
+
+
+def test_prune_keeps_what_was_used_exactly_at_the_limit_and_unknown_times() -> None:
+    warmer = Warmer(
+        Policy(retention_ms=1_000),
+        records={
+            "limit": record(conv(last_input_at=NOW - 1_000)),
+            "unknown": record(conv(last_input_at=0)),
+            "over": record(conv(last_input_at=NOW - 1_001)),
+        },
+    )
+    assert warmer.prune(NOW) == ["over"]
+    assert len(warmer) == 2
+
+
+def test_prune_outside_a_batch_and_with_nothing_due_changes_nothing() -> None:
+    warmer = Warmer(records={C: record(conv())})
+    assert warmer.prune(NOW) == []
+    assert warmer.get(C) is not None
+
+
+_HOUR = 3_600_000
+prune_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("input"), st.sampled_from("abcdef")),
+        st.tuples(st.just("advance"), st.sampled_from([1, 60_000, 600_000, _HOUR, 3 * _HOUR])),
+        st.tuples(st.just("prune"), st.booleans()),
+        st.tuples(st.just("prune_rolled_back"), st.booleans()),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    retention=st.sampled_from([0, 1_000, _HOUR // 2, 2 * _HOUR, 7 * 24 * _HOUR]), steps=prune_steps
+)
+def test_prune_forgets_exactly_what_a_full_scan_would(
+    make_shell: Any, retention: int, steps: list[tuple[Any, ...]]
+) -> None:
+    # prune scans everything only about once an hour and checks its candidates in
+    # between: it must still forget exactly what a scan of every conversation would.
+    shell = make_shell(Policy(retention_ms=retention))
+    warmer = shell.warmer
+    for kind, arg in steps:
+        if kind == "input":
+            shell.started(arg)
+        elif kind == "advance":
+            shell.advance(arg)
+        else:
+            cutoff = shell.now - retention
+            expected = sorted(
+                cid for cid in "abcdef" if (c := warmer.get(cid)) and c.last_input_at < cutoff
+            )
+            warmer.begin()
+            before = {cid: warmer.get(cid) for cid in "abcdef"}
+            assert sorted(warmer.prune(shell.now)) == expected
+            assert sorted(warmer.touched()) == expected
+            if kind == "prune_rolled_back":
+                warmer.rollback()
+                assert {cid: warmer.get(cid) for cid in "abcdef"} == before
+            warmer.end()

@@ -1,0 +1,100 @@
+"""Start-up (SEMANTICS.md, addition 3): which timer each restored schedule gets.
+
+A schedule due later is re-armed as it was. A warm that was out is awaited until its
+own timeout. A warm that fell due while the worker was down goes out at once if the
+cache can still be alive (read within ``cache_ttl_ms``), the burst spread over
+``recovery_spread_ms``, with the token it was armed with; otherwise the conversation
+waits, idle, for its next turn. Moving a warm later is checked against the idle
+budget's time, as any arm is (addition 4): past it, the status is ``budget_exhausted``.
+Everything else has no timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from msgspec import Struct
+
+from warmer.core.effects import Arm
+from warmer.core.policy import Policy
+from warmer.core.state import Conversation, Phase
+
+_STEP_MS: Final = 50
+"""The gap between two warms of a burst, while the burst fits its window."""
+
+
+class Recovery(Struct, frozen=True, kw_only=True):
+    """What recovery did: the timers to arm, and how many conversations went which way."""
+
+    arms: list[Arm]
+    loaded: int
+    """Conversations in memory (settings-only records included)."""
+    rearmed: int
+    """Armed or retrying, due later: re-armed as they were."""
+    awaited: int
+    """A warm was out: its timeout armed again."""
+    warmed_now: int
+    """Fell due while down, cache still alive: warmed at once, spread over a short window."""
+    expired: int
+    """Fell due while down, not warmed (cache gone, or the idle budget's time spent)."""
+
+
+class RecoveryPlan(Struct, frozen=True, kw_only=True):
+    """The recovery, and the two changes it makes to the state (to persist)."""
+
+    recovery: Recovery
+    warm_now: list[Arm]
+    """Overdue, cache alive: ``nextWarmAt`` becomes the arm's due time."""
+    expired: list[str]
+    """Overdue, cache gone: idle, ``nextWarmAt`` null."""
+    exhausted: list[str]
+    """Overdue, cache alive, but due beyond the idle budget's time: ``budget_exhausted``."""
+
+
+def plan_recovery(
+    conversations: Mapping[str, Conversation], now: int, policy: Policy
+) -> RecoveryPlan:
+    """The timer of every restored conversation at ``now``; nothing is changed here."""
+    arms: list[Arm] = []
+    overdue: list[tuple[int, str, Conversation]] = []
+    expired: list[str] = []
+    rearmed = awaited = 0
+    ttl = policy.cache_ttl_ms
+    for cid, conv in conversations.items():
+        phase = conv.phase
+        if not phase.pending or not conv.enabled or conv.active:
+            continue
+        if phase is Phase.WARMING:
+            arms.append(Arm(cid, max(now, conv.published_at + conv.timeout_ms), conv.token))
+            awaited += 1
+            continue
+        due = conv.next_warm_at
+        assert due is not None, "armed or retrying without a due time"
+        if due >= now:
+            arms.append(Arm(cid, due, conv.token))
+            rearmed += 1
+        elif now - (conv.idle_since if conv.last_read_at is None else conv.last_read_at) < ttl:
+            overdue.append((due, cid, conv))
+        else:
+            expired.append(cid)
+    overdue.sort(key=lambda item: item[:2])  # the longest overdue first
+    count = len(overdue)
+    window = min(_STEP_MS * count, policy.recovery_spread_ms)
+    warm_now: list[Arm] = []
+    exhausted: list[str] = []
+    for k, (_, cid, conv) in enumerate(overdue):
+        due = now + k * window // count
+        if due > conv.idle_since + policy.idle_max_ms:
+            exhausted.append(cid)
+        else:
+            warm_now.append(Arm(cid, due, conv.token))
+    recovery = Recovery(
+        arms=arms + warm_now,
+        loaded=len(conversations),
+        rearmed=rearmed,
+        awaited=awaited,
+        warmed_now=len(warm_now),
+        expired=len(expired) + len(exhausted),
+    )
+    return RecoveryPlan(recovery=recovery, warm_now=warm_now, expired=expired, exhausted=exhausted)
