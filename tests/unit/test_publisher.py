@@ -1,0 +1,82 @@
+"""The publisher's warm request after a lost connection: real publish time, time left."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pytest
+
+from warmer.bus.publisher import Publisher, PublishWithdrawn
+from warmer.bus.topology import Names, Topology
+from warmer.clock import ManualClock
+from warmer.contract import WarmRequested
+
+T0 = 1_760_000_000_000
+
+
+class Channel:
+    """A robust channel that is always ready again."""
+
+    async def ready(self) -> None:
+        return None
+
+
+class Exchange:
+    """Fails the first ``cuts`` publishes as a lost connection would, moving the clock."""
+
+    def __init__(self, clock: ManualClock, cuts: int, outage_ms: int) -> None:
+        self.clock = clock
+        self.cuts = cuts
+        self.outage_ms = outage_ms
+        self.published: list[Any] = []
+
+    async def publish(self, message: Any, routing_key: str, **_: Any) -> None:
+        if self.cuts:
+            self.cuts -= 1
+            self.clock.advance(self.outage_ms)
+            raise ConnectionError("connection lost")
+        self.published.append(message)
+
+
+def publisher(clock: ManualClock, exchange: Exchange) -> Publisher:
+    names = Names.of("ns")
+    exchanges: dict[str, Any] = {name: exchange for name, _ in names.exchanges()}
+    topology = Topology(names=names, exchanges=exchanges, queues={})
+    channel: Any = Channel()
+    return Publisher(channel, topology, channel, exchange, clock)  # type: ignore[arg-type]
+
+
+def request(at: int) -> WarmRequested:
+    return WarmRequested(conversation_id="c", token=7, requested_at=at, cwd="/srv")
+
+
+async def test_a_warm_request_published_at_once_keeps_its_whole_timeout() -> None:
+    clock = ManualClock(T0)
+    exchange = Exchange(clock, cuts=0, outage_ms=0)
+    assert await publisher(clock, exchange).warm(request(T0), 60_000, lambda: True)
+    (message,) = exchange.published
+    assert message.expiration == timedelta(milliseconds=60_000)
+    assert msgspec.json.decode(message.body)["requestedAt"] == T0
+    assert message.message_id == "c:7"
+
+
+async def test_republished_after_a_reconnection_it_carries_its_real_time_and_time_left() -> None:
+    clock = ManualClock(T0)
+    exchange = Exchange(clock, cuts=2, outage_ms=10_000)
+    await publisher(clock, exchange).warm(request(T0), 60_000, lambda: True)
+    (message,) = exchange.published
+    assert msgspec.json.decode(message.body)["requestedAt"] == T0 + 20_000
+    assert message.expiration == timedelta(milliseconds=40_000)
+
+
+@pytest.mark.parametrize(("outage_ms", "wanted"), [(61_000, True), (1_000, False)])
+async def test_withdrawn_when_its_attempt_timed_out_or_is_no_longer_wanted(
+    outage_ms: int, wanted: bool
+) -> None:
+    clock = ManualClock(T0)
+    exchange = Exchange(clock, cuts=1, outage_ms=outage_ms)
+    with pytest.raises(PublishWithdrawn):
+        await publisher(clock, exchange).warm(request(T0), 60_000, lambda: wanted)
+    assert exchange.published == []
