@@ -32,7 +32,7 @@ from warmer.bus.topology import Names, declare
 from warmer.clock import Clock, SystemClock, sleep
 from warmer.config import Config, mask_password
 from warmer.core import Arm, Policy, Warmer, parse_settings
-from warmer.core.records import RecordError, decode_record, encode_record
+from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
@@ -160,10 +160,7 @@ class App:
         )
         core.begin()
         recovery = core.recover(now)
-        changes = {
-            cid: None if record is None else encode_record(record)
-            for cid, record in core.touched().items()
-        }
+        changes = encode_changes(core.touched())
         try:
             await self.store.commit(changes, core.last_token)
         except StoreError as exc:

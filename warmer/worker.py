@@ -54,7 +54,7 @@ from warmer.core import (
     Warmer,
     WarmFailed,
 )
-from warmer.core.records import encode_record
+from warmer.core.records import encode_changes
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError
@@ -248,10 +248,7 @@ class Worker:
             applied = self._apply(items, now, None)
             attempt = 0
             while True:
-                changes = {
-                    cid: None if record is None else encode_record(record)
-                    for cid, record in self.core.touched().items()
-                }
+                changes = encode_changes(self.core.touched())
                 token = self.core.last_token
                 try:
                     if changes:  # tokens matter only with the records that hold them

@@ -9,6 +9,7 @@ have written.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
@@ -27,6 +28,13 @@ class RecordError(ValueError):
 def encode_record(record: Record) -> bytes:
     """The stored form of a record."""
     return _ENCODER.encode(record)
+
+
+def encode_changes(touched: Mapping[str, Record | None]) -> dict[str, bytes | None]:
+    """What a batch commits: each touched record encoded, ``None`` for a removed one."""
+    return {
+        cid: None if record is None else encode_record(record) for cid, record in touched.items()
+    }
 
 
 def decode_record(data: bytes | bytearray | memoryview) -> Record:
