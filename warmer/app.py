@@ -18,7 +18,6 @@ from typing import Final
 
 import aio_pika
 import aiormq
-import structlog
 from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustChannel,
@@ -34,12 +33,13 @@ from warmer.config import Config, mask_password
 from warmer.core import Arm, Policy, Warmer, parse_settings
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
+from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
 from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Inputs, Prune, Worker
 
-log = structlog.get_logger("warmer.app")
+log = get_logger(__name__)
 
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
@@ -53,18 +53,6 @@ EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot b
 
 class StartupError(Exception):
     """The worker cannot start; the message says what to do about it."""
-
-
-def policy_of(config: Config) -> Policy:
-    """The core's policy from the config."""
-    return Policy(
-        warm_timeout_ms=config.warm_timeout_ms,
-        max_failures=config.max_failures,
-        idle_max_ms=config.idle_max_ms,
-        idle_max_warms=config.idle_max_warms,
-        cache_ttl_ms=config.cache_ttl_ms,
-        retention_ms=config.retention_ms,
-    )
 
 
 class App:
@@ -153,7 +141,7 @@ class App:
                 ) from exc
         now = self.clock.now_ms()
         core = Warmer(
-            policy_of(self.config),
+            Policy.of(self.config),
             records=records,
             settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
             token_start=token_start(loaded.token, now),

@@ -106,34 +106,44 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Setting(msgspec.Struct, frozen=True):
-    """One `WARMER_*` variable: its name, default, meaning and what it accepts."""
+    """One `WARMER_*` variable: its name, meaning and what it accepts.
+
+    Its default is the `Config` field's (the one place defaults live; the core's `Policy`
+    takes them from there too), unless `shown` describes it in words.
+    """
 
     name: str
     field: str
-    default: str
     meaning: str
     expected: str
+    shown: str | None = None
 
+    @property
+    def default(self) -> str:
+        """The default as `--help` shows it and as the variable would be written."""
+        if self.shown is not None:
+            return self.shown
+        return str(getattr(_DEFAULTS, self.field))
+
+
+_DEFAULTS: Final = Config()
 
 SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "WARMER_AMQP_URL",
         "amqp_url",
-        "amqp://guest:guest@localhost:5672/",
         "the RabbitMQ broker (its password is never logged)",
         "an amqp:// or amqps:// URL such as amqp://user:password@host:5672/vhost",
     ),
     Setting(
         "WARMER_NAMESPACE",
         "namespace",
-        "warmer",
         "prefix of every exchange and queue name",
         "1 to 100 characters among letters, digits, '.', '_' and '-'",
     ),
     Setting(
         "WARMER_STORE",
         "store",
-        "sqlite:///warmer.db",
         "where conversation state is kept: sqlite:///relative.db, "
         "sqlite:////absolute/path.db (embedded), redis://host:6379/0 (a standby can take "
         "over), or memory:// (tests only: nothing survives)",
@@ -142,56 +152,49 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "WARMER_PREFETCH",
         "prefetch",
-        "256",
         "unacknowledged lifecycle events per consumer",
         "an integer from 1 to 65535",
     ),
     Setting(
         "WARMER_LOG_FORMAT",
         "log_format",
-        "console on a terminal, json otherwise",
         "json (one object per line) or console (for people)",
         "one of json, console",
+        shown="console on a terminal, json otherwise",
     ),
     Setting(
         "WARMER_LOG_LEVEL",
         "log_level",
-        "info",
         "the least severe level logged",
         "one of debug, info, warning, error",
     ),
     Setting(
         "WARMER_WARM_TIMEOUT_MS",
         "warm_timeout_ms",
-        "60000",
         "how long a warm request waits for its completion, in ms",
         f"an integer from 1000 to {_INT_MAX} (milliseconds)",
     ),
     Setting(
         "WARMER_MAX_FAILURES",
         "max_failures",
-        "3",
         "consecutive failed warms before warming pauses",
         f"an integer from 1 to {_INT_MAX}",
     ),
     Setting(
         "WARMER_IDLE_MAX_MS",
         "idle_max_ms",
-        "2700000",
         "idleness after which a conversation is no longer warmed, in ms",
         f"an integer from 1000 to {_INT_MAX} (milliseconds)",
     ),
     Setting(
         "WARMER_IDLE_MAX_WARMS",
         "idle_max_warms",
-        "10",
         "warms at most in one idle stretch",
         f"an integer from 1 to {_INT_MAX}",
     ),
     Setting(
         "WARMER_CACHE_TTL_MS",
         "cache_ttl_ms",
-        "300000",
         "the provider's cache lifetime, in ms: after a restart, an overdue warm is sent only "
         "if the cache can still be alive",
         f"an integer from 1000 to {_INT_MAX} (milliseconds)",
@@ -199,14 +202,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "WARMER_RETENTION_MS",
         "retention_ms",
-        "604800000",
         "a conversation with no input for this long (7 days) is forgotten, in ms",
         f"an integer from 1000 to {_INT_MAX} (milliseconds)",
     ),
     Setting(
         "WARMER_HTTP",
         "http",
-        "off",
         "the health and metrics endpoint (reserved)",
         "off (the health and metrics endpoint arrives in a later version)",
     ),

@@ -17,14 +17,13 @@ import asyncio
 import heapq
 from collections.abc import Callable
 
-import structlog
-
 from warmer.clock import Alarm, Clock
+from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 
 __all__ = ["OnFire", "Scheduler"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 OnFire = Callable[[str, int], None]
 """What a fired timer calls: `on_fire(key, token)`."""

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Final, Literal, assert_never
 
 import msgspec
-import structlog
 from aiormq.exceptions import ChannelInvalidStateError
 
 from warmer.bus.lenient import unreadable
@@ -55,11 +54,12 @@ from warmer.core import (
     WarmFailed,
 )
 from warmer.core.records import encode_changes
+from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError
 
-log = structlog.get_logger("warmer.worker")
+log = get_logger(__name__)
 
 RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000

@@ -20,7 +20,6 @@ from typing import Final
 
 import aiormq
 import msgspec
-import structlog
 from aio_pika import DeliveryMode, Message
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel
 from aiormq.abc import DeliveredMessage
@@ -29,8 +28,9 @@ from warmer.bus import deadletter
 from warmer.bus.topology import SURFACE_ROUTING_KEY, WARM_ROUTING_KEY, Topology
 from warmer.clock import Clock
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested, encode
+from warmer.observe.log import get_logger
 
-log = structlog.get_logger("warmer.bus")
+log = get_logger(__name__)
 
 JSON: Final = "application/json"
 CONFIRM_TIMEOUT_S: Final = 10.0

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import structlog
+from warmer.observe.log import get_logger
 
-log = structlog.get_logger("warmer.tasks")
+log = get_logger(__name__)
 
 
 def watch(task: asyncio.Task[Any]) -> asyncio.Task[Any]:

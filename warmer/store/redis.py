@@ -18,16 +18,16 @@ import re
 from collections.abc import Mapping
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
-import structlog
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from warmer.observe.log import get_logger
 from warmer.store.base import MAX_TOKEN, Loaded, StoreError, check_commit
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_PREFIX = "warmer"
 _PREFIX = re.compile(r"[\w.:{}-]{1,128}", re.ASCII)

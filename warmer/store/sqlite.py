@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosqlite
-import structlog
 
+from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 from warmer.store.base import Loaded, RawSettings, StoreError, check_commit
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCHEMA_VERSION = 2
 """1: settings per conversation. 2: one opaque record per conversation (settings kept)."""
