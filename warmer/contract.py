@@ -11,6 +11,7 @@ every error text is bounded however long the value it quotes.
 
 from __future__ import annotations
 
+import enum
 import re
 import reprlib
 from typing import Annotated, Any, Final, Literal, TypeVar
@@ -157,9 +158,30 @@ class WarmRequested(_Message, frozen=True, kw_only=True, tag="warm.requested"):
     model_name: str | UnsetType = UNSET
 
 
-Status = Literal[
-    "disabled", "active", "idle", "armed", "warming", "retrying", "paused", "budget_exhausted"
-]
+class Status(enum.StrEnum):
+    """A conversation's status (SEMANTICS.md); on the wire, its value.
+
+    The core keeps a conversation's schedule in the same type (``Conversation.phase``,
+    one of the last six): one representation of the concept, not strings beside an enum.
+    Later versions may add values; dashboards show unknown ones as they are.
+    """
+
+    DISABLED = "disabled"
+    ACTIVE = "active"
+    IDLE = "idle"
+    ARMED = "armed"
+    WARMING = "warming"
+    RETRYING = "retrying"
+    PAUSED = "paused"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+
+    @property
+    def pending(self) -> bool:
+        """True when a timer (regular warm, retry or warm timeout) is pending."""
+        return self in _PENDING
+
+
+_PENDING: Final = frozenset({Status.ARMED, Status.WARMING, Status.RETRYING})
 
 
 class StateView(Struct, frozen=True, kw_only=True, rename="camel"):

@@ -220,7 +220,8 @@ def _all_refs(node: Any) -> set[str]:
 
 def test_every_wire_struct_is_sent_or_received() -> None:
     # A Struct that is in neither direction's union is on no stream: add it to one.
-    assert set(WIRE) == set(DERIVED)
+    enums = {name for name, schema in DERIVED.items() if "enum" in schema}  # e.g. Status
+    assert set(WIRE) == set(DERIVED) - enums
     assert not set(INBOUND_SCHEMAS) & set(OUTBOUND_SCHEMAS)
 
 
@@ -404,7 +405,7 @@ def test_reply_code_and_reason_header_are_error_codes(schemas: dict[str, Any]) -
 
 def test_statuses_are_the_contract_statuses(schemas: dict[str, Any]) -> None:
     known = next(branch for branch in schemas["Status"]["anyOf"] if "enum" in branch)
-    assert known["enum"] == list(get_args(contract.Status))
+    assert known["enum"] == [status.value for status in contract.Status]
 
 
 # -- examples ---------------------------------------------------------------------------

@@ -28,11 +28,11 @@ from warmer.contract import (
 )
 from warmer.core import (
     Conversation,
-    Phase,
     Policy,
     Record,
     Settings,
     SettingsChange,
+    Status,
     Warmer,
 )
 
@@ -84,7 +84,7 @@ def test_a_settle_lists_the_armed_record(shell: Shell) -> None:
     shell.set_enabled(C, True)
     touched = in_batch(shell, lambda s: s.settled(C, cwd="/w", seq=3))
     state = state_of(touched)
-    assert state.phase is Phase.ARMED and state.cwd == "/w" and state.last_seq == 3
+    assert state.phase is Status.ARMED and state.cwd == "/w" and state.last_seq == 3
     assert touched[C] is not None and touched[C].settings == Settings(True, 240_000)
 
 
@@ -174,7 +174,7 @@ def test_a_timer_fire_lists_the_warming_record(shell: Shell) -> None:
     shell.settled(C)
     touched = in_batch(shell, lambda s: s.fire(C))
     state = state_of(touched)
-    assert state.phase is Phase.WARMING and state.idle_warms == 1
+    assert state.phase is Status.WARMING and state.idle_warms == 1
     assert state.published_at == shell.now and state.next_warm_at is None
 
 
@@ -184,7 +184,7 @@ def test_a_warm_timeout_lists_the_failure(shell: Shell) -> None:
     shell.fire(C)
     touched = in_batch(shell, lambda s: s.fire(C))
     state = state_of(touched)
-    assert state.phase is Phase.RETRYING and state.failures == 1
+    assert state.phase is Status.RETRYING and state.failures == 1
     assert state.last_error == "no completion within 60 s"
 
 
@@ -218,7 +218,7 @@ def test_a_batch_lists_each_conversation_once_as_it_ends(shell: Shell) -> None:
         lambda s: s.settled(OTHER),
     )
     assert set(touched) == {C, OTHER}
-    assert state_of(touched, C).phase is Phase.WARMING
+    assert state_of(touched, C).phase is Status.WARMING
     assert not state_of(touched, OTHER).active
 
 
@@ -320,7 +320,7 @@ def test_a_rolled_back_fire_applied_again_does_the_same(busy: Shell) -> None:
     first = warmer.on_timer(busy.now, C, token)
     warmer.rollback()
     again = warmer.on_timer(busy.now, C, token)
-    assert again == first and busy.conv(C).phase is Phase.WARMING
+    assert again == first and busy.conv(C).phase is Status.WARMING
     warmer.end()
 
 

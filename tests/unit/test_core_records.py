@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from warmer.contract import MAX_SAFE_INTEGER
 from warmer.core import (
     Conversation,
-    Phase,
     Record,
     RecordError,
     Settings,
+    Status,
     decode_record,
     encode_record,
 )
@@ -25,9 +25,9 @@ TOKEN = T0 * 1000 + 7
 I64 = 2**63 - 1
 
 
-def conversation(phase: Phase = Phase.IDLE, **fields: Any) -> Conversation:
+def conversation(phase: Status = Status.IDLE, **fields: Any) -> Conversation:
     """A conversation in ``phase`` with what that phase needs (a due time when timed)."""
-    if phase in (Phase.ARMED, Phase.RETRYING):
+    if phase in (Status.ARMED, Status.RETRYING):
         fields.setdefault("next_warm_at", T0 + 240_000)
     fields.setdefault("enabled", True)
     fields.setdefault("interval_ms", 240_000)
@@ -40,7 +40,7 @@ def typical() -> Record:
     return Record(
         settings=Settings(True, 240_000),
         state=conversation(
-            Phase.ARMED,
+            Status.ARMED,
             token=TOKEN,
             last_pct=98,
             last_expected_pct=99,
@@ -67,8 +67,8 @@ def round_trip(record: Record) -> Record:
 # -- round trips ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("phase", list(Phase), ids=lambda p: p.value)
-def test_every_phase_round_trips(phase: Phase) -> None:
+@pytest.mark.parametrize("phase", list(Status), ids=lambda p: p.value)
+def test_every_phase_round_trips(phase: Status) -> None:
     decoded = round_trip(Record(settings=Settings(True, 5_000), state=conversation(phase)))
     assert decoded.state is not None and decoded.state.phase is phase
 
@@ -94,7 +94,7 @@ def test_a_typical_record_round_trips_and_is_small() -> None:
 
 def test_every_field_set_round_trips_with_the_largest_values() -> None:
     state = conversation(
-        Phase.RETRYING,
+        Status.RETRYING,
         active=False,
         token=MAX_SAFE_INTEGER,
         next_warm_at=I64,
@@ -140,13 +140,13 @@ def test_a_newer_record_with_more_fields_still_reads() -> None:
 
 def test_phase_is_stored_by_its_value() -> None:
     assert b"budget_exhausted" in encode_record(
-        Record(settings=Settings(True), state=conversation(Phase.BUDGET_EXHAUSTED))
+        Record(settings=Settings(True), state=conversation(Status.BUDGET_EXHAUSTED))
     )
 
 
 @settings(max_examples=200, deadline=None)
 @given(
-    phase=st.sampled_from(list(Phase)),
+    phase=st.sampled_from(list(Status)),
     enabled=st.booleans(),
     interval=st.integers(1_000, 86_400_000),
     token=st.integers(0, MAX_SAFE_INTEGER),
@@ -156,7 +156,7 @@ def test_phase_is_stored_by_its_value() -> None:
     seq=st.none() | st.integers(0, MAX_SAFE_INTEGER),
 )
 def test_any_record_the_core_could_write_round_trips(
-    phase: Phase,
+    phase: Status,
     enabled: bool,
     interval: int,
     token: int,
@@ -165,7 +165,7 @@ def test_any_record_the_core_could_write_round_trips(
     pct: int | None,
     seq: int | None,
 ) -> None:
-    timed = phase in (Phase.ARMED, Phase.RETRYING)
+    timed = phase in (Status.ARMED, Status.RETRYING)
     state = Conversation(
         enabled=enabled or phase.pending,
         interval_ms=interval,

@@ -18,12 +18,12 @@ from warmer.core import (
     Arm,
     Conversation,
     Outcome,
-    Phase,
     Policy,
     PublishWarm,
     Record,
     Recovery,
     Settings,
+    Status,
     Warmer,
     WarmFailed,
     decode_record,
@@ -36,9 +36,9 @@ TTL = 300_000
 C = "conv-1"
 
 
-def conv(phase: Phase = Phase.IDLE, **fields: Any) -> Conversation:
+def conv(phase: Status = Status.IDLE, **fields: Any) -> Conversation:
     """A conversation as a record holds it; armed ones due in one minute by default."""
-    if phase in (Phase.ARMED, Phase.RETRYING):
+    if phase in (Status.ARMED, Status.RETRYING):
         fields.setdefault("next_warm_at", NOW + 60_000)
     fields.setdefault("enabled", True)
     fields.setdefault("interval_ms", INTERVAL)
@@ -75,7 +75,7 @@ def counts(recovery: Recovery) -> tuple[int, int, int, int, int]:
 
 
 def test_restoring_copies_the_states_and_the_settings() -> None:
-    state = conv(Phase.ARMED, cwd="/w")
+    state = conv(Status.ARMED, cwd="/w")
     warmer = Warmer(records={C: record(state, Settings(True, 5_000))}, token_start=START)
     assert warmer.get(C) == state and warmer.get(C) is not state
     assert warmer.persisted(C) == Settings(True, 5_000)
@@ -99,9 +99,9 @@ def test_a_record_wins_over_older_settings_of_the_same_conversation() -> None:
 # -- recover: re-armed as they were --------------------------------------------------------
 
 
-@pytest.mark.parametrize("phase", [Phase.ARMED, Phase.RETRYING])
+@pytest.mark.parametrize("phase", [Status.ARMED, Status.RETRYING])
 @pytest.mark.parametrize("due", [NOW, NOW + 1, NOW + 200_000])
-def test_a_pending_timer_due_later_is_rearmed_with_its_token(phase: Phase, due: int) -> None:
+def test_a_pending_timer_due_later_is_rearmed_with_its_token(phase: Status, due: int) -> None:
     state = conv(phase, next_warm_at=due, token=START - 7)
     warmer, recovery, touched = restore({C: record(state)})
     assert recovery.arms == [Arm(C, due, START - 7)]
@@ -113,7 +113,7 @@ def test_a_pending_timer_due_later_is_rearmed_with_its_token(phase: Phase, due: 
 
 
 def test_a_warm_out_is_awaited_until_its_own_timeout() -> None:
-    state = conv(Phase.WARMING, published_at=NOW - 10_000, timeout_ms=60_000, token=77)
+    state = conv(Status.WARMING, published_at=NOW - 10_000, timeout_ms=60_000, token=77)
     warmer, recovery, touched = restore({C: record(state)})
     assert recovery.arms == [Arm(C, NOW + 50_000, 77)]
     assert counts(recovery) == (1, 0, 1, 0, 0) and touched == {}
@@ -123,47 +123,47 @@ def test_a_warm_out_is_awaited_until_its_own_timeout() -> None:
 def test_its_completion_with_the_token_from_before_the_crash_is_applied_as_current(
     make_usage: Any,
 ) -> None:
-    state = conv(Phase.WARMING, published_at=NOW - 10_000, timeout_ms=60_000, token=77)
+    state = conv(Status.WARMING, published_at=NOW - 10_000, timeout_ms=60_000, token=77)
     warmer, _, _ = restore({C: record(state)})
     event = WarmCompleted(conversation_id=C, token=77, usage=make_usage())
     out = warmer.apply_event(NOW + 1_000, event)
     arms = [e for e in out.effects if isinstance(e, Arm)]
     after = warmer.get(C)
     assert out.verdict == "applied" and after is not None
-    assert after.phase is Phase.ARMED and after.answered_token == 77 and after.last_pct == 80
+    assert after.phase is Status.ARMED and after.answered_token == 77 and after.last_pct == 80
     assert arms == [Arm(C, NOW + 1_000 + INTERVAL, START + 1)]
     assert warmer.apply_event(NOW + 2_000, event).verdict == "stale"
 
 
 def test_a_timeout_already_past_fires_at_once_and_fails_by_the_normal_rules() -> None:
-    state = conv(Phase.WARMING, published_at=NOW - 90_000, timeout_ms=60_000, token=77)
+    state = conv(Status.WARMING, published_at=NOW - 90_000, timeout_ms=60_000, token=77)
     warmer, recovery, _ = restore({C: record(state)})
     assert recovery.arms == [Arm(C, NOW, 77)]
     out = warmer.on_timer(NOW, C, 77)
     failed = [e for e in out.effects if isinstance(e, WarmFailed)]
     assert failed == [WarmFailed(C, 77, "no completion within 60 s", 1, False)]
     after = warmer.get(C)
-    assert after is not None and after.phase is Phase.RETRYING and after.token == START + 1
+    assert after is not None and after.phase is Status.RETRYING and after.token == START + 1
 
 
 # -- recover: fell due while down ----------------------------------------------------------
 
 
 def test_overdue_with_the_cache_alive_warms_at_once() -> None:
-    state = conv(Phase.ARMED, next_warm_at=NOW - 5_000, last_read_at=NOW - TTL + 1, token=9)
+    state = conv(Status.ARMED, next_warm_at=NOW - 5_000, last_read_at=NOW - TTL + 1, token=9)
     warmer, recovery, touched = restore({C: record(state)})
     assert recovery.arms == [Arm(C, NOW, 9)]
     assert counts(recovery) == (1, 0, 0, 1, 0)
     after = warmer.get(C)
-    assert after is not None and after.phase is Phase.ARMED and after.next_warm_at == NOW
+    assert after is not None and after.phase is Status.ARMED and after.next_warm_at == NOW
     assert touched == {C: Record(settings=Settings(True, INTERVAL), state=after)}
     out = warmer.on_timer(NOW, C, 9)
     assert [e.request.token for e in out.effects if isinstance(e, PublishWarm)] == [9]
 
 
 def test_overdue_without_a_known_read_counts_from_when_it_went_idle() -> None:
-    alive = conv(Phase.RETRYING, next_warm_at=NOW - 1, idle_since=NOW - TTL + 1)
-    gone = conv(Phase.RETRYING, next_warm_at=NOW - 1, idle_since=NOW - TTL)
+    alive = conv(Status.RETRYING, next_warm_at=NOW - 1, idle_since=NOW - TTL + 1)
+    gone = conv(Status.RETRYING, next_warm_at=NOW - 1, idle_since=NOW - TTL)
     _, recovery, _ = restore({"alive": record(alive), "gone": record(gone)})
     assert [a.conversation_id for a in recovery.arms] == ["alive"]
     assert counts(recovery) == (2, 0, 0, 1, 1)
@@ -171,7 +171,7 @@ def test_overdue_without_a_known_read_counts_from_when_it_went_idle() -> None:
 
 @pytest.mark.parametrize("read", [NOW - TTL, NOW - TTL - 1, NOW - 3_600_000])
 def test_overdue_with_the_cache_gone_waits_for_its_next_turn(read: int) -> None:
-    state = conv(Phase.ARMED, next_warm_at=NOW - 1_000, last_read_at=read)
+    state = conv(Status.ARMED, next_warm_at=NOW - 1_000, last_read_at=read)
     warmer, recovery, touched = restore({C: record(state)})
     assert recovery.arms == [] and counts(recovery) == (1, 0, 0, 0, 1)
     after = warmer.get(C)
@@ -188,12 +188,12 @@ def test_a_warm_moved_beyond_the_idle_budget_time_is_not_armed() -> None:
     # once would be a warm due after stretch start + idle max (addition 4).
     idle_max = Policy().idle_max_ms
     state = conv(
-        Phase.ARMED,
+        Status.ARMED,
         idle_since=NOW - idle_max,
         next_warm_at=NOW - 1,
         last_read_at=NOW - 60_000,
     )
-    within = conv(Phase.ARMED, idle_since=NOW - idle_max, next_warm_at=NOW - 2, last_read_at=NOW)
+    within = conv(Status.ARMED, idle_since=NOW - idle_max, next_warm_at=NOW - 2, last_read_at=NOW)
     warmer, recovery, touched = restore({"late": record(state), "within": record(within)})
     assert recovery.arms == [Arm("within", NOW, within.token)]
     assert counts(recovery) == (2, 0, 0, 1, 1)
@@ -203,14 +203,14 @@ def test_a_warm_moved_beyond_the_idle_budget_time_is_not_armed() -> None:
 
 
 def test_the_cache_ttl_is_a_policy() -> None:
-    state = conv(Phase.ARMED, next_warm_at=NOW - 1_000, last_read_at=NOW - 400_000)
+    state = conv(Status.ARMED, next_warm_at=NOW - 1_000, last_read_at=NOW - 400_000)
     _, recovery, _ = restore({C: record(state)}, policy=Policy(cache_ttl_ms=3_600_000))
     assert recovery.warmed_now == 1
 
 
 def test_a_burst_is_spread_most_overdue_first() -> None:
     records = {
-        f"c{i}": record(conv(Phase.ARMED, next_warm_at=NOW - 1_000 * (i + 1), last_read_at=NOW))
+        f"c{i}": record(conv(Status.ARMED, next_warm_at=NOW - 1_000 * (i + 1), last_read_at=NOW))
         for i in range(3)
     }
     _, recovery, _ = restore(records)
@@ -224,7 +224,7 @@ def test_a_burst_is_spread_most_overdue_first() -> None:
 @pytest.mark.parametrize(("count", "spread_ms"), [(100, 5_000), (1_000, 5_000), (7, 100)])
 def test_a_large_burst_stays_within_the_spread_window(count: int, spread_ms: int) -> None:
     records = {
-        f"c{i:04d}": record(conv(Phase.ARMED, next_warm_at=NOW - 1, last_read_at=NOW))
+        f"c{i:04d}": record(conv(Status.ARMED, next_warm_at=NOW - 1, last_read_at=NOW))
         for i in range(count)
     }
     policy = Policy(recovery_spread_ms=spread_ms)
@@ -242,12 +242,12 @@ def test_a_large_burst_stays_within_the_spread_window(count: int, spread_ms: int
 @pytest.mark.parametrize(
     "state",
     [
-        conv(Phase.PAUSED, failures=3),
-        conv(Phase.BUDGET_EXHAUSTED),
-        conv(Phase.IDLE),
-        conv(Phase.IDLE, enabled=False),
-        conv(Phase.IDLE, active=True),
-        conv(Phase.IDLE, enabled=False, active=True),
+        conv(Status.PAUSED, failures=3),
+        conv(Status.BUDGET_EXHAUSTED),
+        conv(Status.IDLE),
+        conv(Status.IDLE, enabled=False),
+        conv(Status.IDLE, active=True),
+        conv(Status.IDLE, enabled=False, active=True),
     ],
     ids=["paused", "budget_exhausted", "idle", "disabled", "active", "disabled_active"],
 )
@@ -276,7 +276,7 @@ def test_settings_only_records_get_a_state_as_a_first_input_would() -> None:
 
 
 def test_an_unknown_last_input_counts_from_now_and_is_persisted() -> None:
-    state = conv(Phase.ARMED, last_input_at=0)
+    state = conv(Status.ARMED, last_input_at=0)
     warmer, recovery, touched = restore({C: record(state)})
     assert recovery.rearmed == 1
     after = warmer.get(C)
@@ -288,7 +288,7 @@ def test_an_unknown_last_input_counts_from_now_and_is_persisted() -> None:
 
 
 def test_after_recovery_the_rearmed_timer_fires_and_new_tokens_are_above_the_start() -> None:
-    state = conv(Phase.ARMED, next_warm_at=NOW + 1_000, token=START - 50, cwd="/w")
+    state = conv(Status.ARMED, next_warm_at=NOW + 1_000, token=START - 50, cwd="/w")
     warmer, recovery, _ = restore({C: record(state)})
     (arm,) = recovery.arms
     out = warmer.on_timer(arm.due_at, C, arm.token)
@@ -302,7 +302,7 @@ def test_after_recovery_the_rearmed_timer_fires_and_new_tokens_are_above_the_sta
         WarmCompleted(conversation_id=C, token=START - 50, error="provider error"),
     )
     after = warmer.get(C)
-    assert after is not None and after.phase is Phase.RETRYING and after.token == START + 1
+    assert after is not None and after.phase is Status.RETRYING and after.token == START + 1
     assert after.answered_token == START - 50
 
 

@@ -1,5 +1,6 @@
 """The pure core: the state machine and its rules. No asyncio, no I/O, no clock."""
 
+from warmer.contract import Status
 from warmer.core.effects import (
     Arm,
     Cancel,
@@ -14,7 +15,7 @@ from warmer.core.panel import DEFAULT_PANEL, build_panel
 from warmer.core.policy import Policy
 from warmer.core.records import RecordError, decode_record, encode_record
 from warmer.core.recovery import Recovery
-from warmer.core.state import Conversation, Phase, Record, Settings, parse_settings
+from warmer.core.state import Conversation, Record, Settings, parse_settings
 
 __all__ = [
     "DEFAULT_PANEL",
@@ -23,7 +24,6 @@ __all__ = [
     "Conversation",
     "Effect",
     "Outcome",
-    "Phase",
     "Policy",
     "PublishSurface",
     "PublishWarm",
@@ -33,6 +33,7 @@ __all__ = [
     "SendReply",
     "Settings",
     "SettingsChange",
+    "Status",
     "WarmFailed",
     "Warmer",
     "build_panel",

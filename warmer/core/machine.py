@@ -32,6 +32,7 @@ from warmer.contract import (
     SettingsReply,
     SettingsView,
     StateReply,
+    Status,
     SurfaceAction,
     SurfaceChanged,
     TurnSettled,
@@ -65,7 +66,7 @@ from warmer.core.rules import (
     seconds_to_interval,
     timeout_error,
 )
-from warmer.core.state import DEFAULT_SETTINGS, Conversation, Phase, Record, Settings
+from warmer.core.state import DEFAULT_SETTINGS, Conversation, Record, Settings
 
 Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
 
@@ -91,9 +92,9 @@ Snapshot = tuple[Conversation | None, Settings | None]
 
 _NOTHING: Final = Outcome([], "ignored")
 _TOGGLE_PAYLOAD: Final = 'payload: the toggle takes {"value": true|false}'
-_GUARDED: Final = frozenset({"disabled", "paused", "budget_exhausted"})
-_SCHEDULED: Final = frozenset({"armed", "warming", "retrying"})
-_HAND_RESETS: Final = frozenset({"armed", "retrying", "idle"})
+_GUARDED: Final = frozenset({Status.DISABLED, Status.PAUSED, Status.BUDGET_EXHAUSTED})
+_SCHEDULED: Final = frozenset({Status.ARMED, Status.WARMING, Status.RETRYING})
+_HAND_RESETS: Final = frozenset({Status.ARMED, Status.RETRYING, Status.IDLE})
 
 
 class Warmer:
@@ -143,7 +144,7 @@ class Warmer:
     def is_awaiting(self, conversation_id: str, token: int) -> bool:
         """True while the warm request of ``token`` is the one out (status ``warming``)."""
         conv = self._conversations.get(conversation_id)
-        return conv is not None and conv.token == token and conv.phase is Phase.WARMING
+        return conv is not None and conv.token == token and conv.phase is Status.WARMING
 
     def persisted(self, conversation_id: str) -> Settings:
         """The persisted settings of a conversation (defaults when none)."""
@@ -235,7 +236,7 @@ class Warmer:
         for arm in plan.warm_now:
             self._touch(arm.conversation_id)
             self._conversations[arm.conversation_id].next_warm_at = arm.due_at
-        for phase, cids in ((Phase.IDLE, plan.expired), (Phase.BUDGET_EXHAUSTED, plan.exhausted)):
+        for phase, cids in ((Status.IDLE, plan.expired), (Status.BUDGET_EXHAUSTED, plan.exhausted)):
             for cid in cids:
                 self._touch(cid)
                 conv = self._conversations[cid]
@@ -319,7 +320,7 @@ class Warmer:
         effects: list[Effect] = []
         if event.error is not None:
             error = cut_error(event.error)
-            if current and conv.phase is Phase.WARMING:
+            if current and conv.phase is Status.WARMING:
                 if event.error == GENERATING:
                     conv.last_error = error
                     self._cancel(cid, conv, effects)
@@ -346,9 +347,9 @@ class Warmer:
             return _NOTHING
         self._touch(conversation_id)
         effects: list[Effect] = []
-        if conv.phase is Phase.WARMING:
+        if conv.phase is Status.WARMING:
             self._fail(now, conversation_id, conv, timeout_error(conv.timeout_ms), effects)
-        elif conv.phase in (Phase.ARMED, Phase.RETRYING):
+        elif conv.phase in (Status.ARMED, Status.RETRYING):
             self._publish_warm(now, conversation_id, conv, effects)
         else:
             return _NOTHING
@@ -358,7 +359,7 @@ class Warmer:
     def on_warm_returned(self, now: int, conversation_id: str, token: int) -> Outcome:
         """The broker returned a warm request as unroutable: a failed warm."""
         conv = self._conversations.get(conversation_id)
-        if conv is None or token != conv.token or conv.phase is not Phase.WARMING:
+        if conv is None or token != conv.token or conv.phase is not Status.WARMING:
             return _NOTHING
         if not conv.enabled or conv.active:
             return _NOTHING
@@ -370,7 +371,7 @@ class Warmer:
 
     def _publish_warm(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
         timeout = min(self.policy.warm_timeout_ms, conv.interval_ms)
-        conv.phase = Phase.WARMING
+        conv.phase = Status.WARMING
         conv.next_warm_at = None
         conv.idle_warms += 1
         conv.published_at = now
@@ -394,7 +395,7 @@ class Warmer:
         effects.append(WarmFailed(cid, conv.token, error, conv.failures, paused))
         if paused:
             self._cancel(cid, conv, effects)
-            conv.phase = Phase.PAUSED
+            conv.phase = Status.PAUSED
             return
         backoff = now + 2 ** (conv.failures - 1) * 1000
         due = max(now, min(backoff, conv.published_at + conv.interval_ms))
@@ -475,7 +476,7 @@ class Warmer:
             self._set_enabled(now, cid, conv, change.settings, effects)
         else:
             conv.interval_ms = change.settings.interval_ms
-            if conv.status == "armed":
+            if conv.status is Status.ARMED:
                 self._arm(now, cid, conv, effects)
         self._applied(now, cid, conv, effects)
         view = SettingsView(
@@ -494,10 +495,10 @@ class Warmer:
             self._cancel(cid, conv, effects)
         elif status in _GUARDED:
             conv.failures = 0
-            conv.phase = Phase.IDLE
+            conv.phase = Status.IDLE
             self._start_stretch(now, conv)
             self._arm(now, cid, conv, effects)
-        elif status == "idle":
+        elif status is Status.IDLE:
             self._arm(now, cid, conv, effects)
         # armed, warming, retrying: the schedule stands; active: the settle will arm.
 
@@ -523,12 +524,12 @@ class Warmer:
         conv.idle_since = now
         conv.idle_warms = 0
         if not conv.phase.pending:
-            conv.phase = Phase.IDLE
+            conv.phase = Status.IDLE
 
     def _cancel(self, cid: str, conv: Conversation, effects: list[Effect]) -> None:
         if conv.phase.pending:
             effects.append(Cancel(cid))
-            conv.phase = Phase.IDLE
+            conv.phase = Status.IDLE
         conv.next_warm_at = None
 
     def _arm(
@@ -547,11 +548,11 @@ class Warmer:
         policy = self.policy
         if due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms:
             self._cancel(cid, conv, effects)
-            conv.phase = Phase.BUDGET_EXHAUSTED
+            conv.phase = Status.BUDGET_EXHAUSTED
             return
         self._token += 1
         conv.token = self._token
-        conv.phase = Phase.RETRYING if retry else Phase.ARMED
+        conv.phase = Status.RETRYING if retry else Status.ARMED
         conv.next_warm_at = due
         effects.append(Arm(cid, due, conv.token))
 

@@ -14,11 +14,12 @@ from typing import Final
 
 import msgspec
 
-from warmer.core.state import Phase, Record
+from warmer.contract import Status
+from warmer.core.state import Record
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(Record)
-_TIMED: Final = frozenset({Phase.ARMED, Phase.RETRYING})
+_TIMED: Final = frozenset({Status.ARMED, Status.RETRYING})
 
 
 class RecordError(ValueError):

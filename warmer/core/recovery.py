@@ -16,9 +16,10 @@ from typing import Final
 
 from msgspec import Struct
 
+from warmer.contract import Status
 from warmer.core.effects import Arm
 from warmer.core.policy import Policy
-from warmer.core.state import Conversation, Phase
+from warmer.core.state import Conversation
 
 _STEP_MS: Final = 50
 """The gap between two warms of a burst, while the burst fits its window."""
@@ -65,7 +66,7 @@ def plan_recovery(
         phase = conv.phase
         if not phase.pending or not conv.enabled or conv.active:
             continue
-        if phase is Phase.WARMING:
+        if phase is Status.WARMING:
             arms.append(Arm(cid, max(now, conv.published_at + conv.timeout_ms), conv.token))
             awaited += 1
             continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Annotated, Final
 
 from msgspec import Meta, Struct
@@ -44,32 +43,8 @@ def parse_settings(raw: object) -> Settings:
     )
 
 
-class Phase(enum.Enum):
-    """Where an enabled, idle conversation's schedule stands; its value is the status."""
-
-    IDLE = "idle"
-    ARMED = "armed"
-    WARMING = "warming"
-    RETRYING = "retrying"
-    PAUSED = "paused"
-    BUDGET_EXHAUSTED = "budget_exhausted"
-
-    @property
-    def pending(self) -> bool:
-        """True when a timer (regular warm, retry or warm timeout) is pending."""
-        return self in _PENDING
-
-
-_PENDING: Final = frozenset({Phase.ARMED, Phase.WARMING, Phase.RETRYING})
-# Enum's ``.value`` is a slow descriptor; status is read on every applied input.
-_STATUS: Final[dict[Phase, Status]] = {
-    Phase.IDLE: "idle",
-    Phase.ARMED: "armed",
-    Phase.WARMING: "warming",
-    Phase.RETRYING: "retrying",
-    Phase.PAUSED: "paused",
-    Phase.BUDGET_EXHAUSTED: "budget_exhausted",
-}
+Phase = Status
+"""The schedule of an enabled, idle conversation: one of the last six statuses."""
 
 
 class Conversation(Struct, kw_only=True, gc=False, array_like=True):
@@ -84,7 +59,7 @@ class Conversation(Struct, kw_only=True, gc=False, array_like=True):
     interval_ms: Interval
     idle_since: int
     active: bool = False
-    phase: Phase = Phase.IDLE
+    phase: Status = Status.IDLE
     token: Count = 0
     next_warm_at: int | None = None
     failures: Count = 0
@@ -109,10 +84,10 @@ class Conversation(Struct, kw_only=True, gc=False, array_like=True):
     def status(self) -> Status:
         """The status of SEMANTICS.md: disabled, then active, then the schedule's phase."""
         if not self.enabled:
-            return "disabled"
+            return Status.DISABLED
         if self.active:
-            return "active"
-        return _STATUS[self.phase]
+            return Status.ACTIVE
+        return self.phase
 
     def view(self) -> StateView:
         """The state as dashboards see it."""
