@@ -23,6 +23,7 @@ lint: install
 	$(BIN)/ruff check warmer tests bench
 	$(BIN)/ruff format --check warmer tests bench
 	$(BIN)/mypy --strict warmer
+	$(BIN)/mypy --strict --explicit-package-bases tests bench
 
 bench: install
 	$(BIN)/python -m bench

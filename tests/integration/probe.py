@@ -12,12 +12,22 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
     AbstractIncomingMessage,
+    AbstractMessage,
     AbstractQueue,
 )
 
 from warmer.bus.topology import COMMAND_ROUTING_KEY, Names
 
 DEFAULT_WAIT_S = 10.0
+
+
+def header(message: AbstractMessage, name: str) -> Any:
+    """The value of header ``name`` (KeyError if absent).
+
+    aio-pika types it as any AMQP field value; the test knows its shape (``x-death``:
+    a list of tables) and says so in its asserts.
+    """
+    return message.headers[name]
 
 
 class Listener:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.probe import Probe
+from tests.integration.probe import Probe, header
 from warmer.core.records import decode_record
 from warmer.store import MemoryStore
 
@@ -86,7 +86,7 @@ async def test_a_delivery_the_worker_fails_on_is_dead_lettered_at_the_delivery_l
     await probe.event({"type": "turn.started", "conversationId": "poison"})
     dead = await probe.dead_letter(20)
     assert dead.body == b'{"type":"turn.started","conversationId":"poison"}'
-    deaths = dead.headers["x-death"]
+    deaths = header(dead, "x-death")
     assert deaths[0]["reason"] == "delivery_limit"
     assert "x-warmer-reason" not in dead.headers  # the broker dead-lettered it, not the worker
     # The queue keeps flowing: a good event is applied.

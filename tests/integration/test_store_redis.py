@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import pytest
 import redis.asyncio
 
 from warmer.store import Loaded, RedisStore, StoreError, open_store
+
+T = TypeVar("T")
+
+
+def awaitable(reply: Awaitable[T] | T) -> Awaitable[T]:
+    """A command's reply, as the asyncio client gives it: redis-py types both clients' at once."""
+    assert inspect.isawaitable(reply)
+    return reply
 
 
 @pytest.fixture
@@ -58,7 +67,7 @@ async def test_the_keys_are_one_hash_and_one_token(
 ) -> None:
     await store.commit({"c-1": b"\x00one", "c-2": b"two"}, 7)
     await store.commit({"c-2": None}, 3)
-    assert await raw.hgetall(f"{redis_prefix}:conversations") == {b"c-1": b"\x00one"}
+    assert await awaitable(raw.hgetall(f"{redis_prefix}:conversations")) == {b"c-1": b"\x00one"}
     assert await raw.get(f"{redis_prefix}:token") == b"7"
     keys = {key async for key in raw.scan_iter(match=f"{redis_prefix}*")}
     assert keys == {f"{redis_prefix}:conversations".encode(), f"{redis_prefix}:token".encode()}
@@ -87,7 +96,7 @@ async def test_a_commit_is_one_round_trip(
 ) -> None:
     assert store._client is not None
     sent: list[object] = []
-    execute = store._client.execute_command
+    execute = cast(Callable[..., Awaitable[Any]], store._client.execute_command)
 
     async def counting(*args: Any, **options: Any) -> Any:
         sent.append(args[0])
@@ -163,7 +172,7 @@ async def test_calls_before_open_and_after_close_raise_store_error(redis_store_u
 async def test_a_records_key_of_another_type(
     store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str
 ) -> None:
-    await raw.rpush(f"{redis_prefix}:conversations", b"a list")
+    await awaitable(raw.rpush(f"{redis_prefix}:conversations", b"a list"))
     with pytest.raises(StoreError) as at_load:
         await store.load()
     assert_one_line(at_load.value, f"{redis_prefix}:conversations", store.url)
@@ -179,9 +188,9 @@ async def test_a_token_key_of_another_type(
 ) -> None:
     token_key = f"{redis_prefix}:token"
     if kind == "list":
-        await raw.rpush(token_key, b"1")
+        await awaitable(raw.rpush(token_key, b"1"))
     else:
-        await raw.hset(token_key, "token", "1")
+        await awaitable(raw.hset(token_key, "token", "1"))
     with pytest.raises(StoreError) as at_load:
         await store.load()
     assert_one_line(at_load.value, token_key)
@@ -208,7 +217,7 @@ async def test_a_token_that_is_not_a_token(
 async def test_a_conversation_id_that_is_not_utf8(
     store: RedisStore, raw: redis.asyncio.Redis, redis_prefix: str
 ) -> None:
-    await raw.hset(f"{redis_prefix}:conversations", b"\xff\xfe", b"record")
+    await awaitable(raw.hset(f"{redis_prefix}:conversations", mapping={b"\xff\xfe": b"record"}))
     with pytest.raises(StoreError) as raised:
         await store.load()
     assert_one_line(raised.value, "not UTF-8")

@@ -233,8 +233,8 @@ async def test_sigterm_in_mid_burst_exits_0_and_loses_nothing(
     assert set(outputs.reply_bodies) == expected_ids
     assert outputs.answered == total_commands, "a command was answered twice"
     for correlation_id, bodies in outputs.reply_bodies.items():
-        _, c, i = correlation_id.rsplit(":", 2)
-        assert bodies[0]["settings"]["intervalMs"] == interval(int(c), int(i))
+        _, conversation, index = correlation_id.rsplit(":", 2)
+        assert bodies[0]["settings"]["intervalMs"] == interval(int(conversation), int(index))
 
     # The state is the last of everything: the interval of the last set_interval, and
     # every event conversation idle after its last turn.settled.

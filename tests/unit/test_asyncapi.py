@@ -455,7 +455,7 @@ def test_the_panels_the_core_builds_are_valid_for_the_document(schemas: dict[str
         enabled=True,
         interval_ms=1000,
         active=False,
-        status="retrying",
+        status=contract.Status.RETRYING,
         last_pct=12,
         last_expected_pct=None,
         last_warm_at=None,

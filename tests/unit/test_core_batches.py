@@ -54,15 +54,21 @@ def in_batch(shell: Shell, *steps: Any) -> dict[str, Record | None]:
     shell.warmer.begin()
     for step in steps:
         step(shell)
-    touched = shell.warmer.touched()
+    touched: dict[str, Record | None] = shell.warmer.touched()
     shell.warmer.end()
     return touched
 
 
-def state_of(touched: dict[str, Record | None], cid: str = C) -> Conversation:
+def record_of(touched: dict[str, Record | None], cid: str = C) -> Record:
     record = touched[cid]
-    assert record is not None and record.state is not None
-    return record.state
+    assert record is not None
+    return record
+
+
+def state_of(touched: dict[str, Record | None], cid: str = C) -> Conversation:
+    state = record_of(touched, cid).state
+    assert state is not None
+    return state
 
 
 def memory(warmer: Warmer) -> Any:
@@ -85,14 +91,14 @@ def test_a_settle_lists_the_armed_record(shell: Shell) -> None:
     touched = in_batch(shell, lambda s: s.settled(C, cwd="/w", seq=3))
     state = state_of(touched)
     assert state.phase is Status.ARMED and state.cwd == "/w" and state.last_seq == 3
-    assert touched[C] is not None and touched[C].settings == Settings(True, 240_000)
+    assert record_of(touched).settings == Settings(True, 240_000)
 
 
 def test_a_close_lists_the_disabled_settings(shell: Shell) -> None:
     shell.set_interval(C, 30_000)
     shell.set_enabled(C, True)
     touched = in_batch(shell, lambda s: s.closed(C))
-    assert touched[C] is not None and touched[C].settings == Settings(False, 30_000)
+    assert record_of(touched).settings == Settings(False, 30_000)
     assert state_of(touched).status == "disabled"
 
 
@@ -113,7 +119,7 @@ def test_each_command_lists_its_settings_and_state(
     shell: Shell, command: Any, settings: Settings
 ) -> None:
     touched = in_batch(shell, lambda s: s.command(command))
-    assert touched[C] is not None and touched[C].settings == settings
+    assert record_of(touched).settings == settings
     assert state_of(touched) == shell.conv(C)
 
 

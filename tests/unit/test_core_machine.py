@@ -6,6 +6,7 @@ like the rule it checks. Times are relative to the shell's start, ``shell.now``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -14,6 +15,7 @@ from msgspec import UNSET
 
 from warmer.contract import (
     ConversationClosed,
+    CustomField,
     ErrorReply,
     SetEnabled,
     SetInterval,
@@ -153,7 +155,8 @@ def test_turn_settled_replaces_the_context_not_merges_it(shell: Any) -> None:
     }
     shell.settled(C, model_name="n")
     shell.fire(C)
-    assert shell.last_warm.cwd is UNSET and shell.last_warm.model_name == "n"
+    warm = shell.last_warm  # a new warm: what was asserted of the previous one no longer holds
+    assert warm.cwd is UNSET and warm.model_name == "n"
 
 
 def test_turn_settled_resets_failures(shell: Any) -> None:
@@ -324,7 +327,9 @@ def test_completion_with_the_current_token_records_and_rearms(shell: Any, make_u
     update = one_surface(out)
     # The surface carries the new future nextWarmAt, never the warm that already fired.
     assert update.state.next_warm_at == due
-    assert update.spec.fields[4].payload.next_warm_at == due
+    timer = update.spec.fields[4]
+    assert isinstance(timer, CustomField)
+    assert timer.payload.next_warm_at == due
     assert update.state.last_warm_at == shell.now
     kinds = [type(e) for e in out.effects]
     assert kinds.index(Arm) < kinds.index(PublishSurface)
@@ -1479,7 +1484,7 @@ def test_interval_change_then_enable_twice_keeps_one_timer(shell: Any) -> None:
 
 def test_each_applied_input_publishes_exactly_one_surface(shell: Any) -> None:
     shell.set_interval(C, 5_000)
-    steps = [
+    steps: list[Callable[[], Outcome]] = [
         lambda: shell.set_enabled(C, True),
         lambda: shell.started(C, seq=1),
         lambda: shell.settled(C, seq=2, cwd="/w"),

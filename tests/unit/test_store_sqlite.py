@@ -61,6 +61,14 @@ def side_query(path: Path, sql: str) -> list[tuple[object, ...]]:
         side.close()
 
 
+def tables_in(path: Path) -> list[str]:
+    """The names of the file's tables, sorted."""
+    rows = side_query(path, "SELECT name FROM sqlite_master WHERE type = 'table'")
+    names = [name for (name,) in rows if isinstance(name, str)]
+    assert len(names) == len(rows), rows
+    return sorted(names)
+
+
 def side_execute(path: Path, *statements: str | tuple[str, tuple[object, ...]]) -> None:
     side = sqlite3.connect(path)
     try:
@@ -110,8 +118,7 @@ async def test_a_new_file_has_schema_2(store: SqliteStore, db_path: Path) -> Non
     assert side_query(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(2,)]
     columns = side_query(db_path, "SELECT name, type, pk FROM pragma_table_info('conversations')")
     assert columns == [("conversation_id", "TEXT", 1), ("record", "BLOB", 0)]
-    tables = side_query(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")
-    assert sorted(name for (name,) in tables) == ["conversations", "meta"]
+    assert tables_in(db_path) == ["conversations", "meta"]
 
 
 async def test_file_is_in_wal_mode_with_full_sync(store: SqliteStore, db_path: Path) -> None:
@@ -165,8 +172,7 @@ async def test_the_upgrade_is_one_transaction(
     monkeypatch.setattr(sqlite_module, "_SET_VERSION", "UPDATE no_such_table SET x = ?")
     with pytest.raises(StoreError, match="no_such_table"):
         await SqliteStore(db_path).open()
-    tables = side_query(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")
-    assert sorted(name for (name,) in tables) == ["meta", "settings"]
+    assert tables_in(db_path) == ["meta", "settings"]
     assert side_query(db_path, "SELECT value FROM meta WHERE key = 'schema_version'") == [(1,)]
 
 
