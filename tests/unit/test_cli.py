@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
 from warmer.cli import main
 from warmer.config import SETTINGS, Config
+from warmer.store import SqliteStore
 
 
 @pytest.fixture(autouse=True)
@@ -164,3 +167,61 @@ def test_an_interrupt_ends_the_run_cleanly(
 
     events = [json.loads(line)["event"] for line in capsys.readouterr().err.splitlines()]
     assert events[-1] == "worker_interrupted"
+
+
+# -- a store that cannot be read stops start-up: one line, exit 69, nothing reset -------
+
+
+def _startup_failure(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    failures = [e for e in events if e["event"] == "startup_failed"]
+    assert len(failures) == 1, events
+    return failures[0]
+
+
+def test_a_corrupted_store_file_stops_start_up_naming_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "warmer.db"
+    garbage = b"this is not a database, " * 200
+    path.write_bytes(garbage)
+    monkeypatch.setenv("WARMER_STORE", f"sqlite:///{path}")
+    monkeypatch.setenv("WARMER_LOG_FORMAT", "json")
+    monkeypatch.setenv("WARMER_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")  # never reached
+
+    assert main(["run"]) == 69
+    failure = _startup_failure(capsys)
+    assert str(path) in str(failure["error"])
+    assert "\n" not in str(failure["error"])
+    assert path.read_bytes() == garbage  # no silent reset
+
+
+def test_an_unreadable_record_stops_start_up_naming_the_conversation(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "warmer.db"
+
+    async def write() -> None:
+        store = SqliteStore(path)
+        await store.open()
+        await store.commit({"conv-7": b"\xc1 not msgpack"}, 5)
+        await store.close()
+
+    asyncio.run(write())
+    monkeypatch.setenv("WARMER_STORE", f"sqlite:///{path}")
+    monkeypatch.setenv("WARMER_LOG_FORMAT", "json")
+    monkeypatch.setenv("WARMER_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
+
+    assert main(["run"]) == 69
+    failure = _startup_failure(capsys)
+    assert "conv-7" in str(failure["error"]) and "unreadable record" in str(failure["error"])
+
+    async def read() -> bytes:
+        store = SqliteStore(path)
+        await store.open()
+        try:
+            return (await store.load()).records["conv-7"]
+        finally:
+            await store.close()
+
+    assert asyncio.run(read()) == b"\xc1 not msgpack"  # left as it was
