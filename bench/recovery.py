@@ -1,4 +1,4 @@
-"""Recovery at start: 100,000 (and, with BENCH_FULL=1, 1,000,000) persisted conversations.
+"""Recovery at start: 100,000 and 1,000,000 persisted conversations, SQLite and Redis.
 
 For each store (SQLite, Redis) and size, one process writes N records straight into the
 store in one commit; a fresh process then times what ``App.start`` does before it
@@ -29,7 +29,7 @@ from typing import Final
 import redis.asyncio
 
 from warmer.clock import SystemClock
-from warmer.core import Phase, Policy, Record, Settings, Warmer, parse_settings
+from warmer.core import Policy, Record, Settings, Status, Warmer, parse_settings
 from warmer.core.records import RecordError, decode_record, encode_record
 from warmer.core.rules import token_start
 from warmer.core.state import Conversation
@@ -37,8 +37,7 @@ from warmer.observe.log import configure_logging
 from warmer.scheduler import Scheduler
 from warmer.store import open_store
 
-SIZES: Final = (100_000,)
-FULL_SIZES: Final = (100_000, 1_000_000)
+SIZES: Final = (100_000, 1_000_000)
 STORES: Final = ("sqlite", "redis")
 TARGET_S: Final = 10.0
 REDIS_URL: Final = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -76,13 +75,13 @@ def _record(i: int, now: int) -> Record:
         last_input_at=now - 90_000,
     )
     if kind < 6:
-        base.phase = Phase.ARMED
+        base.phase = Status.ARMED
         base.next_warm_at = now + 120_000 + (i * 7919) % 600_000
     elif kind == 6:
-        base.phase = Phase.WARMING
+        base.phase = Status.WARMING
         base.published_at = now - 5_000
     elif kind == 7:
-        base.phase = Phase.PAUSED
+        base.phase = Status.PAUSED
         base.failures = 3
         base.last_error = "no completion within 60 s"
     return Record(settings=Settings(enabled=enabled, interval_ms=interval), state=base)
@@ -191,12 +190,10 @@ async def _drop_redis_keys(url: str) -> None:
 
 
 def _child(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.recovery", *args],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    argv = [sys.executable, "-m", "bench.recovery", *args]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
     return done.stdout
 
 
@@ -214,10 +211,8 @@ def case(store: str, n: int, directory: str) -> dict[str, float]:
     return figures
 
 
-def run(sizes: tuple[int, ...] | None = None) -> dict[str, float]:
-    """Every store at every size; 1,000,000 only with BENCH_FULL=1 (about 2 minutes more)."""
-    if sizes is None:
-        sizes = FULL_SIZES if os.environ.get("BENCH_FULL") == "1" else SIZES
+def run(sizes: tuple[int, ...] = SIZES) -> dict[str, float]:
+    """Every store at every size (about 35 s, most of it writing and recovering 1,000,000)."""
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as directory:
         for n in sizes:
@@ -236,7 +231,7 @@ def _main(argv: list[str]) -> None:
     elif argv and argv[0] == "recover":
         print(json.dumps(asyncio.run(recover(argv[1]))))
     else:
-        sizes = tuple(int(arg) for arg in argv) or None
+        sizes = tuple(int(arg) for arg in argv) or SIZES
         for name, value in run(sizes).items():
             print(f"{name:<36} {value:>12,.3f}")
 

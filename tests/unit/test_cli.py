@@ -176,7 +176,8 @@ def _startup_failure(capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
     events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     failures = [e for e in events if e["event"] == "startup_failed"]
     assert len(failures) == 1, events
-    return failures[0]
+    failure: dict[str, object] = failures[0]
+    return failure
 
 
 def test_a_corrupted_store_file_stops_start_up_naming_it(
