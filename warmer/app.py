@@ -33,11 +33,12 @@ from warmer.config import Config, mask_password
 from warmer.core import Arm, Policy, Warmer, parse_settings
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
+from warmer.inputs import Inputs, Prune
 from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
-from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Inputs, Prune, Worker
+from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker
 
 log = get_logger(__name__)
 

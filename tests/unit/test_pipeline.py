@@ -20,9 +20,10 @@ from warmer.bus.publisher import DeadLetterRefused, PublishFailed
 from warmer.clock import ManualClock
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
+from warmer.inputs import Fired, Input, Inputs, Received
 from warmer.scheduler import Scheduler
 from warmer.store import MemoryStore
-from warmer.worker import Fired, Input, Inputs, Received, Worker
+from warmer.worker import Worker
 
 T0 = 1_760_000_000_000
 RETRY_MS = (10, 40)
