@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections import Counter
-from collections.abc import Awaitable, Callable
-from typing import Final, Literal, assert_never
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, Literal, assert_never
 
 from aiormq.exceptions import ChannelInvalidStateError
 
 from warmer.bus.lenient import unreadable
 from warmer.bus.port import Delivery, Outbound
-from warmer.bus.publisher import DeadLetterRefused, PublishFailed, PublishWithdrawn
+from warmer.bus.publisher import (
+    CONFIRM_TIMEOUT_S,
+    DeadLetterRefused,
+    PublishFailed,
+    PublishWithdrawn,
+)
 from warmer.clock import Clock, sleep
 from warmer.contract import (
     MAX_ERROR_CHARS,
@@ -65,7 +70,7 @@ RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
 UNKNOWN_TYPES_REMEMBERED: Final = 256
 
-Effect = Callable[[], Awaitable[None]]
+Effect = Callable[[], Coroutine[Any, Any, None]]
 """A publish the batch must see confirmed; can be tried again."""
 Settle = Literal["ack", "reject", "requeue", "leave"]
 
@@ -129,14 +134,27 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Apply batches until the inputs are closed and drained (or the worker abandons)."""
+        """Apply batches until the inputs are closed and drained (or the worker abandons).
+
+        Two batches overlap at most: while one is published and acknowledged, the next is
+        applied and committed. Acknowledgements still go out in batch order, and a batch
+        whose publishes are being retried holds the pipeline after the next one.
+        """
+        tails: deque[asyncio.Task[None]] = deque()
         while not self._abandoned and (items := await self.inputs.take()) is not None:
+            while len(tails) > 1 or (tails and tails[0].done()):
+                await tails.popleft()
             try:
-                await self.run_batch(items)
+                tail = await self._stage(items, tails[-1] if tails else None)
             except Exception:  # a bug: hand the deliveries back, keep the pipeline going
                 log.exception("batch_failed", size=len(items))
                 self.counts["batches_failed"] += 1
                 await _give_back([i.delivery for i in items if isinstance(i, Received)])
+                continue
+            if tail is not None:
+                tails.append(tail)
+        for tail in tails:
+            await tail
 
     def abandon(self) -> None:
         """Stop retrying (the worker is going): what is not durable stays unacknowledged."""
@@ -150,13 +168,81 @@ class Worker:
 
     async def run_batch(self, items: list[Input]) -> None:
         """One batch, from decoding to acknowledgement."""
+        tail = await self._stage(items, None)
+        if tail is not None:
+            await tail
+
+    async def _stage(
+        self, items: list[Input], previous: asyncio.Task[None] | None
+    ) -> asyncio.Task[None] | None:
+        """Apply and commit; start the publishes; return the task that acknowledges."""
         steps = await self._apply_and_commit(items)
         if steps is None:
-            return
-        publishes = [self._publish(step, effect) for step in steps for effect in step.publishes]
-        await asyncio.gather(*publishes)
+            return None
+        work = [(step, effect) for step in steps for effect in step.publishes]
+        # Started now, in order: a later batch's publishes never overtake these.
+        attempts = _start(work)
+        return watch(
+            asyncio.get_running_loop().create_task(self._finish(steps, work, attempts, previous))
+        )
+
+    async def _finish(
+        self,
+        steps: list[_Step],
+        work: list[tuple[_Step, Effect]],
+        attempts: list[asyncio.Task[None]],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Await the confirms (one deadline for all), retry what failed, then settle.
+
+        The previous batch is settled first, so acknowledgements go out in batch order.
+        """
+        retries = 0
+        while work:
+            failed, failure = await self._confirmed(work, attempts)
+            if not failed:
+                break
+            retries += 1
+            if not await self._pause(retries, failure, [step for step, _ in failed]):
+                for step, _ in failed:
+                    if step.settle == "ack":
+                        step.settle = "leave"
+                break
+            work = failed
+            attempts = _start(work)
+        if previous is not None:
+            await asyncio.wait([previous])
         await self._settle(steps)
         self.counts["batches"] += 1
+
+    async def _confirmed(
+        self, work: list[tuple[_Step, Effect]], attempts: list[asyncio.Task[None]]
+    ) -> tuple[list[tuple[_Step, Effect]], Exception]:
+        """Wait for ``attempts``; what must be tried again, and the last failure seen."""
+        _, late = await asyncio.wait(attempts, timeout=CONFIRM_TIMEOUT_S)
+        for attempt in late:
+            attempt.cancel()
+        if late:
+            await asyncio.wait(late)
+        failed: list[tuple[_Step, Effect]] = []
+        failure: Exception = PublishFailed("no confirm from the broker in time")
+        for (step, effect), attempt in zip(work, attempts, strict=True):
+            exc = None if attempt.cancelled() else attempt.exception()
+            if attempt.cancelled() or isinstance(exc, PublishFailed):
+                failure = exc if isinstance(exc, PublishFailed) else failure
+                failed.append((step, effect))
+            elif isinstance(exc, DeadLetterRefused):
+                self.counts["dead_letters_refused"] += 1
+                log.warning(
+                    "dead_letter_refused",
+                    why=str(exc),
+                    action="rejected to the queue's own dead-lettering",
+                )
+                step.settle = "reject"
+            elif exc is not None:
+                log.error("publish_failed_unexpectedly", exc_info=exc)
+                step.settle = "requeue"
+        return failed, failure
 
     # -- apply and commit -------------------------------------------------------------
 
@@ -348,31 +434,6 @@ class Worker:
 
     # -- publish and settle -----------------------------------------------------------
 
-    async def _publish(self, step: _Step, effect: Effect) -> None:
-        """One publish of the batch, retried in place; a failure decides the settlement."""
-        try:
-            attempt = 0
-            while True:
-                try:
-                    await effect()
-                    break
-                except PublishFailed as exc:
-                    attempt += 1
-                    if not await self._pause(attempt, exc, [step]):
-                        step.settle = "leave"
-                        return
-        except DeadLetterRefused as exc:
-            self.counts["dead_letters_refused"] += 1
-            log.warning(
-                "dead_letter_refused",
-                why=str(exc),
-                action="rejected to the queue's own dead-lettering",
-            )
-            step.settle = "reject"
-        except Exception:
-            log.exception("publish_failed_unexpectedly")
-            step.settle = "requeue"
-
     async def _pause(self, attempt: int, failure: Exception, steps: list[_Step]) -> bool:
         """Wait before retrying; False when the worker is going or the deliveries are gone."""
         self.counts["retries"] += 1
@@ -477,6 +538,11 @@ def _rejected(counts: Counter[str], queue: str, delivery: Delivery, rejection: R
         routing_key=delivery.routing_key,
         message_id=delivery.message_id,
     )
+
+
+def _start(work: list[tuple[_Step, Effect]]) -> list[asyncio.Task[None]]:
+    loop = asyncio.get_running_loop()
+    return [loop.create_task(effect()) for _, effect in work]
 
 
 def _unreadable(delivery: Delivery) -> Rejection | None:

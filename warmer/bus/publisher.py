@@ -83,6 +83,7 @@ class Publisher:
         self._dlx = dead_letters
         self._dead_channel = dead_channel
         self._clock = clock
+        self._sent = 0
         self._dead_letter_lock = asyncio.Lock()
         self._confirm_timeout_s = confirm_timeout_s
         self._closing = False
@@ -128,25 +129,57 @@ class Publisher:
         return not isinstance(result, DeliveredMessage)
 
     async def surface(self, update: SurfaceChanged) -> None:
-        """Publish a surface update: not mandatory, not persistent."""
-        message = Message(
-            encode(update),
+        """Publish a surface update: not mandatory, not persistent.
+
+        The hot path: one per applied input, so it goes straight to the channel with
+        prebuilt properties. Its confirm is awaited without a timer of its own: the
+        pipeline bounds a whole batch's confirms with one deadline.
+        """
+        properties = aiormq.spec.Basic.Properties(
             content_type=JSON,
-            delivery_mode=DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=1,
             headers={"conversation-id": update.conversation_id},
+            message_id=self._next_id(),
         )
-        await self._publish(self._surface, lambda: message, SURFACE_ROUTING_KEY, mandatory=False)
+        await self._send(self._names.surface, SURFACE_ROUTING_KEY, encode(update), properties)
 
     async def reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         """Answer a command on its ``reply_to`` queue through the default exchange."""
-        message = Message(
-            encode(reply),
+        properties = aiormq.spec.Basic.Properties(
             content_type=JSON,
             correlation_id=correlation_id,
-            delivery_mode=DeliveryMode.NOT_PERSISTENT,
+            delivery_mode=1,
+            message_id=self._next_id(),
         )
-        exchange = self._channel.default_exchange
-        await self._publish(exchange, lambda: message, reply_to, mandatory=False)
+        await self._send("", reply_to, encode(reply), properties)
+
+    def _next_id(self) -> str:
+        # aiormq needs a message id per publish and would draw a random UUID for each.
+        self._sent += 1
+        return f"warmer-{self._sent}"
+
+    async def _send(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: aiormq.spec.Basic.Properties,
+    ) -> None:
+        """Publish on the underlying channel; again after a lost connection."""
+        while True:
+            try:
+                channel = await self._channel.get_underlay_channel()
+                await channel.basic_publish(
+                    body, exchange=exchange, routing_key=routing_key, properties=properties
+                )
+                return
+            except aiormq.exceptions.DeliveryError as exc:
+                raise PublishFailed(f"broker refused the publish: {exc}") from exc
+            except _REFUSALS as exc:
+                raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
+            except _CONNECTION_ERRORS as exc:
+                log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
+                await self._until_ready(exc, self._channel)
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, rejection: Rejection) -> None:
         """Re-publish an invalid message to the dead-letter exchange, with its reasons.
