@@ -43,10 +43,6 @@ def parse_settings(raw: object) -> Settings:
     )
 
 
-Phase = Status
-"""The schedule of an enabled, idle conversation: one of the last six statuses."""
-
-
 class Conversation(Struct, kw_only=True, gc=False, array_like=True):
     """One conversation's runtime state, settings merged in, and its last turn's context.
 
