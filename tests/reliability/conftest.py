@@ -28,6 +28,7 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, used by name)
     probe,
     start_worker,
 )
+from tests.integration.probe import Probe
 from tests.reliability.tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -151,3 +152,29 @@ def spawn_worker() -> Iterator[Callable[..., WorkerProcess]]:
     finally:
         for process in processes:
             process.kill()
+
+
+async def queue_depths(probe: Probe) -> tuple[int, int, int]:  # noqa: F811
+    """(lifecycle messages ready, commands messages ready, consumers of both)."""
+    channel = await probe.connection.channel()
+    try:
+        lifecycle = await channel.declare_queue(probe.names.lifecycle, passive=True)
+        commands = await channel.declare_queue(probe.names.commands, passive=True)
+        return (
+            lifecycle.declaration_result.message_count or 0,
+            commands.declaration_result.message_count or 0,
+            (lifecycle.declaration_result.consumer_count or 0)
+            + (commands.declaration_result.consumer_count or 0),
+        )
+    finally:
+        await channel.close()
+
+
+def completed(token: int, read: int, cid: str) -> dict[str, Any]:
+    """A ``warm.completed`` for ``token`` whose cache read ``read`` of 1000 input tokens."""
+    return {
+        "type": "warm.completed",
+        "conversationId": cid,
+        "token": token,
+        "usage": {"inputTokens": 1000, "cacheReadTokens": read, "cacheWriteTokens": 0},
+    }

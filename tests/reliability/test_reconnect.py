@@ -16,6 +16,7 @@ import msgspec
 import pytest
 
 from tests.integration.probe import Listener, Probe
+from tests.reliability.conftest import completed
 from tests.reliability.tcp_proxy import BASIC_ACK, TcpProxy
 from warmer.bus.topology import Names, delete
 
@@ -28,16 +29,6 @@ RECONNECT_S = 15.0  # aio-pika's robust connection retries every 5 s
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def completed(token: int, read: int, cid: str = CID) -> dict[str, Any]:
-    """A ``warm.completed`` for ``token`` whose cache read ``read`` of 1000 input tokens."""
-    return {
-        "type": "warm.completed",
-        "conversationId": cid,
-        "token": token,
-        "usage": {"inputTokens": 1000, "cacheReadTokens": read, "cacheWriteTokens": 0},
-    }
 
 
 async def drain(listener: Listener, quiet: float = 0.05) -> list[dict[str, Any]]:
@@ -67,7 +58,7 @@ async def warm_once(probe: Probe, warms: Listener, surfaces: Listener) -> dict[s
     await probe.event({"type": "turn.settled", "conversationId": CID, "cwd": "/repo"})
     first = await warms.next_body(5)
     assert first["conversationId"] == CID
-    await probe.event(completed(first["token"], 500))
+    await probe.event(completed(first["token"], 500, CID))
     update = await surfaces.until(lambda b: b["state"]["lastPct"] == 50, 5)
     assert update["state"]["status"] == "armed"
     return first
@@ -116,7 +107,7 @@ async def test_a_warm_that_fell_due_while_cut_off_goes_out_after_the_reconnectio
     deadline = asyncio.get_running_loop().time() + 10
     while True:
         newest = max(candidates, key=lambda b: b["token"])
-        await probe.event(completed(newest["token"], 730))
+        await probe.event(completed(newest["token"], 730, CID))
         try:
             update = await surfaces.until(lambda b: b["state"]["lastPct"] == 73, 1.5)
             break
@@ -264,7 +255,7 @@ async def test_a_topology_lost_while_cut_off_is_declared_again(
     await probe.event({"type": "turn.settled", "conversationId": CID})
     warm = await warms.next_body(5)
     assert warm["conversationId"] == CID
-    await probe.event(completed(warm["token"], 900))
+    await probe.event(completed(warm["token"], 900, CID))
     reply = await probe.command({"type": "get_state", "conversationId": CID})
     assert reply["state"]["lastPct"] == 90
     # Invalid events are dead-lettered through the re-declared dlx.

@@ -25,7 +25,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.integration.probe import Listener, Probe
-from tests.reliability.conftest import WorkerProcess
+from tests.reliability.conftest import WorkerProcess, completed, queue_depths
 from warmer.bus.topology import COMMAND_ROUTING_KEY
 
 pytestmark = pytest.mark.broker
@@ -229,22 +229,6 @@ async def requester(probe: Probe, gather: Callable[[Listener], Gathered]) -> Req
     return Requester(probe, queue.name, gather(listener))
 
 
-async def queue_depths(probe: Probe) -> tuple[int, int, int]:
-    """(lifecycle messages ready, commands messages ready, consumers of both)."""
-    channel = await probe.connection.channel()
-    try:
-        lifecycle = await channel.declare_queue(probe.names.lifecycle, passive=True)
-        commands = await channel.declare_queue(probe.names.commands, passive=True)
-        return (
-            lifecycle.declaration_result.message_count or 0,
-            commands.declaration_result.message_count or 0,
-            (lifecycle.declaration_result.consumer_count or 0)
-            + (commands.declaration_result.consumer_count or 0),
-        )
-    finally:
-        await channel.close()
-
-
 async def drained(probe: Probe, timeout: float = 20.0) -> None:
     """Wait until both inbound queues stay empty (consumed and acknowledged) for 0.3 s."""
     deadline = time.monotonic() + timeout
@@ -277,16 +261,6 @@ async def left_after_kill(probe: Probe) -> tuple[int, int]:
 
 def settled(cid: str = CID, **fields: Any) -> dict[str, Any]:
     return {"type": "turn.settled", "conversationId": cid, **fields}
-
-
-def completed(token: int, read: int, cid: str = CID) -> dict[str, Any]:
-    """A ``warm.completed`` for ``token`` whose cache read ``read`` of 1000 input tokens."""
-    return {
-        "type": "warm.completed",
-        "conversationId": cid,
-        "token": token,
-        "usage": {"inputTokens": 1000, "cacheReadTokens": read, "cacheWriteTokens": 0},
-    }
 
 
 def failed(token: int, error: str, cid: str = CID) -> dict[str, Any]:
@@ -384,7 +358,7 @@ async def test_a_warm_out_when_the_worker_died_is_awaited_and_its_completion_app
     waiting = await state(probe)
     assert waiting["status"] == "warming" and waiting["failures"] == 0, waiting
 
-    await probe.event(completed(token, 800))
+    await probe.event(completed(token, 800, CID))
     update = await surfaces.until(lambda b: b["state"]["lastPct"] == 80, 5)
     current = update["state"]
     assert current["status"] == "armed", current
@@ -409,7 +383,7 @@ async def test_after_a_completion_the_next_warm_is_one_interval_later_with_a_new
     warms = await probe.warms()
     await enable(probe, surfaces, interval)
     first = await settle_and_warm_at_once(probe, surfaces, warms, interval, modelName="m")
-    await probe.event(completed(first["token"], 700))
+    await probe.event(completed(first["token"], 700, CID))
     update = await surfaces.until(lambda b: b["state"]["lastPct"] == 70, 5)
     assert update["state"]["status"] == "armed", update
     due = update["state"]["nextWarmAt"]
@@ -464,7 +438,7 @@ async def test_an_exhausted_budget_stays_exhausted_after_a_crash(
     warms = await probe.warms()
     await enable(probe, surfaces, interval)
     warm = await settle_and_warm_at_once(probe, surfaces, warms, interval)
-    await probe.event(completed(warm["token"], 900))
+    await probe.event(completed(warm["token"], 900, CID))
     update = await surfaces.until(lambda b: b["state"]["lastPct"] == 90, 5)
     exhausted = update["state"]
     assert exhausted["status"] == "budget_exhausted", exhausted

@@ -15,6 +15,7 @@ import msgspec
 import pytest
 
 from tests.integration.probe import Listener, Probe
+from tests.reliability.conftest import queue_depths
 from tests.reliability.tcp_proxy import TcpProxy
 from warmer.bus.topology import COMMAND_ROUTING_KEY
 
@@ -75,28 +76,12 @@ def interval(conversation: int, index: int) -> int:
     return 1000 * (conversation + 2) + 10 * index
 
 
-async def queue_counts(probe: Probe) -> tuple[int, int, int]:
-    """(lifecycle messages, commands messages, consumers of both) via passive declares."""
-    channel = await probe.connection.channel()
-    try:
-        lifecycle = await channel.declare_queue(probe.names.lifecycle, passive=True)
-        commands = await channel.declare_queue(probe.names.commands, passive=True)
-        return (
-            lifecycle.declaration_result.message_count or 0,
-            commands.declaration_result.message_count or 0,
-            (lifecycle.declaration_result.consumer_count or 0)
-            + (commands.declaration_result.consumer_count or 0),
-        )
-    finally:
-        await channel.close()
-
-
 async def settled_counts(probe: Probe) -> tuple[int, int]:
     """Queue depths once no consumer is left and they stop moving."""
     previous = None
     deadline = asyncio.get_running_loop().time() + 10
     while asyncio.get_running_loop().time() < deadline:
-        lifecycle, commands, consumers = await queue_counts(probe)
+        lifecycle, commands, consumers = await queue_depths(probe)
         if consumers == 0 and (lifecycle, commands) == previous:
             return lifecycle, commands
         previous = (lifecycle, commands)
@@ -244,7 +229,7 @@ async def test_sigterm_in_mid_burst_exits_0_and_loses_nothing(
     for c in range(EVENT_CONVERSATIONS):
         reply = await probe.command({"type": "get_state", "conversationId": f"ev-{c}"})
         assert reply["state"]["active"] is False
-    assert await queue_counts(probe) == (0, 0, 2)
+    assert await queue_depths(probe) == (0, 0, 2)
 
     second.sigterm()
     assert await second.wait_exit(STOP_WITHIN_S) == 0, second.log()
@@ -307,5 +292,5 @@ async def test_sigterm_while_the_broker_is_unreachable_still_stops(
     assert worker.named("worker_stopping"), worker.log()
     assert code is not None, f"still running 10 s after SIGTERM; log:\n{worker.log()}"
     # Nothing was taken from the queue while the worker was away.
-    _, commands_left, consumers = await queue_counts(probe)
+    _, commands_left, consumers = await queue_depths(probe)
     assert (commands_left, consumers) == (1, 0)
