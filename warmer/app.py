@@ -19,13 +19,14 @@ from typing import Final
 import aio_pika
 import aiormq
 from aio_pika.abc import (
-    AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from yarl import URL
 
 from warmer.bus import lenient
+from warmer.bus.consumer import Consumer
+from warmer.bus.port import Delivery
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
 from warmer.clock import Clock, SystemClock, sleep
@@ -79,7 +80,7 @@ class App:
         self._publisher: Publisher | None = None
         self._recovery_arms: list[Arm] = []
         self._connection: AbstractRobustConnection | None = None
-        self._consumers: list[tuple[aio_pika.abc.AbstractQueue, str]] = []
+        self._consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self.reconnections = 0
@@ -201,15 +202,16 @@ class App:
         log.info("broker_reconnected", url=self.config.amqp_url_masked)
 
     async def _consume(
-        self, queue_name: str, deliver: Callable[[AbstractIncomingMessage], Awaitable[None]]
+        self, queue_name: str, deliver: Callable[[Delivery], Awaitable[None]]
     ) -> None:
         assert self._connection is not None
         channel: AbstractRobustChannel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self.config.prefetch)
         arguments = dict(next(args for name, args in self.names.queues() if name == queue_name))
-        queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
-        tag = await queue.consume(deliver)
-        self._consumers.append((queue, tag))
+        await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+        consumer = Consumer(channel, queue_name, deliver)
+        await consumer.start()
+        self._consumers.append(consumer)
 
     async def stop(self) -> None:
         """Stop consuming, apply and acknowledge what was delivered, stop timers, close.
@@ -246,11 +248,11 @@ class App:
     async def _finish(self, connected: bool) -> None:
         """The graceful part of stopping: no new deliveries, the delivered ones applied."""
         if connected:
-            for queue, tag in self._consumers:
+            for consumer in self._consumers:
                 try:
-                    await asyncio.wait_for(queue.cancel(tag), CLOSE_TIMEOUT_S)
+                    await asyncio.wait_for(consumer.cancel(), CLOSE_TIMEOUT_S)
                 except Exception as exc:
-                    log.warning("consumer_cancel_failed", queue=queue.name, error=repr(exc))
+                    log.warning("consumer_cancel_failed", error=repr(exc)[:300])
         if self.worker is not None:
             await self.worker.scheduler.stop()
             self.worker.inputs.close()

@@ -1,0 +1,127 @@
+"""Consuming straight from the underlying channel: one delivery, one small object.
+
+aio-pika's ``Queue.consume`` wraps every delivery in a task of its own and an
+``IncomingMessage`` (a full ``Message``, attribute by attribute), on top of the task
+aiormq already makes; on the pipeline's hot path that was a sixth of the worker's time
+(BENCHMARKS.md). ``Consumer`` registers with aiormq directly and hands the pipeline an
+``AmqpDelivery``; since aio-pika's robust channel does not know this consumer, it consumes
+again itself each time the channel is reopened (after a reconnection, or a channel the
+broker closed), the queue and the prefetch being restored by the robust channel first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from aio_pika.abc import AbstractRobustChannel
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.exceptions import ChannelInvalidStateError
+
+from warmer.bus.port import Delivery
+from warmer.observe.log import get_logger
+
+log = get_logger(__name__)
+
+
+class AmqpDelivery:
+    """A delivery as the pipeline and the dead-letter builder read it."""
+
+    __slots__ = (
+        "_channel",
+        "app_id",
+        "body",
+        "content_encoding",
+        "content_type",
+        "correlation_id",
+        "delivery_tag",
+        "exchange",
+        "headers",
+        "message_id",
+        "priority",
+        "reply_to",
+        "routing_key",
+        "timestamp",
+        "type",
+        "user_id",
+    )
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        properties = message.header.properties
+        self._channel: AbstractChannel = message.channel
+        self.body: bytes = message.body
+        self.headers: dict[str, Any] = properties.headers or {}
+        self.content_type: str | None = properties.content_type
+        self.content_encoding: str | None = properties.content_encoding
+        self.priority: int | None = properties.priority
+        self.correlation_id: str | None = properties.correlation_id
+        self.reply_to: str | None = properties.reply_to
+        self.message_id: str | None = properties.message_id
+        self.timestamp: datetime | None = properties.timestamp
+        self.type: str | None = properties.message_type
+        self.user_id: str | None = properties.user_id
+        self.app_id: str | None = properties.app_id
+        self.delivery_tag: int | None = message.delivery_tag
+        self.exchange: str | None = message.exchange
+        self.routing_key: str | None = message.routing_key
+
+    @property
+    def channel(self) -> AbstractChannel:
+        """The channel it came on; raises once that channel is closed."""
+        if self._channel.is_closed:
+            raise ChannelInvalidStateError("the delivery's channel is closed")
+        return self._channel
+
+    async def ack(self, multiple: bool = False) -> None:
+        """basic.ack (with ``multiple``, every earlier unacknowledged one too)."""
+        await self._channel.basic_ack(self.delivery_tag or 0, multiple=multiple)
+
+    async def reject(self, requeue: bool = False) -> None:
+        """basic.reject: back to the queue, or to its dead-lettering."""
+        await self._channel.basic_reject(self.delivery_tag or 0, requeue=requeue)
+
+
+class Consumer:
+    """One queue consumed into ``deliver``, consumed again whenever the channel reopens."""
+
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        queue: str,
+        deliver: Callable[[Delivery], Awaitable[None]],
+    ) -> None:
+        self._channel = channel
+        self._queue = queue
+        self._deliver = deliver
+        self._tag: str | None = None
+        self._underlay: AbstractChannel | None = None
+        self._cancelled = False
+
+    async def start(self) -> None:
+        """Consume now, and again after every reopening of the channel."""
+        self._channel.reopen_callbacks.add(self._reopened)
+        await self._consume()
+
+    async def cancel(self) -> None:
+        """Stop consuming (basic.cancel); deliveries already made stay to be settled."""
+        self._cancelled = True
+        self._channel.reopen_callbacks.discard(self._reopened)
+        if self._tag is not None and self._underlay is not None and not self._underlay.is_closed:
+            await self._underlay.basic_cancel(self._tag)
+
+    async def _consume(self) -> None:
+        underlay = await self._channel.get_underlay_channel()
+        ok = await underlay.basic_consume(self._queue, self._on_message, no_ack=False)
+        self._underlay, self._tag = underlay, ok.consumer_tag
+
+    async def _reopened(self, *_: object) -> None:
+        if not self._cancelled:
+            await self._consume()
+            log.info("consumer_restored", queue=self._queue)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        await self._deliver(AmqpDelivery(message))
+
+
+__all__ = ["AmqpDelivery", "Consumer"]
