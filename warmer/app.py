@@ -187,10 +187,7 @@ class App:
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
-            raise StartupError(
-                f"cannot reach RabbitMQ at {url} ({_reason(exc)}); start a broker "
-                "(`rabbitmq-server -detached`) or set WARMER_AMQP_URL"
-            ) from exc
+            raise StartupError(_connect_failure(URL(self.config.amqp_url), url, exc)) from exc
         connection.reconnect_callbacks.add(self._on_reconnect)
         connection.close_callbacks.add(
             lambda *_: None if self._stopping else log.warning("broker_connection_lost", url=url)
@@ -266,6 +263,34 @@ def _with_reconnect_interval(url: str) -> URL:
     if "reconnect_interval" in parsed.query:
         return parsed
     return parsed.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
+
+
+def _connect_failure(parsed: URL, shown: str, exc: BaseException) -> str:
+    """What went wrong connecting, in words an operator can act on."""
+    user = parsed.user or "guest"
+    vhost = parsed.path[1:] or "/"
+    if isinstance(
+        exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
+    ):
+        return (
+            f"the broker at {shown} refused the credentials of user {user!r} "
+            "(ACCESS_REFUSED); check the user and password in WARMER_AMQP_URL"
+        )
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        return (
+            f"the broker at {shown} refused to open virtual host {vhost!r}: it does not "
+            f"exist, or user {user!r} has no permission on it (rabbitmqctl add_vhost / "
+            "set_permissions)"
+        )
+    if isinstance(exc, TimeoutError):
+        return (
+            f"no answer from RabbitMQ at {shown} within {CONNECT_TIMEOUT_S:.0f} s; "
+            "check the host and port in WARMER_AMQP_URL and that nothing blocks them"
+        )
+    return (
+        f"cannot reach RabbitMQ at {shown} ({_reason(exc)}); start a broker "
+        "(`rabbitmq-server -detached`) or set WARMER_AMQP_URL"
+    )
 
 
 def _reason(exc: BaseException) -> str:
