@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Any, Final, TextIO, cast
 
+import aiormq
 import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor
 
@@ -25,6 +26,12 @@ _LEVELS: Final[dict[str, int]] = {
 }
 _FORMATS: Final = ("json", "console")
 _HEADLINE: Final = ("timestamp", "level", "event", "logger")
+_CONNECTION_ERRORS: Final = (
+    ConnectionError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.ChannelClosed,
+)
 
 
 def configure_logging(format: str, level: str) -> None:
@@ -120,9 +127,40 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+class _ReconnectionNoise(logging.Filter):
+    """aio-pika's and aiormq's lines about a connection being re-established: info at most.
+
+    A lost connection heals itself; the worker says so once (``broker_connection_lost``, a
+    warning, then ``broker_reconnected``). The clients would add three error-level lines
+    with tracebacks, which page operators for nothing. Errors that are not about the
+    connection stay errors.
+    """
+
+    _CLIENTS: Final = ("aio_pika", "aiormq")
+    _WORDS: Final = ("connection", "Connection", "transport", "reconnect", "closed", "Closed")
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self._threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.INFO or record.name.split(".")[0] not in self._CLIENTS:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        about_connection = isinstance(exc, _CONNECTION_ERRORS) or any(
+            word in record.getMessage() for word in self._WORDS
+        )
+        if not about_connection:
+            return True
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info, record.exc_text = None, None
+        return self._threshold <= logging.INFO
+
+
 def _route_stdlib_logging(shared: list[Processor], renderer: list[Processor], level: int) -> None:
     """Render records of the `logging` module like structlog events, on the root logger."""
     handler = _StderrHandler()
+    handler.addFilter(_ReconnectionNoise(level))
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
