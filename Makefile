@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench demo clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,9 @@ lint: install
 	$(BIN)/ruff format --check warmer tests bench
 	$(BIN)/mypy --strict warmer
 	$(BIN)/mypy --strict --explicit-package-bases tests bench
+
+demo: install
+	$(BIN)/warmer demo
 
 bench: install
 	$(BIN)/python -m bench

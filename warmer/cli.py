@@ -229,7 +229,55 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--all", action="store_true", help="with --replay: every dead letter")
     dead.add_argument("--yes", action="store_true", help="with --purge: do not ask")
     dead.set_defaults(command=_dead, usage=dead.error)
+    watch = verb(
+        "watch",
+        "a live table of conversations",
+        "Show every conversation the worker publishes a panel for, live, sorted by next "
+        "warm, with the totals on top. It binds a queue of its own and never disturbs the "
+        "worker; works over SSH. Ctrl-C ends it.",
+        "  warmer watch\n  WARMER_NAMESPACE=staging warmer watch",
+        asks=False,
+    )
+    watch.set_defaults(command=_watch)
+    demo = verb(
+        "demo",
+        "see the whole mechanism in a minute",
+        "On the local broker: start a worker, a simulated orchestrator that answers warm "
+        "requests (mostly cache reads, now and then an expired cache or an error) and a few "
+        "simulated conversations taking turns at human pace, and show the live view. "
+        "Ctrl-C stops everything it started and deletes its namespace.",
+        "  warmer demo\n  warmer demo --seed 7 --duration 60",
+        asks=False,
+    )
+    demo.add_argument("--seed", type=int, default=None, help="replay the same run")
+    demo.add_argument(
+        "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long"
+    )
+    demo.set_defaults(command=_demo)
     return parser
+
+
+def _watch(args: argparse.Namespace) -> int:
+    """`warmer watch`: the live table, until Ctrl-C."""
+    from warmer.watch import watch
+
+    config = _config()
+    try:
+        return asyncio.run(watch(config))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """`warmer demo`: a worker, a simulated orchestrator and conversations, the live view."""
+    from warmer.demo import demo
+
+    config = _config()
+    configure_logging(config.log_format, "warning")
+    try:
+        return asyncio.run(demo(config, duration_s=args.duration, seed=args.seed))
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 # -- `warmer run` -------------------------------------------------------------------
