@@ -2,11 +2,15 @@
 
 Start: open the store and load every record; build the core from them and recover the
 schedules (re-arm, await the warm that was out, warm at once what fell due while the cache
-can still be alive), commit what recovery changed; connect (robustly) to the broker and
-declare the topology; build the publisher, the inputs, the scheduler and the pipeline,
-each complete, in that order; arm the recovered timers; consume. Stop (SIGTERM or
-SIGINT): stop consuming, let the pipeline apply and acknowledge what was delivered, stop
-the timers without touching state, close. Shutting down never changes a conversation.
+can still be alive), commit what recovery changed; build the inputs and the scheduler;
+serve health and metrics over HTTP (``WARMER_HTTP``); connect (robustly) to the broker and
+declare the topology; build the publisher and the pipeline, each complete, in that order;
+arm the recovered timers; consume. Stop (SIGTERM or SIGINT): stop consuming, let the
+pipeline apply and acknowledge what was delivered, stop the timers without touching
+state, close. Shutting down never changes a conversation.
+
+Ready (``/readyz``) means: connected to the broker, both consumers consuming since the
+last (re)connection, the store open and the pipeline running.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from warmer.core import Arm, Policy, Warmer, parse_settings
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
 from warmer.inputs import Inputs, Prune
+from warmer.observe.http import HttpEndpoint
 from warmer.observe.log import get_logger
+from warmer.observe.metrics import Metrics, StateGauges
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
@@ -75,20 +81,66 @@ class App:
             self.store: Store = open_store(config.store)
         except ValueError as exc:
             raise StartupError(f"WARMER_STORE: {exc}") from exc
+        try:
+            self._http_address = config.http_address
+        except ValueError as exc:
+            raise StartupError(f"WARMER_HTTP: {exc}") from exc
         self.names = Names.of(config.namespace)
+        self.metrics = Metrics()
+        """The worker's metrics, in a registry of this app's own."""
         self.worker: Worker | None = None
+        self._http: HttpEndpoint | None = None
         self._publisher: Publisher | None = None
         self._recovery_arms: list[Arm] = []
         self._connection: AbstractRobustConnection | None = None
         self._consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._store_open = False
+        self._consuming = False
         self._stopping = False
         self.reconnections = 0
         """How many times the connection was re-established since start."""
 
+    @property
+    def http_port(self) -> int | None:
+        """The port health and metrics are served on (once started), None when off."""
+        return None if self._http is None else self._http.port
+
+    def readiness(self) -> str | None:
+        """None when ready to do the work, else why not (what ``/readyz`` answers)."""
+        if self._stopping:
+            return "stopping"
+        if not self._tasks:
+            return "starting"
+        if not self._store_open:
+            return "store closed"
+        if self._connection is None or not self._connection.connected.is_set():
+            return "broker connection lost"
+        if not self._consuming or not all(c.consuming for c in self._consumers):
+            return "consumers not restored"
+        if self._tasks[0].done():
+            return "pipeline stopped"
+        return None
+
     async def start(self) -> None:
         """Load and recover state, connect, declare and consume; StartupError with advice."""
         core, committed = await self._recovered_core()
+        inputs = Inputs()
+        scheduler = Scheduler(
+            self.clock, inputs.fired, lateness=self.metrics.timer_lateness.observe
+        )
+        self.metrics.registry.register(StateGauges(core.statuses, scheduler.__len__))
+        await self._serve_http()
+        try:
+            await self._start(core, committed, inputs, scheduler)
+        except BaseException:
+            await self._stop_http()
+            raise
+        log.info("worker_started", namespace=self.config.namespace)
+
+    async def _start(
+        self, core: Warmer, committed: int, inputs: Inputs, scheduler: Scheduler
+    ) -> None:
         self._connection = await self._connect()
         publish_channel = await self._connection.channel(publisher_confirms=True)
         topology = await declare(publish_channel, self.names)
@@ -99,8 +151,6 @@ class App:
         )
         publisher = Publisher(publish_channel, topology, dead_channel, dlx, self.clock)
         self._publisher = publisher
-        inputs = Inputs()
-        scheduler = Scheduler(self.clock, inputs.fired)
         worker = Worker(
             core,
             scheduler,
@@ -108,6 +158,7 @@ class App:
             self.clock,
             publisher,
             inputs,
+            self.metrics,
             retry_ms=self._retry_ms,
             committed_token=committed,
         )
@@ -122,13 +173,33 @@ class App:
         ]
         await self._consume(self.names.lifecycle, inputs.lifecycle)
         await self._consume(self.names.commands, inputs.command)
-        log.info("worker_started", namespace=self.config.namespace)
+        self._consuming = True
+
+    async def _serve_http(self) -> None:
+        if self._http_address is None:
+            return
+        host, port = self._http_address
+        http = HttpEndpoint(host, port, self.readiness, self.metrics.registry)
+        try:
+            await http.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve HTTP on {self.config.http} ({exc.strerror or exc}); "
+                "choose another host:port in WARMER_HTTP, or off"
+            ) from exc
+        self._http = http
+        log.info("http_serving", host=host, port=http.port)
+
+    async def _stop_http(self) -> None:
+        if self._http is not None:
+            await self._http.stop()
 
     async def _recovered_core(self) -> tuple[Warmer, int]:
         """The core with every persisted conversation, its schedules recovered and committed."""
         store_name = mask_password(self.config.store)
         try:
             await self.store.open()
+            self._store_open = True
             loaded = await self.store.load()
         except StoreError as exc:
             raise StartupError(f"cannot open the store {store_name}: {exc}") from exc
@@ -189,12 +260,17 @@ class App:
         except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
             raise StartupError(_connect_failure(URL(self.config.amqp_url), url, exc)) from exc
         connection.reconnect_callbacks.add(self._on_reconnect)
-        connection.close_callbacks.add(
-            lambda *_: None if self._stopping else log.warning("broker_connection_lost", url=url)
-        )
+        connection.close_callbacks.add(self._on_connection_lost)
         return connection
 
+    def _on_connection_lost(self, *_: object) -> None:
+        self._consuming = False
+        if not self._stopping:
+            log.warning("broker_connection_lost", url=self.config.amqp_url_masked)
+
     def _on_reconnect(self, *_: object) -> None:
+        # Called once the channels are restored, the consumers consuming again with them.
+        self._consuming = bool(self._consumers)
         self.reconnections += 1
         log.info("broker_reconnected", url=self.config.amqp_url_masked)
 
@@ -240,6 +316,8 @@ class App:
             except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
                 log.warning("connection_close_failed", error=repr(exc))
         await self.store.close()
+        self._store_open = False
+        await self._stop_http()
         log.info("worker_stopped")
 
     async def _finish(self, connected: bool) -> None:

@@ -20,6 +20,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Setting",
+    "http_address",
     "mask_password",
     "settings_help",
     "unknown_settings",
@@ -36,7 +37,12 @@ LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Milliseconds = Annotated[int, msgspec.Meta(ge=1000, le=_INT_MAX)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1, le=_INT_MAX)]
-HttpMode = Literal["off"]
+# "off", or host:port: a name or IPv4 address, or an IPv6 one in brackets. The port's range
+# is checked by `http_address`, since a pattern cannot say 0..65535 readably.
+HttpListen = Annotated[
+    str,
+    msgspec.Meta(pattern=r"\A(off|([A-Za-z0-9._-]{1,253}|\[[0-9A-Za-z:.%]{2,64}\]):[0-9]{1,5})\Z"),
+]
 
 
 class ConfigError(ValueError):
@@ -62,7 +68,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     idle_max_warms: AtLeastOne = 10
     cache_ttl_ms: Milliseconds = 300_000
     retention_ms: Milliseconds = 7 * 24 * 3_600_000
-    http: HttpMode = "off"
+    http: HttpListen = "off"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
@@ -81,6 +87,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 continue
             values[setting.field] = _parse(setting, raw)
         return msgspec.convert(values, cls)
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where to serve health and metrics over HTTP: ``(host, port)``, None when off."""
+        return http_address(self.http)
 
     @property
     def amqp_url_masked(self) -> str:
@@ -208,8 +219,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "WARMER_HTTP",
         "http",
-        "the health and metrics endpoint (reserved)",
-        "off (the health and metrics endpoint arrives in a later version)",
+        "where to serve /healthz, /readyz and /metrics (Prometheus) over HTTP: host:port "
+        "(127.0.0.1:8080 for this host only, 0.0.0.0:8080 for every interface), or off",
+        "off, or host:port such as 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080 "
+        "(a port from 0 to 65535; 0 takes any free one)",
     ),
 )
 
@@ -255,6 +268,29 @@ def mask_password(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{hostpart}"
 
 
+def http_address(value: str) -> tuple[str, int] | None:
+    """``host:port`` as ``(host, port)`` (an IPv6 host without its brackets); None for off.
+
+    Raises ``ValueError`` when ``value`` is neither.
+    """
+    if value == "off":
+        return None
+    host, colon, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"not off or host:port: {value!r}")
+    return host, int(port)
+
+
+def _http_is_usable(value: str) -> bool:
+    try:
+        http_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def _default_log_format(isatty: bool) -> str:
     return "console" if isatty else "json"
 
@@ -267,7 +303,7 @@ def _parse(setting: Setting, raw: str) -> object:
         if _DIGITS.fullmatch(raw) is None:
             raise _invalid(setting, raw)
         value = int(raw)
-    elif _is_literal(kind):
+    elif _is_literal(kind) or raw.lower() == "off":
         value = raw.lower()
     try:
         parsed = msgspec.convert(value, kind)
@@ -304,4 +340,7 @@ def _amqp_url_is_usable(url: str) -> bool:
     return bool(parts.hostname) and (port is None or port > 0)
 
 
-_EXTRA_CHECKS: Final[dict[str, Callable[[Any], bool]]] = {"amqp_url": _amqp_url_is_usable}
+_EXTRA_CHECKS: Final[dict[str, Callable[[Any], bool]]] = {
+    "amqp_url": _amqp_url_is_usable,
+    "http": _http_is_usable,
+}

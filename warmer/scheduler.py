@@ -8,7 +8,9 @@ entries are dropped as they surface, and the heap is rebuilt from the live ones 
 they outnumber half of them, so churn cannot grow memory without bound.
 
 One task sleeps until the earliest due time through a single clock alarm; arming an
-earlier timer wakes it to sleep again on the new earliest.
+earlier timer wakes it to sleep again on the new earliest. Each fire tells ``lateness``
+(if given) how late it came, in seconds: the scheduler is the one part that still knows
+the due time then.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from warmer.clock import Alarm, Clock
 from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 
-__all__ = ["OnFire", "Scheduler"]
+__all__ = ["Lateness", "OnFire", "Scheduler"]
 
 log = get_logger(__name__)
 
 OnFire = Callable[[str, int], None]
 """What a fired timer calls: `on_fire(key, token)`."""
+
+Lateness = Callable[[float], None]
+"""Told, for each fire, the fire time minus the due time in seconds (a histogram's observe)."""
 
 # due (epoch ms), arm sequence (breaks due ties in arm order), key, token.
 _Entry = tuple[int, int, str, int]
@@ -38,9 +43,10 @@ _COMPACT_MIN_DEAD = 1024
 class Scheduler:
     """One pending timer per key; fires `on_fire(key, token)` when its due time comes."""
 
-    def __init__(self, clock: Clock, on_fire: OnFire) -> None:
+    def __init__(self, clock: Clock, on_fire: OnFire, *, lateness: Lateness | None = None) -> None:
         self._clock = clock
         self._on_fire = on_fire
+        self._lateness = lateness
         self._heap: list[_Entry] = []
         self._live: dict[str, _Entry] = {}
         self._dead = 0
@@ -92,6 +98,7 @@ class Scheduler:
         first_new_seq = self._seq
         deferred: list[_Entry] = []
         fired = 0
+        lateness = self._lateness
         self._firing = True
         try:
             while self._heap and self._heap[0][0] <= now_ms:
@@ -104,6 +111,8 @@ class Scheduler:
                 else:
                     del self._live[key]
                     fired += 1
+                    if lateness is not None:
+                        lateness((now_ms - entry[0]) / 1000)
                     try:
                         self._on_fire(key, token)
                     except Exception:

@@ -15,15 +15,20 @@ command answered ``store_error`` (CONTRACT.md, "Acknowledgement"); the rest is r
 Every delivery ends in exactly one of: acknowledged; dead-lettered, then acknowledged;
 rejected to the queue's own dead-lettering; or delivered again (given back with
 ``basic.reject`` and requeue on a bug, or left for the broker when the worker goes).
+
+What a batch did is counted into ``warmer.observe.metrics`` once it is committed (a
+rolled-back batch is applied again, and counted then); what happened on the way (store
+errors, retries, redeliveries, confirmed publishes) is counted as it happens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections import Counter, deque
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Literal, assert_never
+from typing import Any, Final, Literal, assert_never, get_args
 
 from aiormq.exceptions import ChannelInvalidStateError
 
@@ -42,7 +47,9 @@ from warmer.contract import (
     ErrorReply,
     LifecycleEvent,
     Rejection,
+    SurfaceChanged,
     UnknownType,
+    WarmCompleted,
     decode_command,
     decode_event,
 )
@@ -60,6 +67,7 @@ from warmer.core import (
 from warmer.core.records import encode_changes
 from warmer.inputs import Fired, Input, Inputs, Prune, Queue, Received, Returned
 from warmer.observe.log import get_logger
+from warmer.observe.metrics import Metrics, Tally
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError
@@ -92,14 +100,14 @@ class _Step:
 class _Applied:
     """What applying a batch produced, kept apart until it is committed."""
 
-    __slots__ = ("counts", "refused", "steps", "timers", "warms")
+    __slots__ = ("refused", "steps", "tally", "timers", "warms")
 
     def __init__(self, refused: bool) -> None:
         self.refused = refused
         self.steps: list[_Step] = []
         self.timers: list[Arm | Cancel] = []
         self.warms: list[PublishWarm] = []
-        self.counts: Counter[str] = Counter()
+        self.tally = Tally()
 
 
 class Worker:
@@ -113,6 +121,7 @@ class Worker:
         clock: Clock,
         outbound: Outbound,
         inputs: Inputs,
+        metrics: Metrics,
         *,
         retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
         committed_token: int = 0,
@@ -124,7 +133,13 @@ class Worker:
         self.clock = clock
         self.outbound = outbound
         self.inputs = inputs
-        self.counts: Counter[str] = Counter()
+        self.metrics = metrics
+        # Bound once: the hot path looks a decoded message's counter up by its class.
+        self._event_counters = {
+            kind: metrics.events[str(kind.__struct_config__.tag)]
+            for kind in get_args(LifecycleEvent)
+        }
+        self._command_types = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
         self._retry_first_ms, self._retry_max_ms = retry_ms
         self._committed_token = committed_token
         self._warms: set[asyncio.Task[None]] = set()
@@ -148,8 +163,9 @@ class Worker:
                 tail = await self._stage(items, tails[-1] if tails else None)
             except Exception:  # a bug: hand the deliveries back, keep the pipeline going
                 log.exception("batch_failed", size=len(items))
-                self.counts["batches_failed"] += 1
-                await _give_back([i.delivery for i in items if isinstance(i, Received)])
+                given_back = [i.delivery for i in items if isinstance(i, Received)]
+                self.metrics.redeliveries.inc(len(given_back))
+                await _give_back(given_back)
                 continue
             if tail is not None:
                 tails.append(tail)
@@ -213,7 +229,6 @@ class Worker:
         if previous is not None:
             await asyncio.wait([previous])
         await self._settle(steps)
-        self.counts["batches"] += 1
 
     async def _confirmed(
         self, work: list[tuple[_Step, Effect]], attempts: list[asyncio.Task[None]]
@@ -232,7 +247,7 @@ class Worker:
                 failure = exc if isinstance(exc, PublishFailed) else failure
                 failed.append((step, effect))
             elif isinstance(exc, DeadLetterRefused):
-                self.counts["dead_letters_refused"] += 1
+                self.metrics.dead_letters_refused.inc()
                 log.warning(
                     "dead_letter_refused",
                     why=str(exc),
@@ -249,6 +264,7 @@ class Worker:
     async def _apply_and_commit(self, items: list[Input]) -> list[_Step] | None:
         """Apply ``items`` and commit what they changed; None when abandoned (rolled back)."""
         now = self.clock.now_ms()
+        metrics = self.metrics
         self.core.begin()
         try:
             applied = self._apply(items, now, None)
@@ -258,10 +274,10 @@ class Worker:
                 token = self.core.last_token
                 try:
                     if changes:  # tokens matter only with the records that hold them
-                        await self.store.commit(changes, token)
+                        await self._commit(changes, token)
                     break
                 except StoreError as exc:
-                    self.counts["store_errors"] += 1
+                    metrics.store_errors.inc()
                     if not applied.refused and any(s.queue == "commands" for s in applied.steps):
                         # CONTRACT.md: a store error on a command is answered store_error.
                         log.error("store_failed_commands_refused", error=str(exc)[:300])
@@ -274,6 +290,7 @@ class Worker:
                     if not await self._pause(attempt, exc, applied.steps):
                         self.core.rollback()
                         self.inputs.put_back(i for i in items if not isinstance(i, Received))
+                        metrics.redeliveries.inc(sum(isinstance(i, Received) for i in items))
                         return None
             if attempt:
                 log.info("commit_recovered", attempts=attempt + 1)
@@ -283,7 +300,7 @@ class Worker:
         finally:
             self.core.end()
         self._committed_token = max(self._committed_token, token)
-        self.counts.update(applied.counts)
+        metrics.add(applied.tally, len(items))
         for timer in applied.timers:
             match timer:
                 case Arm():
@@ -298,13 +315,20 @@ class Worker:
             task.add_done_callback(self._warms.discard)
         return applied.steps
 
+    async def _commit(self, changes: dict[str, bytes | None], token: int) -> None:
+        started = time.perf_counter()  # a duration, not a wait: not the Clock's business
+        try:
+            await self.store.commit(changes, token)
+        finally:
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+
     def _apply(self, items: list[Input], now: int, refuse_commands: str | None) -> _Applied:
         applied = _Applied(refused=refuse_commands is not None)
         for item in items:
             step = _Step(item)
             applied.steps.append(step)
             try:
-                outcome = self._outcome(item, step, now, refuse_commands, applied.counts)
+                outcome = self._outcome(item, step, now, refuse_commands, applied.tally)
             except Exception:  # a bug while applying: give this one back, go on
                 log.exception("input_failed", kind=type(item).__name__)
                 step.settle = "requeue"
@@ -319,7 +343,7 @@ class Worker:
         step: _Step,
         now: int,
         refuse_commands: str | None,
-        counts: Counter[str],
+        tally: Tally,
     ) -> Outcome | None:
         match item:
             case Fired(cid, token):
@@ -332,29 +356,47 @@ class Worker:
                     log.info("conversations_pruned", count=len(pruned))
                 return None
             case Received("lifecycle", delivery):
-                return self._event(delivery, step, now, counts)
+                return self._event(delivery, step, now, tally)
             case Received(_, delivery):
-                return self._command(delivery, step, now, refuse_commands, counts)
+                return self._command(delivery, step, now, refuse_commands, tally)
             case _:
                 assert_never(item)
 
-    def _event(
-        self, delivery: Delivery, step: _Step, now: int, counts: Counter[str]
-    ) -> Outcome | None:
+    def _event(self, delivery: Delivery, step: _Step, now: int, tally: Tally) -> Outcome | None:
         decoded = _unreadable(delivery) or decode_event(
             delivery.body, delivery.content_type, content_encoding=delivery.content_encoding
         )
+        counts = tally.counts
         if isinstance(decoded, Rejection):
-            _rejected(counts, "lifecycle", delivery, decoded)
+            counts[self.metrics.rejected[decoded.code]] += 1
+            _rejected("lifecycle", delivery, decoded)
             step.publishes.append(functools.partial(self.outbound.dead_letter, delivery, decoded))
             return None
         if isinstance(decoded, UnknownType):
-            counts["events_unknown_type"] += 1
+            counts[self.metrics.events["unknown"]] += 1
             self._unknown(decoded, delivery)
             return None
+        counts[self._event_counters[type(decoded)]] += 1
         outcome = self.core.apply_event(now, decoded)
-        _count(counts, outcome, decoded)
+        if isinstance(decoded, WarmCompleted):
+            self._completion(decoded, outcome, tally)
+        _not_applied(outcome, decoded)
         return outcome
+
+    def _completion(self, completed: WarmCompleted, outcome: Outcome, tally: Tally) -> None:
+        """Count a completion: stale, dropped, or (with usage, applied) its cache figures."""
+        verdict, metrics, counts = outcome.verdict, self.metrics, tally.counts
+        if verdict == "stale":
+            counts[metrics.warms_stale] += 1
+        elif verdict == "dropped_active":
+            counts[metrics.warms_dropped] += 1
+        elif verdict == "applied" and completed.error is None and completed.usage is not None:
+            usage = completed.usage
+            counts[metrics.warms_completed] += 1
+            counts[metrics.cache_read_tokens] += usage.cache_read_tokens
+            counts[metrics.cache_write_tokens] += usage.cache_write_tokens
+            if usage.input_tokens > 0:
+                tally.ratios.append(min(usage.cache_read_tokens / usage.input_tokens, 1.0))
 
     def _command(
         self,
@@ -362,16 +404,18 @@ class Worker:
         step: _Step,
         now: int,
         refuse: str | None,
-        counts: Counter[str],
+        tally: Tally,
     ) -> Outcome | None:
         reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
+        counts, metrics = tally.counts, self.metrics
         decoded = _unreadable(delivery) or decode_command(
             delivery.body, delivery.content_type, content_encoding=delivery.content_encoding
         )
         if isinstance(decoded, UnknownType):
             decoded = Rejection("unknown_type", f"type: unknown command {decoded.shown}")
         if isinstance(decoded, Rejection):
-            _rejected(counts, "commands", delivery, decoded)
+            counts[metrics.rejected[decoded.code]] += 1
+            _rejected("commands", delivery, decoded)
             if reply_to:
                 reply = ErrorReply(error=decoded.error, code=decoded.code)
                 step.publishes.append(
@@ -387,10 +431,11 @@ class Worker:
                 planned = self.core.commit(now, planned)
             else:
                 planned = self.core.store_failed(planned, refuse)
-        _count(counts, planned, decoded)
+        counts[metrics.command(self._command_types[type(decoded)], planned.verdict)] += 1
+        _not_applied(planned, decoded)
         for effect in planned.effects:
             if isinstance(effect, SendReply) and isinstance(effect.reply, ErrorReply):
-                counts[f"rejected_{effect.reply.code}"] += 1
+                counts[metrics.rejected[effect.reply.code]] += 1
                 log.warning(
                     "command_rejected",
                     code=effect.reply.code,
@@ -407,7 +452,7 @@ class Worker:
                 case Arm() | Cancel():
                     applied.timers.append(effect)
                 case PublishSurface():
-                    step.publishes.append(functools.partial(self.outbound.surface, effect.update))
+                    step.publishes.append(functools.partial(self._surface, effect.update))
                 case PublishWarm():
                     applied.warms.append(effect)
                 case SendReply():
@@ -420,12 +465,13 @@ class Worker:
                         )
                         step.publishes.append(answer)
                 case WarmFailed():
-                    applied.counts["warms_failed"] += 1
+                    applied.tally.counts[self.metrics.warms_failed[effect.cause]] += 1
                     log.warning(
                         "warm_failed",
                         conversation_id=effect.conversation_id,
                         token=effect.token,
                         error=effect.error,
+                        cause=effect.cause,
                         failures=effect.failures,
                         paused=effect.paused,
                     )
@@ -436,7 +482,7 @@ class Worker:
 
     async def _pause(self, attempt: int, failure: Exception, steps: list[_Step]) -> bool:
         """Wait before retrying; False when the worker is going or the deliveries are gone."""
-        self.counts["retries"] += 1
+        self.metrics.retries.inc()
         if self._abandoned or self.outbound.closing:
             log.warning("retry_abandoned", error=str(failure)[:300])
             return False
@@ -458,6 +504,7 @@ class Worker:
         """
         acks: dict[int, list[Delivery]] = {}
         left: set[int] = set()
+        redelivered = 0
         for step in steps:
             delivery = step.delivery
             if delivery is None:
@@ -465,13 +512,19 @@ class Worker:
             try:
                 channel = id(delivery.channel)
             except ChannelInvalidStateError:
-                continue  # the broker delivers it again
+                redelivered += 1  # the broker delivers it again
+                continue
             if step.settle == "ack":
                 acks.setdefault(channel, []).append(delivery)
             elif step.settle == "leave":
+                redelivered += 1
                 left.add(channel)
             else:
-                await _reject(delivery, requeue=step.settle == "requeue")
+                requeue = step.settle == "requeue"
+                redelivered += requeue
+                await _reject(delivery, requeue=requeue)
+        if redelivered:
+            self.metrics.redeliveries.inc(redelivered)
         for channel, deliveries in acks.items():
             if channel in left:
                 for delivery in deliveries:
@@ -479,6 +532,10 @@ class Worker:
             else:
                 last = max(deliveries, key=lambda d: d.delivery_tag or 0)
                 await _ack(last, multiple=True)
+
+    async def _surface(self, update: SurfaceChanged) -> None:
+        await self.outbound.surface(update)
+        self.metrics.surface_updates.inc()
 
     async def _send_warm(self, effect: PublishWarm) -> None:
         request = effect.request
@@ -493,7 +550,7 @@ class Worker:
         except PublishFailed as exc:  # left to the warm timeout, which fails and retries it
             log.error("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
             return
-        self.counts["warms_requested"] += 1
+        self.metrics.warms_requested.inc()
         log.info("warm_requested", conversation_id=cid, token=token)
         if not routed:
             self.inputs.put(Returned(cid, token))
@@ -517,8 +574,7 @@ class Worker:
             )
 
 
-def _count(counts: Counter[str], outcome: Outcome, decoded: LifecycleEvent | Command) -> None:
-    counts[f"inputs_{outcome.verdict}"] += 1
+def _not_applied(outcome: Outcome, decoded: LifecycleEvent | Command) -> None:
     if outcome.verdict != "applied":
         log.debug(
             "input_not_applied",
@@ -528,8 +584,7 @@ def _count(counts: Counter[str], outcome: Outcome, decoded: LifecycleEvent | Com
         )
 
 
-def _rejected(counts: Counter[str], queue: str, delivery: Delivery, rejection: Rejection) -> None:
-    counts[f"rejected_{rejection.code}"] += 1
+def _rejected(queue: str, delivery: Delivery, rejection: Rejection) -> None:
     log.warning(
         "message_rejected",
         queue=queue,

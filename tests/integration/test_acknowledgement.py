@@ -35,10 +35,10 @@ async def test_close_during_store_outage_is_acked_once_persisted(
     store.failing = True
     await probe.event({"type": "conversation.closed", "conversationId": "c", "seq": 1})
     for _ in range(100):  # the worker retries the commit in place; still failing
-        if app.worker.counts["store_errors"] >= 2:
+        if app.metrics.value("warmer_store_errors_total") >= 2:
             break
         await asyncio.sleep(0.05)
-    assert app.worker.counts["store_errors"] >= 2
+    assert app.metrics.value("warmer_store_errors_total") >= 2
     assert committed(store, "c").settings.enabled is True  # not persisted yet
     await surfaces.nothing(0.2)  # nothing is published before it is committed
 
@@ -131,10 +131,10 @@ async def test_a_close_with_seq_while_sqlite_is_locked_is_persisted_once_the_loc
         assert await locker.stdout.readline() == b"locked\n"
         await probe.event({"type": "conversation.closed", "conversationId": "c", "seq": 5})
         for _ in range(200):  # SQLite waits out its busy timeout (5 s), then fails
-            if app.worker.counts["store_errors"] >= 1:
+            if app.metrics.value("warmer_store_errors_total") >= 1:
                 break
             await asyncio.sleep(0.05)
-        assert app.worker.counts["store_errors"] >= 1  # held past the busy timeout
+        assert app.metrics.value("warmer_store_errors_total") >= 1  # held past the busy timeout
         await surfaces.nothing(0.1)
     finally:
         locker.stdin.write(b"release\n")

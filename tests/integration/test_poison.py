@@ -241,7 +241,7 @@ async def test_unknown_types_without_end_are_counted_in_bounded_memory(stream: S
     await stream.check(0)
     worker = stream.app.worker
     assert worker is not None
-    assert worker.counts["events_unknown_type"] == count
+    assert stream.app.metrics.value("warmer_events_consumed_total", type="unknown") == count
     remembered = worker._unknown_types
     assert len(remembered) <= 257
     assert max(len(kind) for kind in remembered) <= 64
@@ -380,7 +380,7 @@ async def test_a_dead_letter_the_broker_refuses_is_rejected_to_the_queue(
     await stream.around(poison)
     dead = await stream.check(3)
     assert stream.app.worker is not None
-    assert stream.app.worker.counts["dead_letters_refused"] == 3
+    assert stream.app.metrics.value("warmer_dead_letters_refused_total") == 3
     for message in dead:
         assert "x-warmer-reason" not in message.headers
         assert header(message, "x-death")[0]["reason"] == "rejected"
@@ -410,7 +410,7 @@ async def test_a_store_failing_30_times_dead_letters_nothing_and_loses_nothing(
             applied[(await surfaces.next_body(30))["conversationId"]] += 1
         assert sum(applied.values()) == VALID
         assert app.worker is not None
-        assert app.worker.counts["store_errors"] == 30
+        assert app.metrics.value("warmer_store_errors_total") == 30
         for i in range(CONVERSATIONS):
             record = decode_record(store.records[f"c{i}"])
             # The odd events close the odd conversations.

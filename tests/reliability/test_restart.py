@@ -462,7 +462,9 @@ async def test_a_warm_that_fell_due_after_the_cache_expired_waits_for_the_next_t
     surfaces = await probe.surfaces()
     warms = await probe.warms()
     await enable(probe, surfaces, interval)
-    await probe.event(settled(cwd="/srv/a"))
+    # With seq: if the kill beats the settle's acknowledgement, its redelivery is stale
+    # (the settle is committed), not a fresh settle that arms again after the restart.
+    await probe.event(settled(cwd="/srv/a", seq=1))
     armed = await surfaces.next_body(5)
     assert armed["state"]["status"] == "armed", armed
     due = armed["state"]["nextWarmAt"]
@@ -479,7 +481,7 @@ async def test_a_warm_that_fell_due_after_the_cache_expired_waits_for_the_next_t
     await warms.nothing(within=1.0)
 
     # The next turn arms it again (its last request a moment ago: due soon).
-    await probe.event(settled(cwd="/srv/b", lastRequestAt=now_ms() - interval + 300))
+    await probe.event(settled(cwd="/srv/b", seq=2, lastRequestAt=now_ms() - interval + 300))
     rearmed = await surfaces.until(lambda b: b["state"]["status"] == "armed", 5)
     assert rearmed["state"]["nextWarmAt"] >= rearmed["at"], rearmed
     warm = await warms.next_body(5)

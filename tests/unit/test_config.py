@@ -76,6 +76,10 @@ VALID = [
     ("WARMER_IDLE_MAX_MS", "1000", "idle_max_ms"),
     ("WARMER_IDLE_MAX_WARMS", "1", "idle_max_warms"),
     ("WARMER_HTTP", "off", "http"),
+    ("WARMER_HTTP", "127.0.0.1:8080", "http"),
+    ("WARMER_HTTP", "0.0.0.0:9090", "http"),
+    ("WARMER_HTTP", "localhost:0", "http"),
+    ("WARMER_HTTP", "[::1]:65535", "http"),
 ]
 
 
@@ -131,8 +135,14 @@ INVALID = [
     ("WARMER_MAX_FAILURES", "3.0", "an integer from 1"),
     ("WARMER_IDLE_MAX_MS", "10", "an integer from 1000"),
     ("WARMER_IDLE_MAX_WARMS", "0", "an integer from 1"),
-    ("WARMER_HTTP", "on", "arrives in a later version"),
-    ("WARMER_HTTP", "0.0.0.0:9090", "arrives in a later version"),
+    ("WARMER_HTTP", "on", "off, or host:port such as 127.0.0.1:8080"),
+    ("WARMER_HTTP", "8080", "off, or host:port"),
+    ("WARMER_HTTP", ":8080", "off, or host:port"),
+    ("WARMER_HTTP", "0.0.0.0", "off, or host:port"),
+    ("WARMER_HTTP", "0.0.0.0:65536", "a port from 0 to 65535"),
+    ("WARMER_HTTP", "0.0.0.0:http", "off, or host:port"),
+    ("WARMER_HTTP", "http://0.0.0.0:8080", "off, or host:port"),
+    ("WARMER_HTTP", "::1:8080", "off, or host:port"),
 ]
 
 
@@ -257,3 +267,18 @@ def test_settings_help_names_every_variable_with_its_default() -> None:
         assert setting.name in text
         assert f"default: {setting.default}" in text
     assert "console on a terminal, json otherwise" in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "address"),
+    [
+        ("off", None),
+        ("127.0.0.1:8080", ("127.0.0.1", 8080)),
+        ("0.0.0.0:0", ("0.0.0.0", 0)),
+        ("[::]:9090", ("::", 9090)),
+    ],
+)
+def test_the_http_setting_reads_as_a_host_and_port_or_none(
+    raw: str, address: tuple[str, int] | None
+) -> None:
+    assert Config.from_env({"WARMER_HTTP": raw}).http_address == address

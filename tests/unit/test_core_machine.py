@@ -42,6 +42,7 @@ from warmer.core import (
     WarmFailed,
     build_panel,
 )
+from warmer.core.rules import NO_CONSUMER
 
 C = "conv-1"
 OTHER = "conv-2"
@@ -157,6 +158,17 @@ def test_turn_settled_replaces_the_context_not_merges_it(shell: Any) -> None:
     shell.fire(C)
     warm = shell.last_warm  # a new warm: what was asserted of the previous one no longer holds
     assert warm.cwd is UNSET and warm.model_name == "n"
+
+
+def test_a_failed_warm_names_its_cause(shell: Any) -> None:
+    warm = shell.warming(C)
+    returned = effects_of(shell.returned(C), WarmFailed)
+    assert [(f.token, f.cause, f.error) for f in returned] == [
+        (warm.token, "returned", NO_CONSUMER)
+    ]
+    assert effects_of(shell.fire(C), WarmFailed) == []  # the retry goes out
+    timed_out = effects_of(shell.fire(C), WarmFailed)  # and gets no completion in time
+    assert [(f.cause, f.failures) for f in timed_out] == [("timeout", 2)]
 
 
 def test_turn_settled_resets_failures(shell: Any) -> None:
@@ -577,7 +589,9 @@ def test_error_with_the_current_token_fails_the_warm(shell: Any) -> None:
     assert conv.status == "retrying" and conv.token > warm.token
     assert shell.timers[C] == (shell.now + 1_000, conv.token)
     assert conv.next_warm_at == shell.now + 1_000
-    assert effects_of(out, WarmFailed) == [WarmFailed(C, warm.token, "provider error", 1, False)]
+    assert effects_of(out, WarmFailed) == [
+        WarmFailed(C, warm.token, "provider error", 1, False, "error")
+    ]
     update = one_surface(out)
     assert update.state.status == "retrying" and update.state.failures == 1
     assert update.state.next_warm_at == shell.now + 1_000
@@ -1143,7 +1157,7 @@ def test_a_warm_timeout_is_a_failure_and_retries_a_second_later(shell: Any) -> N
     assert conv.status == "retrying" and conv.token > warm.token
     assert shell.timers[C] == (shell.now + 1_000, conv.token)
     assert effects_of(out, WarmFailed) == [
-        WarmFailed(C, warm.token, "no completion within 60 s", 1, False)
+        WarmFailed(C, warm.token, "no completion within 60 s", 1, False, "timeout")
     ]
     update = one_surface(out)
     assert update.state.last_error == "no completion within 60 s"

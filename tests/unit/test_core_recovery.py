@@ -141,7 +141,7 @@ def test_a_timeout_already_past_fires_at_once_and_fails_by_the_normal_rules() ->
     assert recovery.arms == [Arm(C, NOW, 77)]
     out = warmer.on_timer(NOW, C, 77)
     failed = [e for e in out.effects if isinstance(e, WarmFailed)]
-    assert failed == [WarmFailed(C, 77, "no completion within 60 s", 1, False)]
+    assert failed == [WarmFailed(C, 77, "no completion within 60 s", 1, False, "timeout")]
     after = warmer.get(C)
     assert after is not None and after.phase is Status.RETRYING and after.token == START + 1
 

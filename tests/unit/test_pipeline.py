@@ -21,6 +21,7 @@ from warmer.clock import ManualClock
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
 from warmer.inputs import Fired, Input, Inputs, Received
+from warmer.observe.metrics import Metrics
 from warmer.scheduler import Scheduler
 from warmer.store import MemoryStore
 from warmer.worker import Worker
@@ -37,7 +38,10 @@ class Rig:
         self.store = MemoryStore()
         self.core = Warmer(Policy(), token_start=1_000)
         self.inputs = Inputs()
-        self.scheduler = Scheduler(self.clock, self.inputs.fired)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(
+            self.clock, self.inputs.fired, lateness=self.metrics.timer_lateness.observe
+        )
         self.outbound = MemoryOutbound()
         self.worker = Worker(
             self.core,
@@ -46,6 +50,7 @@ class Rig:
             self.clock,
             self.outbound,
             self.inputs,
+            self.metrics,
             retry_ms=RETRY_MS,
         )
         self.lifecycle = MemoryChannel("lifecycle")
@@ -77,6 +82,10 @@ class Rig:
         task = self.start(*items)
         await self.drive(task.done)
         await task
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one of the worker's metrics (0 when it has none yet)."""
+        return self.metrics.value(name, **labels)
 
     def committed(self, cid: str) -> Any:
         """The state the store holds for ``cid`` (None when it holds nothing)."""
@@ -185,7 +194,7 @@ async def test_a_negative_confirm_is_retried_in_place_then_all_acked(
     rig.outbound.surface = flaky  # type: ignore[method-assign]
     await rig.batch(*items)
     assert [outcome(i) for i in items] == ["ack"] * 5
-    assert rig.worker.counts["retries"] >= 1
+    assert rig.metric("warmer_retries_total") >= 1
     assert len(rig.outbound.surfaces) == 5
 
 
@@ -238,7 +247,7 @@ async def test_a_dead_letter_refused_rejects_that_delivery_only(rig: Rig, positi
     await rig.batch(*items)
     assert [outcome(i) for i in items].count("ack") == 4
     assert outcome(items[position]) == "reject"
-    assert rig.worker.counts["dead_letters_refused"] == 1
+    assert rig.metric("warmer_dead_letters_refused_total") == 1
 
 
 async def test_an_invalid_event_is_acked_only_after_its_dead_letter_is_confirmed(
@@ -260,7 +269,7 @@ async def test_a_store_error_is_retried_in_place_then_committed_and_acked(
     rig.store.fail_next = 3
     await rig.batch(*items)
     assert [outcome(i) for i in items] == ["ack"] * 5
-    assert rig.worker.counts["store_errors"] == 3
+    assert rig.metric("warmer_store_errors_total") == 3
     assert all(rig.committed(f"c{i}").settings.enabled is False for i in range(5))
 
 
@@ -288,7 +297,7 @@ async def test_a_lost_connection_during_a_store_outage_rolls_back_and_redelivers
     items = [rig.event(closed(f"c{i}", seq=2)) for i in range(5)]
     rig.store.failing = True
     task = rig.start(*items)
-    await rig.drive(lambda: rig.worker.counts["store_errors"] >= 2)
+    await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 2)
     rig.lifecycle.close()  # the broker takes every unacknowledged delivery back
     await rig.drive(task.done)
     await task
@@ -298,17 +307,19 @@ async def test_a_lost_connection_during_a_store_outage_rolls_back_and_redelivers
     rig.store.failing = False
     rig.lifecycle = MemoryChannel("lifecycle again")
     again = [rig.event(closed(f"c{i}", seq=2)) for i in range(5)]
+    surfaces = rig.metric("warmer_surface_updates_total")
     await rig.batch(*again)
     assert [outcome(i) for i in again] == ["ack"] * 5
     assert all(rig.committed(f"c{i}").settings.enabled is False for i in range(5))
-    assert rig.worker.counts["inputs_stale"] == 0
+    # Each applied (not stale) event published its surface.
+    assert rig.metric("warmer_surface_updates_total") == surfaces + 5
 
 
 async def test_stopping_during_a_store_outage_acknowledges_nothing(rig: Rig) -> None:
     items = [rig.event(settled(f"c{i}")) for i in range(3)]
     rig.store.failing = True
     task = rig.start(*items)
-    await rig.drive(lambda: rig.worker.counts["store_errors"] >= 1)
+    await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 1)
     rig.worker.abandon()
     await rig.drive(task.done)
     await task
@@ -323,7 +334,7 @@ async def test_a_rolled_back_timer_fire_is_put_back(rig: Rig) -> None:
     rig.store.failing = True
     fire = Fired("c", token)
     task = rig.start(fire)
-    await rig.drive(lambda: rig.worker.counts["store_errors"] >= 1)
+    await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 1)
     rig.worker.abandon()
     await rig.drive(task.done)
     await task

@@ -98,6 +98,17 @@ class Consumer:
         self._underlay: AbstractChannel | None = None
         self._cancelled = False
 
+    @property
+    def consuming(self) -> bool:
+        """True while the broker delivers to this consumer on an open channel."""
+        underlay = self._underlay
+        return (
+            not self._cancelled
+            and self._tag is not None
+            and underlay is not None
+            and not underlay.is_closed
+        )
+
     async def start(self) -> None:
         """Consume now, and again after every reopening of the channel."""
         self._channel.reopen_callbacks.add(self._reopened)
@@ -111,6 +122,7 @@ class Consumer:
             await self._underlay.basic_cancel(self._tag)
 
     async def _consume(self) -> None:
+        self._tag = None
         underlay = await self._channel.get_underlay_channel()
         ok = await underlay.basic_consume(self._queue, self._on_message, no_ack=False)
         self._underlay, self._tag = underlay, ok.consumer_tag

@@ -9,6 +9,7 @@ from warmer.core.effects import (
     PublishWarm,
     SendReply,
     WarmFailed,
+    WarmFailedCause,
 )
 from warmer.core.machine import Outcome, SettingsChange, Warmer
 from warmer.core.panel import DEFAULT_PANEL, build_panel
@@ -35,6 +36,7 @@ __all__ = [
     "SettingsChange",
     "Status",
     "WarmFailed",
+    "WarmFailedCause",
     "Warmer",
     "build_panel",
     "decode_record",

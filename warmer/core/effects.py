@@ -6,6 +6,8 @@ What must be persisted is not an effect: the shell persists a batch's records
 
 from __future__ import annotations
 
+from typing import Literal
+
 from msgspec import Struct
 
 from warmer.contract import Reply, SurfaceChanged, WarmRequested
@@ -44,6 +46,11 @@ class SendReply(Struct, frozen=True):
     reply: Reply
 
 
+WarmFailedCause = Literal["error", "returned", "timeout"]
+"""Why a warm failed: its completion carried an error, the broker returned the request
+as unroutable, or no completion came in time."""
+
+
 class WarmFailed(Struct, frozen=True, gc=False):
     """A warm failed (error, unroutable, timeout): for logs and counters."""
 
@@ -52,6 +59,7 @@ class WarmFailed(Struct, frozen=True, gc=False):
     error: str
     failures: int
     paused: bool
+    cause: WarmFailedCause
 
 
 Effect = Arm | Cancel | PublishWarm | PublishSurface | SendReply | WarmFailed

@@ -15,6 +15,7 @@ timers with ``recover``; ``prune`` forgets conversations without input for too l
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from typing import Final, Literal
 
@@ -50,6 +51,7 @@ from warmer.core.effects import (
     PublishWarm,
     SendReply,
     WarmFailed,
+    WarmFailedCause,
 )
 from warmer.core.panel import SET_INTERVAL_ACTION, TOGGLE_ACTION, build_panel
 from warmer.core.policy import Policy
@@ -145,6 +147,10 @@ class Warmer:
         """True while the warm request of ``token`` is the one out (status ``warming``)."""
         conv = self._conversations.get(conversation_id)
         return conv is not None and conv.token == token and conv.phase is Status.WARMING
+
+    def statuses(self) -> Counter[Status]:
+        """How many conversations are in each status (metrics: it walks every one)."""
+        return Counter(conv.status for conv in self._conversations.values())
 
     def persisted(self, conversation_id: str) -> Settings:
         """The persisted settings of a conversation (defaults when none)."""
@@ -325,7 +331,7 @@ class Warmer:
                     conv.last_error = error
                     self._cancel(cid, conv, effects)
                 else:
-                    self._fail(now, cid, conv, error, effects)
+                    self._fail(now, cid, conv, error, "error", effects)
             else:
                 conv.last_error = error
         else:
@@ -348,7 +354,8 @@ class Warmer:
         self._touch(conversation_id)
         effects: list[Effect] = []
         if conv.phase is Status.WARMING:
-            self._fail(now, conversation_id, conv, timeout_error(conv.timeout_ms), effects)
+            error = timeout_error(conv.timeout_ms)
+            self._fail(now, conversation_id, conv, error, "timeout", effects)
         elif conv.phase in (Status.ARMED, Status.RETRYING):
             self._publish_warm(now, conversation_id, conv, effects)
         else:
@@ -365,7 +372,7 @@ class Warmer:
             return _NOTHING
         self._touch(conversation_id)
         effects: list[Effect] = []
-        self._fail(now, conversation_id, conv, NO_CONSUMER, effects)
+        self._fail(now, conversation_id, conv, NO_CONSUMER, "returned", effects)
         self._applied(now, conversation_id, conv, effects)
         return Outcome(effects)
 
@@ -387,12 +394,18 @@ class Warmer:
         effects.append(Arm(cid, now + timeout, conv.token))
 
     def _fail(
-        self, now: int, cid: str, conv: Conversation, error: str, effects: list[Effect]
+        self,
+        now: int,
+        cid: str,
+        conv: Conversation,
+        error: str,
+        cause: WarmFailedCause,
+        effects: list[Effect],
     ) -> None:
         conv.last_error = error
         conv.failures += 1
         paused = conv.failures >= self.policy.max_failures
-        effects.append(WarmFailed(cid, conv.token, error, conv.failures, paused))
+        effects.append(WarmFailed(cid, conv.token, error, conv.failures, paused, cause))
         if paused:
             self._cancel(cid, conv, effects)
             conv.phase = Status.PAUSED

@@ -1,0 +1,136 @@
+"""Health and metrics over HTTP, on a worker running against the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import make_config
+from tests.integration.probe import Probe
+from warmer.app import App, StartupError
+from warmer.observe.metrics import NAMES
+
+pytestmark = pytest.mark.broker
+
+HISTOGRAMS = ("_seconds", "_size", "_ratio")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+async def get(session: aiohttp.ClientSession, app: App, path: str) -> tuple[int, str, str]:
+    """Status, body and content type of ``GET path`` on the worker."""
+    async with session.get(f"http://127.0.0.1:{app.http_port}{path}") as response:
+        return response.status, await response.text(), response.headers["Content-Type"]
+
+
+async def samples(session: aiohttp.ClientSession, app: App) -> dict[tuple[str, Any], float]:
+    """Every sample of a scrape: (name, sorted labels) -> value."""
+    status, text, _ = await get(session, app, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Wait until the awaitable ``check()`` returns true."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the time"
+        await asyncio.sleep(0.05)
+
+
+async def test_healthz_and_readyz_answer_when_running(
+    start_worker: Any, http: aiohttp.ClientSession
+) -> None:
+    app = await start_worker(http="127.0.0.1:0")
+    assert app.http_port
+    assert await get(http, app, "/healthz") == (200, "ok", "text/plain; charset=utf-8")
+    assert await get(http, app, "/readyz") == (200, "ready", "text/plain; charset=utf-8")
+    status, _, _ = await get(http, app, "/nothing-here")
+    assert status == 404
+
+
+async def test_metrics_show_every_metric_and_move_with_events_and_commands(
+    start_worker: Any, http: aiohttp.ClientSession, probe: Probe
+) -> None:
+    app = await start_worker(http="127.0.0.1:0")
+    status, text, content_type = await get(http, app, "/metrics")
+    assert status == 200 and content_type == CONTENT_TYPE_LATEST
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    for name in NAMES:
+        assert (f"{name}_count" if name.endswith(HISTOGRAMS) else name) in names, name
+    assert "process_resident_memory_bytes" in names
+
+    surfaces = await probe.surfaces()
+    reply = await probe.command({"type": "set_enabled", "conversationId": "h", "enabled": True})
+    assert reply["ok"] is True
+    await probe.event({"type": "turn.settled", "conversationId": "h", "cwd": "/srv"})
+    await surfaces.next_body()
+    await surfaces.next_body()
+
+    settled = ("warmer_events_consumed_total", (("type", "turn.settled"),))
+    enabled = ("warmer_commands_total", (("outcome", "applied"), ("type", "set_enabled")))
+    armed = ("warmer_conversations", (("status", "armed"),))
+
+    async def moved() -> bool:
+        now = await samples(http, app)
+        return (
+            now[settled] == 1
+            and now[enabled] == 1
+            and now[("warmer_surface_updates_total", ())] == 2
+            and now[armed] == 1
+            and now[("warmer_timers_armed", ())] == 1
+            and now[("warmer_batch_size_count", ())] >= 1
+            and now[("warmer_commit_seconds_count", ())] >= 2
+        )
+
+    await eventually(moved)
+
+
+async def test_http_is_off_by_default_and_stops_with_the_worker(
+    start_worker: Any, amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    off = await start_worker()
+    assert off.http_port is None
+
+    app = App(make_config(amqp_url, namespace, tmp_path / "second", http="127.0.0.1:0"))
+    (tmp_path / "second").mkdir()
+    await app.start()
+    port = app.http_port
+    assert port
+    await app.stop()
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        pass
+
+
+async def test_a_port_in_use_stops_start_up_with_one_line(
+    amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        app = App(make_config(amqp_url, namespace, tmp_path, http=f"127.0.0.1:{port}"))
+        try:
+            with pytest.raises(StartupError) as raised:
+                await app.start()
+        finally:
+            await app.store.close()
+    text = str(raised.value)
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in text and "WARMER_HTTP" in text
+    assert "\n" not in text

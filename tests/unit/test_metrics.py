@@ -1,0 +1,404 @@
+"""The worker's metrics, through the in-memory bus: each moves when its event happens.
+
+The pipeline is the real one (``tests/unit/test_pipeline.py``'s ``Rig``); the metrics are
+read back from the worker's own registry, as a scrape would show them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.unit.test_pipeline import Rig, closed, enable, outcome, settled, started
+from warmer.bus.publisher import PublishFailed
+from warmer.clock import ManualClock
+from warmer.contract import Status, TurnSettled
+from warmer.core import Policy, Warmer
+from warmer.core.panel import TOGGLE_ACTION
+from warmer.inputs import Fired
+from warmer.observe.metrics import (
+    COMMAND_OUTCOMES,
+    ERROR_CODES,
+    EVENT_TYPES,
+    NAMES,
+    Metrics,
+    StateGauges,
+)
+from warmer.scheduler import Scheduler
+
+T0 = 1_760_000_000_000
+CONVERSATION_IDS = ("conv-7f3a9c2e", "conv-b81d", "c")
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    rig = Rig()
+    yield rig
+    rig.worker.abandon()
+    await rig.worker.settled()
+
+
+def usage(input_tokens: int = 1000, read: int = 800, write: int = 150) -> dict[str, int]:
+    return {"inputTokens": input_tokens, "cacheReadTokens": read, "cacheWriteTokens": write}
+
+
+def completion(cid: str, token: int | None, **fields: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": "warm.completed", "conversationId": cid, **fields}
+    if token is not None:
+        body["token"] = token
+    return body
+
+
+async def warming(rig: Rig, cid: str = "c") -> int:
+    """Enable ``cid``, settle it and fire its timer: its warm request is out; the token."""
+    await rig.batch(rig.command(enable(cid)), rig.event(settled(cid)))
+    token = rig.core.get(cid).token  # type: ignore[union-attr]
+    await rig.batch(Fired(cid, token))
+    await rig.worker.settled()
+    return token
+
+
+def scrape(metrics: Metrics) -> dict[str, Any]:
+    """The registry as ``/metrics`` renders it, parsed back: family name -> family."""
+    text = generate_latest(metrics.registry).decode()
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+# -- names ------------------------------------------------------------------------------
+
+
+HISTOGRAMS = {
+    "warmer_timer_lateness_seconds",
+    "warmer_batch_size",
+    "warmer_commit_seconds",
+    "warmer_warm_cache_ratio",
+}
+GAUGES = {"warmer_conversations", "warmer_timers_armed"}
+
+
+def series_of(name: str) -> set[str]:
+    """The sample names a metric shows in a scrape."""
+    if name in HISTOGRAMS:
+        return {f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum", "_created")}
+    if name in GAUGES:
+        return {name}
+    return {name, f"{name.removesuffix('_total')}_created"}
+
+
+def test_a_scrape_shows_every_metric_by_its_exact_name_and_no_other() -> None:
+    metrics = Metrics()
+    metrics.registry.register(StateGauges(Counter, lambda: 0))
+    shown = {
+        sample.name
+        for family in scrape(metrics).values()
+        for sample in family.samples
+        if sample.name.startswith("warmer_")
+    }
+    assert shown == set().union(*(series_of(name) for name in NAMES))
+    assert all(name.endswith("_total") for name in NAMES if name not in HISTOGRAMS | GAUGES)
+
+
+def test_every_label_value_is_shown_from_the_start_at_zero() -> None:
+    metrics = Metrics()
+    metrics.registry.register(StateGauges(Counter, lambda: 0))
+    for kind in EVENT_TYPES:
+        assert (
+            metrics.registry.get_sample_value("warmer_events_consumed_total", {"type": kind}) == 0
+        )
+    for code in ERROR_CODES:
+        assert (
+            metrics.registry.get_sample_value("warmer_messages_rejected_total", {"code": code}) == 0
+        )
+    for cause in ("error", "returned", "timeout"):
+        assert metrics.registry.get_sample_value("warmer_warms_failed_total", {"cause": cause}) == 0
+    for kind in ("set_enabled", "set_interval", "get_state", "surface.action"):
+        for verdict in COMMAND_OUTCOMES:
+            labels = {"type": kind, "outcome": verdict}
+            assert metrics.registry.get_sample_value("warmer_commands_total", labels) == 0
+    for status in Status:
+        labels = {"status": status.value}
+        assert metrics.registry.get_sample_value("warmer_conversations", labels) == 0
+
+
+def test_each_app_has_a_registry_of_its_own() -> None:
+    one, two = Metrics(), Metrics()
+    one.retries.inc()
+    assert one.value("warmer_retries_total") == 1
+    assert two.value("warmer_retries_total") == 0
+
+
+# -- lifecycle events -------------------------------------------------------------------
+
+
+async def test_events_are_counted_by_type(rig: Rig) -> None:
+    await rig.batch(
+        rig.event(started("a")),
+        rig.event(settled("a")),
+        rig.event(settled("b")),
+        rig.event(completion("a", None, usage=usage())),
+        rig.event(closed("a")),
+        rig.event({"type": "turn.paused", "conversationId": "a"}),
+    )
+    counted = {kind: rig.metric("warmer_events_consumed_total", type=kind) for kind in EVENT_TYPES}
+    assert counted == {
+        "turn.started": 1,
+        "turn.settled": 2,
+        "warm.completed": 1,
+        "conversation.closed": 1,
+        "unknown": 1,
+    }
+
+
+async def test_invalid_events_are_counted_by_code_not_as_consumed(rig: Rig) -> None:
+    await rig.batch(
+        rig.event(b"{not json"),
+        rig.event(settled("a"), content_type="text/plain"),
+        rig.event({"type": "turn.settled"}),
+    )
+    assert rig.metric("warmer_messages_rejected_total", code="invalid_json") == 1
+    assert rig.metric("warmer_messages_rejected_total", code="invalid_content_type") == 1
+    assert rig.metric("warmer_messages_rejected_total", code="invalid_field") == 1
+    assert sum(rig.metric("warmer_events_consumed_total", type=k) for k in EVENT_TYPES) == 0
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+async def test_commands_are_counted_by_type_and_outcome(rig: Rig) -> None:
+    toggle = {"type": "surface.action", "conversationId": "c", "actionId": TOGGLE_ACTION}
+    await rig.batch(
+        rig.command(enable("c")),
+        rig.command({"type": "set_interval", "conversationId": "c", "intervalMs": 5000}),
+        rig.command({"type": "get_state", "conversationId": "c"}),
+        rig.command({**toggle, "payload": {"value": "yes"}}),
+        rig.command({**toggle, "actionId": "warm-launch"}),
+    )
+
+    def commands(kind: str, verdict: str) -> float:
+        return rig.metric("warmer_commands_total", type=kind, outcome=verdict)
+
+    assert commands("set_enabled", "applied") == 1
+    assert commands("set_interval", "applied") == 1
+    assert commands("get_state", "answered") == 1
+    assert commands("surface.action", "rejected") == 2
+    assert rig.metric("warmer_messages_rejected_total", code="invalid_payload") == 1
+    assert rig.metric("warmer_messages_rejected_total", code="unknown_action") == 1
+
+
+async def test_commands_that_fail_decoding_count_as_rejections(rig: Rig) -> None:
+    await rig.batch(
+        rig.command({"type": "launch", "conversationId": "c"}, reply_to="r"),
+        rig.command(b"[1, 2", reply_to="r"),
+    )
+    assert rig.metric("warmer_messages_rejected_total", code="unknown_type") == 1
+    assert rig.metric("warmer_messages_rejected_total", code="invalid_json") == 1
+
+
+async def test_a_store_error_on_a_command_counts_a_rejection_and_a_store_error(rig: Rig) -> None:
+    rig.store.fail_next = 1
+    await rig.batch(rig.command(enable("c"), reply_to="r"))
+    assert rig.metric("warmer_store_errors_total") == 1
+    assert rig.metric("warmer_messages_rejected_total", code="store_error") == 1
+    assert rig.metric("warmer_commands_total", type="set_enabled", outcome="rejected") == 1
+    assert rig.metric("warmer_commands_total", type="set_enabled", outcome="applied") == 0
+
+
+# -- warms ------------------------------------------------------------------------------
+
+
+async def test_a_warm_published_is_requested(rig: Rig) -> None:
+    await warming(rig)
+    assert rig.outbound.warms and rig.metric("warmer_warms_requested_total") == 1
+
+
+async def test_a_completion_with_usage_counts_its_tokens_and_cache_ratio(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(rig.event(completion("c", token, usage=usage(1000, 800, 150))))
+    assert rig.metric("warmer_warms_completed_total") == 1
+    assert rig.metric("warmer_cache_read_tokens_total") == 800
+    assert rig.metric("warmer_cache_write_tokens_total") == 150
+    assert rig.metric("warmer_warm_cache_ratio_count") == 1
+    assert rig.metric("warmer_warm_cache_ratio_sum") == pytest.approx(0.8)
+    assert rig.metric("warmer_warm_cache_ratio_bucket", le="0.7") == 0
+    assert rig.metric("warmer_warm_cache_ratio_bucket", le="0.8") == 1
+
+
+async def test_a_completion_without_input_tokens_has_no_ratio(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(rig.event(completion("c", token, usage=usage(0, 0, 0))))
+    assert rig.metric("warmer_warms_completed_total") == 1
+    assert rig.metric("warmer_warm_cache_ratio_count") == 0
+
+
+async def test_a_completion_with_an_error_fails_the_warm_with_cause_error(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(rig.event(completion("c", token, error="provider error")))
+    assert rig.metric("warmer_warms_failed_total", cause="error") == 1
+    assert rig.metric("warmer_warms_completed_total") == 0
+
+
+async def test_a_returned_warm_fails_with_cause_returned(rig: Rig) -> None:
+    rig.outbound.routed = False
+    await warming(rig)
+    returned = await rig.inputs.take()
+    assert returned is not None
+    await rig.batch(*returned)
+    assert rig.metric("warmer_warms_failed_total", cause="returned") == 1
+
+
+async def test_a_warm_without_completion_in_time_fails_with_cause_timeout(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(Fired("c", token))  # the warm timeout's timer: same token
+    assert rig.metric("warmer_warms_failed_total", cause="timeout") == 1
+    assert rig.metric("warmer_warms_failed_total", cause="error") == 0
+
+
+async def test_a_duplicate_completion_is_stale(rig: Rig) -> None:
+    token = await warming(rig)
+    body = completion("c", token, usage=usage())
+    await rig.batch(rig.event(body))
+    await rig.batch(rig.event(body))
+    assert rig.metric("warmer_warms_completed_total") == 1
+    assert rig.metric("warmer_warms_stale_total") == 1
+
+
+async def test_a_completion_while_generating_is_dropped(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(rig.event(started("c")), rig.event(completion("c", token, usage=usage())))
+    assert rig.metric("warmer_warms_dropped_total") == 1
+    assert rig.metric("warmer_warms_completed_total") == 0
+
+
+# -- publishing, batches, the store ------------------------------------------------------
+
+
+async def test_surface_updates_count_once_confirmed(rig: Rig) -> None:
+    rig.outbound.fail["surface"] = [PublishFailed("nack")]
+    await rig.batch(rig.event(settled("a")), rig.event(settled("b")))
+    assert rig.outbound.calls["surface"] == 3  # one refused, tried again
+    assert rig.metric("warmer_surface_updates_total") == 2
+    assert rig.metric("warmer_retries_total") == 1
+
+
+async def test_batch_size_and_commit_duration_are_observed_per_batch(rig: Rig) -> None:
+    await rig.batch(*(rig.event(settled(f"c{i}")) for i in range(5)))
+    await rig.batch(rig.event(settled("c5")), rig.event(settled("c6")))
+    assert rig.metric("warmer_batch_size_count") == 2
+    assert rig.metric("warmer_batch_size_sum") == 7
+    assert rig.metric("warmer_batch_size_bucket", le="4.0") == 1
+    assert rig.metric("warmer_commit_seconds_count") == 2
+    # A batch that changes no record commits nothing.
+    await rig.batch(rig.event({"type": "turn.paused", "conversationId": "c0"}))
+    assert rig.metric("warmer_batch_size_count") == 3
+    assert rig.metric("warmer_commit_seconds_count") == 2
+
+
+async def test_failed_commits_are_store_errors_and_observed_too(rig: Rig) -> None:
+    rig.store.fail_next = 2
+    await rig.batch(rig.event(settled("a")))
+    assert rig.metric("warmer_store_errors_total") == 2
+    assert rig.metric("warmer_retries_total") == 2
+    assert rig.metric("warmer_commit_seconds_count") == 3
+
+
+async def test_a_batch_rolled_back_and_redelivered_is_counted_once(rig: Rig) -> None:
+    items = [rig.event(settled(f"c{i}")) for i in range(3)]
+    rig.store.failing = True
+    task = rig.start(*items)
+    await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 1)
+    rig.worker.abandon()
+    await rig.drive(task.done)
+    await task
+    assert [outcome(i) for i in items] == [None] * 3
+    assert rig.metric("warmer_redeliveries_total") == 3  # left for the broker
+    assert rig.metric("warmer_events_consumed_total", type="turn.settled") == 0
+    assert rig.metric("warmer_batch_size_count") == 0
+
+
+async def test_a_delivery_given_back_is_a_redelivery(rig: Rig) -> None:
+    apply_event = rig.core.apply_event
+
+    def buggy(now: int, event: Any) -> Any:
+        if event.conversation_id == "b":
+            raise RuntimeError("a bug in the core")
+        return apply_event(now, event)
+
+    rig.core.apply_event = buggy  # type: ignore[method-assign]
+    items = [rig.event(settled("a")), rig.event(settled("b"))]
+    await rig.batch(*items)
+    assert [outcome(i) for i in items] == ["ack", "requeue"]
+    assert rig.metric("warmer_redeliveries_total") == 1
+
+
+# -- gauges and timers ------------------------------------------------------------------
+
+
+async def test_conversations_by_status_and_timers_are_computed_at_scrape(rig: Rig) -> None:
+    rig.metrics.registry.register(StateGauges(rig.core.statuses, rig.scheduler.__len__))
+    await rig.batch(
+        rig.command(enable("a")),
+        rig.command(enable("b")),
+        rig.event(settled("a")),
+        rig.event(settled("b")),
+        rig.event(started("b")),
+        rig.event(settled("d")),
+    )
+    assert rig.metric("warmer_conversations", status="armed") == 1
+    assert rig.metric("warmer_conversations", status="active") == 1
+    assert rig.metric("warmer_conversations", status="disabled") == 1
+    assert rig.metric("warmer_conversations", status="paused") == 0
+    assert rig.metric("warmer_timers_armed") == 1
+
+
+def test_statuses_count_every_conversation_once() -> None:
+    core = Warmer(Policy())
+    assert core.statuses() == Counter()
+    for cid in ("a", "b", "c"):
+        core.apply_event(T0, TurnSettled(conversation_id=cid))
+    assert core.statuses() == Counter({Status.DISABLED: 3})
+
+
+async def test_timer_lateness_is_the_fire_time_minus_the_due_time() -> None:
+    metrics = Metrics()
+    clock = ManualClock(T0)
+    fired: list[str] = []
+    scheduler = Scheduler(
+        clock, lambda key, _: fired.append(key), lateness=metrics.timer_lateness.observe
+    )
+    scheduler.arm("a", T0 + 1_000, 1)
+    scheduler.arm("b", T0 + 1_200, 2)
+    assert scheduler.fire_due(T0 + 1_500) == 2
+    assert fired == ["a", "b"]
+    assert metrics.value("warmer_timer_lateness_seconds_count") == 2
+    assert metrics.value("warmer_timer_lateness_seconds_sum") == pytest.approx(0.8)
+    assert metrics.value("warmer_timer_lateness_seconds_bucket", le="0.25") == 0
+    assert metrics.value("warmer_timer_lateness_seconds_bucket", le="0.5") == 2
+
+
+# -- cardinality ------------------------------------------------------------------------
+
+
+async def test_no_label_value_is_ever_a_conversation_id(rig: Rig) -> None:
+    rig.metrics.registry.register(StateGauges(rig.core.statuses, rig.scheduler.__len__))
+    for cid in CONVERSATION_IDS:
+        token = await warming(rig, cid)
+        await rig.batch(
+            rig.event(completion(cid, token, usage=usage())),
+            rig.event(completion(cid, token, usage=usage())),
+            rig.command({"type": "get_state", "conversationId": cid}),
+            rig.command({"type": "set_interval", "conversationId": cid, "intervalMs": "x"}),
+            rig.event(closed(cid)),
+        )
+    values = {
+        value
+        for family in scrape(rig.metrics).values()
+        for sample in family.samples
+        for value in sample.labels.values()
+    }
+    assert values.isdisjoint(CONVERSATION_IDS)
+    assert not any(cid in value for value in values for cid in CONVERSATION_IDS if len(cid) > 1)

@@ -1,0 +1,83 @@
+"""Health and metrics over HTTP (``WARMER_HTTP``), served by aiohttp on the worker's loop.
+
+- ``/healthz``: 200 ``ok``. It is answered by the event loop the worker runs on, so an
+  answer proves the process and its loop are alive; a loop stuck in a long computation
+  answers late or not at all.
+- ``/readyz``: 200 ``ready``, or 503 with the reason as text (``starting``, ``broker
+  connection lost``, ...), as ``ready()`` says.
+- ``/metrics``: the Prometheus text format of one registry (``warmer.observe.metrics``).
+
+Access is not logged: probes and scrapes every few seconds would drown the worker's
+own events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+__all__ = ["HttpEndpoint", "Readiness"]
+
+Readiness = Callable[[], str | None]
+"""None when the worker is ready, else why it is not (one short line)."""
+
+_TEXT: Final = "text/plain"
+
+
+class HttpEndpoint:
+    """``/healthz``, ``/readyz`` and ``/metrics`` on one host and port."""
+
+    def __init__(self, host: str, port: int, ready: Readiness, registry: CollectorRegistry) -> None:
+        """``port`` 0 takes any free port (``port`` tells which, once started)."""
+        self._host = host
+        self._port = port
+        self._ready = ready
+        self._registry = registry
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._started = False
+
+    async def start(self) -> None:
+        """Listen; raises OSError when the address cannot be bound."""
+        await self._runner.setup()
+        self._started = True
+        try:
+            await web.TCPSite(self._runner, self._host, self._port).start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    @property
+    def port(self) -> int:
+        """The port listened on (the one the system chose when asked for 0)."""
+        addresses = self._runner.addresses
+        if not addresses:
+            raise RuntimeError("the HTTP endpoint is not listening")
+        return int(addresses[0][1])
+
+    async def stop(self) -> None:
+        """Stop listening and close open connections; harmless when not started."""
+        if self._started:
+            self._started = False
+            await self._runner.cleanup()
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok", content_type=_TEXT)
+
+    async def _readyz(self, _: web.Request) -> web.Response:
+        reason = self._ready()
+        if reason is None:
+            return web.Response(text="ready", content_type=_TEXT)
+        return web.Response(status=503, text=reason, content_type=_TEXT)
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        # On the loop, not in a thread: the status gauges walk the core's dicts, which
+        # only the loop may touch.
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

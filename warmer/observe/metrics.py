@@ -1,0 +1,282 @@
+"""The worker's Prometheus metrics, in a registry of its own (``Metrics.registry``).
+
+Names follow Prometheus' conventions: the ``warmer_`` prefix, ``_total`` on counters, base
+units (seconds), and labels with a handful of values each (an event type, an error code,
+a cause, a status): never a conversation id. ``/metrics`` (``warmer.observe.http``)
+renders the registry; the deploy files and the dashboard use these exact names.
+
+A registry per ``App``, not prometheus-client's global one: tests run several workers in
+one process, and each must count only its own.
+
+The pipeline counts what a batch did into a ``Tally`` (a plain dict increment per input)
+and adds it to the metrics only once the batch is committed, as a rolled-back batch is
+applied again when it is redelivered and must not count twice. The labelled children it
+uses are bound once here, never looked up with ``.labels()`` per input.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final, get_args
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from warmer.contract import Command, ErrorCode, LifecycleEvent, Status
+from warmer.core.effects import WarmFailedCause
+
+__all__ = [
+    "COMMAND_OUTCOMES",
+    "COMMAND_TYPES",
+    "ERROR_CODES",
+    "EVENT_TYPES",
+    "FAILURE_CAUSES",
+    "NAMES",
+    "Metrics",
+    "StateGauges",
+    "Tally",
+]
+
+EVENT_TYPES: Final[tuple[str, ...]] = (
+    *(str(kind.__struct_config__.tag) for kind in get_args(LifecycleEvent)),
+    "unknown",
+)
+"""``type`` of ``warmer_events_consumed_total``: the lifecycle events, and any other type."""
+COMMAND_TYPES: Final[tuple[str, ...]] = tuple(
+    str(kind.__struct_config__.tag) for kind in get_args(Command)
+)
+COMMAND_OUTCOMES: Final = ("applied", "answered", "rejected")
+"""The verdicts a command can have (``warmer.core.machine.Verdict``), shown from the start."""
+ERROR_CODES: Final[tuple[str, ...]] = get_args(ErrorCode)
+FAILURE_CAUSES: Final[tuple[str, ...]] = get_args(WarmFailedCause)
+
+NAMES: Final = (
+    "warmer_events_consumed_total",
+    "warmer_messages_rejected_total",
+    "warmer_commands_total",
+    "warmer_warms_requested_total",
+    "warmer_warms_completed_total",
+    "warmer_warms_failed_total",
+    "warmer_warms_stale_total",
+    "warmer_warms_dropped_total",
+    "warmer_surface_updates_total",
+    "warmer_conversations",
+    "warmer_timers_armed",
+    "warmer_timer_lateness_seconds",
+    "warmer_batch_size",
+    "warmer_commit_seconds",
+    "warmer_warm_cache_ratio",
+    "warmer_cache_read_tokens_total",
+    "warmer_cache_write_tokens_total",
+    "warmer_redeliveries_total",
+    "warmer_store_errors_total",
+    "warmer_dead_letters_refused_total",
+    "warmer_retries_total",
+)
+"""Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
+
+_LATENESS_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_COMMIT_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+)  # fmt: skip
+_RATIO_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Tally:
+    """What one batch counted, added to the metrics once the batch is committed."""
+
+    __slots__ = ("counts", "ratios")
+
+    def __init__(self) -> None:
+        self.counts: collections.Counter[Counter] = collections.Counter()
+        """Counter (or labelled child) -> how much to add."""
+        self.ratios: list[float] = []
+        """``warmer_warm_cache_ratio`` observations."""
+
+
+class Metrics:
+    """Every instrument of the worker, in ``registry``; built once per ``App``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        """A fresh registry (with the process' CPU and memory) unless one is given."""
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+        self.registry = registry
+        r = registry
+
+        events = Counter(
+            "warmer_events_consumed_total",
+            "Lifecycle events decoded, by type (unknown: a type this worker does not know).",
+            ["type"],
+            registry=r,
+        )
+        self.events: Final = {kind: events.labels(kind) for kind in EVENT_TYPES}
+        rejected = Counter(
+            "warmer_messages_rejected_total",
+            "Inbound messages and commands refused, by contract error code.",
+            ["code"],
+            registry=r,
+        )
+        self.rejected: Final = {code: rejected.labels(code) for code in ERROR_CODES}
+        self._commands = Counter(
+            "warmer_commands_total",
+            "Commands decoded, by type and outcome (applied, answered, rejected).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self._command_children: dict[tuple[str, str], Counter] = {
+            (kind, outcome): self._commands.labels(kind, outcome)
+            for kind in COMMAND_TYPES
+            for outcome in COMMAND_OUTCOMES
+        }
+        self.warms_requested: Final = Counter(
+            "warmer_warms_requested_total", "Warm requests published and confirmed.", registry=r
+        )
+        self.warms_completed: Final = Counter(
+            "warmer_warms_completed_total",
+            "Completions with usage applied (cache figures recorded).",
+            registry=r,
+        )
+        failed = Counter(
+            "warmer_warms_failed_total",
+            "Failed warms, by cause: error (the completion said so), returned (unroutable), "
+            "timeout (no completion in time).",
+            ["cause"],
+            registry=r,
+        )
+        self.warms_failed: Final = {cause: failed.labels(cause) for cause in FAILURE_CAUSES}
+        self.warms_stale: Final = Counter(
+            "warmer_warms_stale_total",
+            "Completions dropped as stale (an older token, or a duplicate).",
+            registry=r,
+        )
+        self.warms_dropped: Final = Counter(
+            "warmer_warms_dropped_total",
+            "Completions dropped because the conversation was generating a turn.",
+            registry=r,
+        )
+        self.surface_updates: Final = Counter(
+            "warmer_surface_updates_total",
+            "surface.changed updates published and confirmed.",
+            registry=r,
+        )
+        self.timer_lateness: Final = Histogram(
+            "warmer_timer_lateness_seconds",
+            "How late timers fire: fire time minus due time.",
+            buckets=_LATENESS_BUCKETS,
+            registry=r,
+        )
+        self.batch_size: Final = Histogram(
+            "warmer_batch_size",
+            "Inputs (deliveries, timer fires, returns) per committed batch.",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds: Final = Histogram(
+            "warmer_commit_seconds",
+            "Duration of each store commit, failed ones included.",
+            buckets=_COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.warm_cache_ratio: Final = Histogram(
+            "warmer_warm_cache_ratio",
+            "Share of the prompt the cache served in completed warms: cacheRead / input.",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.cache_read_tokens: Final = Counter(
+            "warmer_cache_read_tokens_total",
+            "Cache read tokens of completed warms.",
+            registry=r,
+        )
+        self.cache_write_tokens: Final = Counter(
+            "warmer_cache_write_tokens_total",
+            "Cache write tokens of completed warms.",
+            registry=r,
+        )
+        self.redeliveries: Final = Counter(
+            "warmer_redeliveries_total",
+            "Deliveries given back with requeue, or left unacknowledged for redelivery.",
+            registry=r,
+        )
+        self.store_errors: Final = Counter(
+            "warmer_store_errors_total", "Store commits that failed.", registry=r
+        )
+        self.dead_letters_refused: Final = Counter(
+            "warmer_dead_letters_refused_total",
+            "Dead letters the broker refused (the original rejected to the queue's own "
+            "dead-lettering instead).",
+            registry=r,
+        )
+        self.retries: Final = Counter(
+            "warmer_retries_total",
+            "Retries of a failed commit or publish, after a pause.",
+            registry=r,
+        )
+
+    def command(self, kind: str, outcome: str) -> Counter:
+        """The ``warmer_commands_total`` child of a command type and outcome."""
+        child = self._command_children.get((kind, outcome))
+        if child is None:
+            child = self._command_children[kind, outcome] = self._commands.labels(kind, outcome)
+        return child
+
+    def add(self, tally: Tally, batch_size: int) -> None:
+        """Add a committed batch's counts."""
+        for counter, amount in tally.counts.items():
+            counter.inc(amount)
+        observe = self.warm_cache_ratio.observe
+        for ratio in tally.ratios:
+            observe(ratio)
+        self.batch_size.observe(batch_size)
+
+    def value(self, name: str, **labels: str) -> float:
+        """One sample's current value, 0 when it has none yet (for tests and tools)."""
+        return self.registry.get_sample_value(name, labels) or 0.0
+
+
+class StateGauges:
+    """``warmer_conversations{status}`` and ``warmer_timers_armed``, computed at each scrape.
+
+    Counting statuses walks every conversation (about 0.1 s for a million); a scrape is
+    rare, while keeping a gauge per status up to date would cost every input.
+    """
+
+    def __init__(
+        self, statuses: Callable[[], Mapping[Status, int]], timers: Callable[[], int]
+    ) -> None:
+        """``statuses``: conversations per status; ``timers``: how many are armed."""
+        self._statuses = statuses
+        self._timers = timers
+
+    def describe(self) -> Iterable[Metric]:
+        """The metrics' names, without computing them (what registering needs)."""
+        return [_conversations(), GaugeMetricFamily("warmer_timers_armed", _ARMED)]
+
+    def collect(self) -> Iterable[Metric]:
+        """The metrics, computed now."""
+        conversations = _conversations()
+        counts = self._statuses()
+        for status in Status:
+            conversations.add_metric([status.value], counts.get(status, 0))
+        return [
+            conversations,
+            GaugeMetricFamily("warmer_timers_armed", _ARMED, value=self._timers()),
+        ]
+
+
+_ARMED: Final = "Timers armed: regular warms, retries and warm timeouts."
+
+
+def _conversations() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "warmer_conversations", "Conversations the worker holds, by status.", labels=["status"]
+    )
