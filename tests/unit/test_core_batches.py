@@ -246,7 +246,7 @@ def test_a_new_batch_starts_with_nothing_touched(shell: Shell) -> None:
 
 def test_outside_a_batch_nothing_is_remembered(shell: Shell) -> None:
     shell.settled(C)
-    assert shell.warmer._batch is None
+    assert shell.warmer._journal._batch is None
     with pytest.raises(RuntimeError, match="no batch"):
         shell.warmer.touched()
 
@@ -360,7 +360,7 @@ def test_get_state_in_a_batch_touches_nothing(busy: Shell) -> None:
     warmer.begin()
     warmer.plan_command(busy.now, GetState(conversation_id=C))
     warmer.plan_command(busy.now, GetState(conversation_id="never-seen"))
-    assert warmer._batch == {}
+    assert warmer._journal._batch == {}
     warmer.end()
 
 

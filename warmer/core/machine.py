@@ -53,6 +53,7 @@ from warmer.core.effects import (
     WarmFailed,
     WarmFailedCause,
 )
+from warmer.core.journal import Journal
 from warmer.core.panel import SET_INTERVAL_ACTION, TOGGLE_ACTION, build_panel
 from warmer.core.policy import Policy
 from warmer.core.recovery import Recovery, plan_recovery
@@ -89,7 +90,6 @@ class SettingsChange(Struct, frozen=True):
     base: Settings  # the persisted settings the change was planned on
 
 
-Snapshot = tuple[Conversation | None, Settings | None]
 """A conversation as a batch found it: its state and its persisted settings, if any."""
 
 _NOTHING: Final = Outcome([], "ignored")
@@ -120,7 +120,9 @@ class Warmer:
         self._settings: dict[str, Settings] = dict(settings or {})
         self._conversations: dict[str, Conversation] = {}
         self._token = token_start
-        self._batch: dict[str, Snapshot] | None = None
+        self._journal = Journal(self._conversations, self._settings)
+        # Called before every change of a conversation: bound once, on the hot path.
+        self._touch = self._journal.touch
         self._retention = Retention(self.policy.retention_ms)
         shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
         for cid, record in (records or {}).items():
@@ -156,72 +158,27 @@ class Warmer:
         """The persisted settings of a conversation (defaults when none)."""
         return self._settings.get(conversation_id, DEFAULT_SETTINGS)
 
-    # -- batches ----------------------------------------------------------------------
+    # -- batches (``warmer.core.journal``) ---------------------------------------------
 
     def begin(self) -> None:
         """Open a batch: each conversation is snapshotted before an input first changes it."""
-        if self._batch is not None:
-            raise RuntimeError("a batch is already open")
-        self._batch = {}
+        self._journal.begin()
 
     def touched(self) -> dict[str, Record | None]:
-        """The record of each conversation the open batch changed or created; None: removed.
-
-        A conversation an input only looked at (a stale or dropped input, a fire that
-        failed its check) is not listed: its record did not change.
-        """
-        changes: dict[str, Record | None] = {}
-        for cid, (conv_before, settings_before) in self._open().items():
-            conv = self._conversations.get(cid)
-            settings = self._settings.get(cid)
-            if conv == conv_before and settings == settings_before:
-                continue
-            if conv is None and settings is None:
-                changes[cid] = None
-            else:
-                changes[cid] = Record(
-                    settings=DEFAULT_SETTINGS if settings is None else settings,
-                    state=None if conv is None else replace(conv),
-                )
-        return changes
+        """The record of each conversation the open batch changed or created; None: removed."""
+        return self._journal.touched()
 
     def end(self) -> None:
         """Close the batch: its changes were committed."""
-        self._open()
-        self._batch = None
+        self._journal.end()
 
     def rollback(self) -> None:
         """Put every conversation the batch touched back as it was at ``begin``.
 
-        Conversations the batch created are removed, removed ones come back, and the
-        batch stays open (as if just begun) until ``end``. Timers are not the core's:
-        the shell carries out a batch's ``Arm`` and ``Cancel`` only once it is committed,
-        and applies again the inputs nobody will redeliver (timer fires, returned warms).
-        The token counter does not go back: tokens only grow, so a rolled back batch
-        skips the tokens it took.
+        The batch stays open until ``end``; tokens do not go back (see ``Journal``).
         """
         self._retention.rescan()  # older last inputs may come back
-        for cid, (conv, settings) in self._open().items():
-            if conv is None:
-                self._conversations.pop(cid, None)
-            else:
-                self._conversations[cid] = replace(conv)  # the snapshot stays the snapshot
-            if settings is None:
-                self._settings.pop(cid, None)
-            else:
-                self._settings[cid] = settings
-
-    def _open(self) -> dict[str, Snapshot]:
-        if self._batch is None:
-            raise RuntimeError("no batch is open")
-        return self._batch
-
-    def _touch(self, cid: str) -> None:
-        """Called before an input changes ``cid``: in a batch, snapshot it the first time."""
-        batch = self._batch
-        if batch is not None and cid not in batch:
-            conv = self._conversations.get(cid)
-            batch[cid] = (None if conv is None else replace(conv), self._settings.get(cid))
+        self._journal.rollback()
 
     # -- start-up and retention -------------------------------------------------------
 
