@@ -30,7 +30,13 @@ from aio_pika.abc import (
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from warmer.bus import lenient
-from warmer.bus.deadletter import ERROR, ORIGINAL_EXCHANGE, ORIGINAL_ROUTING_KEY, REASON
+from warmer.bus.deadletter import (
+    ERROR,
+    ORIGINAL_EXCHANGE,
+    ORIGINAL_ROUTING_KEY,
+    REASON,
+    republished,
+)
 from warmer.bus.lenient import Undecodable
 from warmer.bus.topology import COMMAND_ROUTING_KEY, Names
 from warmer.config import mask_password
@@ -479,20 +485,7 @@ def _replayed(message: AbstractIncomingMessage) -> Message:
         for key, value in (message.headers or {}).items()
         if not key.startswith(_DEAD_LETTER_HEADER_PREFIXES) and not isinstance(value, Undecodable)
     }
-    return Message(
-        message.body,
-        headers=headers,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
-        delivery_mode=DeliveryMode.PERSISTENT,
-        priority=message.priority,
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
-        message_id=message.message_id,
-        timestamp=message.timestamp,
-        type=message.type,
-        app_id=message.app_id,
-    )
+    return republished(message, headers)
 
 
 def _reason(exc: BaseException) -> str:

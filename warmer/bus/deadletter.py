@@ -72,7 +72,7 @@ def build(incoming: AbstractIncomingMessage, rejection: Rejection, frame_max: in
                 name: bytearray(raw) if isinstance(raw, bytes) else str(raw)
                 for name, raw in notes.raw.items()
             }
-    message = _message(incoming, {**kept, **added})
+    message = republished(incoming, {**kept, **added})
     if _header_frame_size(message) <= limit:
         return message
     cut: list[str] = []
@@ -80,13 +80,18 @@ def build(incoming: AbstractIncomingMessage, rejection: Rejection, frame_max: in
         del kept[key]
         cut.append(key)
         added[HEADERS_CUT] = _names(cut)
-        message = _message(incoming, {**kept, **added})
+        message = republished(incoming, {**kept, **added})
         if _header_frame_size(message) <= limit:
             return message
     raise DeadLetterUnfit(f"the reasons alone need {_header_frame_size(message)} bytes")
 
 
-def _message(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> Message:
+def republished(incoming: AbstractIncomingMessage, headers: dict[str, Any]) -> Message:
+    """``incoming``'s body and properties with ``headers``, persistent, publishable by us.
+
+    No ``user_id`` (the broker accepts it only from the user it names) and no
+    ``expiration``: for a dead letter, and for a dead letter replayed (``warmer dead``).
+    """
     return Message(
         incoming.body,
         headers=headers,
@@ -140,4 +145,4 @@ def _names(cut: list[str]) -> str:
     return f"{shown} (and {more} more)" if more > 0 else shown
 
 
-__all__ = ["DeadLetterUnfit", "build"]
+__all__ = ["DeadLetterUnfit", "build", "republished"]
