@@ -124,7 +124,7 @@ class App:
 
     async def start(self) -> None:
         """Load and recover state, connect, declare and consume; StartupError with advice."""
-        core, committed = await self._recovered_core()
+        core = await self._recovered_core()
         inputs = Inputs()
         scheduler = Scheduler(
             self.clock, inputs.fired, lateness=self.metrics.timer_lateness.observe
@@ -132,14 +132,14 @@ class App:
         self.metrics.registry.register(StateGauges(core.statuses, scheduler.__len__))
         await self._serve_http()
         try:
-            await self._start(core, committed, inputs, scheduler)
+            await self._start(core, inputs, scheduler)
         except BaseException:
             await self._stop_http()
             raise
         log.info("worker_started", namespace=self.config.namespace)
 
     async def _start(
-        self, core: Warmer, committed: int, inputs: Inputs, scheduler: Scheduler
+        self, core: Warmer, inputs: Inputs, scheduler: Scheduler
     ) -> None:
         self._connection = await self._connect()
         publish_channel = await self._connection.channel(publisher_confirms=True)
@@ -160,7 +160,6 @@ class App:
             inputs,
             self.metrics,
             retry_ms=self._retry_ms,
-            committed_token=committed,
         )
         self.worker = worker
         for arm in self._recovery_arms:
@@ -194,7 +193,7 @@ class App:
         if self._http is not None:
             await self._http.stop()
 
-    async def _recovered_core(self) -> tuple[Warmer, int]:
+    async def _recovered_core(self) -> Warmer:
         """The core with every persisted conversation, its schedules recovered and committed."""
         store_name = mask_password(self.config.store)
         try:
@@ -239,7 +238,7 @@ class App:
             expired=recovery.expired,
             token=core.last_token,
         )
-        return core, core.last_token
+        return core
 
     async def _prune_forever(self, inputs: Inputs) -> None:
         """Ask the pipeline to forget conversations past the retention time, every minute."""

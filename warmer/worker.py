@@ -124,7 +124,6 @@ class Worker:
         metrics: Metrics,
         *,
         retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
-        committed_token: int = 0,
     ) -> None:
         """``retry_ms``: the first and the longest pause between retries of a failed step."""
         self.core = core
@@ -141,7 +140,6 @@ class Worker:
         }
         self._command_types = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
         self._retry_first_ms, self._retry_max_ms = retry_ms
-        self._committed_token = committed_token
         self._warms: set[asyncio.Task[None]] = set()
         self._unknown_types: set[str] = set()
         self._abandoned = False
@@ -268,13 +266,12 @@ class Worker:
         self.core.begin()
         try:
             applied = self._apply(items, now, None)
+            changes = encode_changes(self.core.touched())
             attempt = 0
             while True:
-                changes = encode_changes(self.core.touched())
-                token = self.core.last_token
                 try:
                     if changes:  # tokens matter only with the records that hold them
-                        await self._commit(changes, token)
+                        await self._commit(changes, self.core.last_token)
                     break
                 except StoreError as exc:
                     metrics.store_errors.inc()
@@ -285,6 +282,7 @@ class Worker:
                         self.core.end()
                         self.core.begin()
                         applied = self._apply(items, now, str(exc)[:300])
+                        changes = encode_changes(self.core.touched())
                         continue
                     attempt += 1
                     if not await self._pause(attempt, exc, applied.steps):
@@ -299,7 +297,6 @@ class Worker:
             raise
         finally:
             self.core.end()
-        self._committed_token = max(self._committed_token, token)
         metrics.add(applied.tally, len(items))
         for timer in applied.timers:
             match timer:

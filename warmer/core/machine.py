@@ -422,15 +422,6 @@ class Warmer:
             return SettingsChange(cid, Settings(persisted.enabled, interval), "interval", persisted)
         return reject(f"actionId: unknown action {quoted(action.action_id)}", "unknown_action")
 
-    def is_current(self, change: SettingsChange) -> bool:
-        """False when the persisted settings moved while ``change`` was being persisted.
-
-        A ``conversation.closed`` applied meanwhile writes ``enabled = false``; committing
-        a change planned before it would bring the old ``enabled`` back. The shell plans
-        again and persists again instead.
-        """
-        return self.persisted(change.conversation_id) == change.base
-
     def commit(self, now: int, change: SettingsChange) -> Outcome:
         """Apply a planned change: merge the settings, re-arm as the rules say, reply.
 
