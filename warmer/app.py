@@ -138,9 +138,7 @@ class App:
             raise
         log.info("worker_started", namespace=self.config.namespace)
 
-    async def _start(
-        self, core: Warmer, inputs: Inputs, scheduler: Scheduler
-    ) -> None:
+    async def _start(self, core: Warmer, inputs: Inputs, scheduler: Scheduler) -> None:
         self._connection = await self._connect()
         publish_channel = await self._connection.channel(publisher_confirms=True)
         topology = await declare(publish_channel, self.names)
