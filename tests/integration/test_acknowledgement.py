@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.probe import Probe, header
+from tests.sqlite_lock import Locker
 from warmer.core.records import decode_record
 from warmer.store import MemoryStore, SqliteStore
 
@@ -97,17 +97,6 @@ async def test_a_delivery_the_worker_fails_on_is_dead_lettered_at_the_delivery_l
     assert update["state"]["active"] is True
 
 
-_LOCKER = """
-import sqlite3, sys
-connection = sqlite3.connect(sys.argv[1], isolation_level=None)
-connection.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-connection.execute("ROLLBACK")
-connection.close()
-"""
-
-
 async def test_a_close_with_seq_while_sqlite_is_locked_is_persisted_once_the_lock_goes(
     probe: Probe, start_worker: Any, tmp_path: Path
 ) -> None:
@@ -118,17 +107,8 @@ async def test_a_close_with_seq_while_sqlite_is_locked_is_persisted_once_the_loc
     reply = await probe.command({"type": "set_enabled", "conversationId": "c", "enabled": True})
     assert reply["ok"] is True
     await surfaces.next_body()
-    locker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _LOCKER,
-        str(store.path),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert locker.stdin is not None and locker.stdout is not None
+    locker = await Locker.hold(store.path)
     try:
-        assert await locker.stdout.readline() == b"locked\n"
         await probe.event({"type": "conversation.closed", "conversationId": "c", "seq": 5})
         for _ in range(200):  # SQLite waits out its busy timeout (5 s), then fails
             if app.metrics.value("warmer_store_errors_total") >= 1:
@@ -137,9 +117,7 @@ async def test_a_close_with_seq_while_sqlite_is_locked_is_persisted_once_the_loc
         assert app.metrics.value("warmer_store_errors_total") >= 1  # held past the busy timeout
         await surfaces.nothing(0.1)
     finally:
-        locker.stdin.write(b"release\n")
-        await locker.stdin.drain()
-        await locker.wait()
+        await locker.release()
     update = await surfaces.next_body()
     assert update["state"]["enabled"] is False
     await app.stop()

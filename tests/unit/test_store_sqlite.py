@@ -11,13 +11,13 @@ import math
 import os
 import shutil
 import sqlite3
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.sqlite_lock import Locker
 from warmer.store import Loaded, SqliteStore, Store, StoreError
 from warmer.store import sqlite as sqlite_module
 from warmer.store.sqlite import SCHEMA_VERSION
@@ -438,43 +438,20 @@ def test_a_directory_this_process_may_not_write(shared_dir: Path) -> None:
 
 # Locked by another process
 
-_LOCKER = """
-import sqlite3, sys
-connection = sqlite3.connect(sys.argv[1], isolation_level=None)
-connection.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-connection.execute("ROLLBACK")
-connection.close()
-"""
-
 
 async def test_a_file_locked_by_another_process(db_path: Path) -> None:
     store = await reopened(db_path, busy_timeout_ms=50)
-    locker = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _LOCKER,
-        str(db_path),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert locker.stdin is not None and locker.stdout is not None
+    locker = await Locker.hold(db_path)
     try:
-        assert await locker.stdout.readline() == b"locked\n"
         with pytest.raises(StoreError, match="locked") as raised:
             await store.commit({"c-1": b"one"}, 1)
         assert_one_line_naming(raised.value, db_path, "cannot commit")
         assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
-        locker.stdin.write(b"release\n")
-        await locker.stdin.drain()
-        assert await locker.wait() == 0
+        assert await locker.release() == 0
         await store.commit({"c-1": b"one"}, 1)
         assert await store.load() == Loaded(records={"c-1": b"one"}, settings={}, token=1)
     finally:
-        if locker.returncode is None:
-            locker.kill()
-            await locker.wait()
+        await locker.kill()
         await store.close()
 
 
