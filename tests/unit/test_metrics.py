@@ -306,20 +306,6 @@ async def test_failed_commits_are_store_errors_and_observed_too(rig: Rig) -> Non
     assert rig.metric("warmer_commit_seconds_count") == 3
 
 
-async def test_a_batch_rolled_back_and_redelivered_is_counted_once(rig: Rig) -> None:
-    items = [rig.event(settled(f"c{i}")) for i in range(3)]
-    rig.store.failing = True
-    task = rig.start(*items)
-    await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 1)
-    rig.worker.abandon()
-    await rig.drive(task.done)
-    await task
-    assert [outcome(i) for i in items] == [None] * 3
-    assert rig.metric("warmer_redeliveries_total") == 3  # left for the broker
-    assert rig.metric("warmer_events_consumed_total", type="turn.settled") == 0
-    assert rig.metric("warmer_batch_size_count") == 0
-
-
 async def test_a_delivery_given_back_is_a_redelivery(rig: Rig) -> None:
     apply_event = rig.core.apply_event
 

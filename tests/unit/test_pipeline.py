@@ -326,6 +326,10 @@ async def test_stopping_during_a_store_outage_acknowledges_nothing(rig: Rig) -> 
     assert [outcome(i) for i in items] == [None] * 3
     assert rig.store.records == {}
     assert rig.core.get("c0") is None  # rolled back
+    # Counted once it is committed: nothing of it counted, all three left for the broker.
+    assert rig.metric("warmer_redeliveries_total") == 3
+    assert rig.metric("warmer_events_consumed_total", type="turn.settled") == 0
+    assert rig.metric("warmer_batch_size_count") == 0
 
 
 async def test_a_rolled_back_timer_fire_is_put_back(rig: Rig) -> None:
