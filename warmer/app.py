@@ -35,13 +35,14 @@ from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
 from warmer.clock import Clock, SystemClock, sleep
 from warmer.config import Config, mask_password
-from warmer.core import Arm, Policy, Warmer, parse_settings
+from warmer.core import Arm, GapModel, GapModelError, Policy, Warmer, parse_settings
+from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
 from warmer.inputs import Inputs, Prune
 from warmer.observe.http import HttpEndpoint
 from warmer.observe.log import get_logger
-from warmer.observe.metrics import Metrics, StateGauges
+from warmer.observe.metrics import CostGauges, Metrics, StateGauges
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
@@ -130,6 +131,7 @@ class App:
             self.clock, inputs.fired, lateness=self.metrics.timer_lateness.observe
         )
         self.metrics.registry.register(StateGauges(core.statuses, scheduler.__len__))
+        self.metrics.registry.register(CostGauges(core.economy, core.savings))
         await self._serve_http()
         try:
             await self._start(core, inputs, scheduler)
@@ -200,6 +202,7 @@ class App:
             loaded = await self.store.load()
         except StoreError as exc:
             raise StartupError(f"cannot open the store {store_name}: {exc}") from exc
+        model = self._gap_model(loaded.records.pop(MODEL_KEY, None))
         records = {}
         for cid, raw in loaded.records.items():
             try:
@@ -215,10 +218,11 @@ class App:
             records=records,
             settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
             token_start=token_start(loaded.token, now),
+            model=model,
         )
         core.begin()
         recovery = core.recover(now)
-        changes = encode_changes(core.touched())
+        changes = encode_changes(core.touched(), core.touched_model())
         try:
             await self.store.commit(changes, core.last_token)
         except StoreError as exc:
@@ -235,8 +239,23 @@ class App:
             warmed_now=recovery.warmed_now,
             expired=recovery.expired,
             token=core.last_token,
+            gaps_learned=core.economy.model.seen,
         )
         return core
+
+    @staticmethod
+    def _gap_model(raw: bytes | None) -> GapModel | None:
+        """The stored gap model; an unreadable one is replaced by the prior (it is only
+        learned figures, and the next gap observed overwrites it)."""
+        if raw is None:
+            return None
+        try:
+            return GapModel.decode(raw)
+        except GapModelError as exc:
+            log.warning(
+                "gap_model_unreadable", error=str(exc)[:300], action="starting from the prior"
+            )
+            return None
 
     async def _prune_forever(self, inputs: Inputs) -> None:
         """Ask the pipeline to forget conversations past the retention time, every minute."""

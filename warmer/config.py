@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from warmer.contract import CostPolicyName
+
 __all__ = [
     "SETTINGS",
     "Config",
@@ -37,6 +39,9 @@ LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Milliseconds = Annotated[int, msgspec.Meta(ge=1000, le=_INT_MAX)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1, le=_INT_MAX)]
+Tokens = Annotated[int, msgspec.Meta(ge=0, le=_INT_MAX)]
+# A price relative to the base input price (1.0): Anthropic's read 0.1, writes 1.25 and 2.
+PriceRatio = Annotated[float, msgspec.Meta(ge=0, le=1000)]
 # "off", or host:port: a name or IPv4 address, or an IPv6 one in brackets. The port's range
 # is checked by `http_address`, since a pattern cannot say 0..65535 readably.
 HttpListen = Annotated[
@@ -69,6 +74,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cache_ttl_ms: Milliseconds = 300_000
     retention_ms: Milliseconds = 7 * 24 * 3_600_000
     http: HttpListen = "off"
+    cost_policy: CostPolicyName = "fixed"
+    ttl_margin_ms: Milliseconds = 60_000
+    min_prefix_tokens: Tokens = 1024
+    max_misses: AtLeastOne = 2
+    spend_cap_tokens: AtLeastOne = 100_000
+    price_read: PriceRatio = 0.1
+    price_write_5m: PriceRatio = 1.25
+    price_write_1h: PriceRatio = 2.0
+    price_output: PriceRatio = 5.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
@@ -98,9 +112,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         """The broker URL with its password replaced by `***`, safe to log."""
         return mask_password(self.amqp_url)
 
-    def as_log_fields(self) -> dict[str, str | int]:
+    def as_log_fields(self) -> dict[str, str | int | float]:
         """Every setting as key-value pairs for a log event, passwords masked."""
-        fields: dict[str, str | int] = {}
+        fields: dict[str, str | int | float] = {}
         for name in self.__struct_fields__:
             value = getattr(self, name)
             fields[name] = mask_password(value) if isinstance(value, str) else value
@@ -224,10 +238,72 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "off, or host:port such as 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080 "
         "(a port from 0 to 65535; 0 takes any free one)",
     ),
+    Setting(
+        "WARMER_COST_POLICY",
+        "cost_policy",
+        "how warming is judged (docs/economics.md): fixed (the interval and the idle budget "
+        "only), budget (also WARMER_SPEND_CAP_TOKENS per idle stretch), adaptive (only while "
+        "the expected saving is positive, from the idle gaps observed); a conversation may "
+        "override it (set_policy)",
+        "one of fixed, budget, adaptive",
+    ),
+    Setting(
+        "WARMER_TTL_MARGIN_MS",
+        "ttl_margin_ms",
+        "when a conversation's cache lifetime is known (cacheTtlS, or its usage), it is warmed "
+        "this long before the cache would expire, whatever its interval, in ms",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
+    ),
+    Setting(
+        "WARMER_MIN_PREFIX_TOKENS",
+        "min_prefix_tokens",
+        "a known prompt prefix smaller than this is not cached by the provider, so it is "
+        "not warmed (0: warm whatever the size)",
+        f"an integer from 0 to {_INT_MAX} (tokens)",
+    ),
+    Setting(
+        "WARMER_MAX_MISSES",
+        "max_misses",
+        "consecutive warms that found the cache gone (a write and no read) before warming "
+        "pauses until the next turn",
+        f"an integer from 1 to {_INT_MAX}",
+    ),
+    Setting(
+        "WARMER_SPEND_CAP_TOKENS",
+        "spend_cap_tokens",
+        "the budget policy's spend cap per idle stretch, in base-input-token units "
+        "(a warm of a 100,000-token prefix costs about 10,000)",
+        f"an integer from 1 to {_INT_MAX}",
+    ),
+    Setting(
+        "WARMER_PRICE_READ",
+        "price_read",
+        "the price of a cache read, relative to the base input price",
+        "a decimal number from 0 to 1000 such as 0.1",
+    ),
+    Setting(
+        "WARMER_PRICE_WRITE_5M",
+        "price_write_5m",
+        "the price of a cache write that lives 5 minutes, relative to the base input price",
+        "a decimal number from 0 to 1000 such as 1.25",
+    ),
+    Setting(
+        "WARMER_PRICE_WRITE_1H",
+        "price_write_1h",
+        "the price of a cache write that lives 1 hour, relative to the base input price",
+        "a decimal number from 0 to 1000 such as 2",
+    ),
+    Setting(
+        "WARMER_PRICE_OUTPUT",
+        "price_output",
+        "the price of an output token, relative to the base input price",
+        "a decimal number from 0 to 1000 such as 5",
+    ),
 )
 
 _FIELD_TYPES: Final[dict[str, Any]] = {f.name: f.type for f in msgspec.structs.fields(Config)}
 _DIGITS: Final = re.compile(r"[0-9]{1,16}")  # 16 digits already exceed _INT_MAX
+_DECIMAL: Final = re.compile(r"[0-9]{1,6}(\.[0-9]{1,9})?")
 _PREFIX: Final = "WARMER_"
 _SHOWN_MAX: Final = 200
 
@@ -303,6 +379,10 @@ def _parse(setting: Setting, raw: str) -> object:
         if _DIGITS.fullmatch(raw) is None:
             raise _invalid(setting, raw)
         value = int(raw)
+    elif _is_float(kind):
+        if _DECIMAL.fullmatch(raw) is None:
+            raise _invalid(setting, raw)
+        value = float(raw)
     elif _is_literal(kind) or raw.lower() == "off":
         value = raw.lower()
     try:
@@ -324,6 +404,10 @@ def _invalid(setting: Setting, raw: str) -> ConfigError:
 
 def _is_int(kind: Any) -> bool:
     return getattr(kind, "__origin__", kind) is int
+
+
+def _is_float(kind: Any) -> bool:
+    return getattr(kind, "__origin__", kind) is float
 
 
 def _is_literal(kind: Any) -> bool:

@@ -132,6 +132,17 @@ class SetInterval(_Addressed, frozen=True, kw_only=True, tag="set_interval"):
     interval_ms: int | float
 
 
+CostPolicyName = Literal["fixed", "budget", "adaptive"]
+"""How warming is judged (docs/economics.md): the interval and idle budget only, also a
+spend cap per idle stretch, or only while the expected saving is positive."""
+
+
+class SetPolicy(_Addressed, frozen=True, kw_only=True, tag="set_policy"):
+    """Override the deployment's cost policy for one conversation; null restores it."""
+
+    policy: CostPolicyName | None
+
+
 class GetState(_Addressed, frozen=True, kw_only=True, tag="get_state"):
     """Ask for a conversation's state and panel; changes nothing."""
 
@@ -143,7 +154,7 @@ class SurfaceAction(_Addressed, frozen=True, kw_only=True, tag="surface.action")
     payload: Any = UNSET
 
 
-Command = SetEnabled | SetInterval | GetState | SurfaceAction
+Command = SetEnabled | SetInterval | SetPolicy | GetState | SurfaceAction
 
 # -- outbound -----------------------------------------------------------------------
 
@@ -162,7 +173,7 @@ class Status(enum.StrEnum):
     """A conversation's status (SEMANTICS.md); on the wire, its value.
 
     The core keeps a conversation's schedule in the same type (``Conversation.phase``,
-    one of the last six): one representation of the concept, not strings beside an enum.
+    one of the last seven): one representation of the concept, not strings beside an enum.
     Later versions may add values; dashboards show unknown ones as they are.
     """
 
@@ -174,6 +185,8 @@ class Status(enum.StrEnum):
     RETRYING = "retrying"
     PAUSED = "paused"
     BUDGET_EXHAUSTED = "budget_exhausted"
+    EXPIRED = "expired"
+    """The cache expired before a warm could reach it; the next turn arms again."""
 
     @property
     def pending(self) -> bool:
@@ -271,10 +284,14 @@ class SurfaceChanged(_Message, frozen=True, kw_only=True, tag="surface.changed")
 
 
 class SettingsView(Struct, frozen=True, kw_only=True, rename="camel"):
-    """A conversation's persisted settings, as replies show them."""
+    """A conversation's persisted settings, as replies show them.
+
+    ``policy`` is shown only for a conversation that overrides the deployment's.
+    """
 
     enabled: bool
     interval_ms: int
+    policy: CostPolicyName | UnsetType = UNSET
 
 
 class SettingsReply(Struct, frozen=True, kw_only=True):

@@ -54,8 +54,10 @@ from warmer.contract import (
     decode_event,
 )
 from warmer.core import (
+    Accounted,
     Arm,
     Cancel,
+    IntervalAdjusted,
     Outcome,
     PublishSurface,
     PublishWarm,
@@ -63,6 +65,7 @@ from warmer.core import (
     SettingsChange,
     Warmer,
     WarmFailed,
+    WarmSkipped,
 )
 from warmer.core.records import encode_changes
 from warmer.inputs import Fired, Input, Inputs, Prune, Queue, Received, Returned
@@ -266,7 +269,7 @@ class Worker:
         self.core.begin()
         try:
             applied = self._apply(items, now, None)
-            changes = encode_changes(self.core.touched())
+            changes = encode_changes(self.core.touched(), self.core.touched_model())
             attempt = 0
             while True:
                 try:
@@ -282,7 +285,7 @@ class Worker:
                         self.core.end()
                         self.core.begin()
                         applied = self._apply(items, now, str(exc)[:300])
-                        changes = encode_changes(self.core.touched())
+                        changes = encode_changes(self.core.touched(), self.core.touched_model())
                         continue
                     attempt += 1
                     if not await self._pause(attempt, exc, applied.steps):
@@ -471,6 +474,22 @@ class Worker:
                         cause=effect.cause,
                         failures=effect.failures,
                         paused=effect.paused,
+                    )
+                case WarmSkipped():
+                    log.info(
+                        "warm_skipped",
+                        conversation_id=effect.conversation_id,
+                        reason=effect.reason.value,
+                    )
+                case Accounted():
+                    pass  # counted by the metrics (next commit)
+                case IntervalAdjusted():
+                    log.info(
+                        "interval_adjusted",
+                        conversation_id=effect.conversation_id,
+                        configured_ms=effect.configured_ms,
+                        effective_ms=effect.effective_ms,
+                        cache_ttl_ms=effect.ttl_ms,
                     )
                 case _:
                     assert_never(effect)

@@ -22,6 +22,7 @@ import pytest
 
 from tests.integration.probe import Probe
 from warmer.app import App
+from warmer.clock import Clock
 from warmer.bus.topology import Names, delete
 from warmer.config import Config
 
@@ -110,12 +111,12 @@ def make_config(amqp_url: str, namespace: str, tmp_path: Path, **overrides: obje
 async def start_worker(
     amqp_url: str, namespace: str, tmp_path: Path, probe: Probe
 ) -> AsyncIterator[object]:
-    """Start a worker in this event loop (``await start_worker(**config_overrides)``)."""
+    """Start a worker in this event loop (``await start_worker(clock=..., **config)``)."""
     apps: list[App] = []
 
-    async def start(**overrides: object) -> App:
+    async def start(clock: Clock | None = None, **overrides: object) -> App:
         url = str(overrides.pop("amqp_url", amqp_url))
-        app = App(make_config(url, namespace, tmp_path, **overrides))
+        app = App(make_config(url, namespace, tmp_path, **overrides), clock=clock)
         await app.start()
         apps.append(app)
         return app

@@ -20,11 +20,13 @@ from msgspec import UNSET
 
 from warmer.contract import (
     ConversationClosed,
+    CostPolicyName,
     GetState,
     LifecycleEvent,
     Reply,
     SetEnabled,
     SetInterval,
+    SetPolicy,
     SurfaceAction,
     SurfaceChanged,
     TurnSettled,
@@ -34,9 +36,11 @@ from warmer.contract import (
     WarmRequested,
 )
 from warmer.core import (
+    Accounted,
     Arm,
     Cancel,
     Conversation,
+    IntervalAdjusted,
     Outcome,
     Policy,
     PublishSurface,
@@ -47,6 +51,7 @@ from warmer.core import (
     SettingsChange,
     Warmer,
     WarmFailed,
+    WarmSkipped,
     decode_record,
     encode_record,
 )
@@ -93,6 +98,9 @@ class Shell:
         self.surfaces: list[SurfaceChanged] = []
         self.replies: list[Reply] = []
         self.failed: list[WarmFailed] = []
+        self.skipped: list[WarmSkipped] = []
+        self.accounts: list[Accounted] = []
+        self.adjusted: list[IntervalAdjusted] = []
         self.outcomes: list[Outcome] = []
         self.arms: list[Arm] = []
         self.cancels: list[Cancel] = []
@@ -118,6 +126,12 @@ class Shell:
                     self.replies.append(effect.reply)
                 case WarmFailed():
                     self.failed.append(effect)
+                case WarmSkipped():
+                    self.skipped.append(effect)
+                case Accounted():
+                    self.accounts.append(effect)
+                case IntervalAdjusted():
+                    self.adjusted.append(effect)
                 case _:  # pragma: no cover - a new effect kind the shell does not know
                     assert_never(effect)
         return outcome
@@ -197,7 +211,9 @@ class Shell:
     # -- commands ---------------------------------------------------------------------
 
     def command(
-        self, command: SetEnabled | SetInterval | GetState | SurfaceAction, store_error: str = ""
+        self,
+        command: SetEnabled | SetInterval | SetPolicy | GetState | SurfaceAction,
+        store_error: str = "",
     ) -> Outcome:
         """Plan a command and apply what it changes; a store error rolls it back.
 
@@ -224,6 +240,10 @@ class Shell:
     def set_interval(self, cid: str, interval_ms: float, store_error: str = "") -> Outcome:
         """``set_interval``."""
         return self.command(SetInterval(conversation_id=cid, interval_ms=interval_ms), store_error)
+
+    def set_policy(self, cid: str, policy: CostPolicyName | None) -> Outcome:
+        """``set_policy``."""
+        return self.command(SetPolicy(conversation_id=cid, policy=policy))
 
     def get_state(self, cid: str) -> Outcome:
         """``get_state``."""

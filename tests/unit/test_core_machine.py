@@ -1522,7 +1522,8 @@ def test_each_applied_input_publishes_exactly_one_surface(shell: Any) -> None:
         update = one_surface(out)
         assert update.conversation_id == C and update.at == shell.now
         assert update.state == shell.conv(C).view()
-        assert update.spec == build_panel(update.state)
+        extra = shell.warmer.economy.fields(shell.conv(C))
+        assert update.spec == build_panel(update.state, extra)
 
 
 def test_nothing_is_published_for_what_is_not_applied(shell: Any) -> None:
@@ -1601,6 +1602,7 @@ def test_the_panel_with_figures_a_schedule_and_an_error(shell: Any, make_usage: 
     shell.fire(C)
     out = shell.returned(C)
     spec = as_json(one_surface(out).spec)
+    savings = spec["fields"].pop()  # the cost fields come after the contract's
     assert spec == _panel(
         True,
         3,  # 2.5 s rounds half up
@@ -1612,6 +1614,7 @@ def test_the_panel_with_figures_a_schedule_and_an_error(shell: Any, make_usage: 
         "no consumer took the warm request",
     )
     assert "max" not in spec["fields"][1]
+    assert savings["label"] == "Savings" and savings["value"].startswith("net -")
 
 
 def test_the_panel_drops_last_error_once_it_is_cleared(shell: Any) -> None:
@@ -1620,7 +1623,7 @@ def test_the_panel_drops_last_error_once_it_is_cleared(shell: Any) -> None:
     shell.fire(C)
     out = shell.completed(C, token=shell.last_warm.token)
     fields = as_json(one_surface(out).spec)["fields"]
-    assert len(fields) == 6 and fields[-1]["label"] == "Status"
+    assert [f["label"] for f in fields[5:]] == ["Status", "Savings"]
 
 
 def test_the_panel_shows_zero_percent_not_a_dash(shell: Any, make_usage: Any) -> None:

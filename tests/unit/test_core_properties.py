@@ -51,7 +51,7 @@ from warmer.core.rules import clamp_interval, seconds_to_interval
 
 CIDS = ("a", "b", "c")
 PENDING = frozenset({"armed", "warming", "retrying"})
-GUARDED = frozenset({"disabled", "paused", "budget_exhausted"})
+GUARDED = frozenset({"disabled", "paused", "budget_exhausted", "expired"})
 
 cids = st.sampled_from(CIDS)
 seqs = st.one_of(st.none(), st.integers(0, 12))
@@ -365,7 +365,7 @@ class Run:
             elif conv.status != model.status[cid]:
                 # Fell due while down and not warmed at once: it waits for its next turn.
                 assert model.status[cid] in ("armed", "retrying"), (cid, conv.status)
-                assert conv.status in ("idle", "budget_exhausted"), (cid, conv.status)
+                assert conv.status in ("expired", "budget_exhausted"), (cid, conv.status)
             model.status[cid] = conv.status
             if conv.status == "warming":  # awaited until its own timeout, or at once
                 model.timeout_due[cid] = max(now, model.timeout_due[cid])
@@ -409,7 +409,9 @@ class Run:
             conv = shell.conv(cid)
             assert update.conversation_id == cid and update.at == shell.now
             assert update.state == conv.view(), "the surface is published after the re-arm"
-            assert update.spec == build_panel(update.state)
+            conv = shell.warmer.get(update.conversation_id)
+            extra = [] if conv is None else shell.warmer.economy.fields(conv)
+            assert update.spec == build_panel(update.state, extra)
             self.expect_stored(kind, cid, update.state)
         else:
             assert not surfaces, f"{kind}: a surface for an input that was not applied"
@@ -540,8 +542,9 @@ class Run:
                 "disabled",
                 "active",
             )
-            if status == "paused":
-                assert conv.failures >= shell.warmer.policy.max_failures
+            if status == "paused":  # after failures, or after warms that found the cache gone
+                policy = shell.warmer.policy
+                assert conv.failures >= policy.max_failures or conv.misses >= policy.max_misses
             assert conv.last_error is None or len(conv.last_error) <= 500
             assert 1_000 <= conv.interval_ms <= 86_400_000
 

@@ -88,8 +88,9 @@ def test_every_optional_field_none_round_trips() -> None:
 def test_a_typical_record_round_trips_and_is_small() -> None:
     body = encode_record(typical())
     assert decode_record(body) == typical()
-    # No field names on disk: 149 bytes, 43 of them the cwd and the model name.
-    assert len(body) <= 160
+    # No field names on disk: 164 bytes, 43 of them the cwd and the model name, 15 the
+    # cost fields of a conversation that never said its TTL or prefix.
+    assert len(body) <= 170
 
 
 def test_every_field_set_round_trips_with_the_largest_values() -> None:

@@ -175,7 +175,9 @@ def test_overdue_with_the_cache_gone_waits_for_its_next_turn(read: int) -> None:
     warmer, recovery, touched = restore({C: record(state)})
     assert recovery.arms == [] and counts(recovery) == (1, 0, 0, 0, 1)
     after = warmer.get(C)
-    assert after is not None and after.status == "idle" and after.next_warm_at is None
+    # The late-fire guard (docs/economics.md): expired, and shown why.
+    assert after is not None and after.status == "expired" and after.next_warm_at is None
+    assert after.hold == "expired"
     assert after.token == state.token
     assert touched == {C: Record(settings=Settings(True, INTERVAL), state=after)}
     # Its next turn arms it as usual.

@@ -11,6 +11,7 @@ from typing import Literal
 from msgspec import Struct
 
 from warmer.contract import Reply, SurfaceChanged, WarmRequested
+from warmer.core.state import Hold
 
 
 class Arm(Struct, frozen=True, gc=False):
@@ -62,4 +63,42 @@ class WarmFailed(Struct, frozen=True, gc=False):
     cause: WarmFailedCause
 
 
-Effect = Arm | Cancel | PublishWarm | PublishSurface | SendReply | WarmFailed
+class WarmSkipped(Struct, frozen=True, gc=False):
+    """The cost rules kept a conversation from being warmed: for logs and counters."""
+
+    conversation_id: str
+    reason: Hold
+
+
+class Accounted(Struct, frozen=True, gc=False):
+    """What an input added to the conversation's savings account (base-input-token units)."""
+
+    conversation_id: str
+    spent: int = 0
+    """A warm's cost."""
+    avoided: int = 0
+    """A re-write a warm avoided."""
+    missed: int = 0
+    """A re-write the turn paid: the cache had expired."""
+
+
+class IntervalAdjusted(Struct, frozen=True, gc=False):
+    """A known cache lifetime overrides the configured interval (logged once per change)."""
+
+    conversation_id: str
+    configured_ms: int
+    effective_ms: int
+    ttl_ms: int
+
+
+Effect = (
+    Arm
+    | Cancel
+    | PublishWarm
+    | PublishSurface
+    | SendReply
+    | WarmFailed
+    | WarmSkipped
+    | Accounted
+    | IntervalAdjusted
+)

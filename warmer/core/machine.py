@@ -30,6 +30,7 @@ from warmer.contract import (
     LifecycleEvent,
     SetEnabled,
     SetInterval,
+    SetPolicy,
     SettingsReply,
     SettingsView,
     StateReply,
@@ -43,16 +44,20 @@ from warmer.contract import (
     WarmRequested,
     quoted,
 )
+from warmer.core.economy import Economy
 from warmer.core.effects import (
     Arm,
     Cancel,
     Effect,
+    IntervalAdjusted,
     PublishSurface,
     PublishWarm,
     SendReply,
     WarmFailed,
     WarmFailedCause,
+    WarmSkipped,
 )
+from warmer.core.gaps import GapModel
 from warmer.core.journal import Journal
 from warmer.core.panel import SET_INTERVAL_ACTION, TOGGLE_ACTION, build_panel
 from warmer.core.policy import Policy
@@ -69,7 +74,7 @@ from warmer.core.rules import (
     seconds_to_interval,
     timeout_error,
 )
-from warmer.core.state import DEFAULT_SETTINGS, Conversation, Record, Settings
+from warmer.core.state import DEFAULT_SETTINGS, Conversation, Hold, Record, Settings
 
 Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
 
@@ -86,7 +91,7 @@ class SettingsChange(Struct, frozen=True):
 
     conversation_id: str
     settings: Settings
-    field: Literal["enabled", "interval"]
+    field: Literal["enabled", "interval", "policy"]
     base: Settings  # the persisted settings the change was planned on
 
 
@@ -94,7 +99,11 @@ class SettingsChange(Struct, frozen=True):
 
 _NOTHING: Final = Outcome([], "ignored")
 _TOGGLE_PAYLOAD: Final = 'payload: the toggle takes {"value": true|false}'
-_GUARDED: Final = frozenset({Status.DISABLED, Status.PAUSED, Status.BUDGET_EXHAUSTED})
+_GUARDED: Final = frozenset(
+    {Status.DISABLED, Status.PAUSED, Status.BUDGET_EXHAUSTED, Status.EXPIRED}
+)
+# The status a hold leaves: the spend cap is a budget; everything else waits for a turn.
+_HELD: Final = {Hold.EXPIRED: Status.EXPIRED, Hold.SPEND_CAP: Status.BUDGET_EXHAUSTED}
 _SCHEDULED: Final = frozenset({Status.ARMED, Status.WARMING, Status.RETRYING})
 _HAND_RESETS: Final = frozenset({Status.ARMED, Status.RETRYING, Status.IDLE})
 
@@ -109,14 +118,17 @@ class Warmer:
         token_start: int = 0,
         *,
         records: Mapping[str, Record] | None = None,
+        model: GapModel | None = None,
     ) -> None:
         """Start empty, or from what the store holds.
 
         ``settings``: persisted settings of conversations without a record (an older
         store); ``records``: the stored records (their states are copied). The token
-        counter starts at ``token_start``, and never below a stored token.
+        counter starts at ``token_start``, and never below a stored token. ``model``: the
+        stored gap model (the prior when None).
         """
         self.policy = policy or Policy()
+        self.economy = Economy(self.policy, model)
         self._settings: dict[str, Settings] = dict(settings or {})
         self._conversations: dict[str, Conversation] = {}
         self._token = token_start
@@ -154,6 +166,16 @@ class Warmer:
         """How many conversations are in each status (metrics: it walks every one)."""
         return Counter(conv.status for conv in self._conversations.values())
 
+    def savings(self) -> tuple[int, int, int]:
+        """Every conversation's savings account summed: (spent, avoided, missed), in
+        base-input-token units (metrics: it walks every one)."""
+        spent = avoided = missed = 0
+        for conv in self._conversations.values():
+            spent += conv.spent
+            avoided += conv.avoided
+            missed += conv.missed
+        return spent, avoided, missed
+
     def persisted(self, conversation_id: str) -> Settings:
         """The persisted settings of a conversation (defaults when none)."""
         return self._settings.get(conversation_id, DEFAULT_SETTINGS)
@@ -163,14 +185,20 @@ class Warmer:
     def begin(self) -> None:
         """Open a batch: each conversation is snapshotted before an input first changes it."""
         self._journal.begin()
+        self.economy.begin()
 
     def touched(self) -> dict[str, Record | None]:
         """The record of each conversation the open batch changed or created; None: removed."""
         return self._journal.touched()
 
+    def touched_model(self) -> GapModel | None:
+        """The gap model, when the open batch changed it (persisted with the batch)."""
+        return self.economy.touched_model()
+
     def end(self) -> None:
         """Close the batch: its changes were committed."""
         self._journal.end()
+        self.economy.end()
 
     def rollback(self) -> None:
         """Put every conversation the batch touched back as it was at ``begin``.
@@ -179,6 +207,7 @@ class Warmer:
         """
         self._retention.rescan()  # older last inputs may come back
         self._journal.rollback()
+        self.economy.rollback()
 
     # -- start-up and retention -------------------------------------------------------
 
@@ -199,12 +228,17 @@ class Warmer:
         for arm in plan.warm_now:
             self._touch(arm.conversation_id)
             self._conversations[arm.conversation_id].next_warm_at = arm.due_at
-        for phase, cids in ((Status.IDLE, plan.expired), (Status.BUDGET_EXHAUSTED, plan.exhausted)):
+        for phase, cids in (
+            (Status.EXPIRED, plan.expired),
+            (Status.BUDGET_EXHAUSTED, plan.exhausted),
+        ):
             for cid in cids:
                 self._touch(cid)
                 conv = self._conversations[cid]
                 conv.phase = phase
                 conv.next_warm_at = None
+                if phase is Status.EXPIRED:
+                    conv.hold = Hold.EXPIRED
         return plan.recovery
 
     def prune(self, now: int) -> list[str]:
@@ -216,7 +250,7 @@ class Warmer:
         gone = self._retention.due(self._conversations, now)
         for cid in gone:
             self._touch(cid)
-            del self._conversations[cid]
+            self.economy.abandoned(self._conversations.pop(cid))
             self._settings.pop(cid, None)
         return gone
 
@@ -238,6 +272,7 @@ class Warmer:
         effects: list[Effect] = []
         if isinstance(event, TurnStarted):
             conv.active = True
+            self.economy.started(now, conv)
             self._cancel(cid, conv, effects)
         elif isinstance(event, TurnSettled):
             self._settled(now, cid, conv, event, effects)
@@ -256,15 +291,18 @@ class Warmer:
         self._start_stretch(now, conv)
         start = effective_request_start(event.last_request_at, now)
         conv.last_read_at = now if start is None else start
+        account = self.economy.settled(cid, conv, event)
+        if account is not None:
+            effects.append(account)
         if conv.enabled:
-            due = now + conv.interval_ms if start is None else max(now, start + conv.interval_ms)
-            self._arm(now, cid, conv, effects, due=due)
+            self._arm(now, cid, conv, effects, since=start)
 
     def _closed(self, cid: str, conv: Conversation, effects: list[Effect]) -> None:
         # Persisted with the record, in the same commit as the event's batch.
         self._cancel(cid, conv, effects)
+        self.economy.abandoned(conv)
         conv.enabled = False
-        self._settings[cid] = Settings(enabled=False, interval_ms=conv.interval_ms)
+        self._settings[cid] = Settings(False, conv.interval_ms, conv.policy)
 
     def _completed(self, now: int, event: WarmCompleted) -> Outcome:
         cid = event.conversation_id
@@ -294,7 +332,12 @@ class Warmer:
         else:
             assert event.usage is not None
             self._record(now, conv, event.usage)
-            if current or status in _HAND_RESETS:
+            if current:
+                effects.append(self.economy.warmed(cid, conv, event.usage))
+            if current and conv.misses >= self.policy.max_misses:
+                conv.failures = 0
+                self._hold(cid, conv, Hold.MISSES, effects, Status.PAUSED)
+            elif current or status in _HAND_RESETS:
                 conv.failures = 0
                 conv.last_error = None
                 self._arm(now, cid, conv, effects)
@@ -314,7 +357,11 @@ class Warmer:
             error = timeout_error(conv.timeout_ms)
             self._fail(now, conversation_id, conv, error, "timeout", effects)
         elif conv.phase in (Status.ARMED, Status.RETRYING):
-            self._publish_warm(now, conversation_id, conv, effects)
+            expires = self.economy.expires_at(conv)
+            if expires is not None and now >= expires:  # late: the warm would only re-write
+                self._hold(conversation_id, conv, Hold.EXPIRED, effects)
+            else:
+                self._publish_warm(now, conversation_id, conv, effects)
         else:
             return _NOTHING
         self._applied(now, conversation_id, conv, effects)
@@ -334,7 +381,7 @@ class Warmer:
         return Outcome(effects)
 
     def _publish_warm(self, now: int, cid: str, conv: Conversation, effects: list[Effect]) -> None:
-        timeout = min(self.policy.warm_timeout_ms, conv.interval_ms)
+        timeout = min(self.policy.warm_timeout_ms, self.economy.interval(conv))
         conv.phase = Status.WARMING
         conv.next_warm_at = None
         conv.idle_warms += 1
@@ -368,7 +415,7 @@ class Warmer:
             conv.phase = Status.PAUSED
             return
         backoff = now + 2 ** (conv.failures - 1) * 1000
-        due = max(now, min(backoff, conv.published_at + conv.interval_ms))
+        due = max(now, min(backoff, conv.published_at + self.economy.interval(conv)))
         self._arm(now, cid, conv, effects, due=due, retry=True)
 
     # -- commands ---------------------------------------------------------------------
@@ -379,16 +426,19 @@ class Warmer:
         if isinstance(command, GetState):
             conv = self._conversations.get(cid) or self._virtual(now, cid)
             view = conv.view()
-            reply = StateReply(state=view, spec=build_panel(view))
+            reply = StateReply(state=view, spec=build_panel(view, self.economy.fields(conv)))
             return Outcome([SendReply(reply)], "answered")
         persisted = self.persisted(cid)
         if isinstance(command, SetEnabled):
-            return SettingsChange(
-                cid, Settings(command.enabled, persisted.interval_ms), "enabled", persisted
-            )
+            settings = replace(persisted, enabled=command.enabled)
+            return SettingsChange(cid, settings, "enabled", persisted)
         if isinstance(command, SetInterval):
-            interval = clamp_interval(command.interval_ms)
-            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval", persisted)
+            settings = replace(persisted, interval_ms=clamp_interval(command.interval_ms))
+            return SettingsChange(cid, settings, "interval", persisted)
+        if isinstance(command, SetPolicy):
+            return SettingsChange(
+                cid, replace(persisted, policy=command.policy), "policy", persisted
+            )
         return self._plan_action(now, command, persisted)
 
     def _plan_action(
@@ -408,9 +458,7 @@ class Warmer:
                 enabled = payload
             else:
                 return reject(_TOGGLE_PAYLOAD, "invalid_payload")
-            return SettingsChange(
-                cid, Settings(enabled, persisted.interval_ms), "enabled", persisted
-            )
+            return SettingsChange(cid, replace(persisted, enabled=enabled), "enabled", persisted)
         if action.action_id == SET_INTERVAL_ACTION:
             if isinstance(payload, dict):
                 payload = payload.get("value")
@@ -419,7 +467,8 @@ class Warmer:
                 return reject(
                     "payload: set-interval takes a positive number of seconds", "invalid_payload"
                 )
-            return SettingsChange(cid, Settings(persisted.enabled, interval), "interval", persisted)
+            settings = replace(persisted, interval_ms=interval)
+            return SettingsChange(cid, settings, "interval", persisted)
         return reject(f"actionId: unknown action {quoted(action.action_id)}", "unknown_action")
 
     def commit(self, now: int, change: SettingsChange) -> Outcome:
@@ -433,15 +482,20 @@ class Warmer:
         self._settings[cid] = change.settings
         conv = self._conversations.get(cid) or self._create(now, cid)
         effects: list[Effect] = []
+        settings = change.settings
         if change.field == "enabled":
-            self._set_enabled(now, cid, conv, change.settings, effects)
-        else:
-            conv.interval_ms = change.settings.interval_ms
+            self._set_enabled(now, cid, conv, settings, effects)
+        elif change.field == "interval":
+            conv.interval_ms = settings.interval_ms
             if conv.status is Status.ARMED:
                 self._arm(now, cid, conv, effects)
+        else:
+            conv.policy = settings.policy  # judged at the next arm
         self._applied(now, cid, conv, effects)
         view = SettingsView(
-            enabled=change.settings.enabled, interval_ms=change.settings.interval_ms
+            enabled=settings.enabled,
+            interval_ms=settings.interval_ms,
+            policy=UNSET if settings.policy is None else settings.policy,
         )
         effects.append(SendReply(SettingsReply(settings=view)))
         return Outcome(effects)
@@ -452,6 +506,7 @@ class Warmer:
         status = conv.status
         conv.enabled = settings.enabled
         conv.interval_ms = settings.interval_ms
+        conv.policy = settings.policy
         if not settings.enabled:
             self._cancel(cid, conv, effects)
         elif status in _GUARDED:
@@ -478,12 +533,16 @@ class Warmer:
     def _virtual(self, now: int, cid: str) -> Conversation:
         settings = self.persisted(cid)
         return Conversation(
-            enabled=settings.enabled, interval_ms=settings.interval_ms, idle_since=now
+            enabled=settings.enabled,
+            interval_ms=settings.interval_ms,
+            idle_since=now,
+            policy=settings.policy,
         )
 
     def _start_stretch(self, now: int, conv: Conversation) -> None:
         conv.idle_since = now
         conv.idle_warms = 0
+        conv.stretch_cost = 0
         if not conv.phase.pending:
             conv.phase = Status.IDLE
 
@@ -501,21 +560,55 @@ class Warmer:
         effects: list[Effect],
         due: int | None = None,
         retry: bool = False,
+        since: int | None = None,
     ) -> None:
+        """Arm the next warm: due at ``due``, else one effective interval after ``since``
+        (the settle's ``lastRequestAt``, never before now) or now."""
         if not conv.enabled or conv.active:
             self._cancel(cid, conv, effects)
             return
-        due = now + conv.interval_ms if due is None else due
+        conv.hold = Hold.NONE
+        if due is None:
+            interval = self._interval(cid, conv, effects)
+            due = now + interval if since is None else max(now, since + interval)
         policy = self.policy
         if due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms:
             self._cancel(cid, conv, effects)
             conv.phase = Status.BUDGET_EXHAUSTED
+            return
+        hold = self.economy.hold(conv, due)
+        if hold is not Hold.NONE:
+            self._hold(cid, conv, hold, effects, _HELD.get(hold, Status.IDLE))
             return
         self._token += 1
         conv.token = self._token
         conv.phase = Status.RETRYING if retry else Status.ARMED
         conv.next_warm_at = due
         effects.append(Arm(cid, due, conv.token))
+
+    def _interval(self, cid: str, conv: Conversation, effects: list[Effect]) -> int:
+        """The effective interval; a known TTL overriding the configured one is reported once."""
+        interval = self.economy.interval(conv)
+        if interval != conv.interval_ms and interval != conv.noted_interval_ms:
+            conv.noted_interval_ms = interval
+            ttl = conv.cache_ttl_ms
+            assert ttl is not None, "only a known cache lifetime overrides the interval"
+            effects.append(IntervalAdjusted(cid, conv.interval_ms, interval, ttl))
+        return interval
+
+    def _hold(
+        self,
+        cid: str,
+        conv: Conversation,
+        hold: Hold,
+        effects: list[Effect],
+        phase: Status = Status.EXPIRED,
+    ) -> None:
+        """The cost rules stop warming until the next turn (or enable): say why."""
+        self._cancel(cid, conv, effects)
+        conv.phase = phase
+        conv.hold = hold
+        effects.append(WarmSkipped(cid, hold))
 
     def _record(self, now: int, conv: Conversation, usage: Usage) -> None:
         conv.last_pct = cache_pct(usage.input_tokens, usage.cache_read_tokens)
@@ -527,7 +620,8 @@ class Warmer:
         """Every applied input ends here: note when (retention) and publish the surface."""
         conv.last_input_at = now
         view = conv.view()
-        update = SurfaceChanged(conversation_id=cid, state=view, spec=build_panel(view), at=now)
+        spec = build_panel(view, self.economy.fields(conv))
+        update = SurfaceChanged(conversation_id=cid, state=view, spec=spec, at=now)
         effects.append(PublishSurface(update))
 
 

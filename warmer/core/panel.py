@@ -63,8 +63,11 @@ def _pct(value: int | None) -> str:
     return _NONE if value is None else f"{value}%"
 
 
-def build_panel(state: StateView) -> Panel:
-    """The panel for one conversation: the five contract fields, then Status, then Last error."""
+def build_panel(state: StateView, extra: list[StatField] | None = None) -> Panel:
+    """The panel for one conversation: the five contract fields, Status, Last error, ``extra``.
+
+    ``extra``: the cost fields (``warmer.core.economy``), appended last.
+    """
     fields: list[PanelField] = [
         _ENABLED[state.enabled],
         _interval(state.interval_ms),
@@ -78,4 +81,6 @@ def build_panel(state: StateView) -> Panel:
     ]
     if state.last_error is not None:
         fields.append(StatField(label="Last error", value=state.last_error))
+    if extra:
+        fields.extend(extra)
     return Panel(id=PANEL_ID, region=_REGION, title=_TITLE, fields=fields)

@@ -15,6 +15,7 @@ from typing import Final
 import msgspec
 
 from warmer.contract import Status
+from warmer.core.gaps import MODEL_KEY, GapModel
 from warmer.core.state import Record
 
 _ENCODER: Final = msgspec.msgpack.Encoder()
@@ -31,11 +32,17 @@ def encode_record(record: Record) -> bytes:
     return _ENCODER.encode(record)
 
 
-def encode_changes(touched: Mapping[str, Record | None]) -> dict[str, bytes | None]:
-    """What a batch commits: each touched record encoded, ``None`` for a removed one."""
-    return {
+def encode_changes(
+    touched: Mapping[str, Record | None], model: GapModel | None = None
+) -> dict[str, bytes | None]:
+    """What a batch commits: each touched record encoded, ``None`` for a removed one, and
+    the gap model under ``MODEL_KEY`` when the batch changed it."""
+    changes: dict[str, bytes | None] = {
         cid: None if record is None else encode_record(record) for cid, record in touched.items()
     }
+    if model is not None:
+        changes[MODEL_KEY] = model.encode()
+    return changes
 
 
 def decode_record(data: bytes | bytearray | memoryview) -> Record:

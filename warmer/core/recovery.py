@@ -2,11 +2,11 @@
 
 A schedule due later is re-armed as it was. A warm that was out is awaited until its
 own timeout. A warm that fell due while the worker was down goes out at once if the
-cache can still be alive (read within ``cache_ttl_ms``), the burst spread over
-``recovery_spread_ms``, with the token it was armed with; otherwise the conversation
-waits, idle, for its next turn. Moving a warm later is checked against the idle
-budget's time, as any arm is (addition 4): past it, the status is ``budget_exhausted``.
-Everything else has no timer.
+cache can still be alive (read within its known TTL, else ``cache_ttl_ms``), the burst
+spread over ``recovery_spread_ms``, with the token it was armed with; otherwise the
+conversation waits, ``expired`` (the late-fire guard), for its next turn. Moving a warm
+later is checked against the idle budget's time, as any arm is (addition 4): past it,
+the status is ``budget_exhausted``. Everything else has no timer.
 """
 
 from __future__ import annotations
@@ -75,7 +75,9 @@ def plan_recovery(
         if due >= now:
             arms.append(Arm(cid, due, conv.token))
             rearmed += 1
-        elif now - (conv.idle_since if conv.last_read_at is None else conv.last_read_at) < ttl:
+        elif now - (conv.idle_since if conv.last_read_at is None else conv.last_read_at) < (
+            conv.cache_ttl_ms or ttl
+        ):
             overdue.append((due, cid, conv))
         else:
             expired.append(cid)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Final
 
 from msgspec import Meta, Struct
 
-from warmer.contract import MAX_ERROR_CHARS, Count, Cwd, ModelName, StateView, Status
+from warmer.contract import (
+    MAX_ERROR_CHARS,
+    CostPolicyName,
+    Count,
+    Cwd,
+    ModelName,
+    StateView,
+    Status,
+)
 from warmer.core.rules import (
     DEFAULT_INTERVAL_MS,
     MAX_INTERVAL_MS,
@@ -20,6 +29,9 @@ from warmer.core.rules import (
 Interval = Annotated[int, Meta(ge=MIN_INTERVAL_MS, le=MAX_INTERVAL_MS)]
 Pct = Annotated[int, Meta(ge=0, le=100)]
 LastError = Annotated[str, Meta(max_length=MAX_ERROR_CHARS)]
+Money = Annotated[int, Meta(ge=0)]
+"""Base-input-token units (``warmer.core.costs``), rounded to whole tokens: a record stays
+small, and a warm's rounding is well under one token."""
 
 
 class Settings(Struct, frozen=True, gc=False, array_like=True):
@@ -27,6 +39,8 @@ class Settings(Struct, frozen=True, gc=False, array_like=True):
 
     enabled: bool = False
     interval_ms: Interval = DEFAULT_INTERVAL_MS
+    policy: CostPolicyName | None = None
+    """The conversation's own cost policy; None: the deployment's."""
 
 
 DEFAULT_SETTINGS: Final = Settings()
@@ -41,6 +55,33 @@ def parse_settings(raw: object) -> Settings:
         enabled=enabled if isinstance(enabled, bool) else False,
         interval_ms=parse_stored_interval(raw.get("intervalMs")),
     )
+
+
+class Hold(enum.StrEnum):
+    """Why the cost rules keep a conversation from being warmed ("" when they do not)."""
+
+    NONE = ""
+    EXPIRED = "expired"
+    """The cache expired before the warm could reach it."""
+    SMALL_PREFIX = "small_prefix"
+    """The prefix is below the provider's minimum cacheable size."""
+    MISSES = "misses"
+    """Warms kept finding the cache gone (a write and no read)."""
+    SPEND_CAP = "spend_cap"
+    """The budget policy's spend cap for this idle stretch is reached."""
+    RETURN_UNLIKELY = "return_unlikely"
+    """The adaptive policy: the user is unlikely to come back before the next expiry."""
+
+
+class Return(enum.StrEnum):
+    """How a turn found the cache it came back to, as far as the worker knows."""
+
+    ALIVE = "alive"
+    """Within the lifetime of the last turn's read: no warm was needed."""
+    KEPT = "kept"
+    """Past that lifetime, but a warm kept the cache alive."""
+    LOST = "lost"
+    """The cache had expired."""
 
 
 class Conversation(Struct, kw_only=True, gc=False, array_like=True):
@@ -75,6 +116,34 @@ class Conversation(Struct, kw_only=True, gc=False, array_like=True):
     """When the provider last read the cache, as far as the worker knows (recovery)."""
     last_input_at: int = 0
     """When an input was last applied (retention); 0 when unknown (an older record)."""
+    policy: CostPolicyName | None = None
+    """The conversation's own cost policy (merged from its settings); None: the deployment's."""
+    cache_ttl_ms: Count | None = None
+    """The cache lifetime the provider granted, when a turn or a warm said so."""
+    prefix_tokens: Count | None = None
+    """The cached prefix's size, when a turn or a warm said so."""
+    settled_at: int | None = None
+    """When the open idle gap began (its ``turn.settled``); None while no gap is open."""
+    settled_read_at: int | None = None
+    """The provider's last read at that settle: the cache's expiry without warms."""
+    returned: Return | None = None
+    """How the turn under way found the cache (set at ``turn.started``, used at the settle)."""
+    misses: Count = 0
+    """Consecutive warms that found the cache gone."""
+    hold: Hold = Hold.NONE
+    """Why the cost rules stopped warming; cleared at the next arm."""
+    stretch_cost: Money = 0
+    """What this idle stretch's warms cost (base-input-token units)."""
+    last_warm_cost: Money | None = None
+    """What the last warm that reported its usage cost."""
+    spent: Money = 0
+    """Every warm's cost, in total."""
+    avoided: Money = 0
+    """Re-writes avoided: turns that read a cache a warm kept alive."""
+    missed: Money = 0
+    """Re-writes not avoided: turns that came back to an expired cache."""
+    noted_interval_ms: Count = 0
+    """The effective interval last reported as overriding the configured one."""
 
     @property
     def status(self) -> Status:
