@@ -17,6 +17,7 @@ conversations show, snapshotted per batch as the journal snapshots conversations
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Final
 
 from warmer.contract import CostPolicyName, StatField, TurnSettled, Usage
@@ -53,6 +54,8 @@ class Economy:
         self._in_batch = False
         self._advice: TtlAdvice | None = None
         self._advice_seen = -_ADVICE_EVERY
+        self._advice_field: StatField | None = None
+        self._policy_field = _POLICY_FIELDS.get(policy.cost_policy)
 
     # -- batches ----------------------------------------------------------------------
 
@@ -242,30 +245,34 @@ class Economy:
                 ),
             )
             self._advice_seen = model.seen
+            self._advice_field = None
+            if self._advice.hour_is_cheaper:
+                pct = self._advice.hour_saving_pct
+                text = f"a 1-hour cache would cost {pct}% less for the gaps seen"
+                self._advice_field = StatField(label="Advice", value=text)
         return self._advice
 
     def fields(self, conv: Conversation) -> list[StatField]:
-        """The panel's cost fields, each only when it has something to say."""
+        """The panel's cost fields, each only when it has something to say.
+
+        On the path of every applied input: the fixed texts are built once and shared.
+        """
         fields: list[StatField] = []
-        kind = self.policy_of(conv)
-        if kind != "fixed":
-            fields.append(StatField(label="Cost policy", value=kind))
+        if conv.policy is not None or self._policy_field is not None:
+            field = _POLICY_FIELDS.get(self.policy_of(conv))
+            if field is not None:
+                fields.append(field)
         ttl = conv.cache_ttl_ms
         if ttl is not None:
-            fields.append(StatField(label="Cache lifetime", value=_duration(ttl)))
-            effective = self.interval(conv)
-            if effective != conv.interval_ms:
-                value = f"{_duration(effective)} (for the {_duration(ttl)} cache)"
-                fields.append(StatField(label="Effective interval", value=value))
+            fields.extend(_ttl_fields(ttl, conv.interval_ms, self.interval(conv)))
         if conv.hold is not Hold.NONE:
             fields.append(StatField(label="Not warming", value=self._why(conv)))
         if conv.spent or conv.avoided or conv.missed:
-            fields.append(StatField(label="Savings", value=_savings(conv)))
-        if ttl is None or ttl < HOUR_MS:
-            advice = self.advice()
-            if advice is not None and advice.hour_is_cheaper:
-                text = f"a 1-hour cache would cost {advice.hour_saving_pct}% less for the gaps seen"
-                fields.append(StatField(label="Advice", value=text))
+            fields.append(_savings(conv.spent, conv.avoided, conv.missed))
+        if (ttl is None or ttl < HOUR_MS) and self.model.seen >= ADVICE_MIN_GAPS:
+            self.advice()
+            if self._advice_field is not None:
+                fields.append(self._advice_field)
         return fields
 
     def _why(self, conv: Conversation) -> str:
@@ -288,6 +295,21 @@ class Economy:
                 return ""
 
 
+_POLICY_FIELDS: Final[dict[str, StatField]] = {
+    kind: StatField(label="Cost policy", value=kind) for kind in ("budget", "adaptive")
+}
+"""The policy is shown when it is not ``fixed`` (the rules of SEMANTICS.md alone)."""
+
+
+@lru_cache(maxsize=64)
+def _ttl_fields(ttl: int, configured: int, effective: int) -> tuple[StatField, ...]:
+    lifetime = StatField(label="Cache lifetime", value=_duration(ttl))
+    if effective == configured:
+        return (lifetime,)
+    value = f"{_duration(effective)} (for the {_duration(ttl)} cache)"
+    return lifetime, StatField(label="Effective interval", value=value)
+
+
 def _duration(ms: int) -> str:
     """Milliseconds for people: 1 h, 5 min, 59 min, 90 s."""
     if ms % 3_600_000 == 0:
@@ -299,17 +321,19 @@ def _duration(ms: int) -> str:
 
 def _tokens(x: int) -> str:
     """A token figure for people: 950, 12.3k, 4.5M."""
-    size = abs(x)
-    if size >= 999_500:
+    if x >= 999_950:
         return f"{x / 1e6:.1f}M"
-    if size >= 1000:
+    if x >= 1000:
         return f"{x / 1e3:.1f}k"
     return str(x)
 
 
-def _savings(conv: Conversation) -> str:
-    net = conv.avoided - conv.spent
-    return (
-        f"net {'+' if net >= 0 else '-'}{_tokens(abs(net))} tokens: warms {_tokens(conv.spent)}, "
-        f"re-writes avoided {_tokens(conv.avoided)}, not avoided {_tokens(conv.missed)}"
+@lru_cache(maxsize=4096)
+def _savings(spent: int, avoided: int, missed: int) -> StatField:
+    """The account as one line; cached: most inputs leave a conversation's account as it was."""
+    net = avoided - spent
+    value = (
+        f"net {'+' if net >= 0 else '-'}{_tokens(abs(net))} tokens: warms {_tokens(spent)}, "
+        f"re-writes avoided {_tokens(avoided)}, not avoided {_tokens(missed)}"
     )
+    return StatField(label="Savings", value=value)
