@@ -22,8 +22,8 @@ import pytest
 
 from tests.integration.probe import Probe
 from warmer.app import App
-from warmer.clock import Clock
 from warmer.bus.topology import Names, delete
+from warmer.clock import Clock
 from warmer.config import Config
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"

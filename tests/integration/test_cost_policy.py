@@ -7,12 +7,15 @@ the cache expired is never requested.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.integration.probe import Probe
 from warmer.clock import ManualClock
+from warmer.core import MODEL_KEY, GapModel
+from warmer.store import open_store
 
 pytestmark = pytest.mark.broker
 
@@ -75,3 +78,49 @@ async def test_a_one_hour_cache_is_warmed_once_an_hour_and_a_dead_one_never(
     warm = await warms.next_body(5)
     assert warm["conversationId"] == "hour" and warm["requestedAt"] == t0 + HOUR - MINUTE
     await warms.nothing(within=0.5)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each back end in turn: a SQLite file of its own, or a Redis prefix of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'learned.db'}"
+    return str(request.getfixturevalue("redis_store_url"))
+
+
+async def _stored_model(url: str) -> GapModel | None:
+    store = open_store(url)
+    await store.open()
+    try:
+        raw = (await store.load()).records.get(MODEL_KEY)
+    finally:
+        await store.close()
+    return None if raw is None else GapModel.decode(raw)
+
+
+async def test_what_the_worker_learned_of_idle_gaps_survives_a_restart(
+    probe: Probe, start_worker: Any, store_url: str
+) -> None:
+    async def gap(cid: str) -> None:
+        await probe.event({"type": "turn.settled", "conversationId": cid})
+        await probe.event({"type": "turn.started", "conversationId": cid})
+        await surfaces.until(
+            lambda b: b["conversationId"] == cid and b["state"]["active"]
+        )
+
+    surfaces = await probe.surfaces()
+    app = await start_worker(store=store_url)
+    await gap("a")
+    await probe.event({"type": "turn.settled", "conversationId": "b"})
+    await probe.event({"type": "conversation.closed", "conversationId": "b"})  # abandoned
+    await surfaces.until(lambda b: b["conversationId"] == "b" and not b["state"]["enabled"])
+    await app.stop()
+    learned = await _stored_model(store_url)
+    assert learned is not None and learned.seen == 2
+    assert learned.abandoned_share > GapModel().abandoned_share
+
+    app = await start_worker(store=store_url)  # learns on from there
+    await gap("c")
+    await app.stop()
+    again = await _stored_model(store_url)
+    assert again is not None and again.seen == 3
