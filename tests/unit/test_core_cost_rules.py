@@ -491,3 +491,14 @@ def test_an_older_record_reads_with_an_empty_account() -> None:
 
 def test_a_status_the_contract_lists() -> None:
     assert Status.EXPIRED.value == "expired" and not Status.EXPIRED.pending
+
+
+def test_the_reason_not_to_warm_goes_with_the_next_turn_or_disable(shell: Any) -> None:
+    shell.set_enabled(C, True)
+    shell.settled(C, last_request_at=shell.now - 400_000, cache_ttl_s=300)
+    assert "Not warming" in fields(shell)
+    shell.started(C)
+    assert shell.status(C) == "active" and "Not warming" not in fields(shell)
+    shell.settled(C, last_request_at=shell.now - 400_000, cache_ttl_s=300)
+    shell.set_enabled(C, False)
+    assert shell.status(C) == "disabled" and "Not warming" not in fields(shell)

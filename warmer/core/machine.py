@@ -551,6 +551,7 @@ class Warmer:
             effects.append(Cancel(cid))
             conv.phase = Status.IDLE
         conv.next_warm_at = None
+        conv.hold = Hold.NONE  # a reason not to warm holds only until something else stops it
 
     def _arm(
         self,
