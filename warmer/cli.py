@@ -1,9 +1,9 @@
 """The command line: `warmer run` starts the worker; the other verbs talk to a running one.
 
 Every verb reads the same `WARMER_*` settings (`Config.from_env`). `state`, `enable`,
-`disable` and `interval` send a command and wait for the worker's reply; `send` publishes
-a lifecycle event; `dead` lists, replays or purges dead letters. The bus work is in
-`warmer.control`; here are the arguments and the output. Exit codes: see `_EXIT_CODES`.
+`disable`, `interval` and `policy` send a command and wait for the worker's reply; `send`
+publishes a lifecycle event; `dead` lists, replays or purges dead letters. The bus work is
+in `warmer.control`; here are the arguments and the output. Exit codes: see `_EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import msgspec
 from warmer.config import Config, ConfigError, settings_help, unknown_settings
 from warmer.contract import (
     MAX_SAFE_INTEGER,
+    CostPolicyName,
     LifecycleEvent,
     Rejection,
     UnknownType,
@@ -53,6 +54,9 @@ _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000}
 _INTERVAL: Final = re.compile(r"(?P<amount>[0-9]{1,16}(?:\.[0-9]{1,6})?)(?P<unit>ms|s|m)")
 _NUMBER: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _EVENT_TYPES: Final = [str(kind.__struct_config__.tag) for kind in get_args(LifecycleEvent)]
+_POLICIES: Final = (*get_args(CostPolicyName), "default")
+# What `state` shows from the panel by its own rows; every other stat field goes after them.
+_STATE_LABELS: Final = frozenset({"Status", "Last error", "Last Cache %", "Cache retention"})
 
 log = get_logger(__name__)
 
@@ -191,6 +195,17 @@ def _parser() -> argparse.ArgumentParser:
         "interval", metavar="INTERVAL", type=parse_interval, help="a number and ms, s or m"
     )
     interval.set_defaults(command=_interval)
+    policy = verb(
+        "policy",
+        "set a conversation's cost policy",
+        "Choose how warming a conversation is judged (set_policy): fixed (on the interval, "
+        "within the idle budget), budget (also a spend cap per idle stretch), adaptive (only "
+        "while a warm is expected to pay), or default (the deployment's WARMER_COST_POLICY). "
+        "docs/economics.md has the maths.",
+        "  warmer policy demo adaptive\n  warmer policy demo default",
+    )
+    policy.add_argument("policy", metavar="POLICY", choices=_POLICIES, help=" | ".join(_POLICIES))
+    policy.set_defaults(command=_policy)
     send = verb(
         "send",
         "publish a lifecycle event",
@@ -329,6 +344,19 @@ def _interval(args: argparse.Namespace) -> int:
         clamped = reply.get("settings", {}).get("intervalMs")
         if clamped != args.interval:
             line += f" (asked {_seconds(args.interval)}, the worker keeps 1 s .. 24 h)"
+        return line
+
+    return _command(args, body, shown)
+
+
+def _policy(args: argparse.Namespace) -> int:
+    chosen = None if args.policy == "default" else args.policy
+    body = {"type": "set_policy", "conversationId": args.conversation, "policy": chosen}
+
+    def shown(reply: dict[str, Any]) -> str:
+        line = _settings_line(args.conversation, reply)
+        if "policy" not in reply.get("settings", {}):
+            line += ", the deployment's cost policy"
         return line
 
     return _command(args, body, shown)
@@ -486,14 +514,34 @@ def _state_block(conversation: str, reply: dict[str, Any], now_ms: int | None = 
         ("retention", _percent(state.get("lastExpectedPct"))),
         ("failures", str(state.get("failures", 0))),
         ("last error", state.get("lastError") or "—"),
+        *_panel_rows(reply.get("spec")),
     ]
-    return "\n".join(f"{key + ':':<14}{value}" for key, value in rows)
+    width = max(14, *(len(key) + 2 for key, _ in rows))
+    return "\n".join(f"{key + ':':<{width}}{value}" for key, value in rows)
+
+
+def _panel_rows(spec: object) -> list[tuple[str, str]]:
+    """The panel's stat fields the block has no row of its own for (the cost policy's)."""
+    fields = spec.get("fields") if isinstance(spec, dict) else None
+    if not isinstance(fields, list):
+        return []
+    return [
+        (field["label"].lower(), field["value"])
+        for field in fields
+        if isinstance(field, dict)
+        and field.get("kind") == "stat"
+        and isinstance(field.get("label"), str)
+        and isinstance(field.get("value"), str)
+        and field["label"] not in _STATE_LABELS
+    ]
 
 
 def _settings_line(conversation: str, reply: dict[str, Any]) -> str:
     settings: dict[str, Any] = reply.get("settings", {})
     enabled = "enabled" if settings.get("enabled") else "disabled"
-    return f"{conversation}: {enabled}, interval {_seconds(settings.get('intervalMs'))}"
+    line = f"{conversation}: {enabled}, interval {_seconds(settings.get('intervalMs'))}"
+    policy = settings.get("policy")
+    return line if policy is None else f"{line}, cost policy {policy}"
 
 
 def _seconds(ms: object) -> str:

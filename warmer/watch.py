@@ -7,7 +7,11 @@ only what was published since it started (surface updates are not persistent); a
 conversation shows up at its next change. The table is drawn in place (not on the
 alternate screen), so it works over SSH and in a plain pty.
 
-``render`` is the pure part: states in, a table out, for tests without a broker.
+``render`` is the pure part: states in, a table out, for tests without a broker. Beside
+each state the board keeps the panel's extra stat fields by label (the cost policy's "Not
+warming" and "Savings", CONTRACT.md): the surface carries those only as panel text, so the
+savings totals are read back from it, and a field that is missing or reads otherwise is
+shown as a dash and left out of the totals.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import re
 import sys
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import aio_pika
@@ -63,7 +67,29 @@ _STYLES: Final[Mapping[str, str]] = {
     Status.RETRYING: "yellow",
     Status.PAUSED: "bold red",
     Status.BUDGET_EXHAUSTED: "magenta",
+    Status.EXPIRED: "dark_orange",
 }
+# The panel's stat fields the state already shows; the board keeps the others by label.
+_STATE_LABELS: Final = frozenset({"Status", "Last error", "Last Cache %", "Cache retention"})
+NOT_WARMING: Final = "Not warming"
+SAVINGS: Final = "Savings"
+_HOLD_CHARS: Final = 24
+# The "Not warming" sentences of core/economy.py, by a word each has, as a short reason;
+# a sentence none matches is shown shortened.
+_HOLDS: Final = (
+    ("expired", "cache expired"),
+    ("prefix", "prefix too small"),
+    ("in a row", "warms kept missing"),
+    ("spend cap", "spend cap reached"),
+    ("unlikely", "return unlikely"),
+)
+# "net +48.9k tokens: warms 15.4k, re-writes avoided 64.4k, not avoided 0" (core/economy.py)
+_AMOUNT: Final = r"(\d+(?:\.\d+)?[kM]?)"
+_NET: Final = re.compile(r"\bnet ([+-]\d+(?:\.\d+)?[kM]?)")
+_SAVINGS: Final = re.compile(
+    rf"\bwarms {_AMOUNT}, re-writes avoided {_AMOUNT}, not avoided {_AMOUNT}"
+)
+_SCALE: Final = {"k": 1e3, "M": 1e6}
 
 
 class _Surface(msgspec.Struct, rename="camel"):
@@ -72,6 +98,7 @@ class _Surface(msgspec.Struct, rename="camel"):
     type: str
     conversation_id: str
     state: dict[str, Any]
+    spec: Any = None
 
 
 _DECODER: Final = msgspec.json.Decoder(_Surface)
@@ -87,6 +114,8 @@ class Board:
     def __init__(self, limit: int = MAX_CONVERSATIONS) -> None:
         self.limit = limit
         self.states: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.stats: dict[str, dict[str, str]] = {}
+        """The panel's extra stat fields of each conversation, by label (see the module)."""
         self.updates = 0
         """Surface updates applied since the board was made."""
 
@@ -100,8 +129,14 @@ class Board:
             return False
         self.states[surface.conversation_id] = surface.state
         self.states.move_to_end(surface.conversation_id)
+        stats = _stats(surface.spec)
+        if stats:
+            self.stats[surface.conversation_id] = stats
+        else:
+            self.stats.pop(surface.conversation_id, None)
         while len(self.states) > self.limit:
-            self.states.popitem(last=False)
+            gone, _ = self.states.popitem(last=False)
+            self.stats.pop(gone, None)
         self.updates += 1
         return True
 
@@ -112,17 +147,21 @@ def render(
     height: int,
     *,
     connected: bool = True,
+    stats: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Table:
     """The conversations as a table that fits ``height`` lines, soonest warm first.
 
-    Totals go in the title; rows past the height are counted in the caption. Never
-    raises on odd values: a field missing or of the wrong type shows as a dash.
+    ``stats``: the panel's extra stat fields of each conversation, by label
+    (``Board.stats``). Totals go in the title; rows past the height are counted in the
+    caption. Never raises on odd values: a field missing or of the wrong type shows as a
+    dash.
     """
+    stats = stats or {}
     ordered = sorted(states.items(), key=_by_next_warm)
     room = max(1, height - _CHROME_LINES)
     shown, hidden = ordered[:room], len(ordered) - room
     table = Table(
-        title=_totals(states, connected),
+        title=_totals(states, connected, stats),
         title_justify="left",
         caption=_caption(hidden, empty=not states),
         caption_justify="left",
@@ -133,7 +172,7 @@ def render(
     for header, justify in _COLUMNS:
         table.add_column(header, justify=justify, no_wrap=True, overflow="ellipsis")
     for cid, state in shown:
-        table.add_row(*_row(cid, state, now_ms))
+        table.add_row(*_row(cid, state, now_ms, stats.get(cid, {})))
     return table
 
 
@@ -153,7 +192,9 @@ _COLUMNS: Final[tuple[tuple[str, JustifyMethod], ...]] = (
     ("cache %", "right"),
     ("retention %", "right"),
     ("failures", "right"),
+    ("net saved", "right"),
     ("last error", "left"),
+    ("not warming", "left"),
 )
 
 
@@ -163,7 +204,11 @@ def _by_next_warm(item: tuple[str, Mapping[str, Any]]) -> tuple[bool, int, str]:
     return (due is None, due or 0, cid)
 
 
-def _totals(states: Mapping[str, Mapping[str, Any]], connected: bool) -> Text:
+def _totals(
+    states: Mapping[str, Mapping[str, Any]],
+    connected: bool,
+    stats: Mapping[str, Mapping[str, str]],
+) -> Text:
     counts = Counter(_status(state) for state in states.values())
     known = [s.value for s in Status if counts[s.value]]
     unknown = sorted(s for s in counts if s not in _KNOWN)
@@ -174,15 +219,24 @@ def _totals(states: Mapping[str, Mapping[str, Any]], connected: bool) -> Text:
         text.append(" · ")
         text.append(f"{counts[status]} {status}", style=_STYLES.get(status, ""))
     text.append(f" · warms in flight: {counts[Status.WARMING.value]}", style="bold")
+    savings = _savings_totals(stats[cid] for cid in states if cid in stats)
+    if savings is not None:
+        spent, avoided, missed, net = savings
+        text.append(
+            f" · tokens: warms {_tokens(spent)}, re-writes avoided {_tokens(avoided)}, "
+            f"not avoided {_tokens(missed)}, net "
+        )
+        text.append(f"{'+' if net >= 0 else '-'}{_tokens(abs(net))}", style=_net_style(net))
     if not connected:
         text.append(" · reconnecting…", style="bold red")
     return text
 
 
-def _row(cid: str, state: Mapping[str, Any], now_ms: int) -> list[Text]:
+def _row(cid: str, state: Mapping[str, Any], now_ms: int, stats: Mapping[str, str]) -> list[Text]:
     status = _status(state)
     enabled = state.get("enabled")
     failures = _int(state.get("failures"))
+    hold = _hold(stats.get(NOT_WARMING, ""))
     return [
         Text(_shorten(_printable(cid), _ID_CHARS)),
         Text("yes" if enabled is True else "no" if enabled is False else DASH),
@@ -192,8 +246,85 @@ def _row(cid: str, state: Mapping[str, Any], now_ms: int) -> list[Text]:
         Text(_percent(state.get("lastPct"))),
         Text(_percent(state.get("lastExpectedPct"))),
         Text(DASH if failures is None else str(failures), style="red" if failures else "dim"),
+        _net_saved(stats.get(SAVINGS)),
         Text(_shorten(_printable(state.get("lastError") or ""), _ERROR_CHARS) or DASH),
+        Text(hold or DASH, style="dark_orange" if hold else ""),
     ]
+
+
+def _stats(spec: object) -> dict[str, str]:
+    """The panel's stat fields the state does not already say, by label."""
+    fields = spec.get("fields") if isinstance(spec, dict) else None
+    if not isinstance(fields, list):
+        return {}
+    return {
+        field["label"]: field["value"]
+        for field in fields
+        if isinstance(field, dict)
+        and field.get("kind") == "stat"
+        and isinstance(field.get("label"), str)
+        and isinstance(field.get("value"), str)
+        and field["label"] not in _STATE_LABELS
+    }
+
+
+def _hold(sentence: str) -> str:
+    """Why the cost rules stopped warming, in a few words ("" when they did not)."""
+    for word, reason in _HOLDS:
+        if word in sentence:
+            return reason
+    return _shorten(_printable(sentence), _HOLD_CHARS)
+
+
+def _net_saved(savings: str | None) -> Text:
+    """The net of a "Savings" field (``+48.9k``), a dash without one."""
+    if savings is None:
+        return Text(DASH)
+    match = _NET.search(savings)
+    if match is None:
+        return Text(_shorten(_printable(savings), 12))
+    net = match[1]
+    return Text(net, style=_net_style(-1 if net.startswith("-") else 1))
+
+
+def _net_style(net: float) -> str:
+    return "green" if net > 0 else "red" if net < 0 else ""
+
+
+def _savings_totals(
+    fields: Iterable[Mapping[str, str]],
+) -> tuple[float, float, float, float] | None:
+    """Warms, re-writes avoided, not avoided and net, summed over the "Savings" fields that
+    parse (the net of each as its panel says it: the difference of rounded figures is not)."""
+    spent = avoided = missed = net = 0.0
+    found = False
+    for stats in fields:
+        savings = stats.get(SAVINGS, "")
+        match, net_match = _SAVINGS.search(savings), _NET.search(savings)
+        if match is None or net_match is None:
+            continue
+        found = True
+        spent += _amount(match[1])
+        avoided += _amount(match[2])
+        missed += _amount(match[3])
+        net += _amount(net_match[1].lstrip("+-")) * (-1 if net_match[1][0] == "-" else 1)
+    return (spent, avoided, missed, net) if found else None
+
+
+def _amount(text: str) -> float:
+    """``15.4k`` as 15400.0: a figure of the panel, already rounded by the worker."""
+    scale = _SCALE.get(text[-1], 1.0)
+    return float(text.rstrip("kM")) * scale
+
+
+def _tokens(x: float) -> str:
+    """A token figure as the panel writes it: 950, 12.3k, 4.5M."""
+    size = abs(x)
+    if size >= 999_500:
+        return f"{x / 1e6:.1f}M"
+    if size >= 1000:
+        return f"{x / 1e3:.1f}k"
+    return str(round(x))
 
 
 def _status(state: Mapping[str, Any]) -> str:
@@ -301,6 +432,7 @@ async def _draw(
                 clock.now_ms(),
                 console.size.height,
                 connected=connection.connected.is_set(),
+                stats=board.stats,
             )
             live.update(frame, refresh=True)
             if until is not None and until.is_set():

@@ -476,14 +476,16 @@ class Worker:
                         paused=effect.paused,
                     )
                 case WarmSkipped():
+                    applied.tally.counts[self.metrics.warms_skipped[effect.reason]] += 1
                     log.info(
                         "warm_skipped",
                         conversation_id=effect.conversation_id,
                         reason=effect.reason.value,
                     )
                 case Accounted():
-                    pass  # counted by the metrics (next commit)
+                    self._account(effect, applied.tally)
                 case IntervalAdjusted():
+                    applied.tally.counts[self.metrics.intervals_adjusted] += 1
                     log.info(
                         "interval_adjusted",
                         conversation_id=effect.conversation_id,
@@ -493,6 +495,16 @@ class Worker:
                     )
                 case _:
                     assert_never(effect)
+
+    def _account(self, effect: Accounted, tally: Tally) -> None:
+        """Count what an input added to a savings account (base-input-token units)."""
+        counts, metrics = tally.counts, self.metrics
+        if effect.spent:
+            counts[metrics.warm_cost_tokens] += effect.spent
+        if effect.avoided:
+            counts[metrics.rewrites_avoided_tokens] += effect.avoided
+        if effect.missed:
+            counts[metrics.rewrites_missed_tokens] += effect.missed
 
     # -- publish and settle -----------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """`warmer.control` through the verbs, against a real worker and broker.
 
-`warmer state | enable | disable | interval | send | dead` run in-process
+`warmer state | enable | disable | interval | policy | send | dead` run in-process
 (``warmer.cli.main`` in a thread, with its own event loop) with ``WARMER_NAMESPACE`` and
 ``WARMER_AMQP_URL`` pointing at the test's worker. (Not ``test_cli_verbs.py``: pytest
 imports test modules by their base name, and the unit tests have that one.)
@@ -135,6 +135,73 @@ async def test_interval_takes_units(start_worker: Any, warmer: Warmer) -> None:
     assert clamped.json()["settings"]["intervalMs"] == 1000  # clamped, not refused
     state = await warmer("state", CID)
     assert "interval:     1 s" in state.out
+
+
+async def test_policy_overrides_the_deployment_s_and_default_restores_it(
+    start_worker: Any, warmer: Warmer
+) -> None:
+    await start_worker()
+
+    adaptive = await warmer("policy", CID, "adaptive")
+    budget = await warmer("policy", CID, "budget", "--json")
+    budget_state = await warmer("state", CID)
+    default = await warmer("policy", CID, "default")
+    default_json = await warmer("policy", CID, "default", "--json")
+    default_state = await warmer("state", CID, "--json")
+
+    assert adaptive.code == 0, adaptive.err
+    assert adaptive.out == f"{CID}: disabled, interval 240 s, cost policy adaptive\n"
+    assert budget.json() == {
+        "ok": True,
+        "settings": {"enabled": False, "intervalMs": 240000, "policy": "budget"},
+    }
+    assert "cost policy:  budget" in budget_state.out.splitlines()
+    assert default.code == 0, default.err
+    assert default.out == f"{CID}: disabled, interval 240 s, the deployment's cost policy\n"
+    assert default_json.json() == {"ok": True, "settings": {"enabled": False, "intervalMs": 240000}}
+    labels = [field.get("label") for field in default_state.json()["spec"]["fields"]]
+    assert "Cost policy" not in labels  # the deployment's (fixed) is not shown
+
+
+async def test_a_policy_the_worker_does_not_know_is_refused_before_sending(
+    start_worker: Any, warmer: Warmer
+) -> None:
+    await start_worker()
+
+    unknown = await warmer("policy", CID, "cheap")
+    refused = await warmer("policy", "x" * 300, "adaptive")
+
+    assert unknown.code == 2
+    assert "invalid choice: 'cheap'" in unknown.err
+    assert refused.code == 1
+    assert "the worker refused it: invalid_field: set_policy: conversationId" in refused.err
+
+
+async def test_state_shows_why_the_cost_rules_stop_warming(
+    start_worker: Any, warmer: Warmer
+) -> None:
+    await start_worker()
+    await warmer("enable", CID)
+    settled = {
+        "type": "turn.settled",
+        "conversationId": CID,
+        "cacheTtlS": 600,
+        "prefixTokens": 100,
+    }
+    sent = await warmer("send", json.dumps(settled))
+    assert sent.code == 0, sent.err
+
+    async def held() -> bool:
+        return "not warming:" in (await warmer("state", CID)).out
+
+    await eventually(held)
+    lines = (await warmer("state", CID)).out.splitlines()
+    assert "status:             idle" in lines
+    assert lines[-3:] == [
+        "cache lifetime:     10 min",
+        "effective interval: 9 min (for the 10 min cache)",
+        "not warming:        the prefix (100 tokens) is below the 1024 the provider caches",
+    ]
 
 
 async def test_disable(start_worker: Any, warmer: Warmer) -> None:

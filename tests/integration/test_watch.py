@@ -10,6 +10,7 @@ import asyncio
 import os
 import re
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterator
 
 import pexpect  # type: ignore[import-untyped]
@@ -85,6 +86,32 @@ async def test_the_view_draws_conversations_and_follows_their_changes(
     assert reply["ok"] is True
     await expect(child, row("beta", "armed"))
     await expect(child, r"1 armed")
+
+    child.sendintr()
+    await asyncio.to_thread(child.expect, pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+
+
+async def test_the_view_shows_the_status_expired_and_why_it_is_not_warming(
+    start_worker: StartWorker, probe: Probe, spawn_watch: Callable[[], pexpect.spawn]
+) -> None:
+    await start_worker()
+    child = spawn_watch()
+    await expect(child, r"0 conversations")
+    for cid in ("small", "late"):
+        reply = await probe.command({"type": "set_enabled", "conversationId": cid, "enabled": True})
+        assert reply["ok"] is True
+    await probe.event({"type": "turn.settled", "conversationId": "small", "prefixTokens": 100})
+    # Its last request was 6 minutes ago: the 5-minute cache is gone before any warm.
+    long_ago = int(time.time() * 1000) - 360_000
+    await probe.event(
+        {"type": "turn.settled", "conversationId": "late", "cacheTtlS": 300,
+         "lastRequestAt": long_ago}
+    )  # fmt: skip
+    await expect(child, row("small", "idle") + r"[^\r\n]*prefix too small")
+    await expect(child, row("late", "expired") + r"[^\r\n]*cache expired")
+    await expect(child, r"2 conversations[^\r\n]*1 idle[^\r\n]*1 expired")
 
     child.sendintr()
     await asyncio.to_thread(child.expect, pexpect.EOF)

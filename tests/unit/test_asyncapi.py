@@ -29,6 +29,8 @@ from msgspec import UNSET, Struct
 
 from warmer import contract
 from warmer.bus.topology import definitions
+from warmer.core import Conversation, Hold, Policy
+from warmer.core.economy import Economy
 from warmer.core.panel import DEFAULT_PANEL, build_panel
 
 SPEC_FILE = Path(__file__).parents[2] / "docs" / "asyncapi.yaml"
@@ -406,6 +408,37 @@ def test_reply_code_and_reason_header_are_error_codes(schemas: dict[str, Any]) -
 def test_statuses_are_the_contract_statuses(schemas: dict[str, Any]) -> None:
     known = next(branch for branch in schemas["Status"]["anyOf"] if "enum" in branch)
     assert known["enum"] == [status.value for status in contract.Status]
+    assert "expired" in known["enum"]
+
+
+def test_every_status_has_a_one_line_meaning(schemas: dict[str, Any]) -> None:
+    known = next(branch for branch in schemas["Status"]["anyOf"] if "enum" in branch)
+    meanings = known["x-enum-descriptions"]
+    assert list(meanings) == known["enum"]
+    assert all(meaning and "\n" not in meaning for meaning in meanings.values())
+    for status in contract.Status:  # the summary line names each one too
+        assert f"`{status.value}`" in schemas["Status"]["description"]
+
+
+def test_cost_policies_are_the_contract_policies(schemas: dict[str, Any]) -> None:
+    policies = list(get_args(contract.CostPolicyName))
+    assert schemas["CostPolicy"]["enum"] == policies
+    assert list(schemas["CostPolicy"]["x-enum-descriptions"]) == policies
+    policy = {"$ref": REF.format(name="CostPolicy")}
+    assert policy in schemas["SetPolicy"]["properties"]["policy"]["anyOf"]
+    assert schemas["SettingsView"]["properties"]["policy"]["$ref"] == policy["$ref"]
+    assert "policy" not in schemas["SettingsView"]["required"]  # only when overridden
+
+
+def test_set_policy_is_a_command_answered_with_settings(spec: dict[str, Any]) -> None:
+    assert spec["components"]["messages"]["setPolicy"]["name"] == "set_policy"
+    on_channel = spec["channels"]["commands"]["messages"]["setPolicy"]
+    assert on_channel == {"$ref": "#/components/messages/setPolicy"}
+    received = spec["operations"]["receiveCommand"]["messages"]
+    assert {"$ref": "#/channels/commands/messages/setPolicy"} in received
+    examples = spec["components"]["messages"]["setPolicy"]["examples"]
+    assert None in {example["payload"]["policy"] for example in examples}  # null restores
+    assert "set_policy" in spec["components"]["schemas"]["SettingsReply"]["description"]
 
 
 # -- examples ---------------------------------------------------------------------------
@@ -467,6 +500,43 @@ def test_the_panels_the_core_builds_are_valid_for_the_document(schemas: dict[str
     for built in (build_panel(state), DEFAULT_PANEL):
         assert _problems(msgspec.to_builtins(built), panel, schemas) == []
     view = msgspec.to_builtins(state)
+    assert _problems(view, {"$ref": REF.format(name="StateView")}, schemas) == []
+
+
+def test_the_cost_fields_the_core_appends_are_documented_and_valid(
+    schemas: dict[str, Any],
+) -> None:
+    economy = Economy(Policy(ttl_margin_ms=90_000))
+    conversation = Conversation(
+        enabled=True,
+        interval_ms=240_000,
+        idle_since=0,
+        policy="budget",
+        cache_ttl_ms=300_000,
+        prefix_tokens=500,
+        hold=Hold.SMALL_PREFIX,
+        spent=15_450,
+        avoided=64_375,
+        missed=1_200,
+    )
+    extra = economy.fields(conversation)
+    labels = [field.label for field in extra]
+    assert labels == [
+        "Cost policy",
+        "Cache lifetime",
+        "Effective interval",
+        "Not warming",
+        "Savings",
+    ]
+    state = conversation.view()
+    assert state.status is contract.Status.IDLE
+    built = msgspec.to_builtins(build_panel(state, extra))
+    assert _problems(built, {"$ref": REF.format(name="Panel")}, schemas) == []
+    described = schemas["Panel"]["description"]
+    for label in [*labels, "Advice"]:
+        assert f'"{label}"' in described, label
+    expired = msgspec.structs.replace(state, status=contract.Status.EXPIRED)
+    view = msgspec.to_builtins(expired)
     assert _problems(view, {"$ref": REF.format(name="StateView")}, schemas) == []
 
 
@@ -532,6 +602,19 @@ EDGES = [
     ),
     _edge(
         "interval a float", {"type": "set_interval", "conversationId": _ID, "intervalMs": 1.5}, True
+    ),
+    _edge(
+        "policy adaptive", {"type": "set_policy", "conversationId": _ID, "policy": "adaptive"}, True
+    ),
+    _edge("policy null", {"type": "set_policy", "conversationId": _ID, "policy": None}, True),
+    _edge("policy missing", {"type": "set_policy", "conversationId": _ID}, False),
+    _edge(
+        "policy unknown", {"type": "set_policy", "conversationId": _ID, "policy": "cheap"}, False
+    ),
+    _edge(
+        "cacheTtlS negative",
+        {"type": "turn.settled", "conversationId": _ID, "cacheTtlS": -1},
+        False,
     ),
     _edge(
         "usage short",

@@ -24,7 +24,7 @@ from warmer.contract import LifecycleEvent
 from warmer.control import DeadLetter, DeadLetters, Kept, Replay
 
 CLOSED_PORT_URL = "amqp://guest:s3cr3t@127.0.0.1:1/"
-VERBS = ["state", "enable", "disable", "interval", "send", "dead"]
+VERBS = ["state", "enable", "disable", "interval", "policy", "send", "dead"]
 
 
 @pytest.fixture(autouse=True)
@@ -201,6 +201,8 @@ def test_each_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFix
         ["state", "demo", "--timeout", "0"],
         ["state", "demo", "--timeout", "soon"],
         ["interval", "demo"],
+        ["policy", "demo"],
+        ["policy", "demo", "cheap"],
         ["send"],
         ["dead", "--all"],
         ["dead", "--yes"],
@@ -529,3 +531,74 @@ def test_purge_on_a_terminal_asks_for_the_word(
 
     assert "type 'purge' to delete 3 dead letters" in capsys.readouterr().err
     assert (("purge", None) in bus.calls) is purged
+
+
+# -- the cost policy ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("word", "sent", "shown"),
+    [
+        ("adaptive", "adaptive", "demo: enabled, interval 240 s, cost policy adaptive\n"),
+        ("budget", "budget", "demo: enabled, interval 240 s, cost policy budget\n"),
+        ("fixed", "fixed", "demo: enabled, interval 240 s, cost policy fixed\n"),
+        ("default", None, "demo: enabled, interval 240 s, the deployment's cost policy\n"),
+    ],
+)
+def test_policy_sends_set_policy_and_default_sends_null(
+    word: str, sent: str | None, shown: str, bus: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings: dict[str, Any] = {"enabled": True, "intervalMs": 240_000}
+    bus.reply = {"ok": True, "settings": settings if sent is None else {**settings, "policy": sent}}
+
+    assert main(["policy", "demo", word]) == 0
+
+    body, _, expire = bus.commands[0]
+    assert body == {"type": "set_policy", "conversationId": "demo", "policy": sent}
+    assert expire is True
+    assert capsys.readouterr().out == shown
+
+
+def test_a_refused_policy_exits_1(bus: FakeControl, capsys: pytest.CaptureFixture[str]) -> None:
+    bus.reply = {"ok": False, "code": "invalid_field", "error": "set_policy: policy: ..."}
+
+    assert main(["policy", "demo", "adaptive", "--json"]) == 1
+
+    assert json.loads(capsys.readouterr().out) == bus.reply
+
+
+def test_state_shows_the_cost_fields_of_the_panel_after_its_own(
+    bus: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    savings = "net +48.9k tokens: warms 15.4k, re-writes avoided 64.4k, not avoided 0"
+    bus.reply = {
+        "ok": True,
+        "state": {"enabled": True, "intervalMs": 240_000, "status": "expired", "failures": 0},
+        "spec": {
+            "fields": [
+                {"kind": "toggle", "label": "Enabled", "value": True},
+                {"kind": "stat", "label": "Last Cache %", "value": "99%"},
+                {"kind": "stat", "label": "Status", "value": "expired"},
+                {"kind": "stat", "label": "Cost policy", "value": "adaptive"},
+                {"kind": "stat", "label": "Cache lifetime", "value": "5 min"},
+                {"kind": "stat", "label": "Effective interval", "value": "4 min"},
+                {"kind": "stat", "label": "Not warming", "value": "the cache expired"},
+                {"kind": "stat", "label": "Savings", "value": savings},
+                {"kind": "stat", "label": "Odd", "value": 7},
+                "not a field",
+            ]
+        },
+    }
+
+    assert main(["state", "demo"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "conversation:       demo"
+    assert lines[2] == "status:             expired"
+    assert lines[9:] == [
+        "cost policy:        adaptive",
+        "cache lifetime:     5 min",
+        "effective interval: 4 min",
+        "not warming:        the cache expired",
+        f"savings:            {savings}",
+    ]

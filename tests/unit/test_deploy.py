@@ -73,6 +73,17 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     # Two more the worker registers, charted beside the store errors.
     "warmer_retries_total": ("counter", frozenset()),
     "warmer_dead_letters_refused_total": ("counter", frozenset()),
+    # The cost policy's: what warms cost and saved, why warms were held, what is learned.
+    "warmer_warm_cost_tokens_total": ("counter", frozenset()),
+    "warmer_rewrites_avoided_tokens_total": ("counter", frozenset()),
+    "warmer_rewrites_missed_tokens_total": ("counter", frozenset()),
+    "warmer_warms_skipped_total": ("counter", frozenset({"reason"})),
+    "warmer_intervals_adjusted_total": ("counter", frozenset()),
+    "warmer_idle_gaps_learned": ("gauge", frozenset()),
+    "warmer_idle_gaps_abandoned_ratio": ("gauge", frozenset()),
+    "warmer_cache_cost_per_gap": ("gauge", frozenset({"way"})),
+    "warmer_ttl_1h_cheaper": ("gauge", frozenset()),
+    "warmer_savings_tokens": ("gauge", frozenset({"kind"})),
 }
 HISTOGRAM_SERIES: Final = ("_bucket", "_sum", "_count")
 
@@ -569,6 +580,10 @@ def test_the_list_is_what_the_worker_registers() -> None:
     assert set(metrics.NAMES) == set(METRICS)
     instruments = metrics.Metrics()
     instruments.registry.register(metrics.StateGauges(dict, lambda: 0))
+    from warmer.core import GapModel, Warmer
+
+    core = Warmer(model=GapModel(seen=100))  # enough gaps seen for the advice gauges
+    instruments.registry.register(metrics.CostGauges(core.economy, core.savings))
     registered: dict[str, tuple[str, frozenset[str]]] = {}
     for family in instruments.registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")

@@ -18,14 +18,18 @@ from tests.unit.test_pipeline import Rig, closed, enable, outcome, settled, star
 from warmer.bus.publisher import PublishFailed
 from warmer.clock import ManualClock
 from warmer.contract import Status, TurnSettled
-from warmer.core import Policy, Warmer
+from warmer.core import GapModel, Hold, Policy, Warmer
 from warmer.core.panel import TOGGLE_ACTION
 from warmer.inputs import Fired
 from warmer.observe.metrics import (
+    CACHE_WAYS,
     COMMAND_OUTCOMES,
     ERROR_CODES,
     EVENT_TYPES,
     NAMES,
+    SAVINGS_KINDS,
+    SKIP_REASONS,
+    CostGauges,
     Metrics,
     StateGauges,
 )
@@ -63,6 +67,14 @@ async def warming(rig: Rig, cid: str = "c") -> int:
     return token
 
 
+async def rewarm(rig: Rig, cid: str = "c") -> int:
+    """Fire ``cid``'s armed timer: its next warm request is out; the token."""
+    token = rig.core.get(cid).token  # type: ignore[union-attr]
+    await rig.batch(Fired(cid, token))
+    await rig.worker.settled()
+    return token
+
+
 def scrape(metrics: Metrics) -> dict[str, Any]:
     """The registry as ``/metrics`` renders it, parsed back: family name -> family."""
     text = generate_latest(metrics.registry).decode()
@@ -78,7 +90,22 @@ HISTOGRAMS = {
     "warmer_commit_seconds",
     "warmer_warm_cache_ratio",
 }
-GAUGES = {"warmer_conversations", "warmer_timers_armed"}
+GAUGES = {
+    "warmer_conversations",
+    "warmer_timers_armed",
+    "warmer_idle_gaps_learned",
+    "warmer_idle_gaps_abandoned_ratio",
+    "warmer_cache_cost_per_gap",
+    "warmer_ttl_1h_cheaper",
+    "warmer_savings_tokens",
+}
+ADVICE = {"warmer_cache_cost_per_gap", "warmer_ttl_1h_cheaper"}
+
+
+def gauges(metrics: Metrics, core: Warmer, timers: int = 0) -> None:
+    """Register the scrape-time gauges over ``core``, as the app does."""
+    metrics.registry.register(StateGauges(core.statuses, lambda: timers))
+    metrics.registry.register(CostGauges(core.economy, core.savings))
 
 
 def series_of(name: str) -> set[str]:
@@ -90,22 +117,32 @@ def series_of(name: str) -> set[str]:
     return {name, f"{name.removesuffix('_total')}_created"}
 
 
-def test_a_scrape_shows_every_metric_by_its_exact_name_and_no_other() -> None:
-    metrics = Metrics()
-    metrics.registry.register(StateGauges(Counter, lambda: 0))
-    shown = {
+def shown_names(metrics: Metrics) -> set[str]:
+    return {
         sample.name
         for family in scrape(metrics).values()
         for sample in family.samples
         if sample.name.startswith("warmer_")
     }
-    assert shown == set().union(*(series_of(name) for name in NAMES))
+
+
+def test_a_scrape_shows_every_metric_by_its_exact_name_and_no_other() -> None:
+    metrics = Metrics()
+    gauges(metrics, Warmer(model=GapModel(seen=100)))  # enough gaps for the advice
+    assert shown_names(metrics) == set().union(*(series_of(name) for name in NAMES))
     assert all(name.endswith("_total") for name in NAMES if name not in HISTOGRAMS | GAUGES)
+
+
+def test_the_advice_gauges_are_absent_before_enough_gaps() -> None:
+    metrics = Metrics()
+    gauges(metrics, Warmer(model=GapModel(seen=99)))
+    expected = set().union(*(series_of(name) for name in NAMES if name not in ADVICE))
+    assert shown_names(metrics) == expected
 
 
 def test_every_label_value_is_shown_from_the_start_at_zero() -> None:
     metrics = Metrics()
-    metrics.registry.register(StateGauges(Counter, lambda: 0))
+    gauges(metrics, Warmer())
     for kind in EVENT_TYPES:
         assert (
             metrics.registry.get_sample_value("warmer_events_consumed_total", {"type": kind}) == 0
@@ -116,13 +153,18 @@ def test_every_label_value_is_shown_from_the_start_at_zero() -> None:
         )
     for cause in ("error", "returned", "timeout"):
         assert metrics.registry.get_sample_value("warmer_warms_failed_total", {"cause": cause}) == 0
-    for kind in ("set_enabled", "set_interval", "get_state", "surface.action"):
+    for kind in ("set_enabled", "set_interval", "set_policy", "get_state", "surface.action"):
         for verdict in COMMAND_OUTCOMES:
             labels = {"type": kind, "outcome": verdict}
             assert metrics.registry.get_sample_value("warmer_commands_total", labels) == 0
     for status in Status:
         labels = {"status": status.value}
         assert metrics.registry.get_sample_value("warmer_conversations", labels) == 0
+    assert "expired" in {status.value for status in Status}
+    for reason in ("expired", "small_prefix", "misses", "spend_cap", "return_unlikely"):
+        labels = {"reason": reason}
+        assert metrics.registry.get_sample_value("warmer_warms_skipped_total", labels) == 0
+    assert {hold.value for hold in SKIP_REASONS} == {hold.value for hold in Hold} - {""}
 
 
 def test_each_app_has_a_registry_of_its_own() -> None:
@@ -366,11 +408,160 @@ async def test_timer_lateness_is_the_fire_time_minus_the_due_time() -> None:
     assert metrics.value("warmer_timer_lateness_seconds_bucket", le="0.5") == 2
 
 
+# -- the cost policy --------------------------------------------------------------------
+
+MINUTE = 60_000
+
+
+def read_usage(read: int, write: int = 0, uncached: int = 0) -> dict[str, int]:
+    """A usage that read ``read`` and wrote ``write`` prompt tokens."""
+    return usage(read + write + uncached, read, write)
+
+
+async def test_a_warm_s_cost_is_counted_in_base_input_tokens(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(rig.event(completion("c", token, usage=usage(1000, 800, 150))))
+    # 50 uncached x 1 + 800 read x 0.1 + 150 written x 1.25 (the 5-minute price) = 317.5
+    assert rig.metric("warmer_warm_cost_tokens_total") == 318
+    assert rig.metric("warmer_rewrites_avoided_tokens_total") == 0
+
+
+async def test_a_warm_s_cost_counts_once_when_its_commit_is_retried(rig: Rig) -> None:
+    token = await warming(rig)
+    rig.store.fail_next = 2
+    await rig.batch(rig.event(completion("c", token, usage=usage(1000, 800, 150))))
+    assert rig.metric("warmer_store_errors_total") == 2
+    assert rig.metric("warmer_warm_cost_tokens_total") == 318
+
+
+async def test_a_return_to_a_cache_a_warm_kept_alive_counts_the_re_write_avoided(
+    rig: Rig,
+) -> None:
+    token = await warming(rig)  # settled at T0: without the warm the cache goes at T0 + 5 min
+    rig.clock.advance(4 * MINUTE)
+    await rig.batch(rig.event(completion("c", token, usage=read_usage(50_000))))
+    rig.clock.advance(2 * MINUTE)  # past T0 + 5 min, within the warm's 5 minutes
+    await rig.batch(rig.event(started("c")), rig.event(settled("c", usage=read_usage(50_000))))
+    # 50,000 tokens read instead of written again: x (1.25 - 0.1)
+    assert rig.metric("warmer_rewrites_avoided_tokens_total") == 57_500
+    assert rig.metric("warmer_rewrites_missed_tokens_total") == 0
+
+
+async def test_a_return_to_an_expired_cache_counts_the_re_write_missed(rig: Rig) -> None:
+    await rig.batch(rig.event(settled("c")))  # not enabled: nothing keeps the cache
+    rig.clock.advance(10 * MINUTE)
+    await rig.batch(rig.event(started("c")), rig.event(settled("c", usage=read_usage(0, 50_000))))
+    assert rig.metric("warmer_rewrites_missed_tokens_total") == 57_500
+    assert rig.metric("warmer_rewrites_avoided_tokens_total") == 0
+    assert rig.metric("warmer_warm_cost_tokens_total") == 0
+
+
+async def test_warms_held_by_the_cost_rules_are_counted_by_reason(rig: Rig) -> None:
+    lost = rig.clock.now_ms() - 6 * MINUTE  # its cache is gone before any warm is due
+    await rig.batch(
+        rig.command(enable("small")),
+        rig.command(enable("expired")),
+        rig.command(enable("capped")),
+        rig.command({"type": "set_policy", "conversationId": "capped", "policy": "budget"}),
+        rig.event(settled("small", prefixTokens=100)),
+        rig.event(settled("expired", cacheTtlS=300, lastRequestAt=lost)),
+        rig.event(settled("capped", prefixTokens=2_000_000)),  # one warm: 200,005 > 100,000
+    )
+
+    def skipped(reason: str) -> float:
+        return rig.metric("warmer_warms_skipped_total", reason=reason)
+
+    assert skipped("small_prefix") == 1
+    assert skipped("expired") == 1
+    assert skipped("spend_cap") == 1
+    assert skipped("misses") == 0
+    assert rig.metric("warmer_commands_total", type="set_policy", outcome="applied") == 1
+    assert rig.core.get("expired").status is Status.EXPIRED  # type: ignore[union-attr]
+
+
+async def test_warms_that_keep_finding_the_cache_gone_are_skipped_as_misses(rig: Rig) -> None:
+    token = await warming(rig)
+    await rig.batch(rig.event(completion("c", token, usage=read_usage(0, 50_000))))
+    token = await rewarm(rig)  # the second miss in a row: WARMER_MAX_MISSES
+    await rig.batch(rig.event(completion("c", token, usage=read_usage(0, 50_000))))
+    assert rig.metric("warmer_warms_skipped_total", reason="misses") == 1
+    assert rig.core.get("c").status is Status.PAUSED  # type: ignore[union-attr]
+
+
+async def test_an_adaptive_warm_past_any_likely_return_is_skipped(rig: Rig) -> None:
+    await rig.batch(
+        rig.command({"type": "set_policy", "conversationId": "c", "policy": "adaptive"}),
+        # A first warm 40 minutes into the gap: by then most users who come back have.
+        rig.command({"type": "set_interval", "conversationId": "c", "intervalMs": 2_400_000}),
+        rig.event(settled("c")),
+        rig.command(enable("c")),  # the one arm
+    )
+    assert rig.metric("warmer_warms_skipped_total", reason="return_unlikely") == 1
+
+
+async def test_a_known_cache_lifetime_overriding_the_interval_is_counted(rig: Rig) -> None:
+    await rig.batch(
+        rig.command(enable("c")),
+        rig.event(settled("c", cacheTtlS=3600)),  # warmed every 59 minutes, not every 4
+        rig.event(settled("c", cacheTtlS=3600)),  # the same override: reported once
+    )
+    assert rig.metric("warmer_intervals_adjusted_total") == 1
+
+
+async def test_idle_gaps_are_learned_and_abandoned_at_scrape(rig: Rig) -> None:
+    gauges(rig.metrics, rig.core)
+    prior = rig.metric("warmer_idle_gaps_abandoned_ratio")
+    assert rig.metric("warmer_idle_gaps_learned") == 0
+    assert prior == pytest.approx(0.1)  # the prior: a tenth of gaps never end
+    await rig.batch(rig.event(settled("a")), rig.event(started("a")))
+    assert rig.metric("warmer_idle_gaps_learned") == 1
+    assert rig.metric("warmer_idle_gaps_abandoned_ratio") < prior
+    await rig.batch(rig.event(settled("b")), rig.event(closed("b")))
+    assert rig.metric("warmer_idle_gaps_learned") == 2
+    assert rig.metric("warmer_idle_gaps_abandoned_ratio") > prior * 20 / 22
+
+
+async def test_the_ttl_advice_is_shown_once_enough_gaps_were_seen(rig: Rig) -> None:
+    gauges(rig.metrics, rig.core)
+    assert not ADVICE & set(scrape(rig.metrics))
+    for i in range(100):
+        await rig.batch(rig.event(settled(f"c{i}")), rig.event(started(f"c{i}")))
+    advice = rig.core.economy.advice()
+    assert advice is not None
+    figures = {way: rig.metric("warmer_cache_cost_per_gap", way=way) for way in CACHE_WAYS}
+    assert figures == {
+        "warmed_5m": pytest.approx(advice.warming),
+        "hour_1h": pytest.approx(advice.hour),
+        "unwarmed_5m": pytest.approx(advice.none),
+    }
+    assert rig.metric("warmer_ttl_1h_cheaper") == int(advice.hour_is_cheaper)
+    # Every gap came back at once: warming a 5-minute cache beats paying for an hour.
+    assert rig.metric("warmer_ttl_1h_cheaper") == 0
+
+
+async def test_the_savings_accounts_are_summed_at_scrape(rig: Rig) -> None:
+    gauges(rig.metrics, rig.core)
+    token = await warming(rig)
+    rig.clock.advance(MINUTE)
+    await rig.batch(rig.event(completion("c", token, usage=usage(1000, 800, 150))))
+    await rig.batch(rig.event(settled("lost")))
+    rig.clock.advance(10 * MINUTE)
+    await rig.batch(
+        rig.event(started("lost")), rig.event(settled("lost", usage=read_usage(0, 1000)))
+    )
+    totals = {kind: rig.metric("warmer_savings_tokens", kind=kind) for kind in SAVINGS_KINDS}
+    assert totals == {"spent": 318, "avoided": 0, "missed": 1150}
+    assert rig.core.savings() == (318, 0, 1150)
+    await rig.batch(rig.event(closed("lost")))  # closed, still in memory: still summed
+    assert rig.metric("warmer_savings_tokens", kind="missed") == 1150
+
+
 # -- cardinality ------------------------------------------------------------------------
 
 
 async def test_no_label_value_is_ever_a_conversation_id(rig: Rig) -> None:
     rig.metrics.registry.register(StateGauges(rig.core.statuses, rig.scheduler.__len__))
+    rig.metrics.registry.register(CostGauges(rig.core.economy, rig.core.savings))
     for cid in CONVERSATION_IDS:
         token = await warming(rig, cid)
         await rig.batch(

@@ -12,6 +12,12 @@ The pipeline counts what a batch did into a ``Tally`` (a plain dict increment pe
 and adds it to the metrics only once the batch is committed, as a rolled-back batch is
 applied again when it is redelivered and must not count twice. The labelled children it
 uses are bound once here, never looked up with ``.labels()`` per input.
+
+Figures that describe the worker's whole memory (conversations by status, the savings
+accounts summed, what the gap model has learned) are computed at each scrape instead
+(``StateGauges``, ``CostGauges``): keeping them up to date would cost every input.
+Token figures of the cost policy are in base-input-token units (one uncached prompt token
+at the base input price, ``warmer.core.costs``).
 """
 
 from __future__ import annotations
@@ -29,15 +35,21 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from warmer.contract import Command, ErrorCode, LifecycleEvent, Status
+from warmer.core.economy import Economy
 from warmer.core.effects import WarmFailedCause
+from warmer.core.state import Hold
 
 __all__ = [
+    "CACHE_WAYS",
     "COMMAND_OUTCOMES",
     "COMMAND_TYPES",
     "ERROR_CODES",
     "EVENT_TYPES",
     "FAILURE_CAUSES",
     "NAMES",
+    "SAVINGS_KINDS",
+    "SKIP_REASONS",
+    "CostGauges",
     "Metrics",
     "StateGauges",
     "Tally",
@@ -55,6 +67,12 @@ COMMAND_OUTCOMES: Final = ("applied", "answered", "rejected")
 """The verdicts a command can have (``warmer.core.machine.Verdict``), shown from the start."""
 ERROR_CODES: Final[tuple[str, ...]] = get_args(ErrorCode)
 FAILURE_CAUSES: Final[tuple[str, ...]] = get_args(WarmFailedCause)
+SKIP_REASONS: Final[tuple[Hold, ...]] = tuple(hold for hold in Hold if hold is not Hold.NONE)
+"""``reason`` of ``warmer_warms_skipped_total``: why the cost rules held a warm."""
+CACHE_WAYS: Final = ("warmed_5m", "hour_1h", "unwarmed_5m")
+"""``way`` of ``warmer_cache_cost_per_gap``: ``TtlAdvice``'s warming, hour and none."""
+SAVINGS_KINDS: Final = ("spent", "avoided", "missed")
+"""``kind`` of ``warmer_savings_tokens``: the three sums of ``Warmer.savings``."""
 
 NAMES: Final = (
     "warmer_events_consumed_total",
@@ -78,6 +96,16 @@ NAMES: Final = (
     "warmer_store_errors_total",
     "warmer_dead_letters_refused_total",
     "warmer_retries_total",
+    "warmer_warm_cost_tokens_total",
+    "warmer_rewrites_avoided_tokens_total",
+    "warmer_rewrites_missed_tokens_total",
+    "warmer_warms_skipped_total",
+    "warmer_intervals_adjusted_total",
+    "warmer_idle_gaps_learned",
+    "warmer_idle_gaps_abandoned_ratio",
+    "warmer_cache_cost_per_gap",
+    "warmer_ttl_1h_cheaper",
+    "warmer_savings_tokens",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
@@ -221,6 +249,37 @@ class Metrics:
             "Retries of a failed commit or publish, after a pause.",
             registry=r,
         )
+        self.warm_cost_tokens: Final = Counter(
+            "warmer_warm_cost_tokens_total",
+            "What completed warms cost at the configured prices, in base-input-token units.",
+            registry=r,
+        )
+        self.rewrites_avoided_tokens: Final = Counter(
+            "warmer_rewrites_avoided_tokens_total",
+            "Cache re-writes avoided: turns that read a cache a warm kept alive, priced as "
+            "prefix x (write - read), in base-input-token units.",
+            registry=r,
+        )
+        self.rewrites_missed_tokens: Final = Counter(
+            "warmer_rewrites_missed_tokens_total",
+            "Cache re-writes not avoided: turns that came back to an expired cache, priced "
+            "as prefix x (write - read), in base-input-token units.",
+            registry=r,
+        )
+        skipped = Counter(
+            "warmer_warms_skipped_total",
+            "Warms the cost rules held, by reason: expired (the cache would be gone), "
+            "small_prefix, misses (warms kept finding the cache gone), spend_cap (budget "
+            "policy), return_unlikely (adaptive policy).",
+            ["reason"],
+            registry=r,
+        )
+        self.warms_skipped: Final = {hold: skipped.labels(hold.value) for hold in SKIP_REASONS}
+        self.intervals_adjusted: Final = Counter(
+            "warmer_intervals_adjusted_total",
+            "Times a known cache lifetime overrode a conversation's configured interval.",
+            registry=r,
+        )
 
     def command(self, kind: str, outcome: str) -> Counter:
         """The ``warmer_commands_total`` child of a command type and outcome."""
@@ -279,4 +338,90 @@ _ARMED: Final = "Timers armed: regular warms, retries and warm timeouts."
 def _conversations() -> GaugeMetricFamily:
     return GaugeMetricFamily(
         "warmer_conversations", "Conversations the worker holds, by status.", labels=["status"]
+    )
+
+
+class CostGauges:
+    """What the cost policy knows about the whole deployment, computed at each scrape.
+
+    ``warmer_idle_gaps_learned`` and ``warmer_idle_gaps_abandoned_ratio`` from the gap
+    model; ``warmer_cache_cost_per_gap{way}`` and ``warmer_ttl_1h_cheaper`` from its advice
+    (absent until the advice exists: ``Economy.advice``, 100 gaps); and
+    ``warmer_savings_tokens{kind}``, every conversation's savings account summed (a walk
+    over every conversation, as for the statuses).
+    """
+
+    def __init__(self, economy: Economy, savings: Callable[[], tuple[int, int, int]]) -> None:
+        """``economy``: the core's (``Warmer.economy``); ``savings``: the accounts summed,
+        (spent, avoided, missed) (``Warmer.savings``)."""
+        self._economy = economy
+        self._savings = savings
+
+    def describe(self) -> Iterable[Metric]:
+        """The metrics' names, without computing them (what registering needs)."""
+        return [
+            GaugeMetricFamily("warmer_idle_gaps_learned", _GAPS_LEARNED),
+            GaugeMetricFamily("warmer_idle_gaps_abandoned_ratio", _GAPS_ABANDONED),
+            _cost_per_gap(),
+            GaugeMetricFamily("warmer_ttl_1h_cheaper", _HOUR_CHEAPER),
+            _savings(),
+        ]
+
+    def collect(self) -> Iterable[Metric]:
+        """The metrics, computed now."""
+        model = self._economy.model  # read now: a rollback replaces it
+        families: list[Metric] = [
+            GaugeMetricFamily("warmer_idle_gaps_learned", _GAPS_LEARNED, value=model.seen),
+            GaugeMetricFamily(
+                "warmer_idle_gaps_abandoned_ratio", _GAPS_ABANDONED, value=model.abandoned_share
+            ),
+        ]
+        advice = self._economy.advice()
+        if advice is not None:
+            per_gap = _cost_per_gap()
+            for way, cost in zip(
+                CACHE_WAYS, (advice.warming, advice.hour, advice.none), strict=True
+            ):
+                per_gap.add_metric([way], cost)
+            cheaper = GaugeMetricFamily(
+                "warmer_ttl_1h_cheaper", _HOUR_CHEAPER, value=int(advice.hour_is_cheaper)
+            )
+            families += [per_gap, cheaper]
+        savings = _savings()
+        for kind, total in zip(SAVINGS_KINDS, self._savings(), strict=True):
+            savings.add_metric([kind], total)
+        families.append(savings)
+        return families
+
+
+_GAPS_LEARNED: Final = (
+    "Idle gaps (a settle to the next turn, or abandoned) the gap model learned, the prior "
+    "not included."
+)
+_GAPS_ABANDONED: Final = (
+    "Share of idle gaps that never end (the conversation closed or forgotten without a next "
+    "turn), the prior included, old gaps faded."
+)
+_HOUR_CHEAPER: Final = (
+    "1 when a 1-hour cache would cost at least 5 % less per gap than the best 5-minute way "
+    "for the gaps seen, else 0; absent before 100 gaps."
+)
+
+
+def _cost_per_gap() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "warmer_cache_cost_per_gap",
+        "Expected cache cost per idle gap for the gaps seen, per prefix token at the base "
+        "input price: warmed_5m (the 5-minute cache warmed by the adaptive rule), hour_1h "
+        "(the 1-hour cache, not warmed), unwarmed_5m; absent before 100 gaps.",
+        labels=["way"],
+    )
+
+
+def _savings() -> GaugeMetricFamily:
+    return GaugeMetricFamily(
+        "warmer_savings_tokens",
+        "Savings accounts of the conversations in memory, summed, in base-input-token units: "
+        "spent (warms), avoided (re-writes a warm avoided), missed (re-writes paid).",
+        labels=["kind"],
     )
