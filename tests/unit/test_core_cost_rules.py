@@ -502,3 +502,13 @@ def test_the_reason_not_to_warm_goes_with_the_next_turn_or_disable(shell: Any) -
     shell.settled(C, last_request_at=shell.now - 400_000, cache_ttl_s=300)
     shell.set_enabled(C, False)
     assert shell.status(C) == "disabled" and "Not warming" not in fields(shell)
+
+
+def test_nothing_to_warm_says_more_than_a_spent_idle_budget(make_shell: Any) -> None:
+    shell = make_shell(Policy(idle_max_ms=60_000))  # every warm is past the budget's time
+    enabled(shell, prefix_tokens=200)
+    assert shell.status(C) == "idle" and shell.conv(C).hold is Hold.SMALL_PREFIX
+    shell.settled(C, last_request_at=shell.now - 400_000, cache_ttl_s=300, prefix_tokens=P)
+    assert shell.status(C) == "expired"
+    shell.settled(C)
+    assert shell.status(C) == "budget_exhausted" and shell.conv(C).hold is Hold.NONE

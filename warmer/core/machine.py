@@ -104,6 +104,7 @@ _GUARDED: Final = frozenset(
 )
 # The status a hold leaves: the spend cap is a budget; everything else waits for a turn.
 _HELD: Final = {Hold.EXPIRED: Status.EXPIRED, Hold.SPEND_CAP: Status.BUDGET_EXHAUSTED}
+_NOTHING_TO_WARM: Final = frozenset({Hold.SMALL_PREFIX, Hold.EXPIRED})
 _SCHEDULED: Final = frozenset({Status.ARMED, Status.WARMING, Status.RETRYING})
 _HAND_RESETS: Final = frozenset({Status.ARMED, Status.RETRYING, Status.IDLE})
 
@@ -573,11 +574,15 @@ class Warmer:
             interval = self._interval(cid, conv, effects)
             due = now + interval if since is None else max(now, since + interval)
         policy = self.policy
-        if due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms:
+        hold = self.economy.hold(conv, due)
+        # Nothing to warm (no cache, or a dead one) says more than a spent budget.
+        spent = (
+            due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms
+        )
+        if spent and hold not in _NOTHING_TO_WARM:
             self._cancel(cid, conv, effects)
             conv.phase = Status.BUDGET_EXHAUSTED
             return
-        hold = self.economy.hold(conv, due)
         if hold is not Hold.NONE:
             self._hold(cid, conv, hold, effects, _HELD.get(hold, Status.IDLE))
             return
