@@ -104,9 +104,7 @@ async def test_what_the_worker_learned_of_idle_gaps_survives_a_restart(
     async def gap(cid: str) -> None:
         await probe.event({"type": "turn.settled", "conversationId": cid})
         await probe.event({"type": "turn.started", "conversationId": cid})
-        await surfaces.until(
-            lambda b: b["conversationId"] == cid and b["state"]["active"]
-        )
+        await surfaces.until(lambda b: b["conversationId"] == cid and b["state"]["active"])
 
     surfaces = await probe.surfaces()
     app = await start_worker(store=store_url)

@@ -10,6 +10,7 @@ import pytest
 from msgspec.structs import replace
 
 from warmer.contract import (
+    CostPolicyName,
     SettingsReply,
     StatField,
     Status,
@@ -20,6 +21,7 @@ from warmer.contract import (
 )
 from warmer.core import MODEL_KEY, GapModel, Hold, Policy, Record, Settings, Warmer
 from warmer.core.gaps import EDGES
+from warmer.core.policy import Prices
 from warmer.core.records import decode_record, encode_changes, encode_record
 
 C = "conv-1"
@@ -512,3 +514,25 @@ def test_nothing_to_warm_says_more_than_a_spent_idle_budget(make_shell: Any) -> 
     assert shell.status(C) == "expired"
     shell.settled(C)
     assert shell.status(C) == "budget_exhausted" and shell.conv(C).hold is Hold.NONE
+
+
+def test_the_adaptive_policy_judges_past_the_idle_budget(make_shell: Any) -> None:
+    # Reads at 0.05: a warm of the prefix costs about 5,000, a re-write avoided saves
+    # 120,000. Everyone is back after 60 minutes (in the log bin of 52.7 to 60.9 min): the
+    # warms from 4 to 56 minutes carry the cache past the bin for 14 x 5,000. The idle
+    # budget (10 warms, 45 min) stops the fixed policy at ten; the adaptive one goes on
+    # while a warm pays, and no further.
+    back = GapModel([0.0] * (len(EDGES) + 1), abandoned=0.0)
+    for _ in range(1000):
+        back.observe(HOUR)
+    cheap = Prices(read=0.05)
+    runs: list[tuple[CostPolicyName, int]] = [("fixed", 10), ("adaptive", 14)]
+    for kind, warms in runs:
+        shell = make_shell(Policy(cost_policy=kind, prices=cheap))
+        shell.warmer.economy.model = back.copy()
+        enabled(shell, prefix_tokens=P, cache_ttl_s=300)
+        while shell.due(C) is not None:
+            shell.fire(C)
+            shell.completed(C, token=shell.last_warm.token, usage=read(P - 10))
+        assert len(shell.warms) == warms, kind
+    assert shell.conv(C).hold is Hold.RETURN_UNLIKELY  # the fifteenth would pay nobody

@@ -81,7 +81,8 @@ def test_abandoned_gaps_raise_the_floor() -> None:
     for _ in range(180):
         model.abandon()
     assert model.seen == 180
-    assert model.abandoned_share == pytest.approx((2 + 180) / 200)
+    prior = PRIOR_GAPS * PRIOR_ABANDONED
+    assert model.abandoned_share == pytest.approx((prior + 180) / (PRIOR_GAPS + 180))
     assert model.survival(10**13) == pytest.approx(model.abandoned_share)
 
 
@@ -189,23 +190,43 @@ def test_estimates_before_any_warm_reported() -> None:
 # -- the adaptive rule ------------------------------------------------------------------
 
 
+WINDOW = {"ttl_ms": 5 * MINUTE, "interval_ms": 4 * MINUTE}
+
+
 def test_at_break_even_there_is_no_warm_and_just_above_there_is() -> None:
     model = GapModel()
-    due, expiry, ttl = 4 * MINUTE, 5 * MINUTE, 5 * MINUTE
-    gained = model.survival(expiry) - model.survival(due + ttl)
+    due, expiry = 4 * MINUTE, 5 * MINUTE
+    gained = model.survival(expiry) - model.survival(due + 5 * MINUTE)
     paid = model.survival(due)
     assert 0 < gained < paid
-    # gained x saving == paid x cost, exactly: the expected saving is zero.
-    at = {"due_age_ms": due, "expiry_age_ms": expiry, "ttl_ms": ttl}
-    assert not worth_warming(model, **at, saving=paid, cost=gained)
-    assert worth_warming(model, **at, saving=paid * 1.000001, cost=gained)
-    assert not worth_warming(model, **at, saving=paid * 0.999999, cost=gained)
+    # gained x saving == paid x cost, exactly: the expected saving of one warm is zero.
+    at = {"due_age_ms": due, "expiry_age_ms": expiry, **WINDOW}
+    assert not worth_warming(model, **at, saving=paid, cost=gained, confidence=0.0)
+    assert worth_warming(model, **at, saving=paid * 1.000001, cost=gained, confidence=0.0)
+    assert not worth_warming(model, **at, saving=paid * 0.999999, cost=gained, confidence=0.0)
+
+
+def test_the_confidence_takes_standard_errors_off_the_return_chance() -> None:
+    model = GapModel()
+    at = {"due_age_ms": 4 * MINUTE, "expiry_age_ms": 5 * MINUTE, **WINDOW}
+    gained = model.survival(5 * MINUTE) - model.survival(9 * MINUTE)
+    paid = model.survival(4 * MINUTE)
+    se = math.sqrt(gained * (1 - gained) / model.weight)
+    # Worth it on the estimate, not once one standard error is taken off it.
+    saving = paid / (gained - se / 2)
+    assert worth_warming(model, **at, saving=saving, cost=1.0, confidence=0.0)
+    assert not worth_warming(model, **at, saving=saving, cost=1.0, confidence=1.0)
+    # The same shares from a hundred times the gaps: the error is a tenth, and it pays.
+    counts = lognormal_counts(PUBLISHED_MU, PUBLISHED_SIGMA, 100 * PRIOR_GAPS * 0.5)
+    big = GapModel(counts, 100 * PRIOR_GAPS * 0.5)
+    assert big.survival(4 * MINUTE) == pytest.approx(paid)
+    assert worth_warming(big, **at, saving=saving, cost=1.0, confidence=1.0)
 
 
 def test_users_who_never_come_back_are_never_worth_a_warm() -> None:
     gone = GapModel([0.0] * (len(EDGES) + 1), abandoned=100.0)
-    args = {"due_age_ms": 4 * MINUTE, "expiry_age_ms": 5 * MINUTE, "ttl_ms": 5 * MINUTE}
-    assert not worth_warming(gone, **args, saving=1e9, cost=1.0)
+    args = {"due_age_ms": 4 * MINUTE, "expiry_age_ms": 5 * MINUTE, **WINDOW}
+    assert not worth_warming(gone, **args, saving=1e9, cost=1.0, horizon=64)
 
 
 def test_users_who_come_back_in_the_window_the_warm_adds_are_worth_it() -> None:
@@ -213,11 +234,24 @@ def test_users_who_come_back_in_the_window_the_warm_adds_are_worth_it() -> None:
     back = only_returns([0.0] * (len(EDGES) + 1))
     for _ in range(100):
         back.observe(6 * MINUTE + 30_000)
-    args = {"due_age_ms": 4 * MINUTE, "expiry_age_ms": 5 * MINUTE, "ttl_ms": 5 * MINUTE}
+    args = {"due_age_ms": 4 * MINUTE, "expiry_age_ms": 5 * MINUTE, **WINDOW}
     assert worth_warming(back, **args, saving=1.15, cost=0.1)
     # A warm due after everyone came back is paid by nobody and saves nobody.
-    late = {"due_age_ms": 8 * MINUTE, "expiry_age_ms": 9 * MINUTE, "ttl_ms": 5 * MINUTE}
-    assert not worth_warming(back, **late, saving=1.15, cost=0.1)
+    late = {"due_age_ms": 8 * MINUTE, "expiry_age_ms": 9 * MINUTE, **WINDOW}
+    assert not worth_warming(back, **late, saving=1.15, cost=0.1, horizon=64)
+
+
+def test_a_run_of_warms_pays_where_the_next_one_alone_does_not() -> None:
+    # Everyone comes back after 30 minutes: the first warm's window (5 to 9 min) holds
+    # nobody, but seven warms carry the cache to 33 minutes for everyone, at 0.7 a gap.
+    back = only_returns([0.0] * (len(EDGES) + 1))
+    for _ in range(1000):
+        back.observe(30 * MINUTE)
+    args = {"due_age_ms": 4 * MINUTE, "expiry_age_ms": 5 * MINUTE, **WINDOW}
+    assert not worth_warming(back, **args, saving=1.15, cost=0.1, horizon=1)
+    assert worth_warming(back, **args, saving=1.15, cost=0.1, horizon=10)
+    # Twelve warms would cost more than the re-write they avoid: no run pays.
+    assert not worth_warming(back, **args, saving=1.15, cost=0.2, horizon=10)
 
 
 # -- the 1-hour advice --------------------------------------------------------------------
@@ -231,7 +265,9 @@ def _uniform_minutes(low: int, high: int) -> GapModel:
 
 
 def test_gaps_of_ten_to_forty_minutes_favour_the_one_hour_cache() -> None:
-    advice = ttl_advice(_uniform_minutes(10, 40), PRICES, ttl_ms=5 * MINUTE, interval_ms=4 * MINUTE)
+    advice = ttl_advice(
+        _uniform_minutes(10, 40), PRICES, ttl_ms=5 * MINUTE, interval_ms=4 * MINUTE, horizon=64
+    )
     # The hour: a read per gap plus the dearer write of each turn's new content.
     assert advice.hour == pytest.approx(0.1 + TURN_GROWTH * (2.0 - 1.25), rel=1e-6)
     assert advice.none == pytest.approx(1.25, rel=1e-6)  # every turn re-writes
@@ -240,7 +276,9 @@ def test_gaps_of_ten_to_forty_minutes_favour_the_one_hour_cache() -> None:
 
 
 def test_quick_replies_do_not_favour_the_one_hour_cache() -> None:
-    advice = ttl_advice(_uniform_minutes(0, 3), PRICES, ttl_ms=5 * MINUTE, interval_ms=4 * MINUTE)
+    advice = ttl_advice(
+        _uniform_minutes(0, 3), PRICES, ttl_ms=5 * MINUTE, interval_ms=4 * MINUTE, horizon=64
+    )
     assert advice.none == pytest.approx(0.1, rel=1e-6)
     assert not advice.hour_is_cheaper and advice.hour_saving_pct < 0
 
@@ -249,6 +287,6 @@ def test_the_published_gaps_without_abandonment_match_the_issue_figures() -> Non
     # "warming every 240 s with today's idle budget costs 0.23 against 0.41": the adaptive
     # rule warms the same first ten times or more, so it costs about the same.
     model = only_returns(lognormal_counts(PUBLISHED_MU, PUBLISHED_SIGMA, 1000.0))
-    advice = ttl_advice(model, PRICES, ttl_ms=5 * MINUTE, interval_ms=4 * MINUTE)
+    advice = ttl_advice(model, PRICES, ttl_ms=5 * MINUTE, interval_ms=4 * MINUTE, horizon=10)
     assert advice.none == pytest.approx(0.41, abs=0.005)
     assert advice.warming == pytest.approx(0.23, abs=0.01)

@@ -7,15 +7,16 @@ derives the rules; in short:
 - A warm costs its usage at the configured prices (``warm_cost``).
 - A cache kept alive saves the next turn a re-write: ``prefix x (write - read)``.
 - The adaptive policy warms at due time D, when the cache would otherwise expire at E
-  (D <= E), only while the expected saving is positive (``worth_warming``): with S the
-  survival of idle gaps (``warmer.core.gaps``) measured from the settle,
-  ``(S(E) - S(D + ttl)) x saving > S(D) x cost``: the user comes back in the window the
-  warm adds, against the user still being away when the warm goes out. Gaps that never
-  end (abandoned) are in S, so the rule stops warming where abandonment dominates.
+  (D <= E), only while a run of warms starting then is expected to pay (``worth_warming``;
+  docs/cost-policy.md derives it): with S the survival of idle gaps (``warmer.core.gaps``)
+  measured from the settle, the users who come back in the time the run adds save more
+  than its warms cost, each paid only if its user is still away. Gaps that never end
+  (abandoned) are in S, so the rule stops warming where abandonment dominates.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Final
 
 from msgspec import Struct
@@ -72,23 +73,57 @@ def rewrite_saving(prefix: int | None, prices: Prices, ttl_ms: int | None) -> fl
     return (prefix or 1) * (prices.write(ttl_ms) - prices.read)
 
 
+CONFIDENCE: Final = 0.85
+"""How many standard errors of its estimate the adaptive rule takes off the chance of a
+return: a young model's noise must not start warming (tuned with ``warmer simulate`` on
+seeds 1 to 4, docs/economics.md)."""
+MAX_LOOKAHEAD: Final = 64
+"""The most warms ahead the adaptive rule weighs: 4 hours and 16 minutes at 4 minutes."""
+
+
 def worth_warming(
     model: GapModel,
     *,
     due_age_ms: int,
     expiry_age_ms: int,
     ttl_ms: int,
+    interval_ms: int,
     saving: float,
     cost: float,
+    horizon: int = 1,
+    confidence: float = CONFIDENCE,
 ) -> bool:
-    """The adaptive rule: a warm due ``due_age_ms`` into the gap is worth its cost.
+    """The adaptive rule: the warm due ``due_age_ms`` into the gap starts a run that pays.
 
-    ``expiry_age_ms``: when, into the gap, the cache expires without this warm. True only
-    when the expected saving is strictly positive (at break-even, no warm).
+    ``expiry_age_ms``: when, into the gap, the cache expires without this warm. The run of
+    ``n`` warms, one every ``interval_ms`` from the due time (``n`` up to ``horizon``),
+    keeps the cache alive to the last one's read plus
+    ``ttl_ms``. It pays when the users who come back in the time it adds save more than the
+    warms cost, each warm paid only if its user is still away:
+
+        (S(E) - S(D + (n - 1) I + T) - z se) x saving  >  sum(S(D + i I), i < n) x cost
+
+    with ``se`` the standard error of the return chance over the model's weight, ``z`` the
+    ``confidence``. True when some ``n`` pays; at break-even there is no warm.
+    Looking one warm ahead would stop before a stretch where nobody comes back yet (gaps
+    of 10 to 40 minutes: nobody is back in the first warm's window, all are in the
+    ninth's).
     """
-    gained = model.survival(expiry_age_ms) - model.survival(due_age_ms + ttl_ms)
-    paid = model.survival(due_age_ms)
-    return gained * saving > paid * cost
+    gone_by_expiry = model.survival(expiry_age_ms)
+    weight = model.weight
+    paid = 0.0
+    for n in range(min(horizon, MAX_LOOKAHEAD)):
+        due = due_age_ms + n * interval_ms
+        away = model.survival(due)
+        if away <= 0.0:
+            return False  # nobody is left to come back: no later warm can pay
+        paid += away
+        gained = gone_by_expiry - model.survival(due + ttl_ms)
+        # Below the estimate by a share of its standard error: a few gaps never start warming.
+        gained -= confidence * math.sqrt(max(gained * (1.0 - gained), 0.0) / weight)
+        if gained * saving > paid * cost:
+            return True
+    return False
 
 
 class TtlAdvice(Struct, frozen=True, kw_only=True):
@@ -116,12 +151,15 @@ class TtlAdvice(Struct, frozen=True, kw_only=True):
 _MAX_ADVICE_WARMS: Final = 1000
 
 
-def ttl_advice(model: GapModel, prices: Prices, *, ttl_ms: int, interval_ms: int) -> TtlAdvice:
+def ttl_advice(
+    model: GapModel, prices: Prices, *, ttl_ms: int, interval_ms: int, horizon: int
+) -> TtlAdvice:
     """What each way costs per gap (a prefix of 1) under the gaps ``model`` holds.
 
     The next turn reads the prefix (``read``) while the cache is alive and writes it again
     otherwise; an abandoned gap has no next turn. Warming: a warm every ``interval_ms``
-    while ``worth_warming`` says so, each costing a read.
+    while ``worth_warming`` says so (at most ``horizon`` warms: the idle budget's), each
+    costing a read.
     """
     ended = 1.0 - model.abandoned_share
 
@@ -139,8 +177,10 @@ def ttl_advice(model: GapModel, prices: Prices, *, ttl_ms: int, interval_ms: int
             due_age_ms=due,
             expiry_age_ms=alive,
             ttl_ms=ttl_ms,
+            interval_ms=interval_ms,
             saving=saving,
             cost=prices.read,
+            horizon=horizon - k + 1,
         ):
             break
         warms += model.survival(due) * prices.read

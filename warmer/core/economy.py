@@ -22,6 +22,7 @@ from typing import Final
 
 from warmer.contract import CostPolicyName, StatField, TurnSettled, Usage
 from warmer.core.costs import (
+    MAX_LOOKAHEAD,
     TtlAdvice,
     estimated_warm_cost,
     rewrite_saving,
@@ -129,13 +130,16 @@ class Economy:
         start = conv.settled_at if conv.settled_at is not None else conv.idle_since
         read = conv.last_read_at if conv.last_read_at is not None else start
         due_age = due - start
+        interval = max(self.interval(conv), MIN_INTERVAL_MS)
         worth = worth_warming(
             self.model,
             due_age_ms=due_age,
             expiry_age_ms=max(read + ttl - start, due_age),
             ttl_ms=ttl,
+            interval_ms=interval,
             saving=rewrite_saving(prefix, self.prices, ttl),
             cost=cost,
+            horizon=MAX_LOOKAHEAD,
         )
         return Hold.NONE if worth else Hold.RETURN_UNLIKELY
 
@@ -236,13 +240,14 @@ class Economy:
         if model.seen < ADVICE_MIN_GAPS:
             return None
         if self._advice is None or model.seen - self._advice_seen >= _ADVICE_EVERY:
+            policy = self.policy
+            interval = max(MIN_INTERVAL_MS, policy.cache_ttl_ms - policy.ttl_margin_ms)
             self._advice = ttl_advice(
                 model,
                 self.prices,
-                ttl_ms=self.policy.cache_ttl_ms,
-                interval_ms=max(
-                    MIN_INTERVAL_MS, self.policy.cache_ttl_ms - self.policy.ttl_margin_ms
-                ),
+                ttl_ms=policy.cache_ttl_ms,
+                interval_ms=interval,
+                horizon=MAX_LOOKAHEAD,
             )
             self._advice_seen = model.seen
             self._advice_field = None

@@ -37,7 +37,7 @@ last bin gaps of EDGES[-1] or more."""
 
 PRIOR_GAPS: Final = 20.0
 """The prior's weight, in observations: a handful of real gaps already move the model."""
-PRIOR_ABANDONED: Final = 0.1
+PRIOR_ABANDONED: Final = 0.5
 MAX_WEIGHT: Final = 20_000.0
 """Past this many (weighted) observations, every count is halved."""
 

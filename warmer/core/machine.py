@@ -576,7 +576,9 @@ class Warmer:
         policy = self.policy
         hold = self.economy.hold(conv, due)
         # Nothing to warm (no cache, or a dead one) says more than a spent budget.
-        spent = (
+        # The adaptive policy judges when warming stops paying: the idle budget is the
+        # fixed rules' guess at it (docs/cost-policy.md).
+        spent = self.economy.policy_of(conv) != "adaptive" and (
             due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms
         )
         if spent and hold not in _NOTHING_TO_WARM:
