@@ -269,6 +269,42 @@ def _parser() -> argparse.ArgumentParser:
         "--duration", type=float, default=None, metavar="SECONDS", help="stop after this long"
     )
     demo.set_defaults(command=_demo)
+    simulate = verb(
+        "simulate",
+        "price the cost policies on idle-gap distributions",
+        "Replay idle gaps (settle to next turn) through the real core with a fake clock and "
+        "print what each cost policy costs per gap, in prefixes at the base input price: "
+        "none, fixed, budget, adaptive, and a 1-hour cache without warming, beside the best "
+        "'warm k times, then stop' rule and a clairvoyant bound; with the share of returning "
+        "turns that found a warm cache. The gaps: built-in distributions (published, quick, "
+        "coffee, split), each with 0, 20 and 50 % of gaps abandoned, or a trace file (seconds "
+        "one a line, 'abandoned' or 'inf' for a user who never came back, # comments). "
+        "Prices, margin, idle budget and spend cap come from the WARMER_* settings; no broker "
+        "is needed. docs/economics.md explains the model.",
+        "  warmer simulate\n  warmer simulate --mix published --gaps 20000 --seed 7\n"
+        "  warmer simulate --trace gaps.txt --prefix-tokens 40000 --json",
+        asks=False,
+    )
+    simulate.add_argument(
+        "--gaps", type=_positive, metavar="N", help="gaps per distribution (default: 4000)"
+    )
+    simulate.add_argument("--seed", type=int, default=1, help="the sampling seed (default: 1)")
+    simulate.add_argument(
+        "--prefix-tokens",
+        type=_positive,
+        default=100_000,
+        metavar="TOKENS",
+        help="the cached prefix's size (default: 100000)",
+    )
+    simulate.add_argument(
+        "--mix",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only this distribution (repeatable): published, quick, coffee or split",
+    )
+    simulate.add_argument("--trace", metavar="FILE", help="replay the gaps of this file instead")
+    simulate.set_defaults(command=_simulate, usage=simulate.error)
     return parser
 
 
@@ -293,6 +329,37 @@ def _demo(args: argparse.Namespace) -> int:
         return asyncio.run(demo(config, duration_s=args.duration, seed=args.seed))
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    """`warmer simulate`: the cost policies priced on idle-gap distributions (no broker)."""
+    from warmer.core import Policy
+    from warmer.simulate import MIXES, TraceError, mixes_named, simulate, simulate_trace
+    from warmer.simulate.report import document, text
+
+    if args.trace is not None and (args.gaps is not None or args.mix):
+        args.usage("--trace replays the file as it is: no --gaps or --mix with it")
+    try:
+        mixes = mixes_named(args.mix) if args.mix else MIXES
+    except ValueError as error:
+        args.usage(str(error))
+    policy, prefix = Policy.of(_config()), args.prefix_tokens
+    try:
+        if args.trace is not None:
+            tables = [simulate_trace(args.trace, policy=policy, prefix_tokens=prefix)]
+        else:
+            tables = simulate(
+                policy=policy, prefix_tokens=prefix, seed=args.seed, mixes=mixes, gaps=args.gaps
+            )
+    except TraceError as error:
+        print(f"warmer: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    seed = None if args.trace is not None else args.seed
+    if args.json:
+        print(_json(document(tables, prefix_tokens=prefix, seed=seed)))
+    else:
+        print(text(tables, prefix_tokens=prefix))
+    return EXIT_OK
 
 
 # -- `warmer run` -------------------------------------------------------------------

@@ -179,7 +179,7 @@ def test_top_level_help_lists_every_verb_on_one_line(capsys: pytest.CaptureFixtu
 
     out = capsys.readouterr().out
     listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ")}
-    assert listed == {"run", "watch", "demo", *VERBS}
+    assert listed == {"run", "watch", "demo", "simulate", *VERBS}
     assert "75" in out and "69" in out
 
 
