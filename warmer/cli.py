@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         "Choose how warming a conversation is judged (set_policy): fixed (on the interval, "
         "within the idle budget), budget (also a spend cap per idle stretch), adaptive (only "
         "while a warm is expected to pay), or default (the deployment's WARMER_COST_POLICY). "
-        "docs/economics.md has the maths.",
+        "docs/cost-policy.md has the rules and their maths.",
         "  warmer policy demo adaptive\n  warmer policy demo default",
     )
     policy.add_argument("policy", metavar="POLICY", choices=_POLICIES, help=" | ".join(_POLICIES))

@@ -6,9 +6,10 @@ abandoned gap, which never ends. The model keeps a histogram of finished gaps ov
 log-spaced bins (1 s to about 11.6 days, 16 bins per decade) and a count of abandoned ones,
 seeded with a prior: the published reply-time distribution (of 1,967 replies, 27 % came
 after more than 5 minutes and 10 % after more than 15: a lognormal through both points)
-with a tenth of gaps abandoned, worth ``PRIOR_GAPS`` observations. Old observations fade:
-when the weight passes ``MAX_WEIGHT`` every count is halved, so the model follows a
-deployment whose users change.
+with half the gaps abandoned (where warming those gaps stops paying: a new deployment
+does not warm until its own gaps show it pays), worth ``PRIOR_GAPS`` observations. Old
+observations fade: when the weight passes ``MAX_WEIGHT`` every count is halved, so the
+model follows a deployment whose users change.
 
 ``survival(t)`` is the share of gaps still open after ``t`` ms, abandoned ones included: the
 probability the adaptive policy needs (``warmer.core.costs``). The model is kept in the
