@@ -32,6 +32,7 @@ from warmer.contract import (
     UnknownType,
     decode_event,
 )
+from warmer.core.panel import extra_stats
 from warmer.observe.log import configure_logging, get_logger
 
 if TYPE_CHECKING:
@@ -55,8 +56,6 @@ _INTERVAL: Final = re.compile(r"(?P<amount>[0-9]{1,16}(?:\.[0-9]{1,6})?)(?P<unit
 _NUMBER: Final = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _EVENT_TYPES: Final = [str(kind.__struct_config__.tag) for kind in get_args(LifecycleEvent)]
 _POLICIES: Final = (*get_args(CostPolicyName), "default")
-# What `state` shows from the panel by its own rows; every other stat field goes after them.
-_STATE_LABELS: Final = frozenset({"Status", "Last error", "Last Cache %", "Cache retention"})
 
 log = get_logger(__name__)
 
@@ -581,26 +580,10 @@ def _state_block(conversation: str, reply: dict[str, Any], now_ms: int | None = 
         ("retention", _percent(state.get("lastExpectedPct"))),
         ("failures", str(state.get("failures", 0))),
         ("last error", state.get("lastError") or "—"),
-        *_panel_rows(reply.get("spec")),
+        *((label.lower(), value) for label, value in extra_stats(reply.get("spec")).items()),
     ]
     width = max(14, *(len(key) + 2 for key, _ in rows))
     return "\n".join(f"{key + ':':<{width}}{value}" for key, value in rows)
-
-
-def _panel_rows(spec: object) -> list[tuple[str, str]]:
-    """The panel's stat fields the block has no row of its own for (the cost policy's)."""
-    fields = spec.get("fields") if isinstance(spec, dict) else None
-    if not isinstance(fields, list):
-        return []
-    return [
-        (field["label"].lower(), field["value"])
-        for field in fields
-        if isinstance(field, dict)
-        and field.get("kind") == "stat"
-        and isinstance(field.get("label"), str)
-        and isinstance(field.get("value"), str)
-        and field["label"] not in _STATE_LABELS
-    ]
 
 
 def _settings_line(conversation: str, reply: dict[str, Any]) -> str:

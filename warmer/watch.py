@@ -41,6 +41,7 @@ from warmer.bus.topology import Names
 from warmer.clock import SystemClock
 from warmer.config import Config, ConfigError, mask_password
 from warmer.contract import Status
+from warmer.core.panel import extra_stats
 
 __all__ = ["MAX_CONVERSATIONS", "Board", "main", "render", "watch"]
 
@@ -69,8 +70,7 @@ _STYLES: Final[Mapping[str, str]] = {
     Status.BUDGET_EXHAUSTED: "magenta",
     Status.EXPIRED: "dark_orange",
 }
-# The panel's stat fields the state already shows; the board keeps the others by label.
-_STATE_LABELS: Final = frozenset({"Status", "Last error", "Last Cache %", "Cache retention"})
+# The panel fields the board reads by label (the cost fields: `extra_stats`).
 NOT_WARMING: Final = "Not warming"
 SAVINGS: Final = "Savings"
 _HOLD_CHARS: Final = 24
@@ -129,7 +129,7 @@ class Board:
             return False
         self.states[surface.conversation_id] = surface.state
         self.states.move_to_end(surface.conversation_id)
-        stats = _stats(surface.spec)
+        stats = extra_stats(surface.spec)
         if stats:
             self.stats[surface.conversation_id] = stats
         else:
@@ -250,22 +250,6 @@ def _row(cid: str, state: Mapping[str, Any], now_ms: int, stats: Mapping[str, st
         Text(_shorten(_printable(state.get("lastError") or ""), _ERROR_CHARS) or DASH),
         Text(hold or DASH, style="dark_orange" if hold else ""),
     ]
-
-
-def _stats(spec: object) -> dict[str, str]:
-    """The panel's stat fields the state does not already say, by label."""
-    fields = spec.get("fields") if isinstance(spec, dict) else None
-    if not isinstance(fields, list):
-        return {}
-    return {
-        field["label"]: field["value"]
-        for field in fields
-        if isinstance(field, dict)
-        and field.get("kind") == "stat"
-        and isinstance(field.get("label"), str)
-        and isinstance(field.get("value"), str)
-        and field["label"] not in _STATE_LABELS
-    }
 
 
 def _hold(sentence: str) -> str:

@@ -21,6 +21,7 @@ from warmer.contract import (
 )
 from warmer.core import MODEL_KEY, GapModel, Hold, Policy, Record, Settings, Warmer
 from warmer.core.gaps import EDGES
+from warmer.core.panel import extra_stats
 from warmer.core.policy import Prices
 from warmer.core.records import decode_record, encode_changes, encode_record
 
@@ -536,3 +537,29 @@ def test_the_adaptive_policy_judges_past_the_idle_budget(make_shell: Any) -> Non
             shell.completed(C, token=shell.last_warm.token, usage=read(P - 10))
         assert len(shell.warms) == warms, kind
     assert shell.conv(C).hold is Hold.RETURN_UNLIKELY  # the fifteenth would pay nobody
+
+
+# -- reading the cost fields back (warmer state, warmer watch) ----------------------------
+
+
+def test_the_cost_fields_read_back_from_a_received_panel(shell: Any) -> None:
+    shell.set_enabled(C, True)
+    shell.settled(C, last_request_at=shell.now - 400_000, cache_ttl_s=300)
+    received = msgspec.json.decode(encode(shell.last_surface))["spec"]
+    stats = extra_stats(received)
+    assert set(stats) == {"Cache lifetime", "Not warming"}  # not Status, not the percentages
+    assert stats["Cache lifetime"] == "5 min"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        None,
+        [],
+        {"fields": "x"},
+        {"fields": [1, {"kind": "stat"}, {"kind": "stat", "label": 3, "value": "v"}]},
+        {"fields": [{"kind": "toggle", "label": "Enabled", "value": True}]},
+    ],
+)
+def test_a_malformed_received_panel_reads_as_no_cost_fields(spec: object) -> None:
+    assert extra_stats(spec) == {}

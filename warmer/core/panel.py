@@ -84,3 +84,27 @@ def build_panel(state: StateView, extra: list[StatField] | None = None) -> Panel
     if extra:
         fields.extend(extra)
     return Panel(id=PANEL_ID, region=_REGION, title=_TITLE, fields=fields)
+
+
+STATE_LABELS: Final = frozenset({"Status", "Last error", "Last Cache %", "Cache retention"})
+"""Stat fields that only repeat the state (a state view shows them in its own way)."""
+
+
+def extra_stats(spec: object) -> dict[str, str]:
+    """The stat fields of a panel as a dashboard received it (JSON), by label, but those that
+    repeat the state: what ``warmer state`` and ``warmer watch`` add (the cost fields).
+
+    Anything malformed is left out: the panel comes off the wire.
+    """
+    fields = spec.get("fields") if isinstance(spec, dict) else None
+    if not isinstance(fields, list):
+        return {}
+    return {
+        field["label"]: field["value"]
+        for field in fields
+        if isinstance(field, dict)
+        and field.get("kind") == "stat"
+        and isinstance(field.get("label"), str)
+        and isinstance(field.get("value"), str)
+        and field["label"] not in STATE_LABELS
+    }
