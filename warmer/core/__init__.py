@@ -1,12 +1,14 @@
 """The pure core: the state machine and its rules. No asyncio, no I/O, no clock."""
 
 from warmer.contract import Status
+from warmer.core.commands import SettingsChange
 from warmer.core.effects import (
     Accounted,
     Arm,
     Cancel,
     Effect,
     IntervalAdjusted,
+    Outcome,
     PublishSurface,
     PublishWarm,
     SendReply,
@@ -15,7 +17,7 @@ from warmer.core.effects import (
     WarmSkipped,
 )
 from warmer.core.gaps import MODEL_KEY, GapModel, GapModelError
-from warmer.core.machine import Outcome, SettingsChange, Warmer
+from warmer.core.machine import Warmer
 from warmer.core.panel import DEFAULT_PANEL, build_panel
 from warmer.core.policy import Policy
 from warmer.core.records import RecordError, decode_record, encode_record

@@ -102,3 +102,13 @@ Effect = (
     | Accounted
     | IntervalAdjusted
 )
+
+
+Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
+
+
+class Outcome(Struct, frozen=True):
+    """What one input caused: the effects in order, and a verdict for logs and counters."""
+
+    effects: list[Effect]
+    verdict: Verdict = "applied"

@@ -1,8 +1,10 @@
 """The warmer state machine: given the time and an input, it returns effects.
 
 It never sleeps, reads a clock or does I/O. Commands that change settings go in two
-steps, ``plan_command`` then ``commit``, or ``store_failed`` when the batch they were
-committed in could not be persisted and was rolled back.
+steps, ``plan_command`` (``warmer.core.commands``) then ``commit``, or ``store_failed``
+when the batch they were committed in could not be persisted and was rolled back. The
+cost judgement on top of the rules (TTL, holds, the savings account) is
+``warmer.core.economy``'s.
 
 Batches: the shell opens one (``begin``), applies a run of inputs, persists the records
 they changed (``touched``) in one transaction and closes it (``end``), or, when that
@@ -17,39 +19,34 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from typing import Final, Literal
+from typing import Final
 
-from msgspec import UNSET, Struct
+from msgspec import UNSET
 from msgspec.structs import replace
 
 from warmer.contract import (
     Command,
-    ErrorCode,
-    ErrorReply,
     GetState,
     LifecycleEvent,
-    SetEnabled,
-    SetInterval,
-    SetPolicy,
     SettingsReply,
     SettingsView,
     StateReply,
     Status,
-    SurfaceAction,
     SurfaceChanged,
     TurnSettled,
     TurnStarted,
     Usage,
     WarmCompleted,
     WarmRequested,
-    quoted,
 )
+from warmer.core.commands import SettingsChange, plan_settings, reject
 from warmer.core.economy import Economy
 from warmer.core.effects import (
     Arm,
     Cancel,
     Effect,
     IntervalAdjusted,
+    Outcome,
     PublishSurface,
     PublishWarm,
     SendReply,
@@ -59,7 +56,7 @@ from warmer.core.effects import (
 )
 from warmer.core.gaps import GapModel
 from warmer.core.journal import Journal
-from warmer.core.panel import SET_INTERVAL_ACTION, TOGGLE_ACTION, build_panel
+from warmer.core.panel import build_panel
 from warmer.core.policy import Policy
 from warmer.core.recovery import Recovery, plan_recovery
 from warmer.core.retention import Retention
@@ -67,38 +64,14 @@ from warmer.core.rules import (
     GENERATING,
     NO_CONSUMER,
     cache_pct,
-    clamp_interval,
     cut_error,
     effective_request_start,
     expected_pct,
-    seconds_to_interval,
     timeout_error,
 )
 from warmer.core.state import DEFAULT_SETTINGS, Conversation, Hold, Record, Settings
 
-Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
-
-
-class Outcome(Struct, frozen=True):
-    """What one input caused: the effects in order, and a verdict for logs and counters."""
-
-    effects: list[Effect]
-    verdict: Verdict = "applied"
-
-
-class SettingsChange(Struct, frozen=True):
-    """A planned settings command: ``commit`` applies it (or ``store_failed`` refuses it)."""
-
-    conversation_id: str
-    settings: Settings
-    field: Literal["enabled", "interval", "policy"]
-    base: Settings  # the persisted settings the change was planned on
-
-
-"""A conversation as a batch found it: its state and its persisted settings, if any."""
-
 _NOTHING: Final = Outcome([], "ignored")
-_TOGGLE_PAYLOAD: Final = 'payload: the toggle takes {"value": true|false}'
 _GUARDED: Final = frozenset(
     {Status.DISABLED, Status.PAUSED, Status.BUDGET_EXHAUSTED, Status.EXPIRED}
 )
@@ -430,47 +403,9 @@ class Warmer:
             reply = StateReply(state=view, spec=build_panel(view, self.economy.fields(conv)))
             return Outcome([SendReply(reply)], "answered")
         persisted = self.persisted(cid)
-        if isinstance(command, SetEnabled):
-            settings = replace(persisted, enabled=command.enabled)
-            return SettingsChange(cid, settings, "enabled", persisted)
-        if isinstance(command, SetInterval):
-            settings = replace(persisted, interval_ms=clamp_interval(command.interval_ms))
-            return SettingsChange(cid, settings, "interval", persisted)
-        if isinstance(command, SetPolicy):
-            return SettingsChange(
-                cid, replace(persisted, policy=command.policy), "policy", persisted
-            )
-        return self._plan_action(now, command, persisted)
-
-    def _plan_action(
-        self, now: int, action: SurfaceAction, persisted: Settings
-    ) -> Outcome | SettingsChange:
-        cid = action.conversation_id
-        payload = action.payload
-        if action.action_id == TOGGLE_ACTION:
-            if isinstance(payload, dict):
-                payload = payload.get("value", UNSET)
-                if not isinstance(payload, bool):
-                    return reject(_TOGGLE_PAYLOAD, "invalid_payload")
-            if payload is UNSET or payload is None:
-                conv = self._conversations.get(cid)
-                enabled = not (conv.enabled if conv is not None else persisted.enabled)
-            elif isinstance(payload, bool):
-                enabled = payload
-            else:
-                return reject(_TOGGLE_PAYLOAD, "invalid_payload")
-            return SettingsChange(cid, replace(persisted, enabled=enabled), "enabled", persisted)
-        if action.action_id == SET_INTERVAL_ACTION:
-            if isinstance(payload, dict):
-                payload = payload.get("value")
-            interval = seconds_to_interval(payload)
-            if interval is None:
-                return reject(
-                    "payload: set-interval takes a positive number of seconds", "invalid_payload"
-                )
-            settings = replace(persisted, interval_ms=interval)
-            return SettingsChange(cid, settings, "interval", persisted)
-        return reject(f"actionId: unknown action {quoted(action.action_id)}", "unknown_action")
+        known = self._conversations.get(cid)
+        enabled = known.enabled if known is not None else persisted.enabled
+        return plan_settings(command, persisted, enabled)
 
     def commit(self, now: int, change: SettingsChange) -> Outcome:
         """Apply a planned change: merge the settings, re-arm as the rules say, reply.
@@ -643,8 +578,3 @@ def _is_stale_seq(seq: int | None, conv: Conversation | None) -> bool:
     return (
         seq is not None and conv is not None and conv.last_seq is not None and seq <= conv.last_seq
     )
-
-
-def reject(error: str, code: ErrorCode) -> Outcome:
-    """A command that cannot be applied: an error reply, nothing else."""
-    return Outcome([SendReply(ErrorReply(error=error, code=code))], "rejected")
