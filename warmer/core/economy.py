@@ -39,8 +39,9 @@ from warmer.core.state import Conversation, Hold, Return
 
 ADVICE_MIN_GAPS: Final = 100
 """Gaps to observe before the model's advice on the 1-hour cache is shown (not the prior's)."""
-_ADVICE_EVERY: Final = 64
-"""The advice is worked out again after this many new gaps."""
+_ADVICE_EVERY: Final = 1000
+"""The advice is worked out again when the gaps seen double, and at least every this many
+(it walks the model: about a millisecond)."""
 
 
 class Economy:
@@ -239,7 +240,8 @@ class Economy:
         model = self.model
         if model.seen < ADVICE_MIN_GAPS:
             return None
-        if self._advice is None or model.seen - self._advice_seen >= _ADVICE_EVERY:
+        since = model.seen - self._advice_seen
+        if self._advice is None or since >= min(_ADVICE_EVERY, self._advice_seen):
             policy = self.policy
             interval = max(MIN_INTERVAL_MS, policy.cache_ttl_ms - policy.ttl_margin_ms)
             self._advice = ttl_advice(

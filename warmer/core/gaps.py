@@ -92,6 +92,7 @@ class GapModel:
         self._counts = list(counts)
         self._abandoned = abandoned
         self._seen = seen
+        self._weight = sum(self._counts) + abandoned
         self._tail: list[float] | None = None
         """``_tail[k]``: the weight of bins k and above plus the abandoned; built lazily."""
 
@@ -100,19 +101,22 @@ class GapModel:
     def observe(self, gap_ms: int) -> None:
         """A gap ended: the user came back after ``gap_ms``."""
         self._counts[bisect_right(EDGES, max(gap_ms, 0))] += 1.0
+        self._weight += 1.0
         self._learned()
 
     def abandon(self) -> None:
         """A gap ended without a return (closed, or forgotten after the retention time)."""
         self._abandoned += 1.0
+        self._weight += 1.0
         self._learned()
 
     def _learned(self) -> None:
         self._seen += 1
         self._tail = None
-        if self.weight > MAX_WEIGHT:
+        if self._weight > MAX_WEIGHT:
             self._counts = [c / 2 for c in self._counts]
             self._abandoned /= 2
+            self._weight = sum(self._counts) + self._abandoned
 
     # -- queries ----------------------------------------------------------------------
 
@@ -124,7 +128,7 @@ class GapModel:
     @property
     def weight(self) -> float:
         """The model's total weight: the prior's and the observations', faded."""
-        return sum(self._counts) + self._abandoned
+        return self._weight
 
     @property
     def abandoned_share(self) -> float:
