@@ -76,7 +76,7 @@ def lognormal_counts(mu: float, sigma: float, weight: float) -> list[float]:
 class GapModel:
     """Finished and abandoned idle gaps, weighted, with a prior; mutable, cheap to copy."""
 
-    __slots__ = ("_abandoned", "_counts", "_seen", "_tail")
+    __slots__ = ("_abandoned", "_counts", "_seen", "_tail", "_weight")
 
     def __init__(
         self, counts: list[float] | None = None, abandoned: float | None = None, seen: int = 0
