@@ -146,6 +146,7 @@ async def recover(url: str) -> dict[str, float]:
     core = Warmer(
         Policy(),
         records=records,
+        adopt=True,  # as App.start does
         settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
         token_start=token_start(loaded.token, now),
     )

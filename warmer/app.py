@@ -216,6 +216,7 @@ class App:
         core = Warmer(
             Policy.of(self.config),
             records=records,
+            adopt=True,  # decoded here for this core alone
             settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
             token_start=token_start(loaded.token, now),
             model=model,

@@ -16,6 +16,7 @@ from warmer.core import (
     RecordError,
     Settings,
     Status,
+    Warmer,
     decode_record,
     encode_record,
 )
@@ -271,3 +272,12 @@ def test_a_typical_record_with_any_byte_changed_is_a_record_or_a_record_error(
     except RecordError:
         return
     assert decode_record(encode_record(record)) == record
+
+
+def test_a_core_copies_the_records_it_is_given_unless_it_adopts_them() -> None:
+    state = Conversation(enabled=True, interval_ms=240_000, idle_since=5, token=9)
+    records = {"c": Record(settings=Settings(True), state=state)}
+    copied, adopted = Warmer(records=records), Warmer(records=records, adopt=True)
+    assert copied.get("c") == state and copied.get("c") is not state
+    assert adopted.get("c") is state  # App.start decodes them for its core alone
+    assert copied.last_token == adopted.last_token == 9

@@ -93,13 +93,16 @@ class Warmer:
         *,
         records: Mapping[str, Record] | None = None,
         model: GapModel | None = None,
+        adopt: bool = False,
     ) -> None:
         """Start empty, or from what the store holds.
 
         ``settings``: persisted settings of conversations without a record (an older
-        store); ``records``: the stored records (their states are copied). The token
-        counter starts at ``token_start``, and never below a stored token. ``model``: the
-        stored gap model (the prior when None).
+        store); ``records``: the stored records, their states copied, or taken over as
+        they are with ``adopt`` (records decoded for this core alone: at a million, the
+        copy costs a second and a copy of every state). The token counter starts at
+        ``token_start``, and never below a stored token. ``model``: the stored gap model
+        (the prior when None).
         """
         self.policy = policy or Policy()
         self.economy = Economy(self.policy, model)
@@ -113,9 +116,10 @@ class Warmer:
         shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
         for cid, record in (records or {}).items():
             self._settings[cid] = shared.setdefault(record.settings, record.settings)
-            if record.state is not None:
-                self._conversations[cid] = replace(record.state)
-                self._token = max(self._token, record.state.token)
+            state = record.state
+            if state is not None:
+                self._conversations[cid] = state if adopt else replace(state)
+                self._token = max(self._token, state.token)
 
     # -- queries ----------------------------------------------------------------------
 
