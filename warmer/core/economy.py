@@ -55,7 +55,8 @@ class Economy:
         self._snapshot: GapModel | None = None
         self._in_batch = False
         self._advice: TtlAdvice | None = None
-        self._advice_seen = -_ADVICE_EVERY
+        self._advice_next = ADVICE_MIN_GAPS
+        """The gaps seen at which the advice is worked out (again)."""
         self._advice_field: StatField | None = None
         self._policy_field = _POLICY_FIELDS.get(policy.cost_policy)
 
@@ -237,27 +238,27 @@ class Economy:
     def advice(self) -> TtlAdvice | None:
         """The 5-minute cache warmed against the 1-hour one, for the gaps seen; None before
         ``ADVICE_MIN_GAPS`` were."""
-        model = self.model
-        if model.seen < ADVICE_MIN_GAPS:
-            return None
-        since = model.seen - self._advice_seen
-        if self._advice is None or since >= min(_ADVICE_EVERY, self._advice_seen):
-            policy = self.policy
-            interval = max(MIN_INTERVAL_MS, policy.cache_ttl_ms - policy.ttl_margin_ms)
-            self._advice = ttl_advice(
-                model,
-                self.prices,
-                ttl_ms=policy.cache_ttl_ms,
-                interval_ms=interval,
-                horizon=MAX_LOOKAHEAD,
-            )
-            self._advice_seen = model.seen
-            self._advice_field = None
-            if self._advice.hour_is_cheaper:
-                pct = self._advice.hour_saving_pct
-                text = f"a 1-hour cache would cost {pct}% less for the gaps seen"
-                self._advice_field = StatField(label="Advice", value=text)
+        if self.model.seen >= self._advice_next:
+            self._work_out_advice()
         return self._advice
+
+    def _work_out_advice(self) -> None:
+        model, policy = self.model, self.policy
+        interval = max(MIN_INTERVAL_MS, policy.cache_ttl_ms - policy.ttl_margin_ms)
+        advice = ttl_advice(
+            model,
+            self.prices,
+            ttl_ms=policy.cache_ttl_ms,
+            interval_ms=interval,
+            horizon=MAX_LOOKAHEAD,
+        )
+        self._advice = advice
+        # Again when the gaps seen double, and at least every _ADVICE_EVERY.
+        self._advice_next = model.seen + min(_ADVICE_EVERY, model.seen)
+        self._advice_field = None
+        if advice.hour_is_cheaper:
+            text = f"a 1-hour cache would cost {advice.hour_saving_pct}% less for the gaps seen"
+            self._advice_field = StatField(label="Advice", value=text)
 
     def fields(self, conv: Conversation) -> list[StatField]:
         """The panel's cost fields, each only when it has something to say.
@@ -276,10 +277,10 @@ class Economy:
             fields.append(StatField(label="Not warming", value=self._why(conv)))
         if conv.spent or conv.avoided or conv.missed:
             fields.append(_savings(conv.spent, conv.avoided, conv.missed))
-        if (ttl is None or ttl < HOUR_MS) and self.model.seen >= ADVICE_MIN_GAPS:
-            self.advice()
-            if self._advice_field is not None:
-                fields.append(self._advice_field)
+        if self.model.seen >= self._advice_next:
+            self._work_out_advice()
+        if self._advice_field is not None and (ttl is None or ttl < HOUR_MS):
+            fields.append(self._advice_field)
         return fields
 
     def _why(self, conv: Conversation) -> str:

@@ -100,7 +100,7 @@ class GapModel:
 
     def observe(self, gap_ms: int) -> None:
         """A gap ended: the user came back after ``gap_ms``."""
-        self._counts[bisect_right(EDGES, max(gap_ms, 0))] += 1.0
+        self._counts[bisect_right(EDGES, gap_ms)] += 1.0  # a negative gap lands in bin 0
         self._weight += 1.0
         self._learned()
 
