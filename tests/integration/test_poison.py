@@ -21,8 +21,10 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
+import aiormq
 import msgspec
 import pytest
+from aio_pika.robust_channel import RobustChannel
 
 from tests.integration.probe import Listener, Probe, header
 from tests.integration.raw_amqp import Raw, RawPublisher, props, short_bytes, table
@@ -385,6 +387,47 @@ async def test_a_dead_letter_the_broker_refuses_is_rejected_to_the_queue(
         assert "x-warmer-reason" not in message.headers
         assert header(message, "x-death")[0]["reason"] == "rejected"
         assert message.body == b"{bad"
+
+
+async def test_a_refused_dead_letter_channel_aio_pika_did_not_restore_is_restored(
+    stream: Stream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Seen once in CI: aio-pika's close callback failed, the dead-letter channel stayed
+    # closed, and every later dead letter waited on it until the worker stopped. Here the
+    # first restore after each refusal fails the same way.
+    build = deadletter.build
+    restore = RobustChannel.restore
+    refusals = failures = 0
+
+    def refused(incoming: Any, rejection: Any, frame_max: int) -> Any:
+        nonlocal refusals
+        refusals += 1
+        message = build(incoming, rejection, frame_max)
+        message.user_id = "somebody-else"  # the broker refuses it: PRECONDITION_FAILED
+        return message
+
+    async def failing(channel: RobustChannel, *args: Any) -> None:
+        nonlocal failures
+        if failures < refusals:
+            failures += 1
+            raise aiormq.exceptions.ChannelInvalidStateError("restore failed (simulated)")
+        await restore(channel, *args)
+
+    monkeypatch.setattr(deadletter, "build", refused)
+    monkeypatch.setattr(RobustChannel, "restore", failing)
+    assert stream.app._publisher is not None
+    stream.app._publisher.nudge_after_s = 0.2
+
+    async def poison() -> None:
+        for _ in range(3):
+            await stream.event(b"{bad", **JSON)
+
+    started = time.monotonic()
+    await stream.around(poison)
+    dead = await stream.check(3)
+    assert failures == 3 and time.monotonic() - started < 20
+    assert stream.app.metrics.value("warmer_dead_letters_refused_total") == 3
+    assert all(header(message, "x-death")[0]["reason"] == "rejected" for message in dead)
 
 
 # -- a store that is down for a while ------------------------------------------------------

@@ -36,6 +36,7 @@ JSON: Final = "application/json"
 CONFIRM_TIMEOUT_S: Final = 10.0
 _RETRY_PAUSE_S: Final = 0.5
 _REOPEN_POLL_S: Final = 0.02
+_NUDGE_AFTER_S: Final = 1.0
 # Errors that mean "the connection or channel went away": wait for it and publish again.
 _CONNECTION_ERRORS: Final = (
     aiormq.exceptions.AMQPConnectionError,
@@ -82,6 +83,8 @@ class Publisher:
         self._surface = topology.exchanges[topology.names.surface]
         self._dlx = dead_letters
         self._dead_channel = dead_channel
+        self.nudge_after_s = _NUDGE_AFTER_S
+        """How long a refused dead-letter channel may stay closed before it is restored here."""
         self._clock = clock
         self._sent = 0
         self._dead_letter_lock = asyncio.Lock()
@@ -212,8 +215,16 @@ class Publisher:
                 raise DeadLetterRefused(f"it cannot be encoded: {exc}"[:300]) from exc
 
     async def _reopened(self, refused: aiormq.abc.AbstractChannel) -> None:
-        """Wait until the dead-letter channel the broker closed has been opened anew."""
-        for _ in range(int(CONFIRM_TIMEOUT_S / _REOPEN_POLL_S)):
+        """Wait until the dead-letter channel the broker closed has been opened anew.
+
+        aio-pika reopens it by itself; when that has not happened within
+        ``_NUDGE_AFTER_S`` (its close callback can fail, seen once in a few hundred
+        refusals: the channel then stays closed and every later dead letter waits on it),
+        the channel is restored here (under aio-pika's own restore lock: when its restore
+        is under way, this one waits for it and does nothing more).
+        """
+        polls = int(CONFIRM_TIMEOUT_S / _REOPEN_POLL_S)
+        for poll in range(polls):
             if self._closing:
                 return
             try:
@@ -222,7 +233,17 @@ class Publisher:
                 current = refused
             if current is not refused and not current.is_closed:
                 return
+            if poll == int(self.nudge_after_s / _REOPEN_POLL_S):
+                await self._nudge()
             await asyncio.sleep(_REOPEN_POLL_S)
+
+    async def _nudge(self) -> None:
+        """Restore the dead-letter channel aio-pika did not; a failure is only logged."""
+        log.warning("dead_letter_channel_restoring", why="not restored after a refusal")
+        try:
+            await self._dead_channel.restore()
+        except Exception as exc:  # the connection may be going: its own recovery takes over
+            log.warning("dead_letter_channel_restore_failed", error=str(exc)[:300])
 
     async def _until_ready(self, cause: BaseException, channel: AbstractRobustChannel) -> None:
         """Wait for the robust channel to be back; give up as soon as closing starts."""
