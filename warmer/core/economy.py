@@ -101,6 +101,11 @@ class Economy:
             return conv.interval_ms
         return max(MIN_INTERVAL_MS, ttl - self.policy.ttl_margin_ms)
 
+    def lifetime(self, conv: Conversation) -> int:
+        """The cache lifetime the arithmetic assumes: the known one, else the deployment's
+        (``WARMER_CACHE_TTL_MS``). The guards use only a known one (``expires_at``)."""
+        return conv.cache_ttl_ms or self.policy.cache_ttl_ms
+
     def expires_at(self, conv: Conversation) -> int | None:
         """When the cache expires, when its lifetime is known (the late-fire guard)."""
         if conv.cache_ttl_ms is None or conv.last_read_at is None:
@@ -128,17 +133,16 @@ class Economy:
             )
         # With the prefix unknown, saving and cost are both per prefix token.
         cost = estimate if last is None or prefix is None else last
-        ttl = conv.cache_ttl_ms or policy.cache_ttl_ms
+        ttl = self.lifetime(conv)
         start = conv.settled_at if conv.settled_at is not None else conv.idle_since
         read = conv.last_read_at if conv.last_read_at is not None else start
         due_age = due - start
-        interval = max(self.interval(conv), MIN_INTERVAL_MS)
         worth = worth_warming(
             self.model,
             due_age_ms=due_age,
             expiry_age_ms=max(read + ttl - start, due_age),
             ttl_ms=ttl,
-            interval_ms=interval,
+            interval_ms=self.interval(conv),
             saving=rewrite_saving(prefix, self.prices, ttl),
             cost=cost,
             horizon=MAX_LOOKAHEAD,
@@ -154,7 +158,7 @@ class Economy:
             return
         self._learning().observe(now - settled_at)
         conv.settled_at = None
-        ttl = conv.cache_ttl_ms or self.policy.cache_ttl_ms
+        ttl = self.lifetime(conv)
         natural = (conv.settled_read_at if conv.settled_read_at is not None else settled_at) + ttl
         current = (conv.last_read_at if conv.last_read_at is not None else settled_at) + ttl
         if now < natural:
@@ -196,7 +200,7 @@ class Economy:
         conv.returned = None
         if returned is None:
             return None
-        ttl = conv.cache_ttl_ms or self.policy.cache_ttl_ms
+        ttl = self.lifetime(conv)
         unit = self.prices.write(ttl) - self.prices.read
         prefix = conv.prefix_tokens
         avoided = missed = 0.0
