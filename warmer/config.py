@@ -241,10 +241,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "WARMER_COST_POLICY",
         "cost_policy",
-        "how warming is judged (docs/economics.md): fixed (the interval and the idle budget "
+        "how warming is judged (docs/cost-policy.md): fixed (the interval and the idle budget "
         "only), budget (also WARMER_SPEND_CAP_TOKENS per idle stretch), adaptive (only while "
-        "the expected saving is positive, from the idle gaps observed); a conversation may "
-        "override it (set_policy)",
+        "a run of warms is expected to pay, from the idle gaps observed; the idle budget does "
+        "not bind it); a conversation may override it (set_policy)",
         "one of fixed, budget, adaptive",
     ),
     Setting(
