@@ -37,6 +37,14 @@ ConversationId = Annotated[
 Count = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
 EpochMs = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER, description="epoch milliseconds")]
 Token = Annotated[int, Meta(ge=1, le=MAX_SAFE_INTEGER)]
+CacheTtlS = Annotated[
+    int,
+    Meta(
+        ge=0,
+        le=MAX_SAFE_INTEGER // 1000,
+        description="seconds; in milliseconds still a safe integer",
+    ),
+]
 Cwd = Annotated[str, Meta(max_length=4096)]
 ModelName = Annotated[str, Meta(max_length=256)]
 ErrorText = Annotated[str, Meta(min_length=1)]
@@ -90,7 +98,7 @@ class TurnSettled(_Addressed, frozen=True, kw_only=True, tag="turn.settled"):
     seq: Count | None = None
     at: EpochMs | None = None
     usage: Usage | None = None
-    cache_ttl_s: Count | None = field(default=None, name="cacheTtlS")
+    cache_ttl_s: CacheTtlS | None = field(default=None, name="cacheTtlS")
     prefix_tokens: Count | None = None
 
 

@@ -10,13 +10,16 @@ import pytest
 from msgspec.structs import replace
 
 from warmer.contract import (
+    MAX_SAFE_INTEGER,
     CostPolicyName,
+    Rejection,
     SettingsReply,
     StatField,
     Status,
     TurnSettled,
     TurnStarted,
     Usage,
+    decode_event,
     encode,
 )
 from warmer.core import MODEL_KEY, GapModel, Hold, Policy, Record, Settings, Warmer
@@ -563,3 +566,37 @@ def test_the_cost_fields_read_back_from_a_received_panel(shell: Any) -> None:
 )
 def test_a_malformed_received_panel_reads_as_no_cost_fields(spec: object) -> None:
     assert extra_stats(spec) == {}
+
+
+# -- a hostile publisher ---------------------------------------------------------------------
+
+
+def test_a_cache_lifetime_past_the_safe_integers_in_ms_is_an_invalid_field() -> None:
+    # 2^53 - 1 seconds would store a lifetime in ms that no record may hold: the restart
+    # would refuse the store. The contract bounds it so that ms stay safe integers.
+    body = b'{"type":"turn.settled","conversationId":"c","cacheTtlS":%d}'
+    top = MAX_SAFE_INTEGER // 1000
+    assert isinstance(decode_event(body % top, None), TurnSettled)
+    rejected = decode_event(body % (top + 1), None)
+    assert isinstance(rejected, Rejection) and rejected.code == "invalid_field"
+    assert "cacheTtlS" in rejected.error
+
+
+def test_the_longest_lifetime_and_absurd_usages_still_make_a_storable_record(
+    shell: Any,
+) -> None:
+    enabled(shell)
+    huge = Usage(
+        input_tokens=MAX_SAFE_INTEGER,
+        cache_read_tokens=0,
+        cache_write_tokens=0,
+        output_tokens=MAX_SAFE_INTEGER,
+    )
+    for _ in range(3):  # each warm costs about 5 x 2^53: the account saturates
+        shell.fire(C)
+        shell.completed(C, token=shell.last_warm.token, usage=huge)
+    shell.settled(C, cache_ttl_s=MAX_SAFE_INTEGER // 1000)
+    stored = shell.stored(C)  # decoding checks every bound a restart checks
+    assert stored is not None and stored.state is not None
+    assert stored.state.spent == stored.state.last_warm_cost == MAX_SAFE_INTEGER
+    assert stored.state.cache_ttl_ms == MAX_SAFE_INTEGER // 1000 * 1000

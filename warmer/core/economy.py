@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Final
 
-from warmer.contract import CostPolicyName, StatField, TurnSettled, Usage
+from warmer.contract import MAX_SAFE_INTEGER, CostPolicyName, StatField, TurnSettled, Usage
 from warmer.core.costs import (
     MAX_LOOKAHEAD,
     TtlAdvice,
@@ -215,11 +215,12 @@ class Economy:
                 avoided = prefix * unit
             elif returned is Return.LOST:
                 missed = prefix * unit
-        avoided_tokens, missed_tokens = round_half_up(avoided), round_half_up(missed)
+        avoided_tokens = _add(0, round_half_up(avoided))
+        missed_tokens = _add(0, round_half_up(missed))
         if avoided_tokens <= 0 and missed_tokens <= 0:
             return None
-        conv.avoided += avoided_tokens
-        conv.missed += missed_tokens
+        conv.avoided = _add(conv.avoided, avoided_tokens)
+        conv.missed = _add(conv.missed, missed_tokens)
         return Accounted(cid, avoided=avoided_tokens, missed=missed_tokens)
 
     def warmed(self, cid: str, conv: Conversation, usage: Usage) -> Accounted:
@@ -227,9 +228,9 @@ class Economy:
         # The prefix is learned from what turns say, not from warms: a warm's usage is a
         # required field, and without the optional ones nothing may change (CONTRACT.md).
         conv.cache_ttl_ms = ttl_from_usage(usage) or conv.cache_ttl_ms
-        cost = round_half_up(warm_cost(usage, self.prices, conv.cache_ttl_ms))
-        conv.spent += cost
-        conv.stretch_cost += cost
+        cost = _add(0, round_half_up(warm_cost(usage, self.prices, conv.cache_ttl_ms)))
+        conv.spent = _add(conv.spent, cost)
+        conv.stretch_cost = _add(conv.stretch_cost, cost)
         conv.last_warm_cost = cost
         if usage.cache_read_tokens == 0 and usage.cache_write_tokens > 0:
             conv.misses += 1
@@ -305,6 +306,12 @@ class Economy:
                 return "a return before the cache expires is too unlikely to pay for a warm"
             case _:
                 return ""
+
+
+def _add(total: int, tokens: int) -> int:
+    """An account figure grown by ``tokens``, saturated at the largest safe integer: a
+    publisher's absurd usage (2^53 tokens a warm) must not make a record unstorable."""
+    return min(total + tokens, MAX_SAFE_INTEGER)
 
 
 _POLICY_FIELDS: Final[dict[str, StatField]] = {

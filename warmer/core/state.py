@@ -9,6 +9,7 @@ from msgspec import Meta, Struct
 
 from warmer.contract import (
     MAX_ERROR_CHARS,
+    MAX_SAFE_INTEGER,
     CostPolicyName,
     Count,
     Cwd,
@@ -29,7 +30,7 @@ from warmer.core.rules import (
 Interval = Annotated[int, Meta(ge=MIN_INTERVAL_MS, le=MAX_INTERVAL_MS)]
 Pct = Annotated[int, Meta(ge=0, le=100)]
 LastError = Annotated[str, Meta(max_length=MAX_ERROR_CHARS)]
-Money = Annotated[int, Meta(ge=0)]
+Money = Annotated[int, Meta(ge=0, le=MAX_SAFE_INTEGER)]
 """Base-input-token units (``warmer.core.costs``), rounded to whole tokens: a record stays
 small, and a warm's rounding is well under one token."""
 
