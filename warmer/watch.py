@@ -41,6 +41,7 @@ from warmer.bus.topology import Names
 from warmer.clock import SystemClock
 from warmer.config import Config, ConfigError, mask_password
 from warmer.contract import Status
+from warmer.core.economy import tokens_text
 from warmer.core.panel import extra_stats
 
 __all__ = ["MAX_CONVERSATIONS", "Board", "main", "render", "watch"]
@@ -223,10 +224,10 @@ def _totals(
     if savings is not None:
         spent, avoided, missed, net = savings
         text.append(
-            f" · tokens: warms {_tokens(spent)}, re-writes avoided {_tokens(avoided)}, "
-            f"not avoided {_tokens(missed)}, net "
+            f" · tokens: warms {tokens_text(spent)}, re-writes avoided {tokens_text(avoided)}, "
+            f"not avoided {tokens_text(missed)}, net "
         )
-        text.append(f"{'+' if net >= 0 else '-'}{_tokens(abs(net))}", style=_net_style(net))
+        text.append(f"{'+' if net >= 0 else '-'}{tokens_text(abs(net))}", style=_net_style(net))
     if not connected:
         text.append(" · reconnecting…", style="bold red")
     return text
@@ -299,16 +300,6 @@ def _amount(text: str) -> float:
     """``15.4k`` as 15400.0: a figure of the panel, already rounded by the worker."""
     scale = _SCALE.get(text[-1], 1.0)
     return float(text.rstrip("kM")) * scale
-
-
-def _tokens(x: float) -> str:
-    """A token figure as the panel writes it: 950, 12.3k, 4.5M."""
-    size = abs(x)
-    if size >= 999_500:
-        return f"{x / 1e6:.1f}M"
-    if size >= 1000:
-        return f"{x / 1e3:.1f}k"
-    return str(round(x))
 
 
 def _status(state: Mapping[str, Any]) -> str:

@@ -338,13 +338,13 @@ def _duration(ms: int) -> str:
     return f"{(ms + 500) // 1000} s"
 
 
-def _tokens(x: int) -> str:
-    """A token figure for people: 950, 12.3k, 4.5M."""
+def tokens_text(x: float) -> str:
+    """A token figure as the panel writes it (``warmer watch`` sums them): 950, 12.3k, 4.5M."""
     if x >= 999_950:
         return f"{x / 1e6:.1f}M"
     if x >= 1000:
         return f"{x / 1e3:.1f}k"
-    return str(x)
+    return str(round(x))
 
 
 @lru_cache(maxsize=4096)
@@ -352,7 +352,8 @@ def _savings(spent: int, avoided: int, missed: int) -> StatField:
     """The account as one line; cached: most inputs leave a conversation's account as it was."""
     net = avoided - spent
     value = (
-        f"net {'+' if net >= 0 else '-'}{_tokens(abs(net))} tokens: warms {_tokens(spent)}, "
-        f"re-writes avoided {_tokens(avoided)}, not avoided {_tokens(missed)}"
+        f"net {'+' if net >= 0 else '-'}{tokens_text(abs(net))} tokens: "
+        f"warms {tokens_text(spent)}, re-writes avoided {tokens_text(avoided)}, "
+        f"not avoided {tokens_text(missed)}"
     )
     return StatField(label="Savings", value=value)
