@@ -40,6 +40,7 @@ from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
 from warmer.inputs import Inputs, Prune
+from warmer.observe.health import Health
 from warmer.observe.http import HttpEndpoint
 from warmer.observe.log import get_logger
 from warmer.observe.metrics import CostGauges, Metrics, StateGauges
@@ -89,6 +90,8 @@ class App:
         self.names = Names.of(config.namespace)
         self.metrics = Metrics()
         """The worker's metrics, in a registry of this app's own."""
+        self.health = Health()
+        """What keeps the pipeline from making progress (``/readyz``)."""
         self.worker: Worker | None = None
         self._http: HttpEndpoint | None = None
         self._publisher: Publisher | None = None
@@ -121,7 +124,8 @@ class App:
             return "consumers not restored"
         if self._tasks[0].done():
             return "pipeline stopped"
-        return None
+        reasons = self.health.reasons()
+        return "; ".join(reasons) if reasons else None
 
     async def start(self) -> None:
         """Load and recover state, connect, declare and consume; StartupError with advice."""
@@ -160,6 +164,7 @@ class App:
             inputs,
             self.metrics,
             retry_ms=self._retry_ms,
+            health=self.health,
         )
         self.worker = worker
         for arm in self._recovery_arms:

@@ -69,6 +69,7 @@ from warmer.core import (
 )
 from warmer.core.records import encode_changes
 from warmer.inputs import Fired, Input, Inputs, Prune, Queue, Received, Returned
+from warmer.observe.health import Health
 from warmer.observe.log import get_logger
 from warmer.observe.metrics import Metrics, Tally
 from warmer.observe.tasks import watch
@@ -127,8 +128,10 @@ class Worker:
         metrics: Metrics,
         *,
         retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
+        health: Health | None = None,
     ) -> None:
-        """``retry_ms``: the first and the longest pause between retries of a failed step."""
+        """``retry_ms``: the first and the longest pause between retries of a failed step;
+        ``health``: where the pipeline says what keeps it from making progress."""
         self.core = core
         self.scheduler = scheduler
         self.store = store
@@ -136,6 +139,7 @@ class Worker:
         self.outbound = outbound
         self.inputs = inputs
         self.metrics = metrics
+        self.health = health or Health()
         # Bound once: the hot path looks a decoded message's counter up by its class.
         self._event_counters = {
             kind: metrics.events[str(kind.__struct_config__.tag)]
