@@ -178,7 +178,7 @@ class WarmRequested(_Message, frozen=True, kw_only=True, tag="warm.requested"):
 
 
 class Status(enum.StrEnum):
-    """A conversation's status (SEMANTICS.md); on the wire, its value.
+    """A conversation's status (docs/semantics.md); on the wire, its value.
 
     The core keeps a conversation's schedule in the same type (``Conversation.phase``,
     one of the last seven): one representation of the concept, not strings beside an enum.

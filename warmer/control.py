@@ -1,7 +1,7 @@
 """The client side of the bus for the operator's verbs: commands, events, dead letters.
 
 `warmer state | enable | disable | interval | policy | send | dead` talk to a running worker
-the way any other client does (CONTRACT.md): a command goes to ``<ns>.commands`` with a
+the way any other client does (docs/contract.md): a command goes to ``<ns>.commands`` with a
 ``reply_to`` queue of our own and a ``correlation_id``, an event to ``<ns>.lifecycle``,
 and dead letters are read from ``<ns>.dead`` without being consumed. Nothing here
 declares the worker's queues: its exchanges and the dead queue are only checked passively.

@@ -9,7 +9,7 @@ alternate screen), so it works over SSH and in a plain pty.
 
 ``render`` is the pure part: states in, a table out, for tests without a broker. Beside
 each state the board keeps the panel's extra stat fields by label (the cost policy's "Not
-warming" and "Savings", CONTRACT.md): the surface carries those only as panel text, so the
+warming" and "Savings", docs/contract.md): the surface carries those only as panel text, so the
 savings totals are read back from it, and a field that is missing or reads otherwise is
 shown as a dash and left out of the totals.
 """

@@ -10,7 +10,7 @@ place, with backoff, while the batch's deliveries stay unacknowledged and the pi
 takes no more; when the worker stops or loses its connection first, the batch is rolled
 back in memory, so its redelivery is applied again (never dropped as stale by ``seq``).
 A batch with commands whose commit fails is rolled back and applied again with every
-command answered ``store_error`` (CONTRACT.md, "Acknowledgement"); the rest is retried.
+command answered ``store_error`` (docs/contract.md, "Acknowledgement"); the rest is retried.
 
 Every delivery ends in exactly one of: acknowledged; dead-lettered, then acknowledged;
 rejected to the queue's own dead-lettering; or delivered again (given back with
@@ -283,7 +283,7 @@ class Worker:
                 except StoreError as exc:
                     metrics.store_errors.inc()
                     if not applied.refused and any(s.queue == "commands" for s in applied.steps):
-                        # CONTRACT.md: a store error on a command is answered store_error.
+                        # docs/contract.md: a store error on a command is answered store_error.
                         log.error("store_failed_commands_refused", error=str(exc)[:300])
                         self.core.rollback()
                         self.core.end()

@@ -1,6 +1,6 @@
 """Commands over the real broker: every command, its reply, its surface, and every rejection.
 
-CONTRACT.md, "Inbound: commands": a command with ``reply_to`` is answered on that queue;
+docs/contract.md, "Inbound: commands": a command with ``reply_to`` is answered on that queue;
 one that cannot be applied is answered ``{"ok": false, "error", "code"}``, changes
 nothing and publishes no surface; one that fails the encoding rules is also
 dead-lettered; exactly one ``surface.changed`` follows every applied command but
@@ -43,7 +43,7 @@ DEFAULT_STATE: dict[str, Any] = {
 
 
 def expected_panel(state: dict[str, Any]) -> dict[str, Any]:
-    """The panel of CONTRACT.md, "The panel (`spec`)", built from ``state`` independently."""
+    """The panel of docs/contract.md, "The panel (`spec`)", built from ``state`` independently."""
 
     def pct(value: int | None) -> str:
         return DASH if value is None else f"{value}%"
@@ -169,8 +169,8 @@ async def test_surface_update_properties(probe: Probe, start_worker: Any) -> Non
     assert message.delivery_mode != aio_pika.DeliveryMode.PERSISTENT
 
 
-# Sent value -> clamped interval (CONTRACT.md: "0, -5, 500 -> 1000; above 86400000 ->
-# 86400000"; SEMANTICS.md: "min(86400000, max(1000, round(x)))", rounding half up).
+# Sent value -> clamped interval (docs/contract.md: "0, -5, 500 -> 1000; above 86400000 ->
+# 86400000"; docs/semantics.md: "min(86400000, max(1000, round(x)))", rounding half up).
 CLAMPS: list[tuple[Any, int]] = [
     (0, 1000),
     (-5, 1000),
@@ -314,7 +314,7 @@ async def test_toggle_with_a_value_sets_it(probe: Probe, start_worker: Any) -> N
         assert (await one_surface(surfaces))["enabled"] is value
 
 
-# Payload -> interval (SEMANTICS.md: "a JSON number > 0 gives the clamp of round(s * 1000)").
+# Payload -> interval (docs/semantics.md: "a JSON number > 0 gives the clamp of round(s * 1000)").
 SECONDS: list[tuple[Any, int]] = [
     (5, 5000),
     ({"value": 7}, 7000),

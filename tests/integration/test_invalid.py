@@ -1,9 +1,9 @@
 """Invalid, unknown, dropped and failing lifecycle inputs over the real broker.
 
-CONTRACT.md, "Encoding": an invalid lifecycle event never stops the worker and never
+docs/contract.md, "Encoding": an invalid lifecycle event never stops the worker and never
 changes a conversation; it is re-published unchanged to ``<ns>.dlx`` with the reason
 headers, then acknowledged. An unknown event ``type`` is acknowledged and ignored.
-SEMANTICS.md: a completion during a turn is dropped, ``turn.started`` cancels, a stale
+docs/semantics.md: a completion during a turn is dropped, ``turn.started`` cancels, a stale
 ``seq`` is dropped, a warm request nobody takes is a failure that is retried with
 backoff and then paused.
 """

@@ -1,6 +1,6 @@
 """A real `warmer run` killed (SIGKILL) or stopped (SIGTERM), then a new one on the same store.
 
-SEMANTICS.md, addition 3: the schedule survives a crash. Every test runs against both
+docs/semantics.md, addition 3: the schedule survives a crash. Every test runs against both
 stores: SQLite in the test's directory and Redis under a key prefix of its own (deleted
 afterwards; skipped with the reason when no Redis answers, failed when
 ``WARMER_REQUIRE_BROKER=1``). The test plays the orchestrator (it receives the warm

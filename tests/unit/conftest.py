@@ -1,6 +1,6 @@
 """A fake shell for the core: it carries out the effects the way the worker would, minus I/O.
 
-Tests drive a ``Warmer`` through it and read like the rules of SEMANTICS.md:
+Tests drive a ``Warmer`` through it and read like the rules of docs/semantics.md:
 ``shell.settled("c")``, ``shell.fire("c")``, ``shell.completed("c", usage=...)``.
 Each input is applied as the worker's pipeline does it, in a batch of its own: the
 records it touched are encoded into ``store`` (a dict of bytes, as a store keeps them),

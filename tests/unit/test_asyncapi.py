@@ -261,7 +261,7 @@ def test_nested_objects_are_the_struct_types(name: str, schemas: dict[str, Any])
 
 @pytest.mark.parametrize("name", sorted(WIRE))
 def test_every_limit_of_the_struct_is_documented(name: str, schemas: dict[str, Any]) -> None:
-    # The document may say more (limits CONTRACT.md gives for what the worker sends),
+    # The document may say more (limits docs/contract.md gives for what the worker sends),
     # never less or otherwise.
     derived, documented = DERIVED[name]["properties"], schemas[name]["properties"]
     for prop, schema in derived.items():

@@ -1,4 +1,4 @@
-"""The wire contract of CONTRACT.md: decoding every inbound kind, every error code, encodings."""
+"""The wire contract (docs/contract.md): decoding every inbound kind and error code, encodings."""
 
 from __future__ import annotations
 
@@ -472,7 +472,7 @@ def test_token_within_its_bounds(token: int) -> None:
 
 @pytest.mark.parametrize("token", [0, -1, MAX_SAFE + 1])
 def test_token_outside_its_bounds(token: int) -> None:
-    # Tokens are issued from 1 to 2^53 - 1 (CONTRACT.md, "Outbound: warm requests").
+    # Tokens are issued from 1 to 2^53 - 1 (docs/contract.md, "Outbound: warm requests").
     invalid_field(decode_event(completed(token=token, usage=USAGE)), "token")
 
 

@@ -1,4 +1,4 @@
-"""The cost rules on top of SEMANTICS.md (issue 11), read as rules: TTL awareness, the
+"""The cost rules on top of docs/semantics.md (issue 11), read as rules: TTL awareness, the
 late-fire guard, the minimum prefix, misses, the cost policies, learning and the account."""
 
 from __future__ import annotations

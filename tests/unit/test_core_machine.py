@@ -1,4 +1,4 @@
-"""The state machine against SEMANTICS.md: one test per rule, addition and race.
+"""The state machine against docs/semantics.md: one test per rule, addition and race.
 
 Each test drives a ``Warmer`` through the fake shell of ``conftest.py`` and reads
 like the rule it checks. Times are relative to the shell's start, ``shell.now``.

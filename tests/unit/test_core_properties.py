@@ -6,7 +6,7 @@ failing in the store), timer fires (the pending timer, and stale tokens), unrout
 returns and completions (current, stale, future and missing tokens) while time
 advances. Time only moves through ``advance``, which fires every timer that falls due
 on the way, in due order, the way the scheduler would. After every step the
-invariants of SEMANTICS.md are checked against the fake shell's view of the effects.
+invariants of docs/semantics.md are checked against the fake shell's view of the effects.
 
 Every step runs in a batch of its own and its ``touched`` records are committed to the
 fake shell's store (encoded bytes); a command failing in the store is rolled back.

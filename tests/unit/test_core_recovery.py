@@ -1,4 +1,4 @@
-"""Start-up and retention: restoring records, ``recover`` (SEMANTICS.md, addition 3), ``prune``.
+"""Start-up and retention: records restored, ``recover`` (docs/semantics.md, addition 3), ``prune``.
 
 The worker builds the core from the stored records, opens a batch, calls ``recover(now)``,
 commits what it touched and arms the timers it returns. Every rule is checked here with

@@ -1,4 +1,4 @@
-"""The pure rules of SEMANTICS.md: rounding, clamping, conversions, parsing, texts, tokens."""
+"""The pure rules of docs/semantics.md: rounding, clamping, conversions, parsing, texts, tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""deploy/definitions.json: the topology of CONTRACT.md, and the same as the code renders."""
+"""deploy/definitions.json: the topology of docs/contract.md, and the same as the code renders."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from warmer.bus.topology import definitions
 
 DEFINITIONS_FILE = Path(__file__).parents[2] / "deploy" / "definitions.json"
 
-# CONTRACT.md, "Queues": the two inbound queues share these arguments.
+# docs/contract.md, "Queues": the two inbound queues share these arguments.
 INBOUND_ARGUMENTS = {
     "x-queue-type": "quorum",
     "x-dead-letter-exchange": "warmer.dlx",

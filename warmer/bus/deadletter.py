@@ -1,6 +1,6 @@
 """The dead letter of an invalid message: publishable whatever the original carried.
 
-CONTRACT.md, "Dead letters": the body, properties and headers are kept, with the reason
+docs/contract.md, "Dead letters": the body, properties and headers are kept, with the reason
 headers added, except what the broker or the client would refuse on the way back out:
 
 - ``user_id``: the broker accepts it only from the user it names, so it moves to the

@@ -34,7 +34,7 @@ from pamqp.header import ContentHeader
 UNREADABLE: Final = "x-warmer-unreadable"
 PINNED: Final = {"pamqp": "4.0.", "aiormq": "7.2.", "aio-pika": "10.2."}
 MAX_NOTES: Final = 8
-MAX_DESCRIBED: Final = 500  # CONTRACT.md bounds x-warmer-error to 500 characters
+MAX_DESCRIBED: Final = 500  # docs/contract.md bounds x-warmer-error to 500 characters
 MAX_DEPTH: Final = 16  # nested tables and arrays; RabbitMQ itself needs far fewer
 _SHOWN_BYTES: Final = 24
 _FLAG_BYTES: Final = 2

@@ -1,4 +1,4 @@
-"""The topology of CONTRACT.md: names under a namespace, declared idempotently at start.
+"""The topology of docs/contract.md: names under a namespace, declared idempotently at start.
 
 ``definitions`` renders the same topology as a RabbitMQ definitions file, so an
 operator can load it (``deploy/definitions.json``) and a test can check the two agree.
@@ -68,7 +68,7 @@ class Names(Struct, frozen=True, kw_only=True):
 
 
 def inbound_queue_arguments(dlx: str) -> dict[str, Any]:
-    """The arguments of the two inbound quorum queues (CONTRACT.md, "Queues")."""
+    """The arguments of the two inbound quorum queues (docs/contract.md, "Queues")."""
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": dlx,

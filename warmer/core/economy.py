@@ -226,7 +226,7 @@ class Economy:
     def warmed(self, cid: str, conv: Conversation, usage: Usage) -> Accounted:
         """One of our warms came back with its usage: learn from it and pay for it."""
         # The prefix is learned from what turns say, not from warms: a warm's usage is a
-        # required field, and without the optional ones nothing may change (CONTRACT.md).
+        # required field, and without the optional ones nothing may change (docs/contract.md).
         conv.cache_ttl_ms = ttl_from_usage(usage) or conv.cache_ttl_ms
         cost = _add(0, round_half_up(warm_cost(usage, self.prices, conv.cache_ttl_ms)))
         conv.spent = _add(conv.spent, cost)
@@ -317,7 +317,7 @@ def _add(total: int, tokens: int) -> int:
 _POLICY_FIELDS: Final[dict[str, StatField]] = {
     kind: StatField(label="Cost policy", value=kind) for kind in ("budget", "adaptive")
 }
-"""The policy is shown when it is not ``fixed`` (the rules of SEMANTICS.md alone)."""
+"""The policy is shown when it is not ``fixed`` (the rules of docs/semantics.md alone)."""
 
 
 @lru_cache(maxsize=64)

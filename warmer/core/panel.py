@@ -1,4 +1,4 @@
-"""The panel (``spec``) of CONTRACT.md, built from a conversation's state."""
+"""The panel (``spec``) of docs/contract.md, built from a conversation's state."""
 
 from __future__ import annotations
 

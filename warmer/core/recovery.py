@@ -1,4 +1,4 @@
-"""Start-up (SEMANTICS.md, addition 3): which timer each restored schedule gets.
+"""Start-up (docs/semantics.md, addition 3): which timer each restored schedule gets.
 
 A schedule due later is re-armed as it was. A warm that was out is awaited until its
 own timeout. A warm that fell due while the worker was down goes out at once if the

@@ -1,4 +1,4 @@
-"""The pure rules of SEMANTICS.md: rounding, clamping, parsing, percentages, texts."""
+"""The pure rules of docs/semantics.md: rounding, clamping, parsing, percentages, texts."""
 
 from __future__ import annotations
 

@@ -148,7 +148,7 @@ class Conversation(Struct, kw_only=True, gc=False, array_like=True):
 
     @property
     def status(self) -> Status:
-        """The status of SEMANTICS.md: disabled, then active, then the schedule's phase."""
+        """The status of docs/semantics.md: disabled, then active, then the schedule's phase."""
         if not self.enabled:
             return Status.DISABLED
         if self.active:

@@ -2,7 +2,7 @@
 
 A back end keeps one record per conversation (settings and schedule, encoded by
 ``warmer.core.records``: the store never looks inside) and one token counter that only
-grows (CONTRACT.md, "Outbound: warm requests"). Everything is read once at start so the
+grows (docs/contract.md, "Outbound: warm requests"). Everything is read once at start so the
 hot path never waits on disk; the worker then commits each batch's changes in one
 transaction (``commit``), durable when it returns.
 """
