@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -72,13 +73,14 @@ async def _redeclare(connection: AbstractConnection, document: dict[str, Any]) -
 
 
 async def _rabbitmqctl(amqp_url: str, *args: str) -> list[dict[str, Any]]:
-    """``rabbitmqctl <args> --formatter json`` on the test broker; skips when it can't."""
+    """``rabbitmqctl <args> --formatter json`` on the test broker; skips when it can't
+    (fails instead in CI, where ``WARMER_REQUIRE_BROKER=1``: the check must run there)."""
     executable = shutil.which("rabbitmqctl")
     if executable is None:
-        pytest.skip("rabbitmqctl is not installed: the queue types were not checked")
+        _cannot("rabbitmqctl is not installed: the queue types were not checked")
     parts = urlsplit(amqp_url)
     if parts.hostname not in LOCAL_HOSTS or (parts.port or 5672) != 5672:
-        pytest.skip(f"rabbitmqctl talks to the local node, the tests to {parts.hostname}")
+        _cannot(f"rabbitmqctl talks to the local node, the tests to {parts.hostname}")
     process = await asyncio.create_subprocess_exec(
         executable,
         *args,
@@ -91,8 +93,14 @@ async def _rabbitmqctl(amqp_url: str, *args: str) -> list[dict[str, Any]]:
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), RABBITMQCTL_TIMEOUT_S)
     if process.returncode != 0:
-        pytest.skip(f"rabbitmqctl failed: {stderr.decode(errors='replace').strip()[:300]}")
+        _cannot(f"rabbitmqctl failed: {stderr.decode(errors='replace').strip()[:300]}")
     return json.loads(stdout)  # type: ignore[no-any-return]
+
+
+def _cannot(reason: str) -> NoReturn:
+    if os.environ.get("WARMER_REQUIRE_BROKER") == "1":
+        pytest.fail(reason)
+    pytest.skip(reason)
 
 
 async def test_the_worker_declares_exactly_the_definitions(
