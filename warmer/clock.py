@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
-__all__ = ["Alarm", "Clock", "ManualClock", "SystemClock", "sleep"]
+__all__ = ["Alarm", "Clock", "ManualClock", "SystemClock", "sleep", "within"]
+
+_T = TypeVar("_T")
 
 # The wall clock can step (NTP, a suspended VM). Sleeping at most this long in one go
 # means an alarm notices a forward step within this many seconds.
@@ -165,5 +167,28 @@ async def sleep(clock: Clock, ms: int) -> None:
     alarm = clock.call_at(clock.now_ms() + ms, ring)
     try:
         await future
+    finally:
+        alarm.cancel()
+
+
+async def within(clock: Clock, ms: int, awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` for at most ``ms`` on ``clock``; past that, cancel it and raise
+    TimeoutError (``asyncio.wait_for`` on the injected clock, so ManualClock drives it)."""
+    task = asyncio.ensure_future(awaitable)
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    alarm = clock.call_at(clock.now_ms() + ms, expire)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if expired and task.cancelled() and not (current and current.cancelling()):
+            raise TimeoutError(f"not done within {ms} ms") from None
+        raise
     finally:
         alarm.cancel()

@@ -15,6 +15,14 @@ command answered ``store_error`` (docs/contract.md, "Acknowledgement"); the rest
 Every delivery ends in exactly one of: acknowledged; dead-lettered, then acknowledged;
 rejected to the queue's own dead-lettering; or delivered again (given back with
 ``basic.reject`` and requeue on a bug, or left for the broker when the worker goes).
+A delivery left unsettled on a channel that stays open is remembered until the channel
+closes, so no acknowledgement with ``multiple`` of a later batch covers it.
+
+A confirm that does not come within the deadline (on the injected clock) means the
+connection may be dead without a word: the pipeline says so (health part ``confirms``),
+asks the port to drop the connection (the broker redelivers what was not acknowledged)
+and retries on the new one; not while the broker has blocked the connection, when late
+confirms are expected.
 
 What a batch did is counted into ``warmer.observe.metrics`` once it is committed (a
 rolled-back batch is applied again, and counted then); what happened on the way (store
@@ -27,20 +35,21 @@ import asyncio
 import functools
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, Literal, assert_never, get_args
 
-from aiormq.exceptions import ChannelInvalidStateError
-
 from warmer.bus.lenient import unreadable
-from warmer.bus.port import Delivery, Outbound
-from warmer.bus.publisher import (
-    CONFIRM_TIMEOUT_S,
+from warmer.bus.port import (
+    CONFIRM_TIMEOUT_MS,
+    ChannelGone,
+    ConfirmOverdue,
     DeadLetterRefused,
+    Delivery,
+    Outbound,
     PublishFailed,
     PublishWithdrawn,
 )
-from warmer.clock import Clock, sleep
+from warmer.clock import Clock, sleep, within
 from warmer.contract import (
     MAX_ERROR_CHARS,
     Command,
@@ -129,9 +138,11 @@ class Worker:
         *,
         retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
         health: Health | None = None,
+        confirm_ms: int = CONFIRM_TIMEOUT_MS,
     ) -> None:
         """``retry_ms``: the first and the longest pause between retries of a failed step;
-        ``health``: where the pipeline says what keeps it from making progress."""
+        ``health``: where the pipeline says what keeps it from making progress;
+        ``confirm_ms``: how long a batch's publishes may wait for their confirms."""
         self.core = core
         self.scheduler = scheduler
         self.store = store
@@ -150,6 +161,10 @@ class Worker:
         self._warms: set[asyncio.Task[None]] = set()
         self._unknown_types: set[str] = set()
         self._abandoned = False
+        self._confirm_ms = confirm_ms
+        # Per open channel (by id, the delivery kept holds the channel so the id stays its
+        # own): a delivery on it and the lowest delivery tag left unsettled there.
+        self._holes: dict[int, tuple[Delivery, int]] = {}
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -170,7 +185,7 @@ class Worker:
                 log.exception("batch_failed", size=len(items))
                 given_back = [i.delivery for i in items if isinstance(i, Received)]
                 self.metrics.redeliveries.inc(len(given_back))
-                await _give_back(given_back)
+                await self._give_back(given_back)
                 continue
             if tail is not None:
                 tails.append(tail)
@@ -198,7 +213,8 @@ class Worker:
     ) -> asyncio.Task[None] | None:
         """Apply and commit; start the publishes; return the task that acknowledges."""
         steps = await self._apply_and_commit(items)
-        if steps is None:
+        if steps is None:  # rolled back: its deliveries are left for the broker
+            self._leave(i.delivery for i in items if isinstance(i, Received))
             return None
         work = [(step, effect) for step in steps for effect in step.publishes]
         # Started now, in order: a later batch's publishes never overtake these.
@@ -223,6 +239,8 @@ class Worker:
             failed, failure = await self._confirmed(work, attempts)
             if not failed:
                 break
+            if isinstance(failure, ConfirmOverdue):
+                await self._confirms_overdue(failure)
             retries += 1
             if not await self._pause(retries, failure, [step for step, _ in failed]):
                 for step, _ in failed:
@@ -238,18 +256,41 @@ class Worker:
     async def _confirmed(
         self, work: list[tuple[_Step, Effect]], attempts: list[asyncio.Task[None]]
     ) -> tuple[list[tuple[_Step, Effect]], Exception]:
-        """Wait for ``attempts``; what must be tried again, and the last failure seen."""
-        _, late = await asyncio.wait(attempts, timeout=CONFIRM_TIMEOUT_S)
+        """Wait for ``attempts``; what must be tried again, and the last failure seen.
+
+        An attempt still unconfirmed at the deadline is cancelled and tried again: it was
+        never confirmed, so its delivery is not acknowledged on its account. While the
+        broker blocks the connection, the deadline is extended instead (confirms are held
+        back on purpose, and a publish sent again would only queue behind the first).
+        """
+        while True:
+            try:
+                await within(self.clock, self._confirm_ms, asyncio.wait(attempts))
+                break
+            except TimeoutError:
+                if not self._blocked() or all(attempt.done() for attempt in attempts):
+                    break
+        late = [attempt for attempt in attempts if not attempt.done()]
         for attempt in late:
             attempt.cancel()
         if late:
             await asyncio.wait(late)
         failed: list[tuple[_Step, Effect]] = []
-        failure: Exception = PublishFailed("no confirm from the broker in time")
+        failure: PublishFailed = PublishFailed("publish cancelled")
+        if late:
+            failure = ConfirmOverdue(
+                f"{len(late)} of {len(attempts)} confirms missing after {self._confirm_ms} ms"
+            )
+        confirmed = 0
         for (step, effect), attempt in zip(work, attempts, strict=True):
-            exc = None if attempt.cancelled() else attempt.exception()
-            if attempt.cancelled() or isinstance(exc, PublishFailed):
-                failure = exc if isinstance(exc, PublishFailed) else failure
+            if attempt.cancelled():  # never confirmed: tried again, never acknowledged as is
+                failed.append((step, effect))
+                continue
+            exc = attempt.exception()
+            if exc is None:
+                confirmed += 1
+            elif isinstance(exc, PublishFailed):
+                failure = failure if late else exc
                 failed.append((step, effect))
             elif isinstance(exc, DeadLetterRefused):
                 self.metrics.dead_letters_refused.inc()
@@ -259,10 +300,31 @@ class Worker:
                     action="rejected to the queue's own dead-lettering",
                 )
                 step.settle = "reject"
-            elif exc is not None:
+            else:
                 log.error("publish_failed_unexpectedly", exc_info=exc)
                 step.settle = "requeue"
+        if confirmed and not isinstance(failure, ConfirmOverdue):
+            self.health.cleared("confirms")
         return failed, failure
+
+    def _blocked(self) -> bool:
+        """The broker holds publishes back (``connection.blocked``): confirms come late."""
+        return self.health.reason("broker_blocked") is not None
+
+    async def _confirms_overdue(self, failure: ConfirmOverdue) -> None:
+        """Confirms did not come in time: the connection may be dead without a word.
+
+        Said once per occurrence (health part ``confirms`` until confirms come again);
+        the connection is dropped at every deadline passed, so a reconnection that went
+        as silent as the first is dropped too.
+        """
+        if self._blocked():
+            return
+        why = str(failure)[:300]
+        if self.health.reason("confirms") is None:
+            log.warning("confirms_overdue", why=why, action="dropping the connection")
+        self.health.trouble("confirms", why)
+        await self.outbound.reset(why)
 
     # -- apply and commit -------------------------------------------------------------
 
@@ -513,7 +575,11 @@ class Worker:
     # -- publish and settle -----------------------------------------------------------
 
     async def _pause(self, attempt: int, failure: Exception, steps: list[_Step]) -> bool:
-        """Wait before retrying; False when the worker is going or the deliveries are gone."""
+        """Wait before retrying; False when the worker is going or the deliveries are gone.
+
+        The ``attempt``-th pause (from 1) is the first pause doubled ``attempt - 1`` times,
+        at most the longest; on the injected clock.
+        """
         self.metrics.retries.inc()
         if self._abandoned or self.outbound.closing:
             log.warning("retry_abandoned", error=str(failure)[:300])
@@ -528,14 +594,16 @@ class Worker:
         return True
 
     async def _settle(self, steps: list[_Step]) -> None:
-        """Rejections first, then one acknowledgement with ``multiple`` per channel.
+        """Rejections first, then acknowledgements, ``multiple`` where that is safe.
 
         A ``multiple`` acknowledgement must never cover a delivery that is rejected or left
-        for redelivery: those are settled (or skipped) before, and a channel with a delivery
-        left unsettled has its others acknowledged one by one.
+        for redelivery, by this batch or an earlier one: rejections go out first, and on a
+        channel with a delivery left unsettled only the deliveries below the lowest one
+        left are acknowledged together, the others one by one.
         """
+        self._forget_closed()
         acks: dict[int, list[Delivery]] = {}
-        left: set[int] = set()
+        left: list[Delivery] = []
         redelivered = 0
         for step in steps:
             delivery = step.delivery
@@ -543,27 +611,53 @@ class Worker:
                 continue
             try:
                 channel = id(delivery.channel)
-            except ChannelInvalidStateError:
+            except ChannelGone:
                 redelivered += 1  # the broker delivers it again
                 continue
             if step.settle == "ack":
                 acks.setdefault(channel, []).append(delivery)
             elif step.settle == "leave":
                 redelivered += 1
-                left.add(channel)
+                left.append(delivery)
             else:
                 requeue = step.settle == "requeue"
                 redelivered += requeue
-                await _reject(delivery, requeue=requeue)
+                if not await _reject(delivery, requeue=requeue):
+                    left.append(delivery)
         if redelivered:
             self.metrics.redeliveries.inc(redelivered)
+        self._leave(left)
         for channel, deliveries in acks.items():
-            if channel in left:
-                for delivery in deliveries:
+            hole = self._holes.get(channel)
+            below = deliveries if hole is None else [d for d in deliveries if _tag(d) < hole[1]]
+            if below:
+                await _ack(max(below, key=_tag), multiple=True)
+            for delivery in deliveries:
+                if hole is not None and _tag(delivery) >= hole[1]:
                     await _ack(delivery, multiple=False)
-            else:
-                last = max(deliveries, key=lambda d: d.delivery_tag or 0)
-                await _ack(last, multiple=True)
+
+    def _leave(self, deliveries: Iterable[Delivery]) -> None:
+        """Remember deliveries left unsettled on open channels: no ``multiple`` covers them."""
+        for delivery in deliveries:
+            try:
+                channel = id(delivery.channel)
+            except ChannelGone:  # the broker delivers it again, and the channel is new
+                continue
+            held = self._holes.get(channel)
+            if held is None or _tag(delivery) < held[1]:
+                self._holes[channel] = (delivery, _tag(delivery))
+
+    def _forget_closed(self) -> None:
+        """Forget the holes of channels that closed (their tags died with them)."""
+        for channel, (delivery, _) in list(self._holes.items()):
+            if not _open(delivery):
+                del self._holes[channel]
+
+    async def _give_back(self, deliveries: list[Delivery]) -> None:
+        """Requeue ``deliveries`` (a bug); one that cannot be is left, and remembered."""
+        for delivery in deliveries:
+            if not await _reject(delivery, requeue=True):
+                self._leave([delivery])
 
     async def _surface(self, update: SurfaceChanged) -> None:
         await self.outbound.surface(update)
@@ -581,7 +675,10 @@ class Worker:
             return
         except PublishFailed as exc:  # left to the warm timeout, which fails and retries it
             log.error("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
+            if isinstance(exc, ConfirmOverdue):
+                await self._confirms_overdue(exc)
             return
+        self.health.cleared("confirms")
         self.metrics.warms_requested.inc()
         log.info("warm_requested", conversation_id=cid, token=token)
         if not routed:
@@ -643,9 +740,13 @@ def _unreadable(delivery: Delivery) -> Rejection | None:
 def _open(delivery: Delivery) -> bool:
     try:
         delivery.channel  # noqa: B018 - raises once the channel is closed
-    except ChannelInvalidStateError:
+    except ChannelGone:
         return False
     return True
+
+
+def _tag(delivery: Delivery) -> int:
+    return delivery.delivery_tag or 0
 
 
 async def _ack(delivery: Delivery, *, multiple: bool) -> None:
@@ -655,21 +756,19 @@ async def _ack(delivery: Delivery, *, multiple: bool) -> None:
         log.info("ack_lost", routing_key=delivery.routing_key, error=repr(exc)[:300])
 
 
-async def _reject(delivery: Delivery, *, requeue: bool) -> None:
+async def _reject(delivery: Delivery, *, requeue: bool) -> bool:
     """Without requeue the queue's dead-lettering takes it (``x-death`` reason ``rejected``).
 
     With requeue it is delivered again and counts toward the delivery limit on every
     RabbitMQ version (from 4.3 on, ``basic.nack`` and returns on a closed channel do not).
+    False when it could not be sent: the delivery stays unsettled.
     """
     try:
         await delivery.reject(requeue=requeue)
     except Exception as exc:
         log.info("reject_lost", routing_key=delivery.routing_key, error=repr(exc)[:300])
-
-
-async def _give_back(deliveries: list[Delivery]) -> None:
-    for delivery in deliveries:
-        await _reject(delivery, requeue=True)
+        return False
+    return True
 
 
 __all__ = ["RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker"]

@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from warmer.bus.memory import MemoryChannel, MemoryDelivery, MemoryOutbound
-from warmer.bus.publisher import DeadLetterRefused, PublishFailed
+from warmer.bus.port import DeadLetterRefused, PublishFailed
 from warmer.clock import ManualClock
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
 from warmer.inputs import Fired, Input, Inputs, Received
+from warmer.observe.health import Health
 from warmer.observe.metrics import Metrics
 from warmer.scheduler import Scheduler
 from warmer.store import MemoryStore
@@ -28,13 +29,16 @@ from warmer.worker import Worker
 
 T0 = 1_760_000_000_000
 RETRY_MS = (10, 40)
+CONFIRM_MS = 1_000
 
 
 class Rig:
-    """A worker wired to in-memory parts; ``batch`` runs one batch to its end."""
+    """A worker wired to in-memory parts; ``batch`` runs one batch to its end, ``run`` the
+    worker's own loop (batches overlapping) over what ``put`` hands it."""
 
     def __init__(self) -> None:
         self.clock = ManualClock(T0)
+        self.health = Health()
         self.store = MemoryStore()
         self.core = Warmer(Policy(), token_start=1_000)
         self.inputs = Inputs()
@@ -52,10 +56,13 @@ class Rig:
             self.inputs,
             self.metrics,
             retry_ms=RETRY_MS,
+            health=self.health,
+            confirm_ms=CONFIRM_MS,
         )
         self.lifecycle = MemoryChannel("lifecycle")
         self.commands = MemoryChannel("commands")
         self.unretrieved: list[dict[str, Any]] = []
+        self.running: asyncio.Task[None] | None = None
 
     def event(self, body: dict[str, Any] | bytes, **properties: Any) -> Received:
         return Received("lifecycle", self.lifecycle.deliver(body, **properties))
@@ -67,15 +74,32 @@ class Rig:
         """Start one batch."""
         return asyncio.get_running_loop().create_task(self.worker.run_batch(list(items)))
 
-    async def drive(self, until: Callable[[], bool]) -> None:
-        """Let the batch run, moving the manual clock whenever it waits, until ``until()``."""
+    def run(self) -> asyncio.Task[None]:
+        """Start the worker's own loop: batches taken from ``inputs`` as they come."""
+        self.running = asyncio.get_running_loop().create_task(self.worker.run())
+        return self.running
+
+    def put(self, *items: Input) -> None:
+        """Hand ``items`` to the running loop (one batch if taken together)."""
+        for item in items:
+            self.inputs.put(item)
+
+    async def drive(self, until: Callable[[], bool], *, exact: bool = False) -> None:
+        """Let the batch run, moving the manual clock whenever it waits, until ``until()``:
+        by the longest retry pause, or (``exact``) to the next alarm and no further."""
         for _ in range(2_000):
             await asyncio.sleep(0)
             if until():
                 return
-            if self.clock.next_alarm_ms() is not None:
-                self.clock.advance(RETRY_MS[1])
+            next_alarm = self.clock.next_alarm_ms()
+            if next_alarm is not None:
+                self.clock.set(next_alarm if exact else self.clock.now_ms() + RETRY_MS[1])
         raise AssertionError("the batch did not get there")
+
+    async def settle_down(self) -> None:
+        """Let every task that can move without the clock do so."""
+        for _ in range(50):
+            await asyncio.sleep(0)
 
     async def batch(self, *items: Input) -> None:
         """Run one batch to its end."""
@@ -101,6 +125,9 @@ async def rig() -> AsyncIterator[Rig]:
     )
     yield rig
     rig.worker.abandon()
+    if rig.running is not None:
+        await rig.drive(rig.running.done)
+        await rig.running
     await rig.worker.settled()
     assert rig.unretrieved == [], "a task failed unseen"
 

@@ -8,7 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from warmer.bus.publisher import Publisher, PublishWithdrawn
+from warmer.bus.port import PublishWithdrawn
+from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, Topology
 from warmer.clock import ManualClock
 from warmer.contract import WarmRequested

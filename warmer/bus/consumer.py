@@ -17,9 +17,8 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
-from aiormq.exceptions import ChannelInvalidStateError
 
-from warmer.bus.port import Delivery
+from warmer.bus.port import ChannelGone, Delivery
 from warmer.observe.log import get_logger
 
 log = get_logger(__name__)
@@ -68,9 +67,9 @@ class AmqpDelivery:
 
     @property
     def channel(self) -> AbstractChannel:
-        """The channel it came on; raises once that channel is closed."""
+        """The channel it came on; ChannelGone once that channel is closed."""
         if self._channel.is_closed:
-            raise ChannelInvalidStateError("the delivery's channel is closed")
+            raise ChannelGone("the delivery's channel is closed")
         return self._channel
 
     async def ack(self, multiple: bool = False) -> None:

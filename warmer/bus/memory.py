@@ -3,18 +3,20 @@
 ``MemoryChannel`` keeps AMQP's acknowledgement rules: delivery tags grow per channel, an
 acknowledgement with ``multiple`` settles every unsettled delivery up to its tag, settling
 one twice or on a closed channel is an error (as the broker would close the channel).
-``MemoryOutbound`` records what was published and raises what a test queues for it.
+``MemoryOutbound`` records what was published and raises what a test queues for it, or
+holds a publish's confirm back until it is cancelled (a connection that went silent).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from aiormq.exceptions import ChannelInvalidStateError
 
+from warmer.bus.port import ChannelGone
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested
 
 
@@ -28,6 +30,9 @@ class MemoryChannel:
         """Delivery tag -> "ack", "reject" or "requeue"."""
         self.frames: list[tuple[str, int, bool]] = []
         """Every settlement as sent: (method, tag, multiple or requeue)."""
+        self.refuse: set[str] = set()
+        """Methods ("ack", "reject") whose frames cannot be sent (ConnectionError), the
+        channel staying open."""
         self._next_tag = 0
 
     def deliver(self, body: dict[str, Any] | bytes, **properties: Any) -> MemoryDelivery:
@@ -46,7 +51,9 @@ class MemoryChannel:
 
     def _settle(self, tag: int, how: str, multiple: bool) -> None:
         if self.is_closed:
-            raise ChannelInvalidStateError(f"{self.name} is closed")
+            raise ChannelGone(f"{self.name} is closed")
+        if ("ack" if how == "ack" else "reject") in self.refuse:
+            raise ConnectionError(f"{self.name}: the {how} frame could not be sent")
         if tag in self.settled or tag > self._next_tag:
             raise AssertionError(
                 f"delivery tag {tag} settled twice or unknown: the broker "
@@ -89,9 +96,9 @@ class MemoryDelivery:
 
     @property
     def channel(self) -> MemoryChannel:
-        """The channel; raises once it is closed, as aio-pika's does."""
+        """The channel; ChannelGone once it is closed."""
         if self._channel.is_closed:
-            raise ChannelInvalidStateError(f"{self._channel.name} is closed")
+            raise ChannelGone(f"{self._channel.name} is closed")
         return self._channel
 
     async def ack(self, multiple: bool = False) -> None:
@@ -106,7 +113,8 @@ class MemoryDelivery:
 
 
 class MemoryOutbound:
-    """The publisher's interface, in memory; ``fail[kind]`` lists what its next calls raise."""
+    """The publisher's interface, in memory; ``fail[kind]`` lists what its next calls raise,
+    ``hold[kind]`` how many of its next calls never see their confirm (until cancelled)."""
 
     def __init__(self) -> None:
         self.surfaces: list[SurfaceChanged] = []
@@ -114,38 +122,52 @@ class MemoryOutbound:
         self.replies: list[tuple[str, str | None, Reply]] = []
         self.dead_letters: list[tuple[Any, Rejection]] = []
         self.fail: dict[str, list[BaseException]] = {}
+        self.hold: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
+        self.resets: list[str] = []
+        """Why each ``reset`` was asked for, in order."""
+        self.on_reset: Callable[[], None] | None = None
+        """What a reset does besides being recorded (a test closes its channels)."""
         self.routed = True
         self.closing = False
 
-    def _attempt(self, kind: str) -> None:
+    async def _attempt(self, kind: str) -> None:
         self.calls[kind] += 1
         queued = self.fail.get(kind)
         if queued:
             raise queued.pop(0)
+        if self.hold[kind] > 0:
+            self.hold[kind] -= 1
+            await asyncio.get_running_loop().create_future()  # the confirm never comes
 
     async def surface(self, update: SurfaceChanged) -> None:
         """Record a surface update."""
-        self._attempt("surface")
+        await self._attempt("surface")
         self.surfaces.append(update)
 
     async def warm(
         self, request: WarmRequested, timeout_ms: int, still_wanted: Callable[[], bool]
     ) -> bool:
         """Record a warm request; returns ``routed``."""
-        self._attempt("warm")
+        await self._attempt("warm")
         self.warms.append(request)
         return self.routed
 
     async def reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         """Record a reply."""
-        self._attempt("reply")
+        await self._attempt("reply")
         self.replies.append((reply_to, correlation_id, reply))
 
     async def dead_letter(self, incoming: Any, rejection: Rejection) -> None:
         """Record a dead letter."""
-        self._attempt("dead_letter")
+        await self._attempt("dead_letter")
         self.dead_letters.append((incoming, rejection))
+
+    async def reset(self, why: str) -> None:
+        """Record the reset; ``on_reset`` plays what the broker does then."""
+        self.resets.append(why)
+        if self.on_reset is not None:
+            self.on_reset()
 
 
 __all__ = ["MemoryChannel", "MemoryDelivery", "MemoryOutbound"]

@@ -1,17 +1,42 @@
 """The bus port: what the pipeline needs from the broker, in one place.
 
 ``Delivery`` is what a consumer hands over and how it is settled; ``Outbound`` is the one
-publisher. aio-pika's ``IncomingMessage`` and ``warmer.bus.publisher.Publisher`` are the
-real ones; ``warmer.bus.memory`` holds in-memory ones, so the pipeline (batching, commit
-then acknowledge, rollback, redelivery, the failure of any effect) has fast unit tests.
+publisher. ``warmer.bus.consumer.AmqpDelivery`` and ``warmer.bus.publisher.Publisher`` are
+the real ones; ``warmer.bus.memory`` holds in-memory ones, so the pipeline (batching,
+commit then acknowledge, rollback, redelivery, the failure of any effect) has fast unit
+tests. The exceptions and the confirm deadline are the port's too: an adapter translates
+its client's errors into these, so the pipeline never sees aiormq's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested
+
+CONFIRM_TIMEOUT_MS: Final = 10_000
+"""How long a publish may wait for its confirm before the connection is judged dead."""
+
+
+class PublishFailed(Exception):
+    """The broker refused a publish (negative confirm) or did not confirm it in time."""
+
+
+class ConfirmOverdue(PublishFailed):
+    """No confirm within the deadline: the connection may be silently dead."""
+
+
+class PublishWithdrawn(Exception):
+    """A publish cut by a lost connection was no longer wanted once it came back."""
+
+
+class DeadLetterRefused(Exception):
+    """A dead letter cannot be published as such; reject the original instead."""
+
+
+class ChannelGone(Exception):
+    """The channel a delivery came on is closed: the broker delivers it again."""
 
 
 class Delivery(Protocol):
@@ -38,7 +63,7 @@ class Delivery(Protocol):
 
     @property
     def channel(self) -> Any:
-        """The channel it came on (grouping acknowledgements); raises once it is closed."""
+        """The channel it came on (grouping acknowledgements); ChannelGone once closed."""
 
     async def ack(self, multiple: bool = False) -> None:
         """Acknowledge it (and, with ``multiple``, every earlier one on its channel)."""
@@ -68,5 +93,21 @@ class Outbound(Protocol):
     async def dead_letter(self, incoming: Any, rejection: Rejection) -> None:
         """Dead-letter an invalid message; DeadLetterRefused when it cannot go out."""
 
+    async def reset(self, why: str) -> None:
+        """Drop the connection (confirms are overdue: it may be dead without a word).
 
-__all__ = ["Delivery", "Outbound"]
+        The adapter reconnects; what was delivered and not acknowledged comes again, and
+        publishes under way go out on the new connection. Returns without waiting for it.
+        """
+
+
+__all__ = [
+    "CONFIRM_TIMEOUT_MS",
+    "ChannelGone",
+    "ConfirmOverdue",
+    "DeadLetterRefused",
+    "Delivery",
+    "Outbound",
+    "PublishFailed",
+    "PublishWithdrawn",
+]

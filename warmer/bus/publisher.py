@@ -3,8 +3,11 @@
 Every publish waits for the broker's confirm. A publish cut by a lost connection (or a
 channel the broker closed) is retried once the robust channel is back, so a warm that
 fell due while the worker was disconnected goes out after the reconnection instead of
-being lost. A negative confirm or a confirm timeout raises ``PublishFailed``: the caller
-retries it in place and leaves the message that caused it unacknowledged meanwhile.
+being lost. A negative confirm raises ``PublishFailed``, a confirm that does not come
+within the deadline (on the injected clock) ``ConfirmOverdue``: the caller retries it in
+place and leaves the message that caused it unacknowledged meanwhile; an overdue confirm
+may mean a connection that died without a word, which ``reset`` drops. The exceptions are
+the port's (``warmer.bus.port``): aiormq's never leave this module.
 
 Dead letters go out on a channel of their own: one the broker refuses (for something in
 the message itself) closes only that channel, never the one good messages use, and
@@ -25,17 +28,23 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobu
 from aiormq.abc import DeliveredMessage
 
 from warmer.bus import deadletter
+from warmer.bus.port import (
+    CONFIRM_TIMEOUT_MS,
+    ConfirmOverdue,
+    DeadLetterRefused,
+    PublishFailed,
+    PublishWithdrawn,
+)
 from warmer.bus.topology import SURFACE_ROUTING_KEY, WARM_ROUTING_KEY, Topology
-from warmer.clock import Clock
+from warmer.clock import Clock, sleep, within
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested, encode
 from warmer.observe.log import get_logger
+from warmer.observe.tasks import watch
 
 log = get_logger(__name__)
 
 JSON: Final = "application/json"
-CONFIRM_TIMEOUT_S: Final = 10.0
-_RETRY_PAUSE_S: Final = 0.5
-_REOPEN_POLL_S: Final = 0.02
+_REOPEN_POLL_MS: Final = 20
 _NUDGE_AFTER_S: Final = 1.0
 # Errors that mean "the connection or channel went away": wait for it and publish again.
 _CONNECTION_ERRORS: Final = (
@@ -52,18 +61,6 @@ _REFUSALS: Final = (
 )
 
 
-class PublishFailed(Exception):
-    """The broker refused a publish (negative confirm) or did not confirm it in time."""
-
-
-class PublishWithdrawn(Exception):
-    """A publish cut by a lost connection was no longer wanted once it came back."""
-
-
-class DeadLetterRefused(Exception):
-    """A dead letter cannot be published as such; reject the original instead."""
-
-
 class Publisher:
     """Publishes with confirms on one robust channel."""
 
@@ -74,9 +71,11 @@ class Publisher:
         dead_channel: AbstractRobustChannel,
         dead_letters: AbstractExchange,
         clock: Clock,
-        confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
+        confirm_timeout_ms: int = CONFIRM_TIMEOUT_MS,
     ) -> None:
-        """Publish on ``channel``; dead letters to ``dead_letters`` on ``dead_channel``."""
+        """Publish on ``channel``; dead letters to ``dead_letters`` on ``dead_channel``;
+        ``confirm_timeout_ms``: how long a warm request or a dead letter waits for its
+        confirm (the pipeline bounds the others with one deadline per batch)."""
         self._channel = channel
         self._names = topology.names
         self._warm = topology.exchanges[topology.names.warm]
@@ -88,12 +87,39 @@ class Publisher:
         self._clock = clock
         self._sent = 0
         self._dead_letter_lock = asyncio.Lock()
-        self._confirm_timeout_s = confirm_timeout_s
+        self._confirm_timeout_ms = confirm_timeout_ms
         self._closing = False
+        self._closed = asyncio.Event()
+        self._resets: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
         """Stop retrying publishes cut by a lost connection."""
         self._closing = True
+        self._closed.set()
+
+    async def reset(self, why: str) -> None:
+        """Close the connection the publish channel is on, so aio-pika's robust connection
+        reconnects and the broker redelivers what was not acknowledged.
+
+        Closed from the side (aiormq's own close, with a connection error as the cause):
+        publishes under way wait for the new connection and go out again on it. Returns at
+        once: on a path that stopped forwarding the closing handshake takes its time. No-op
+        when the channel is already down (a reconnection is under way).
+        """
+        try:
+            underlay = await self._channel.get_underlay_channel()
+        except _CONNECTION_ERRORS:
+            log.info("connection_reset_skipped", why=why[:300], reason="not connected")
+            return
+        connection = underlay.connection
+        if connection.is_closed:
+            log.info("connection_reset_skipped", why=why[:300], reason="not connected")
+            return
+        log.warning("connection_reset", why=why[:300])
+        cause = ConnectionResetError(f"reset by the worker: {why}"[:300])
+        closing = watch(asyncio.get_running_loop().create_task(connection.close(cause)))
+        self._resets.add(closing)
+        closing.add_done_callback(self._resets.discard)
 
     @property
     def closing(self) -> bool:
@@ -218,12 +244,12 @@ class Publisher:
         """Wait until the dead-letter channel the broker closed has been opened anew.
 
         aio-pika reopens it by itself; when that has not happened within
-        ``_NUDGE_AFTER_S`` (its close callback can fail, seen once in a few hundred
+        ``nudge_after_s`` (its close callback can fail, seen once in a few hundred
         refusals: the channel then stays closed and every later dead letter waits on it),
         the channel is restored here (under aio-pika's own restore lock: when its restore
         is under way, this one waits for it and does nothing more).
         """
-        polls = int(CONFIRM_TIMEOUT_S / _REOPEN_POLL_S)
+        polls = self._confirm_timeout_ms // _REOPEN_POLL_MS
         for poll in range(polls):
             if self._closing:
                 return
@@ -233,9 +259,9 @@ class Publisher:
                 current = refused
             if current is not refused and not current.is_closed:
                 return
-            if poll == int(self.nudge_after_s / _REOPEN_POLL_S):
+            if poll == int(self.nudge_after_s * 1000) // _REOPEN_POLL_MS:
                 await self._nudge()
-            await asyncio.sleep(_REOPEN_POLL_S)
+            await sleep(self._clock, _REOPEN_POLL_MS)
 
     async def _nudge(self) -> None:
         """Restore the dead-letter channel aio-pika did not; a failure is only logged."""
@@ -247,14 +273,15 @@ class Publisher:
 
     async def _until_ready(self, cause: BaseException, channel: AbstractRobustChannel) -> None:
         """Wait for the robust channel to be back; give up as soon as closing starts."""
-        while True:
-            if self._closing:
-                raise PublishFailed(f"connection lost while closing: {cause!r}") from cause
-            try:
-                await asyncio.wait_for(channel.ready(), _RETRY_PAUSE_S)
-                return
-            except TimeoutError:
-                continue
+        ready = asyncio.ensure_future(channel.ready())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait([ready, closed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            closed.cancel()
+        if self._closing:
+            raise PublishFailed(f"connection lost while closing: {cause!r}") from cause
 
     async def _publish(
         self,
@@ -269,17 +296,15 @@ class Publisher:
             message = attempt()
             if message is None:
                 raise PublishWithdrawn(routing_key[:255])
+            publish = exchange.publish(message, routing_key, mandatory=mandatory, timeout=None)
             try:
-                return await exchange.publish(
-                    message,
-                    routing_key,
-                    mandatory=mandatory,
-                    timeout=self._confirm_timeout_s,
-                )
+                return await within(self._clock, self._confirm_timeout_ms, publish)
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except TimeoutError as exc:
-                raise PublishFailed("no confirm from the broker in time") from exc
+                raise ConfirmOverdue(
+                    f"no confirm from the broker within {self._confirm_timeout_ms} ms"
+                ) from exc
             except _REFUSALS as exc:
                 if exchange is self._dlx:
                     raise
@@ -288,3 +313,12 @@ class Publisher:
                 log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
                 channel = self._dead_channel if exchange is self._dlx else self._channel
                 await self._until_ready(exc, channel)
+
+
+__all__ = [
+    "ConfirmOverdue",
+    "DeadLetterRefused",
+    "PublishFailed",
+    "PublishWithdrawn",
+    "Publisher",
+]
