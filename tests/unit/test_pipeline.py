@@ -89,6 +89,8 @@ class Rig:
         by the longest retry pause, or (``exact``) to the next alarm and no further."""
         for _ in range(2_000):
             await asyncio.sleep(0)
+            if exact:  # only once everything that can move without the clock has
+                await self.settle_down()
             if until():
                 return
             next_alarm = self.clock.next_alarm_ms()
