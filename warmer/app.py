@@ -153,7 +153,14 @@ class App:
         dlx = await dead_channel.declare_exchange(
             self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        publisher = Publisher(publish_channel, topology, dead_channel, dlx, self.clock)
+        publisher = Publisher(
+            publish_channel,
+            topology,
+            dead_channel,
+            dlx,
+            self.clock,
+            confirm_timeout_ms=self.config.confirm_timeout_ms,
+        )
         self._publisher = publisher
         worker = Worker(
             core,
@@ -165,6 +172,7 @@ class App:
             self.metrics,
             retry_ms=self._retry_ms,
             health=self.health,
+            confirm_ms=self.config.confirm_timeout_ms,
         )
         self.worker = worker
         for arm in self._recovery_arms:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from warmer.bus.port import CONFIRM_TIMEOUT_MS
 from warmer.contract import CostPolicyName
 
 __all__ = [
@@ -65,6 +66,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     namespace: Namespace = "warmer"
     store: StoreUrl = "sqlite:///warmer.db"
     prefetch: Prefetch = 256
+    confirm_timeout_ms: Milliseconds = CONFIRM_TIMEOUT_MS
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
     warm_timeout_ms: Milliseconds = 60_000
@@ -179,6 +181,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "prefetch",
         "unacknowledged lifecycle events per consumer",
         "an integer from 1 to 65535",
+    ),
+    Setting(
+        "WARMER_CONFIRM_TIMEOUT_MS",
+        "confirm_timeout_ms",
+        "how long a publish waits for the broker's confirm, in ms; past it the connection is "
+        "judged dead (/readyz reports confirms), dropped and made again, and what was not "
+        "acknowledged is delivered again (not while the broker blocks publishers)",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
     ),
     Setting(
         "WARMER_LOG_FORMAT",

@@ -130,3 +130,46 @@ async def test_a_close_with_seq_while_sqlite_is_locked_is_persisted_once_the_loc
     assert record.settings.enabled is False
     assert record.state is not None and record.state.last_seq == 5
     assert await _queue_depth(probe, probe.names.lifecycle) == 0
+
+
+async def test_confirms_held_back_drop_the_connection_and_the_event_comes_again(
+    probe: Probe, start_worker: Any
+) -> None:
+    # A publish whose confirm never comes (held back at the port, as on a path that
+    # stopped forwarding): past the deadline the worker reports it, drops the connection,
+    # aio-pika connects again, the broker delivers the unacknowledged event again, and the
+    # output goes out on the new connection.
+    app = await start_worker(store="memory://", confirm_timeout_ms=1_000)
+    publisher = app.worker.outbound
+    surface = publisher.surface
+    held = 0
+
+    async def first_confirm_held_back(update: Any) -> None:
+        nonlocal held
+        held += 1
+        if held == 1:
+            await asyncio.get_running_loop().create_future()
+        await surface(update)
+
+    publisher.surface = first_confirm_held_back
+    surfaces = await probe.surfaces()
+    await probe.event({"type": "turn.started", "conversationId": "c"})
+    for _ in range(100):
+        if app.health.reason("confirms") is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert app.health.reason("confirms") is not None
+    assert app.readiness() is not None  # not ready: confirms overdue, then reconnecting
+    update = await surfaces.next_body(10)
+    assert update["conversationId"] == "c" and update["state"]["active"] is True
+    for _ in range(200):  # the redelivery applied and acknowledged, confirms back
+        consumed = app.metrics.value("warmer_events_consumed_total", type="turn.started")
+        if consumed == 2 and app.readiness() is None:
+            break
+        await asyncio.sleep(0.05)
+    assert app.reconnections >= 1
+    assert app.metrics.value("warmer_events_consumed_total", type="turn.started") == 2
+    assert app.health.reason("confirms") is None
+    assert app.readiness() is None
+    await app.stop()
+    assert await _queue_depth(probe, probe.names.lifecycle) == 0

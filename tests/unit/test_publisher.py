@@ -1,14 +1,16 @@
-"""The publisher's warm request after a lost connection: real publish time, time left."""
+"""The publisher's warm request after a lost connection: real publish time, time left;
+its confirm deadline, on the injected clock."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
 import msgspec
 import pytest
 
-from warmer.bus.port import PublishWithdrawn
+from warmer.bus.port import ConfirmOverdue, PublishWithdrawn
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, Topology
 from warmer.clock import ManualClock
@@ -32,21 +34,25 @@ class Exchange:
         self.cuts = cuts
         self.outage_ms = outage_ms
         self.published: list[Any] = []
+        self.silent = False
+        """No confirm ever comes (a connection that stopped forwarding)."""
 
     async def publish(self, message: Any, routing_key: str, **_: Any) -> None:
         if self.cuts:
             self.cuts -= 1
             self.clock.advance(self.outage_ms)
             raise ConnectionError("connection lost")
+        if self.silent:
+            await asyncio.get_running_loop().create_future()
         self.published.append(message)
 
 
-def publisher(clock: ManualClock, exchange: Exchange) -> Publisher:
+def publisher(clock: ManualClock, exchange: Exchange, confirm_ms: int = 10_000) -> Publisher:
     names = Names.of("ns")
     exchanges: dict[str, Any] = {name: exchange for name, _ in names.exchanges()}
     topology = Topology(names=names, exchanges=exchanges, queues={})
     channel: Any = Channel()
-    return Publisher(channel, topology, channel, exchange, clock)  # type: ignore[arg-type]
+    return Publisher(channel, topology, channel, exchange, clock, confirm_ms)  # type: ignore[arg-type]
 
 
 def request(at: int) -> WarmRequested:
@@ -81,3 +87,19 @@ async def test_withdrawn_when_its_attempt_timed_out_or_is_no_longer_wanted(
     with pytest.raises(PublishWithdrawn):
         await publisher(clock, exchange).warm(request(T0), 60_000, lambda: wanted)
     assert exchange.published == []
+
+
+async def test_a_confirm_that_does_not_come_is_overdue_at_the_deadline_on_the_clock() -> None:
+    clock = ManualClock(T0)
+    exchange = Exchange(clock, cuts=0, outage_ms=0)
+    exchange.silent = True
+    warm = asyncio.ensure_future(
+        publisher(clock, exchange, confirm_ms=2_000).warm(request(T0), 60_000, lambda: True)
+    )
+    await asyncio.sleep(0)
+    clock.advance(1_999)
+    await asyncio.sleep(0)
+    assert not warm.done()
+    clock.advance(1)
+    with pytest.raises(ConfirmOverdue, match="2000 ms"):
+        await warm
