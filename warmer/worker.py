@@ -213,8 +213,12 @@ class Worker:
     ) -> asyncio.Task[None] | None:
         """Apply and commit; start the publishes; return the task that acknowledges."""
         steps = await self._apply_and_commit(items)
-        if steps is None:  # rolled back: its deliveries are left for the broker
-            self._leave(i.delivery for i in items if isinstance(i, Received))
+        if steps is None:  # rolled back: each delivery is to come again
+            deliveries = [i.delivery for i in items if isinstance(i, Received)]
+            if self._abandoned or self.outbound.closing:
+                self._leave(deliveries)  # the worker goes: the broker takes them back
+            else:  # a channel went: those on a channel still open are given back now
+                await self._give_back([d for d in deliveries if _open(d)])
             return None
         work = [(step, effect) for step in steps for effect in step.publishes]
         # Started now, in order: a later batch's publishes never overtake these.

@@ -4,7 +4,8 @@ The worker's own loop runs two batches at once (one publishing and acknowledging
 applied and committed). A delivery one batch leaves unsettled on a channel that stays open
 (a dead letter or an output that fails while stopping, a commit abandoned, a requeue that
 could not be sent) must not be acknowledged by the ``multiple`` of a later batch on that
-channel: it is left for the broker to deliver again, never lost.
+channel: it is left for the broker to deliver again, never lost. A batch rolled back
+because a channel went gives back (requeue) what it took on the channels still open.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from tests.unit.test_pipeline import Rig, closed, enable, outcome, settled
 from warmer.bus.memory import MemoryChannel
 from warmer.bus.port import PublishFailed
 from warmer.contract import SurfaceChanged
+from warmer.inputs import Received
 
 rig = test_pipeline.rig  # the pipeline's fixture: a worker on the in-memory bus
 
@@ -73,9 +75,10 @@ async def test_an_output_failing_while_stopping_is_not_acked_by_the_next_batch(
     assert rig.lifecycle.frames == [("ack", 2, False)]
 
 
-async def test_a_commit_abandoned_leaves_its_deliveries_to_no_later_ack(rig: Rig) -> None:
-    # The lifecycle channel goes during a store outage: the batch is rolled back, and its
-    # command, on the commands channel that stays open, is left unsettled there.
+async def commit_abandoned_then_a_command_behind(rig: Rig) -> tuple[Received, Received]:
+    """The lifecycle channel goes during a store outage: the batch is rolled back, and its
+    command, on the commands channel that stays open, is to come again; then a command
+    on that channel is acknowledged."""
     event = rig.event(closed("e", seq=1))
     command = rig.command(enable("c"), reply_to="replies")
     rig.store.failing = True
@@ -89,9 +92,40 @@ async def test_a_commit_abandoned_leaves_its_deliveries_to_no_later_ack(rig: Rig
     rig.put(later)
     await rig.drive(lambda: outcome(later) is not None)
     assert outcome(later) == "ack"
-    assert outcome(command) is None
-    assert rig.commands.frames == [("ack", 2, False)]
     assert rig.committed("c") is None  # rolled back: applied when it comes again
+    return command, later
+
+
+async def test_a_commit_abandoned_gives_back_what_a_later_ack_would_cover(rig: Rig) -> None:
+    command, _ = await commit_abandoned_then_a_command_behind(rig)
+    assert outcome(command) == "requeue"
+    assert rig.commands.frames == [("reject", 1, True), ("ack", 2, True)]
+
+
+async def test_a_commit_abandoned_that_cannot_give_back_leaves_it_to_no_later_ack(
+    rig: Rig,
+) -> None:
+    rig.commands.refuse = {"reject"}
+    command, _ = await commit_abandoned_then_a_command_behind(rig)
+    assert outcome(command) is None
+    assert rig.commands.frames == [("reject", 1, True), ("ack", 2, False)]
+
+
+async def test_a_commit_abandoned_while_stopping_is_left_to_no_later_ack(rig: Rig) -> None:
+    # Stopping with the connection gone at first: the publisher gives up, the store
+    # fails, the batch is rolled back and left; what is still delivered is drained after.
+    first = rig.event(closed("a", seq=1))
+    rig.outbound.closing = True
+    rig.store.failing = True
+    rig.run()
+    rig.put(first)
+    await rig.drive(lambda: rig.metric("warmer_redeliveries_total") >= 1)
+    rig.store.failing = False
+    second = rig.event(closed("b", seq=1))
+    rig.put(second)
+    await rig.drive(lambda: outcome(second) is not None)
+    assert (outcome(first), outcome(second)) == (None, "ack")
+    assert rig.lifecycle.frames == [("ack", 2, False)]
 
 
 async def test_a_requeue_that_could_not_be_sent_is_not_acked_by_the_next_batch(
