@@ -272,7 +272,7 @@ class Worker:
                 await within(self.clock, self._confirm_ms, asyncio.wait(attempts))
                 break
             except TimeoutError:
-                if not self._blocked() or all(attempt.done() for attempt in attempts):
+                if not self._blocked() or self._abandoned:
                     break
         late = [attempt for attempt in attempts if not attempt.done()]
         for attempt in late:

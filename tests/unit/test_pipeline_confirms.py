@@ -163,3 +163,15 @@ async def test_a_warm_request_confirm_overdue_resets_the_connection(rig: Rig) ->
     assert rig.outbound.resets == ["no confirm within 1000 ms"]
     assert [e["part"] for e in logs if e["event"] == "not_ready"] == ["confirms"]
     assert rig.outbound.warms == []  # left to the warm timeout, which retries it
+
+
+async def test_stopping_while_blocked_stops_waiting_at_the_next_deadline(rig: Rig) -> None:
+    rig.health.trouble("broker_blocked", "memory alarm")
+    rig.outbound.hold["surface"] = 1
+    item = rig.event(settled("c"))
+    task = rig.start(item)
+    await rig.settle_down()
+    rig.worker.abandon()
+    await rig.drive(task.done, exact=True)
+    assert rig.clock.now_ms() == T0 + CONFIRM_MS
+    assert (outcome(item), rig.outbound.resets, rig.outbound.surfaces) == (None, [], [])
