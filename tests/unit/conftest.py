@@ -1,24 +1,35 @@
-"""A fake shell for the core: it carries out the effects the way the worker would, minus I/O.
+"""The worker around a core, for the core's tests: the real ``Worker`` on the in-memory bus.
 
 Tests drive a ``Warmer`` through it and read like the rules of docs/semantics.md:
 ``shell.settled("c")``, ``shell.fire("c")``, ``shell.completed("c", usage=...)``.
-Each input is applied as the worker's pipeline does it, in a batch of its own: the
-records it touched are encoded into ``store`` (a dict of bytes, as a store keeps them),
-then its effects are carried out. A command whose store commit fails rolls the batch
-back and is answered ``store_error``. Timers are a dict of the one pending timer per
-conversation (``Arm`` starts or replaces it, ``Cancel`` removes it); what was
-published and answered is collected in lists.
+Each input goes through the worker's whole pipeline in a batch of its own: an event or
+a command is encoded as a delivery on a ``MemoryChannel``, decoded, applied, committed
+to an in-memory store, its timers armed in the real ``Scheduler``, its messages
+published on a ``MemoryOutbound``, and acknowledged. A timer fires, or a warm comes
+back unroutable, as the scheduler and the publisher hand those over (``Fired``,
+``Returned``).
+
+The shell carries out no effect itself: the timers are read from the scheduler, what
+was published from the outbound, what was committed from the store, and what each input
+did from the core (``NotingWarmer`` notes what it returned to the worker). Time is a
+``ManualClock`` that moves only by hand, and a timer fires only when a test fires it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, assert_never
+import asyncio
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
+import msgspec
 import pytest
 from msgspec import UNSET
 
+from warmer.bus.memory import MemoryChannel, MemoryOutbound
+from warmer.clock import ManualClock
 from warmer.contract import (
+    Command,
     ConversationClosed,
     CostPolicyName,
     GetState,
@@ -36,17 +47,17 @@ from warmer.contract import (
     WarmRequested,
 )
 from warmer.core import (
+    MODEL_KEY,
     Accounted,
     Arm,
-    Cancel,
     Conversation,
+    GapModel,
     IntervalAdjusted,
     Outcome,
     Policy,
-    PublishSurface,
     PublishWarm,
     Record,
-    SendReply,
+    Recovery,
     Settings,
     SettingsChange,
     Warmer,
@@ -55,9 +66,24 @@ from warmer.core import (
     decode_record,
     encode_record,
 )
+from warmer.core.records import encode_changes
+from warmer.core.rules import token_start as counter_start
+from warmer.inputs import Fired, Input, Inputs, Received, Returned
+from warmer.observe.metrics import Metrics
+from warmer.scheduler import Scheduler
+from warmer.store import MemoryStore, StoreError
+from warmer.worker import Worker
 
 T0 = 1_760_000_000_000
 """A plausible epoch-ms start time for every test."""
+
+BATCH_DEADLINE_S = 10.0
+"""Real time a batch may take: one that waits on the manual clock (a retry) never ends."""
+
+Call = tuple[str, tuple[Any, ...], Any]
+"""A call the worker made on the core: the method's name, its arguments, what it returned."""
+
+_T = TypeVar("_T")
 
 
 def build_usage(input_tokens: int = 1000, read: int = 800, write: int = 0) -> Usage:
@@ -65,8 +91,98 @@ def build_usage(input_tokens: int = 1000, read: int = 800, write: int = 0) -> Us
     return Usage(input_tokens=input_tokens, cache_read_tokens=read, cache_write_tokens=write)
 
 
+class NotingWarmer(Warmer):
+    """The real core, noting (while ``noting`` is a list) each input applied and its result."""
+
+    noting: list[Call] | None = None
+
+    def _noted(self, name: str, args: tuple[Any, ...], result: _T) -> _T:
+        if self.noting is not None:
+            self.noting.append((name, args, result))
+        return result
+
+    def apply_event(self, now: int, event: LifecycleEvent) -> Outcome:
+        """Apply a lifecycle event; noted."""
+        return self._noted("apply_event", (now, event), super().apply_event(now, event))
+
+    def on_timer(self, now: int, conversation_id: str, token: int) -> Outcome:
+        """A timer fired; noted."""
+        args = (now, conversation_id, token)
+        return self._noted("on_timer", args, super().on_timer(*args))
+
+    def on_warm_returned(self, now: int, conversation_id: str, token: int) -> Outcome:
+        """A warm came back unroutable; noted."""
+        args = (now, conversation_id, token)
+        return self._noted("on_warm_returned", args, super().on_warm_returned(*args))
+
+    def plan_command(self, now: int, command: Command) -> Outcome | SettingsChange:
+        """Validate a command; noted."""
+        return self._noted("plan_command", (now, command), super().plan_command(now, command))
+
+    def commit(self, now: int, change: SettingsChange) -> Outcome:
+        """Apply a planned change; noted."""
+        return self._noted("commit", (now, change), super().commit(now, change))
+
+    def store_failed(self, change: SettingsChange, error: str) -> Outcome:
+        """Answer a change the store refused; noted."""
+        return self._noted("store_failed", (change, error), super().store_failed(change, error))
+
+    def rollback(self) -> None:
+        """Undo the batch; noted, since what was noted before it no longer stands."""
+        super().rollback()
+        self._noted("rollback", (), None)
+
+
+class NotingScheduler(Scheduler):
+    """The real scheduler, noting every timer armed in it."""
+
+    def __init__(self, clock: ManualClock, inputs: Inputs) -> None:
+        super().__init__(clock, inputs.fired)
+        self.armed: list[Arm] = []
+
+    def arm(self, key: str, due_at_ms: int, token: int) -> None:
+        """Arm the timer of ``key``; noted."""
+        self.armed.append(Arm(key, due_at_ms, token))
+        super().arm(key, due_at_ms, token)
+
+
+class NotingOutbound(MemoryOutbound):
+    """The in-memory publisher, noting each warm request's timeout as well."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[int] = []
+
+    async def warm(
+        self, request: WarmRequested, timeout_ms: int, still_wanted: Callable[[], bool]
+    ) -> bool:
+        """Record a warm request and its timeout; returns ``routed``."""
+        routed = await super().warm(request, timeout_ms, still_wanted)
+        self.timeouts.append(timeout_ms)
+        return routed
+
+
+class FailableStore(MemoryStore):
+    """The in-memory store; ``fail_commit(error)`` makes its next commit fail with ``error``."""
+
+    def __init__(self, records: Mapping[str, bytes] | None = None) -> None:
+        super().__init__(records=records)
+        self.next_error: str | None = None
+
+    def fail_commit(self, error: str) -> None:
+        """The next commit raises StoreError(``error``) and changes nothing."""
+        self.next_error = error
+
+    async def commit(self, changes: Mapping[str, bytes | None], token: int) -> None:
+        """Commit, unless told to fail this once."""
+        error, self.next_error = self.next_error, None
+        if error is not None:
+            raise StoreError(error)
+        await super().commit(changes, token)
+
+
 class Shell:
-    """Carries out a ``Warmer``'s effects into plain containers, with a hand-driven clock."""
+    """A real worker over a core, on a hand-driven clock and an in-memory bus and store."""
 
     def __init__(
         self,
@@ -75,96 +191,107 @@ class Shell:
         token_start: int = 0,
         now: int = T0,
         records: Mapping[str, Record] | None = None,
-        batched: bool = True,
+        *,
+        store: FailableStore | None = None,
     ) -> None:
-        self.warmer = Warmer(
-            policy or Policy(),
-            settings=dict(settings or {}),
-            token_start=token_start,
-            records=records,
+        """A worker whose core starts with ``records`` (also in its store) and ``settings``
+        (an older store's: in the core, not in the store), with no recovery run; or, given
+        a ``store``, one that starts from it as the app does (``restarted``)."""
+        self._loop = asyncio.new_event_loop()
+        self._unseen: list[dict[str, Any]] = []
+        self._loop.set_exception_handler(lambda _, context: self._unseen.append(context))
+        weakref.finalize(self, self._loop.close)
+        self.clock = ManualClock(now)
+        policy = policy or Policy()
+        if store is None:
+            self.store = FailableStore(
+                {cid: encode_record(r) for cid, r in (records or {}).items()}
+            )
+            self.warmer = NotingWarmer(
+                policy, settings=dict(settings or {}), token_start=token_start, records=records
+            )
+            self._known = set(records or {}) | set(settings or {})
+        else:
+            self.store = store
+            self.warmer = self._loaded(policy, now)
+        self.inputs = Inputs()
+        self.scheduler = NotingScheduler(self.clock, self.inputs)
+        self.outbound = NotingOutbound()
+        self.metrics = Metrics()
+        self.worker = Worker(
+            self.warmer,
+            self.scheduler,
+            self.store,
+            self.clock,
+            self.outbound,
+            self.inputs,
+            self.metrics,
         )
-        self.batched = batched
-        """False: inputs are applied one by one outside any batch, and nothing is stored."""
-        self.store: dict[str, bytes] = {
-            cid: encode_record(record) for cid, record in (records or {}).items()
-        }
-        """The store's records, encoded; ``settings`` (an older store's) are not in it."""
-        self.commits: list[dict[str, Record | None]] = []
-        """What each batch committed, in order."""
-        self.now = now
-        self.timers: dict[str, tuple[int, int]] = {}
-        """The one pending timer per conversation: ``(due_at, token)``."""
-        self.warms: list[PublishWarm] = []
-        self.surfaces: list[SurfaceChanged] = []
-        self.replies: list[Reply] = []
-        self.failed: list[WarmFailed] = []
-        self.skipped: list[WarmSkipped] = []
-        self.accounts: list[Accounted] = []
-        self.adjusted: list[IntervalAdjusted] = []
+        self.lifecycle = MemoryChannel("lifecycle")
+        self.commands = MemoryChannel("commands")
         self.outcomes: list[Outcome] = []
-        self.arms: list[Arm] = []
-        self.cancels: list[Cancel] = []
+        """What each input did, as the core returned it to the worker, in order."""
+        self.calls: list[Call] = []
+        """Every call the worker made on the core with an input, in order."""
+        self.recovery: Recovery | None = None
+        """What the start-up's recovery did (``restarted``), None when there was none."""
+        if store is not None:
+            self.recovery = self._recover(now)
 
-    # -- carrying out ---------------------------------------------------------------
+    # -- driving the worker -------------------------------------------------------------
 
-    def run(self, outcome: Outcome) -> Outcome:
-        """Carry out an outcome's effects in order, as the worker's shell would."""
-        self.outcomes.append(outcome)
-        for effect in outcome.effects:
-            match effect:
-                case Arm():
-                    self.arms.append(effect)
-                    self.timers[effect.conversation_id] = (effect.due_at, effect.token)
-                case Cancel():
-                    self.cancels.append(effect)
-                    self.timers.pop(effect.conversation_id, None)
-                case PublishWarm():
-                    self.warms.append(effect)
-                case PublishSurface():
-                    self.surfaces.append(effect.update)
-                case SendReply():
-                    self.replies.append(effect.reply)
-                case WarmFailed():
-                    self.failed.append(effect)
-                case WarmSkipped():
-                    self.skipped.append(effect)
-                case Accounted():
-                    self.accounts.append(effect)
-                case IntervalAdjusted():
-                    self.adjusted.append(effect)
-                case _:  # pragma: no cover - a new effect kind the shell does not know
-                    assert_never(effect)
-        return outcome
+    def _run(self, work: Coroutine[Any, Any, _T]) -> _T:
+        result = self._loop.run_until_complete(asyncio.wait_for(work, BATCH_DEADLINE_S))
+        assert self._unseen == [], f"a task failed unseen: {self._unseen}"
+        return result
 
-    def apply(self, step: Callable[[], Outcome]) -> Outcome:
-        """Apply one input in a batch of its own: commit what it touched, then carry it out."""
-        if not self.batched:
-            return self.run(step())
-        self.warmer.begin()
-        outcome = step()
-        self.commit(self.warmer.touched())
-        self.warmer.end()
-        return self.run(outcome)
+    async def _batch(self, item: Input) -> None:
+        await self.worker.run_batch([item])
+        await self.worker.settled()  # the warm requests go out on their own
 
-    def commit(self, changes: dict[str, Record | None]) -> None:
-        """What a store's commit does: put each record (encoded), None deletes it."""
-        self.commits.append(changes)
-        for cid, record in changes.items():
-            if record is None:
-                self.store.pop(cid, None)
-            else:
-                self.store[cid] = encode_record(record)
+    def _apply(self, item: Input, cid: str) -> Outcome:
+        """Run one input through the worker in a batch of its own; what the core did."""
+        self._known.add(cid)
+        noted: list[Call] = []
+        self.warmer.noting = noted
+        try:
+            self._run(self._batch(item))
+        finally:
+            self.warmer.noting = None
+            self.store.next_error = None  # a store error for a command that commits nothing
+        self.calls += noted
+        if isinstance(item, Received):
+            channel = self.lifecycle if item.queue == "lifecycle" else self.commands
+            settled = channel.outcome(item.delivery)  # type: ignore[arg-type]
+            assert settled == "ack", f"the worker settled the input with {settled}"
+        # What a rollback undid does not stand: the outcome is the one after it.
+        rolled_back = [i for i, (name, _, _) in enumerate(noted) if name == "rollback"]
+        standing = noted[rolled_back[-1] + 1 :] if rolled_back else noted
+        outcomes = [result for _, _, result in standing if isinstance(result, Outcome)]
+        assert len(outcomes) == 1, f"the worker did not apply {item!r} once: {noted}"
+        self.outcomes.append(outcomes[0])
+        return outcomes[0]
 
     def advance(self, ms: int) -> int:
-        """Let ``ms`` milliseconds pass; returns the new time."""
-        self.now += ms
+        """Let ``ms`` milliseconds pass (no timer fires); returns the new time."""
+        self.clock.advance(ms)
         return self.now
+
+    @property
+    def now(self) -> int:
+        """The clock's time, epoch ms."""
+        return self.clock.now_ms()
+
+    @now.setter
+    def now(self, now: int) -> None:
+        self.clock.set(now)
 
     # -- lifecycle events -------------------------------------------------------------
 
     def event(self, event: LifecycleEvent) -> Outcome:
-        """Apply a decoded lifecycle event at the current time."""
-        return self.apply(lambda: self.warmer.apply_event(self.now, event))
+        """Deliver a lifecycle event (encoded as the contract says) at the current time."""
+        delivery = self.lifecycle.deliver(msgspec.json.encode(event))
+        return self._apply(Received("lifecycle", delivery), event.conversation_id)
 
     def started(self, cid: str, seq: int | None = None) -> Outcome:
         """``turn.started``."""
@@ -193,20 +320,26 @@ class Shell:
     # -- timers and returns -------------------------------------------------------------
 
     def fire(self, cid: str) -> Outcome:
-        """Fire the conversation's pending timer at its due time (or now, if that is later)."""
-        due, token = self.timers.pop(cid)
+        """Fire the conversation's pending timer at its due time (or now, if that is later).
+
+        As the scheduler fires it: disarmed, then handed to the worker.
+        """
+        pending = self.scheduler.pending(cid)
+        assert pending is not None, f"no timer is pending for {cid!r}"
+        due, token = pending
         self.now = max(self.now, due)
-        return self.apply(lambda: self.warmer.on_timer(self.now, cid, token))
+        self.scheduler.cancel(cid)
+        return self._apply(Fired(cid, token), cid)
 
     def fire_token(self, cid: str, token: int) -> Outcome:
         """A timer with ``token`` fires now (a stale one, say); the pending timer stays."""
-        return self.apply(lambda: self.warmer.on_timer(self.now, cid, token))
+        return self._apply(Fired(cid, token), cid)
 
     def returned(self, cid: str, token: int | None = None) -> Outcome:
         """The broker returned the warm request (by default the last one) as unroutable."""
         if token is None:
             token = self.last_warm.token
-        return self.apply(lambda: self.warmer.on_warm_returned(self.now, cid, token))
+        return self._apply(Returned(cid, token), cid)
 
     # -- commands ---------------------------------------------------------------------
 
@@ -215,23 +348,15 @@ class Shell:
         command: SetEnabled | SetInterval | SetPolicy | GetState | SurfaceAction,
         store_error: str = "",
     ) -> Outcome:
-        """Plan a command and apply what it changes; a store error rolls it back.
+        """Deliver a command (with a reply queue); ``store_error``: its commit fails so.
 
-        With ``store_error`` the batch is applied, its commit fails, and it is rolled
-        back before the command is answered ``store_error``, as the worker does.
+        The worker then rolls the batch back and applies it again, the command answered
+        ``store_error``.
         """
-        plan = self.warmer.plan_command(self.now, command)
-        if isinstance(plan, Outcome):
-            return self.run(plan)
-        assert isinstance(plan, SettingsChange)
         if store_error:
-            if self.batched:
-                self.warmer.begin()
-                self.warmer.commit(self.now, plan)
-                self.warmer.rollback()
-                self.warmer.end()
-            return self.run(self.warmer.store_failed(plan, store_error))
-        return self.apply(lambda: self.warmer.commit(self.now, plan))
+            self.store.fail_commit(store_error)
+        delivery = self.commands.deliver(msgspec.json.encode(command), reply_to="replies")
+        return self._apply(Received("commands", delivery), command.conversation_id)
 
     def set_enabled(self, cid: str, enabled: bool, store_error: str = "") -> Outcome:
         """``set_enabled``."""
@@ -255,7 +380,94 @@ class Shell:
             SurfaceAction(conversation_id=cid, action_id=action_id, payload=payload)
         )
 
+    # -- a restart ----------------------------------------------------------------------
+
+    def restarted(self, now: int) -> Shell:
+        """A new worker started at ``now`` from this one's store: nothing else survives."""
+        return Shell(self.warmer.policy, now=now, store=self.store)
+
+    def _loaded(self, policy: Policy, now: int) -> NotingWarmer:
+        """The core built from what the store holds, as the app's start-up builds it."""
+        loaded = self._run(self.store.load())
+        records = dict(loaded.records)
+        raw_model = records.pop(MODEL_KEY, None)
+        self._known = set(records)
+        return NotingWarmer(
+            policy,
+            records={cid: decode_record(raw) for cid, raw in records.items()},
+            token_start=counter_start(loaded.token, now),
+            model=None if raw_model is None else GapModel.decode(raw_model),
+        )
+
+    def _recover(self, now: int) -> Recovery:
+        """The app's start-up: ``recover`` in a batch, commit what it touched, arm its timers."""
+        core = self.warmer
+        core.begin()
+        recovery = core.recover(now)
+        changes = encode_changes(core.touched(), core.touched_model())
+        self._run(self.store.commit(changes, core.last_token))
+        core.end()
+        for arm in recovery.arms:
+            self.scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
+        return recovery
+
     # -- reading back -------------------------------------------------------------------
+
+    @property
+    def timers(self) -> dict[str, tuple[int, int]]:
+        """The scheduler's pending timers: ``(due_at, token)`` per conversation."""
+        timers = {cid: pending for cid in self._known if (pending := self.scheduler.pending(cid))}
+        assert len(timers) == len(self.scheduler), "a timer armed for an unknown conversation"
+        return timers
+
+    def due(self, cid: str) -> int | None:
+        """The due time of the conversation's pending timer, or None."""
+        pending = self.scheduler.pending(cid)
+        return None if pending is None else pending[0]
+
+    @property
+    def arms(self) -> list[Arm]:
+        """Every timer armed in the scheduler, in order."""
+        return self.scheduler.armed
+
+    @property
+    def warms(self) -> list[PublishWarm]:
+        """Every warm request published, with the timeout it was sent with."""
+        outbound = self.outbound
+        return [PublishWarm(r, t) for r, t in zip(outbound.warms, outbound.timeouts, strict=True)]
+
+    @property
+    def surfaces(self) -> list[SurfaceChanged]:
+        """Every ``surface.changed`` published."""
+        return self.outbound.surfaces
+
+    @property
+    def replies(self) -> list[Reply]:
+        """Every reply sent."""
+        return [reply for _, _, reply in self.outbound.replies]
+
+    @property
+    def failed(self) -> list[WarmFailed]:
+        """Every failed warm, as the core told the worker."""
+        return self._effects(WarmFailed)
+
+    @property
+    def skipped(self) -> list[WarmSkipped]:
+        """Every warm not sent, as the core told the worker."""
+        return self._effects(WarmSkipped)
+
+    @property
+    def accounts(self) -> list[Accounted]:
+        """Every addition to a savings account, as the core told the worker."""
+        return self._effects(Accounted)
+
+    @property
+    def adjusted(self) -> list[IntervalAdjusted]:
+        """Every interval adjusted to a cache's lifetime, as the core told the worker."""
+        return self._effects(IntervalAdjusted)
+
+    def _effects(self, kind: type[_T]) -> list[_T]:
+        return [e for out in self.outcomes for e in out.effects if isinstance(e, kind)]
 
     def conv(self, cid: str) -> Conversation:
         """The conversation's runtime state (it must exist)."""
@@ -265,32 +477,33 @@ class Shell:
 
     def stored(self, cid: str) -> Record | None:
         """The conversation's record as the store holds it, decoded; None when it has none."""
-        raw = self.store.get(cid)
+        raw = self.store.records.get(cid)
         return None if raw is None else decode_record(raw)
+
+    def records(self) -> dict[str, Record]:
+        """Every conversation's record the store holds, decoded."""
+        return {
+            cid: decode_record(raw) for cid, raw in self.store.records.items() if cid != MODEL_KEY
+        }
 
     def status(self, cid: str) -> str:
         """The conversation's status."""
         return self.conv(cid).status
 
-    def due(self, cid: str) -> int | None:
-        """The due time of the conversation's pending timer, or None."""
-        timer = self.timers.get(cid)
-        return None if timer is None else timer[0]
-
     @property
     def last_warm(self) -> WarmRequested:
         """The last ``warm.requested`` published."""
-        return self.warms[-1].request
+        return self.outbound.warms[-1]
 
     @property
     def last_surface(self) -> SurfaceChanged:
         """The last ``surface.changed`` published."""
-        return self.surfaces[-1]
+        return self.outbound.surfaces[-1]
 
     @property
     def last_reply(self) -> Reply:
         """The last reply sent."""
-        return self.replies[-1]
+        return self.outbound.replies[-1][2]
 
     def enabled_and_armed(self, cid: str, interval_ms: int | None = None) -> None:
         """Enable ``cid`` (optionally with an interval) and settle a turn, leaving it armed."""
@@ -310,13 +523,13 @@ class Shell:
 
 @pytest.fixture(scope="session")
 def make_shell() -> Callable[..., Shell]:
-    """Build a fresh fake shell: ``make_shell(policy=..., settings=..., records=...)``."""
+    """Build a fresh shell: ``make_shell(policy=..., settings=..., records=...)``."""
     return Shell
 
 
 @pytest.fixture
 def shell() -> Shell:
-    """A fake shell over a Warmer with the default policy and no persisted settings."""
+    """A shell over a core with the default policy and no persisted settings."""
     return Shell()
 
 

@@ -6,7 +6,8 @@ transaction and closes it with ``end()``; when the commit cannot be made it call
 input changed, created (the record) or removed (None); an input that changed nothing
 (stale, dropped, invalid, ``get_state``, a fire that failed its check) lists nothing.
 
-Here the fake shell runs with ``batched=False`` and each test opens its batches itself.
+Each test opens its batches itself: what it applies inside one goes to the core directly
+(``Direct``); what it sets up before goes through the shell, the real worker.
 """
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from msgspec import UNSET
 
 from warmer.contract import (
+    ConversationClosed,
     GetState,
     SetEnabled,
     SetInterval,
     SurfaceAction,
     TurnSettled,
     TurnStarted,
+    Usage,
     WarmCompleted,
 )
 from warmer.core import (
     Conversation,
+    Outcome,
     Policy,
     Record,
     Settings,
@@ -43,17 +48,77 @@ T0 = 1_760_000_000_000
 Shell = Any  # conftest.Shell, reached through the make_shell fixture
 
 
-@pytest.fixture
-def shell(make_shell: Any) -> Shell:
-    """A fake shell applying inputs outside any batch: the tests open batches themselves."""
-    return make_shell(batched=False)
+class Direct:
+    """Inputs applied to the core itself, outside the worker: the test opens the batch.
+
+    Each returns what the core returned; a timer fires with the token the core holds.
+    """
+
+    def __init__(self, shell: Shell) -> None:
+        self.shell = shell
+        self.warmer: Warmer = shell.warmer
+
+    def started(self, cid: str, seq: int | None = None) -> Outcome:
+        return self.warmer.apply_event(self.shell.now, TurnStarted(conversation_id=cid, seq=seq))
+
+    def settled(self, cid: str, **fields: Any) -> Outcome:
+        event = TurnSettled(conversation_id=cid, **fields)
+        return self.warmer.apply_event(self.shell.now, event)
+
+    def closed(self, cid: str, seq: int | None = None) -> Outcome:
+        event = ConversationClosed(conversation_id=cid, seq=seq)
+        return self.warmer.apply_event(self.shell.now, event)
+
+    def completed(self, cid: str, token: int | None = None) -> Outcome:
+        usage = Usage(input_tokens=1000, cache_read_tokens=800, cache_write_tokens=0)
+        event = WarmCompleted(conversation_id=cid, token=token, usage=usage)
+        return self.warmer.apply_event(self.shell.now, event)
+
+    def fire(self, cid: str) -> Outcome:
+        conv = self.warmer.get(cid)
+        assert conv is not None
+        return self.fire_token(cid, conv.token)
+
+    def fire_token(self, cid: str, token: int) -> Outcome:
+        return self.warmer.on_timer(self.shell.now, cid, token)
+
+    def returned(self, cid: str, token: int | None = None) -> Outcome:
+        if token is None:
+            conv = self.warmer.get(cid)
+            assert conv is not None
+            token = conv.token
+        return self.warmer.on_warm_returned(self.shell.now, cid, token)
+
+    def command(self, command: Any, store_error: str = "") -> Outcome:
+        """Plan and commit a command; ``store_error``: answered as when its commit failed."""
+        plan = self.warmer.plan_command(self.shell.now, command)
+        if isinstance(plan, Outcome):
+            return plan
+        if store_error:
+            return self.warmer.store_failed(plan, store_error)
+        return self.warmer.commit(self.shell.now, plan)
+
+    def set_enabled(self, cid: str, enabled: bool, store_error: str = "") -> Outcome:
+        return self.command(SetEnabled(conversation_id=cid, enabled=enabled), store_error)
+
+    def set_interval(self, cid: str, interval_ms: int) -> Outcome:
+        return self.command(SetInterval(conversation_id=cid, interval_ms=interval_ms))
+
+    def get_state(self, cid: str) -> Outcome:
+        return self.command(GetState(conversation_id=cid))
+
+    def action(self, cid: str, action_id: str, payload: Any = UNSET) -> Outcome:
+        return self.command(
+            SurfaceAction(conversation_id=cid, action_id=action_id, payload=payload)
+        )
 
 
 def in_batch(shell: Shell, *steps: Any) -> dict[str, Record | None]:
-    """Run ``steps`` (callables over the shell) in one batch; what it touched."""
+    """Run ``steps`` (callables over ``Direct``) in one batch; what it touched."""
+    direct = Direct(shell)
     shell.warmer.begin()
     for step in steps:
-        step(shell)
+        step(direct)
     touched: dict[str, Record | None] = shell.warmer.touched()
     shell.warmer.end()
     return touched
@@ -229,10 +294,11 @@ def test_a_batch_lists_each_conversation_once_as_it_ends(shell: Shell) -> None:
 
 
 def test_touched_lists_copies(shell: Shell) -> None:
+    direct = Direct(shell)
     shell.warmer.begin()
-    shell.started(C)
+    direct.started(C)
     touched = shell.warmer.touched()
-    shell.settled(C)
+    direct.settled(C)
     assert state_of(touched).active and not shell.conv(C).active
     shell.warmer.end()
 
@@ -245,7 +311,7 @@ def test_a_new_batch_starts_with_nothing_touched(shell: Shell) -> None:
 
 
 def test_outside_a_batch_nothing_is_remembered(shell: Shell) -> None:
-    shell.settled(C)
+    Direct(shell).settled(C)
     assert shell.warmer._journal._batch is None
     with pytest.raises(RuntimeError, match="no batch"):
         shell.warmer.touched()
@@ -257,7 +323,7 @@ def test_outside_a_batch_nothing_is_remembered(shell: Shell) -> None:
 @pytest.fixture
 def busy(make_shell: Any) -> Iterator[Shell]:
     """Two conversations, one armed and one warming, with persisted settings."""
-    shell = make_shell(batched=False)
+    shell = make_shell()
     shell.set_enabled(C, True)
     shell.settled(C, cwd="/w", seq=4)
     shell.set_interval(OTHER, 10_000)
@@ -271,13 +337,14 @@ def test_rollback_restores_state_and_settings_exactly(busy: Shell) -> None:
     warmer = busy.warmer
     before = memory(warmer)
     token = warmer.last_token
+    direct = Direct(busy)
     warmer.begin()
-    busy.started(C, seq=5)
-    busy.closed(C, seq=6)
-    busy.fire(OTHER)  # the warm times out: a failure and a retry
-    busy.set_interval(OTHER, 2_000)
-    busy.settled("new", cwd="/n")
-    busy.set_enabled("new", True)
+    direct.started(C, seq=5)
+    direct.closed(C, seq=6)
+    direct.fire(OTHER)  # the warm times out: a failure and a retry
+    direct.set_interval(OTHER, 2_000)
+    direct.settled("new", cwd="/n")
+    direct.set_enabled("new", True)
     assert set(warmer.touched()) == {C, OTHER, "new"}
     taken = warmer.last_token
     assert taken > token
@@ -295,11 +362,12 @@ def test_rollback_restores_state_and_settings_exactly(busy: Shell) -> None:
 def test_rollback_twice_still_restores(busy: Shell) -> None:
     warmer = busy.warmer
     before = memory(warmer)
+    direct = Direct(busy)
     warmer.begin()
-    busy.closed(C)
+    direct.closed(C)
     warmer.rollback()
-    busy.started(C)
-    busy.set_interval(OTHER, 3_000)
+    direct.started(C)
+    direct.set_interval(OTHER, 3_000)
     warmer.rollback()
     warmer.end()
     assert memory(warmer) == before
@@ -370,7 +438,7 @@ def test_get_state_in_a_batch_touches_nothing(busy: Shell) -> None:
 def test_pruned_conversations_are_listed_as_none_and_come_back_on_rollback(
     make_shell: Any,
 ) -> None:
-    shell = make_shell(Policy(retention_ms=1_000), batched=False)
+    shell = make_shell(Policy(retention_ms=1_000))
     shell.set_interval(C, 5_000)
     shell.started(OTHER)
     shell.advance(500)
@@ -387,9 +455,9 @@ def test_pruned_conversations_are_listed_as_none_and_come_back_on_rollback(
 
 
 def test_a_conversation_created_then_pruned_in_one_batch_lists_nothing(make_shell: Any) -> None:
-    shell = make_shell(Policy(retention_ms=0), batched=False)
+    shell = make_shell(Policy(retention_ms=0))
     shell.warmer.begin()
-    shell.started(C)
+    Direct(shell).started(C)
     shell.advance(1)
     assert shell.warmer.prune(shell.now) == [C]
     assert shell.warmer.touched() == {}

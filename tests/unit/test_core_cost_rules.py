@@ -160,16 +160,14 @@ def test_a_settle_whose_cache_already_died_is_not_warmed(shell: Any) -> None:
 
 def test_a_timer_that_fires_after_the_cache_expired_does_not_warm(shell: Any) -> None:
     enabled(shell, cache_ttl_s=300)
-    due, token = shell.timers.pop(C)
-    shell.now = due + 60_000  # the loop stalled: the cache died at due + 60 s
-    out = shell.apply(lambda: shell.warmer.on_timer(shell.now, C, token))
+    shell.now = shell.due(C) + 60_000  # the loop stalled: the cache died at due + 60 s
+    out = shell.fire(C)
     assert out.verdict == "applied" and shell.warms == []
     assert shell.status(C) == "expired" and shell.skipped[-1].reason is Hold.EXPIRED
     # A fire just before expiry still warms.
     shell.settled(C, cache_ttl_s=300)
-    due, token = shell.timers.pop(C)
-    shell.now = due + 59_999
-    shell.apply(lambda: shell.warmer.on_timer(shell.now, C, token))
+    shell.now = shell.due(C) + 59_999
+    shell.fire(C)
     assert shell.status(C) == "warming" and len(shell.warms) == 1
 
 

@@ -1,6 +1,6 @@
 """The state machine against docs/semantics.md: one test per rule, addition and race.
 
-Each test drives a ``Warmer`` through the fake shell of ``conftest.py`` and reads
+Each test drives a ``Warmer`` through the shell of ``conftest.py`` (the real worker) and reads
 like the rule it checks. Times are relative to the shell's start, ``shell.now``.
 """
 
@@ -1114,6 +1114,7 @@ def test_get_state_of_a_known_conversation_changes_and_publishes_nothing(shell: 
 )
 def test_a_store_error_changes_nothing_and_publishes_nothing(shell: Any, command: Any) -> None:
     shell.enabled_and_armed(C)
+    shell.advance(1_000)  # even a repeated enable has its input time to commit
     before, stored = snapshot(shell), shell.stored(C)
     surfaces = len(shell.surfaces)
     out = shell.command(command, store_error="disk full")

@@ -13,11 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmer.contract import TurnSettled, WarmCompleted
+from warmer.contract import TurnSettled, TurnStarted, WarmCompleted
 from warmer.core import (
     Arm,
     Conversation,
-    Outcome,
     Policy,
     PublishWarm,
     Record,
@@ -26,7 +25,6 @@ from warmer.core import (
     Status,
     Warmer,
     WarmFailed,
-    decode_record,
 )
 
 NOW = 1_760_000_000_000
@@ -319,17 +317,12 @@ def test_a_shell_restarted_from_its_store_picks_up_its_schedules(make_shell: Any
     before.fire("warming")
     before.set_interval("off", 5_000)
     states = {cid: before.warmer.get(cid) for cid in ("armed", "warming", "off")}
-    records = {cid: decode_record(raw) for cid, raw in before.store.items()}
-    assert set(records) == set(states)
+    assert set(before.records()) == set(states)
+    committed = dict(before.store.records)
 
-    now = before.now + 1_000
-    after = make_shell(records=records, token_start=before.warmer.last_token + 1, now=now)
-    after.warmer.begin()
-    recovery = after.warmer.recover(now)
-    assert after.warmer.touched() == {}
-    after.warmer.end()
-    after.run(Outcome(list(recovery.arms)))
-    assert counts(recovery) == (3, 1, 1, 0, 0)
+    after = before.restarted(before.now + 1_000)
+    assert after.store.records == committed, "recovery had nothing to change"
+    assert counts(after.recovery) == (3, 1, 1, 0, 0)
     assert {cid: after.warmer.get(cid) for cid in states} == states
     assert after.timers == {cid: before.timers[cid] for cid in ("armed", "warming")}, (
         "the timers are those the old worker had"
@@ -439,25 +432,25 @@ prune_steps = st.lists(
     retention=st.sampled_from([0, 1_000, _HOUR // 2, 2 * _HOUR, 7 * 24 * _HOUR]), steps=prune_steps
 )
 def test_prune_forgets_exactly_what_a_full_scan_would(
-    make_shell: Any, retention: int, steps: list[tuple[Any, ...]]
+    retention: int, steps: list[tuple[Any, ...]]
 ) -> None:
     # prune scans everything only about once an hour and checks its candidates in
     # between: it must still forget exactly what a scan of every conversation would.
-    shell = make_shell(Policy(retention_ms=retention))
-    warmer = shell.warmer
+    warmer = Warmer(Policy(retention_ms=retention))
+    now = NOW
     for kind, arg in steps:
         if kind == "input":
-            shell.started(arg)
+            warmer.apply_event(now, TurnStarted(conversation_id=arg))
         elif kind == "advance":
-            shell.advance(arg)
+            now += arg
         else:
-            cutoff = shell.now - retention
+            cutoff = now - retention
             expected = sorted(
                 cid for cid in "abcdef" if (c := warmer.get(cid)) and c.last_input_at < cutoff
             )
             warmer.begin()
             before = {cid: warmer.get(cid) for cid in "abcdef"}
-            assert sorted(warmer.prune(shell.now)) == expected
+            assert sorted(warmer.prune(now)) == expected
             assert sorted(warmer.touched()) == expected
             if kind == "prune_rolled_back":
                 warmer.rollback()
