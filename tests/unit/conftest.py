@@ -18,6 +18,7 @@ did from the core (``NotingWarmer`` notes what it returned to the worker). Time 
 from __future__ import annotations
 
 import asyncio
+import functools
 import weakref
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
@@ -181,6 +182,13 @@ class FailableStore(MemoryStore):
         await super().commit(changes, token)
 
 
+@functools.cache
+def _shared_metrics() -> Metrics:
+    """One set of metrics for every shell: building one costs a millisecond and hypothesis
+    builds hundreds of shells; nothing here reads them."""
+    return Metrics()
+
+
 class Shell:
     """A real worker over a core, on a hand-driven clock and an in-memory bus and store."""
 
@@ -217,7 +225,7 @@ class Shell:
         self.inputs = Inputs()
         self.scheduler = NotingScheduler(self.clock, self.inputs)
         self.outbound = NotingOutbound()
-        self.metrics = Metrics()
+        self.metrics = _shared_metrics()
         self.worker = Worker(
             self.warmer,
             self.scheduler,
