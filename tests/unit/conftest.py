@@ -51,14 +51,17 @@ from warmer.core import (
     MODEL_KEY,
     Accounted,
     Arm,
+    Cancel,
     Conversation,
     GapModel,
     IntervalAdjusted,
     Outcome,
     Policy,
+    PublishSurface,
     PublishWarm,
     Record,
     Recovery,
+    SendReply,
     Settings,
     SettingsChange,
     Warmer,
@@ -260,6 +263,7 @@ class Shell:
     def _apply(self, item: Input, cid: str) -> Outcome:
         """Run one input through the worker in a batch of its own; what the core did."""
         self._known.add(cid)
+        published = (len(self.outbound.surfaces), len(self.outbound.warms), len(self.replies))
         noted: list[Call] = []
         self.warmer.noting = noted
         try:
@@ -278,7 +282,22 @@ class Shell:
         outcomes = [result for _, _, result in standing if isinstance(result, Outcome)]
         assert len(outcomes) == 1, f"the worker did not apply {item!r} once: {noted}"
         self.outcomes.append(outcomes[0])
+        self._carried_out(outcomes[0], published)
         return outcomes[0]
+
+    def _carried_out(self, outcome: Outcome, published: tuple[int, int, int]) -> None:
+        """The worker published and armed what the core returned, no more, in order."""
+        effects = outcome.effects
+        surfaces, warms, replies = published
+        updates = [e.update for e in effects if isinstance(e, PublishSurface)]
+        assert self.outbound.surfaces[surfaces:] == updates, "surfaces published"
+        assert self.warms[warms:] == [e for e in effects if isinstance(e, PublishWarm)]
+        assert self.replies[replies:] == [e.reply for e in effects if isinstance(e, SendReply)]
+        timers = [e for e in effects if isinstance(e, Arm | Cancel)]
+        if timers:
+            last = timers[-1]
+            armed = (last.due_at, last.token) if isinstance(last, Arm) else None
+            assert self.scheduler.pending(last.conversation_id) == armed, "the timer armed"
 
     def advance(self, ms: int) -> int:
         """Let ``ms`` milliseconds pass (no timer fires); returns the new time."""
