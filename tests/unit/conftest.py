@@ -283,7 +283,17 @@ class Shell:
         assert len(outcomes) == 1, f"the worker did not apply {item!r} once: {noted}"
         self.outcomes.append(outcomes[0])
         self._carried_out(outcomes[0], published)
+        self._committed(cid)
         return outcomes[0]
+
+    def _committed(self, cid: str) -> None:
+        """The store holds what the core holds of ``cid``: nothing applied is only in memory."""
+        record, conv = self.stored(cid), self.warmer.get(cid)
+        if conv is None:
+            assert record is None or record.state is None, "a state stored and not held"
+            return
+        assert record is not None and record.state == conv, "the state committed"
+        assert record.settings == self.warmer.persisted(cid), "the settings committed"
 
     def _carried_out(self, outcome: Outcome, published: tuple[int, int, int]) -> None:
         """The worker published and armed what the core returned, no more, in order."""
