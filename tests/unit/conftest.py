@@ -11,8 +11,11 @@ back unroutable, as the scheduler and the publisher hand those over (``Fired``,
 
 The shell carries out no effect itself: the timers are read from the scheduler, what
 was published from the outbound, what was committed from the store, and what each input
-did from the core (``NotingWarmer`` notes what it returned to the worker). Time is a
-``ManualClock`` that moves only by hand, and a timer fires only when a test fires it.
+did from the core (``NotingWarmer`` notes what it returned to the worker). After each
+input it checks that the worker carried out exactly that: the delivery acknowledged,
+the surfaces, warm requests and replies published, the timer armed, the record
+committed. Time is a ``ManualClock`` that moves only by hand, and a timer fires only
+when a test fires it (``fire`` disarms it and hands it over, as the scheduler would).
 """
 
 from __future__ import annotations
