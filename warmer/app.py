@@ -33,7 +33,7 @@ from warmer.bus.consumer import Consumer
 from warmer.bus.port import Delivery
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
-from warmer.clock import Clock, SystemClock, sleep
+from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep
 from warmer.config import Config, mask_password
 from warmer.core import Arm, GapModel, GapModelError, Policy, Warmer, parse_settings
 from warmer.core.gaps import MODEL_KEY
@@ -182,6 +182,7 @@ class App:
         self._tasks = [
             watch(loop.create_task(worker.run(), name="pipeline")),
             watch(loop.create_task(self._prune_forever(inputs), name="prune")),
+            watch(loop.create_task(self._watch_clock_forever(), name="clock")),
         ]
         await self._consume(self.names.lifecycle, inputs.lifecycle)
         await self._consume(self.names.commands, inputs.command)
@@ -276,6 +277,23 @@ class App:
         while True:
             await sleep(self.clock, PRUNE_EVERY_MS)
             inputs.put(Prune())
+
+    async def _watch_clock_forever(self) -> None:
+        """Every second: did the wall clock step? Log and count it, show the offset."""
+        steps = StepWatch(self.clock)
+        while True:
+            await sleep(self.clock, STEP_CHECK_EVERY_MS)
+            step = steps.check()
+            self.metrics.clock_offset.set(steps.offset_ms / 1000)
+            if step is not None:
+                self.metrics.clock_steps.inc()
+                log.warning(
+                    "clock_stepped",
+                    step_ms=step,
+                    offset_ms=steps.offset_ms,
+                    action="timers and the cost rules go on by the time elapsed; "
+                    "published times differ from the wall clock by the offset until restart",
+                )
 
     async def _connect(self) -> AbstractRobustConnection:
         url = self.config.amqp_url_masked

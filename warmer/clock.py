@@ -3,6 +3,17 @@
 Everything that needs the time asks a `Clock`. The scheduler sleeps by asking the clock
 for an alarm at its earliest due time, so `ManualClock` can move time in tests and ring
 the alarm at once, with no real waiting.
+
+The time a `Clock` tells is steady: `SystemClock` reads the wall clock once, at start,
+and adds the time elapsed since on a clock that never steps. The wall clock can step (an
+operator's `date -s`, NTP correcting a clock that was far off, a restored VM snapshot);
+a step must neither stall the timers (back) nor make every idle budget and cache look
+spent (forward): the core judges elapsed time, so it is given a time line without steps.
+Times from outside (a producer's ``lastRequestAt``) are on the wall clock: `from_wall`
+puts them on the steady line. `StepWatch` compares the two lines and tells when the wall
+stepped (``clock_stepped``, ``warmer_clock_steps_total``, ``warmer_clock_offset_seconds``).
+Published and stored times stay on the steady line, which was the wall clock at start:
+after a step they differ from the wall by the step until the worker restarts.
 """
 
 from __future__ import annotations
@@ -10,15 +21,32 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Final, Protocol, TypeVar
 
-__all__ = ["Alarm", "Clock", "ManualClock", "SystemClock", "sleep", "within"]
+__all__ = [
+    "STEP_CHECK_EVERY_MS",
+    "STEP_THRESHOLD_MS",
+    "Alarm",
+    "Clock",
+    "ManualClock",
+    "StepWatch",
+    "SystemClock",
+    "sleep",
+    "within",
+]
 
 _T = TypeVar("_T")
 
-# The wall clock can step (NTP, a suspended VM). Sleeping at most this long in one go
-# means an alarm notices a forward step within this many seconds.
+# Alarms sleep on the event loop's timer (time.monotonic), which stops while the machine is
+# suspended while the steady clock's source does not, and which an injected source need
+# not follow: sleeping at most this long in one go re-reads the clock at least this often.
 _MAX_SLEEP_S = 1.0
+
+STEP_THRESHOLD_MS: Final = 2_000
+"""A change of the wall clock against the steady one larger than this between two checks
+is a step. NTP slews the clock by at most 0.5 ms a second; anything this fast is a jump."""
+STEP_CHECK_EVERY_MS: Final = 1_000
+"""How often the worker compares the wall clock with the steady one (``StepWatch``)."""
 
 
 class Alarm(Protocol):
@@ -32,7 +60,13 @@ class Clock(Protocol):
     """The source of time: the current epoch milliseconds and alarms on that time line."""
 
     def now_ms(self) -> int:
-        """Return the current time in epoch milliseconds."""
+        """Return the current time in epoch milliseconds, on a line that never steps."""
+
+    def wall_ms(self) -> int:
+        """Return what the wall clock says now (it may have stepped): to detect steps."""
+
+    def from_wall(self, wall_ms: int) -> int:
+        """Return a wall-clock time from outside on this clock's time line (`now_ms`)."""
 
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> Alarm:
         """Call `callback` once, from the event loop, when `now_ms()` reaches `when_ms`.
@@ -41,24 +75,55 @@ class Clock(Protocol):
         """
 
 
+def _elapsed_ns() -> int:
+    # CLOCK_BOOTTIME goes on while the machine is suspended, as a provider's cache lifetime
+    # does; CLOCK_MONOTONIC (time.monotonic) stops. Neither steps.
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
 class SystemClock:
-    """The real clock: `time.time_ns` for the time, the running event loop for alarms."""
+    """The real clock: the wall clock at start plus the elapsed time since; loop alarms.
+
+    ``wall_ns``: the wall clock (`time.time_ns`); ``monotonic_ns``: a clock that never
+    steps, for the time elapsed (``CLOCK_BOOTTIME`` where there is one, else
+    `time.monotonic_ns`). Tests give their own to step the wall under a real worker.
+    """
+
+    def __init__(
+        self,
+        wall_ns: Callable[[], int] = time.time_ns,
+        monotonic_ns: Callable[[], int] | None = None,
+    ) -> None:
+        """Anchor the steady time line on the wall clock as it reads now."""
+        if monotonic_ns is None:
+            monotonic_ns = _elapsed_ns if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic_ns
+        self._wall_ns = wall_ns
+        self._monotonic_ns = monotonic_ns
+        self._epoch_ns = wall_ns() - monotonic_ns()
 
     def now_ms(self) -> int:
-        """Return the current wall-clock time in epoch milliseconds."""
-        return time.time_ns() // 1_000_000
+        """Return the steady time in epoch milliseconds: the wall at start, plus elapsed."""
+        return (self._epoch_ns + self._monotonic_ns()) // 1_000_000
+
+    def wall_ms(self) -> int:
+        """Return the wall-clock time in epoch milliseconds, as it reads now."""
+        return self._wall_ns() // 1_000_000
+
+    def from_wall(self, wall_ms: int) -> int:
+        """Return a wall-clock time on the steady line: moved by the wall's steps since start."""
+        return wall_ms + self.now_ms() - self.wall_ms()
 
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> Alarm:
-        """Call `callback` from the running loop once the wall clock reaches `when_ms`."""
-        return _WallAlarm(self, when_ms, callback)
+        """Call `callback` from the running loop once `now_ms()` reaches `when_ms`."""
+        return _SteadyAlarm(self, when_ms, callback)
 
 
-class _WallAlarm:
-    """An alarm on the wall clock, slept in slices on the event loop's monotonic timer."""
+class _SteadyAlarm:
+    """An alarm on the steady clock, slept in slices on the event loop's monotonic timer."""
 
     __slots__ = ("_callback", "_clock", "_handle", "_loop", "_when_ms")
 
-    def __init__(self, clock: SystemClock, when_ms: int, callback: Callable[[], None]) -> None:
+    def __init__(self, clock: Clock, when_ms: int, callback: Callable[[], None]) -> None:
         self._clock = clock
         self._when_ms = when_ms
         self._callback = callback
@@ -70,7 +135,7 @@ class _WallAlarm:
         return min(max(remaining_s, 0.0), _MAX_SLEEP_S)
 
     def _tick(self) -> None:
-        # The loop's timer is monotonic and may also fire a hair early: re-check the wall.
+        # The loop's timer may fire a hair early, and is not the steady clock: re-check.
         if self._clock.now_ms() >= self._when_ms:
             self._callback()
         else:
@@ -86,12 +151,25 @@ class ManualClock:
 
     def __init__(self, start_ms: int = 0) -> None:
         self._now_ms = start_ms
+        self._wall_offset_ms = 0
         self._alarms: list[_ManualAlarm] = []
         self._seq = 0
 
     def now_ms(self) -> int:
         """Return the current fake time in epoch milliseconds."""
         return self._now_ms
+
+    def wall_ms(self) -> int:
+        """Return the fake wall clock: the time, moved by every `step_wall`."""
+        return self._now_ms + self._wall_offset_ms
+
+    def from_wall(self, wall_ms: int) -> int:
+        """Return a time read on the fake wall clock on the time line of `now_ms`."""
+        return wall_ms - self._wall_offset_ms
+
+    def step_wall(self, ms: int) -> None:
+        """Step the wall clock alone by `ms` (either way): `now_ms` and alarms are unmoved."""
+        self._wall_offset_ms += ms
 
     def call_at(self, when_ms: int, callback: Callable[[], None]) -> Alarm:
         """Call `callback` when time is moved to `when_ms` or later."""
@@ -154,6 +232,28 @@ class _ManualAlarm:
         """Make sure the callback is not called."""
         self._cancelled = True
         self._clock._forget(self)
+
+
+class StepWatch:
+    """Tells when the wall clock stepped, from the offset between it and the steady clock.
+
+    Between two checks the offset moves by far less than `STEP_THRESHOLD_MS` unless the wall
+    clock jumped; a suspended machine moves both clocks alike (``CLOCK_BOOTTIME``).
+    """
+
+    def __init__(self, clock: Clock, threshold_ms: int = STEP_THRESHOLD_MS) -> None:
+        """Start from the offset as it is now."""
+        self._clock = clock
+        self._threshold_ms = threshold_ms
+        self.offset_ms = clock.wall_ms() - clock.now_ms()
+        """The wall clock minus the steady one at the last check (+: the wall is ahead)."""
+
+    def check(self) -> int | None:
+        """The step since the last check in ms (+: forward), or None when there was none."""
+        offset = self._clock.wall_ms() - self._clock.now_ms()
+        step = offset - self.offset_ms
+        self.offset_ms = offset
+        return step if abs(step) > self._threshold_ms else None
 
 
 async def sleep(clock: Clock, ms: int) -> None:

@@ -110,6 +110,7 @@ GAUGES = {
     "warmer_cache_cost_per_gap",
     "warmer_ttl_1h_cheaper",
     "warmer_savings_tokens",
+    "warmer_clock_offset_seconds",
 }
 ADVICE = {"warmer_cache_cost_per_gap", "warmer_ttl_1h_cheaper"}
 

@@ -30,6 +30,7 @@ from typing import Final, get_args
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
 )
@@ -107,6 +108,8 @@ NAMES: Final = (
     "warmer_cache_cost_per_gap",
     "warmer_ttl_1h_cheaper",
     "warmer_savings_tokens",
+    "warmer_clock_steps_total",
+    "warmer_clock_offset_seconds",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
@@ -279,6 +282,18 @@ class Metrics:
         self.intervals_adjusted: Final = Counter(
             "warmer_intervals_adjusted_total",
             "Times a known cache lifetime overrode a conversation's configured interval.",
+            registry=r,
+        )
+        self.clock_steps: Final = Counter(
+            "warmer_clock_steps_total",
+            "Steps of the wall clock against the worker's steady clock (more than 2 s at "
+            "once); timers and the cost rules run on the steady clock and ignore them.",
+            registry=r,
+        )
+        self.clock_offset: Final = Gauge(
+            "warmer_clock_offset_seconds",
+            "The wall clock minus the worker's steady clock (the wall clock at start plus "
+            "the time elapsed): how far published times are from the wall after a step.",
             registry=r,
         )
 
