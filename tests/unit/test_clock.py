@@ -16,6 +16,7 @@ import pytest
 from tests.unit import test_pipeline
 from tests.unit.test_pipeline import Rig, enable, settled
 from warmer.clock import (
+    SLEW_DIVISOR,
     STEP_THRESHOLD_MS,
     ManualClock,
     StepWatch,
@@ -73,15 +74,36 @@ def test_the_time_starts_at_the_wall_clock_and_goes_on_by_the_time_elapsed() -> 
 
 
 @pytest.mark.parametrize("step", [-TEN_MINUTES, EIGHT_DAYS])
-def test_a_wall_clock_step_moves_neither_the_time_nor_the_elapsed_time(step: int) -> None:
+def test_a_wall_clock_step_does_not_move_the_time_which_slews_towards_it_at_one_percent(
+    step: int,
+) -> None:
     sources = Sources()
     clock = sources.clock()
     sources.elapse(1_000)
+    assert clock.now_ms() == T0 + 1_000
     sources.step_wall(step)
     assert clock.wall_ms() == T0 + 1_000 + step
     assert clock.now_ms() == T0 + 1_000
-    sources.elapse(2_000)
-    assert clock.now_ms() == T0 + 3_000
+    direction = 1 if step > 0 else -1
+    sources.elapse(60_000)  # a minute runs 0.6 s faster (forward) or slower (back)
+    assert clock.now_ms() == T0 + 61_000 + direction * 600
+    sources.elapse(abs(step) * SLEW_DIVISOR)  # long enough to have slewed all of it
+    assert clock.now_ms() == clock.wall_ms()
+    sources.elapse(1_000)
+    assert clock.now_ms() == clock.wall_ms()  # and from then on, the wall's time
+
+
+def test_the_time_never_goes_back() -> None:
+    sources = Sources()
+    clock = sources.clock()
+    seen = [clock.now_ms()]
+    for step in (-TEN_MINUTES, -1_000, EIGHT_DAYS, -EIGHT_DAYS, -TEN_MINUTES):
+        sources.step_wall(step)
+        for _ in range(50):
+            sources.elapse(7)
+            seen.append(clock.now_ms())
+    assert seen == sorted(seen)
+    assert seen[-1] - seen[0] == pytest.approx(5 * 50 * 7, rel=0.011)
 
 
 @pytest.mark.parametrize("step", [-TEN_MINUTES, EIGHT_DAYS])
@@ -113,30 +135,32 @@ def test_a_manual_clock_steps_its_wall_alone() -> None:
 # -- steps told -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", [-TEN_MINUTES, EIGHT_DAYS, STEP_THRESHOLD_MS + 1])
+@pytest.mark.parametrize("step", [-TEN_MINUTES, EIGHT_DAYS, -(STEP_THRESHOLD_MS + 20)])
 def test_a_step_is_told_once_with_its_size(step: int) -> None:
     sources = Sources()
     watch = StepWatch(sources.clock())
     sources.elapse(1_000)
     assert watch.check() is None
     sources.step_wall(step)
+    sources.elapse(1_000)  # the next check: 10 ms of it slewed already
+    slewed = 10 if step > 0 else -10
+    assert watch.check() == step - slewed
+    assert watch.offset_ms == step - slewed
     sources.elapse(1_000)
-    assert watch.check() == step
-    assert watch.offset_ms == step
-    sources.elapse(1_000)
-    assert watch.check() is None  # the new offset is the new normal
-    assert watch.offset_ms == step
+    assert watch.check() is None  # the slew is no step
+    assert watch.offset_ms == step - 2 * slewed
 
 
 def test_small_corrections_and_elapsed_time_are_not_steps() -> None:
     sources = Sources()
-    watch = StepWatch(sources.clock())
+    clock = sources.clock()
+    watch = StepWatch(clock)
     sources.step_wall(STEP_THRESHOLD_MS)
     assert watch.check() is None
-    sources.step_wall(-300)
-    sources.elapse(8 * 86_400_000)  # a suspended machine: both clocks moved
+    assert watch.offset_ms == STEP_THRESHOLD_MS
+    sources.elapse(EIGHT_DAYS)  # a suspended machine: both clocks moved
     assert watch.check() is None
-    assert watch.offset_ms == STEP_THRESHOLD_MS - 300
+    assert watch.offset_ms == 0  # slewed away meanwhile
 
 
 def test_a_step_of_a_manual_clock_is_told() -> None:
