@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import aio_pika
@@ -35,7 +35,7 @@ from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
 from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep
 from warmer.config import Config, mask_password
-from warmer.core import Arm, GapModel, GapModelError, Policy, Warmer, parse_settings
+from warmer.core import Arm, GapModel, GapModelError, Policy, Record, Warmer, parse_settings
 from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
@@ -226,7 +226,7 @@ class App:
                     f"the store {store_name} holds an unreadable record for conversation "
                     f"{cid[:200]!r}: {exc}; fix or delete it (nothing was changed)"
                 ) from exc
-        now = self.clock.now_ms()
+        now = self._resumed_now(records)
         core = Warmer(
             Policy.of(self.config),
             records=records,
@@ -257,6 +257,23 @@ class App:
             gaps_learned=core.economy.model.seen,
         )
         return core
+
+    def _resumed_now(self, records: Mapping[str, Record]) -> int:
+        """The time to recover at: a previous run's time line that was ahead of the wall
+        clock (it stepped back) goes on, its schedules with it (``SystemClock.resume``)."""
+        if isinstance(self.clock, SystemClock):
+            latest = max(
+                (r.state.last_input_at for r in records.values() if r.state is not None),
+                default=0,
+            )
+            ahead_ms = self.clock.resume(latest)
+            if ahead_ms:
+                log.warning(
+                    "clock_resumed",
+                    ahead_ms=ahead_ms,
+                    action="going on from the stored times, slewing back to the wall clock",
+                )
+        return self.clock.now_ms()
 
     @staticmethod
     def _gap_model(raw: bytes | None) -> GapModel | None:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, TypeVar
 
 __all__ = [
+    "MAX_RESUME_MS",
     "SLEW_DIVISOR",
     "STEP_CHECK_EVERY_MS",
     "STEP_THRESHOLD_MS",
@@ -49,6 +50,9 @@ elapsed (1 %: the margin of every duration the core measures)."""
 STEP_THRESHOLD_MS: Final = 2_000
 """A change of the wall clock against the steady one larger than this between two checks
 is a step. NTP slews the clock by at most 0.5 ms a second; anything this fast is a jump."""
+MAX_RESUME_MS: Final = 3_600_000
+"""How far ahead of the wall clock a stored time may be for `SystemClock.resume` to go on
+from it: an hour, which the slew gives back in 100 hours."""
 STEP_CHECK_EVERY_MS: Final = 1_000
 """How often the worker compares the wall clock with the steady one (``StepWatch``)."""
 
@@ -127,6 +131,21 @@ class SystemClock:
     def wall_ms(self) -> int:
         """Return the wall-clock time in epoch milliseconds, as it reads now."""
         return self._wall_ns() // 1_000_000
+
+    def resume(self, latest_ms: int) -> int:
+        """Go on from ``latest_ms``, the latest time a previous run stored, when it is ahead
+        of the wall clock by at most `MAX_RESUME_MS`; returns by how much the time moved.
+
+        That run's time line was ahead of the wall (the wall stepped back under it, or
+        during the restart): its schedules stay due when they were, instead of each waiting
+        out the step, and the slew brings the time back to the wall. Further ahead, the
+        stored time is taken for a wrong clock's and the wall clock is kept.
+        """
+        ahead_ms = latest_ms - self.now_ms()
+        if not 0 < ahead_ms <= MAX_RESUME_MS:
+            return 0
+        self._epoch_ns += ahead_ms * 1_000_000
+        return ahead_ms
 
     def from_wall(self, wall_ms: int) -> int:
         """Return a wall-clock time on the steady line: moved by the offset not yet slewed."""

@@ -133,3 +133,34 @@ async def test_warms_keep_their_cadence_when_the_wall_clock_steps_back_and_forwa
         except AssertionError:
             break
     assert statuses <= {"idle", "armed", "warming"}, statuses
+
+
+async def test_a_restart_after_a_step_back_goes_on_from_the_stored_schedules(
+    probe: Probe, start_worker: Any
+) -> None:
+    """The stored due times are on the stepped-over line, 10 min ahead of the wall: the next
+    worker goes on from them (``clock_resumed``) instead of waiting 10 min for each."""
+    wall = SteppedWall()
+    first = await start_worker(clock=SystemClock(wall_ns=wall.ns), idle_max_warms=1_000)
+    orchestrator = Orchestrator(probe, await probe.warms())
+    answering = asyncio.get_running_loop().create_task(orchestrator.run())
+    try:
+        for command in (
+            {"type": "set_enabled", "conversationId": "c", "enabled": True},
+            {"type": "set_interval", "conversationId": "c", "intervalMs": 1_000},
+        ):
+            assert (await probe.command(command))["ok"] is True
+        await probe.event({"type": "turn.settled", "conversationId": "c"})
+        await orchestrator.warms_after(1)
+        wall.offset_ms = -TEN_MINUTES
+        await orchestrator.warms_after(2)
+        await first.stop()
+        with capture_logs() as logs:
+            second = await start_worker(clock=SystemClock(wall_ns=wall.ns))
+        gaps = await orchestrator.warms_after(3)
+    finally:
+        answering.cancel()
+    assert all(gap < 3.5 for gap in gaps), gaps  # the first one across the restart
+    resumed = [entry for entry in logs if entry["event"] == "clock_resumed"]
+    assert len(resumed) == 1 and round(resumed[0]["ahead_ms"], -4) == TEN_MINUTES
+    assert abs(second.clock.now_ms() - wall.ms() - TEN_MINUTES) < 1_000

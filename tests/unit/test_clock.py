@@ -16,6 +16,7 @@ import pytest
 from tests.unit import test_pipeline
 from tests.unit.test_pipeline import Rig, enable, settled
 from warmer.clock import (
+    MAX_RESUME_MS,
     SLEW_DIVISOR,
     STEP_THRESHOLD_MS,
     ManualClock,
@@ -114,6 +115,20 @@ def test_a_time_from_outside_on_the_stepped_wall_is_put_on_the_steady_line(step:
     sources.elapse(60_000)
     sources.step_wall(step)
     assert clock.from_wall(clock.wall_ms() - 5_000) == clock.now_ms() - 5_000
+
+
+def test_a_restart_goes_on_from_a_stored_time_up_to_an_hour_ahead_then_slews_back() -> None:
+    sources = Sources()
+    clock = sources.clock()
+    assert clock.resume(T0 - 1) == 0  # behind: nothing to do
+    assert clock.resume(T0 + MAX_RESUME_MS + 1) == 0  # too far: a wrong clock's
+    assert clock.now_ms() == T0
+    assert clock.resume(T0 + TEN_MINUTES) == TEN_MINUTES
+    assert clock.now_ms() == T0 + TEN_MINUTES
+    sources.elapse(60_000)
+    assert clock.now_ms() == T0 + TEN_MINUTES + 60_000 - 600
+    sources.elapse(TEN_MINUTES * SLEW_DIVISOR)
+    assert clock.now_ms() == clock.wall_ms()
 
 
 def test_the_default_monotonic_source_goes_on_through_a_suspend() -> None:
