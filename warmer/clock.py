@@ -19,6 +19,7 @@ clock at 1 % (`SystemClock`), so they meet it again without a step of their own.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol, TypeVar
@@ -47,6 +48,8 @@ _MAX_SLEEP_S = 1.0
 SLEW_DIVISOR: Final = 100
 """After a step the time moves towards the wall clock by at most this part of the time
 elapsed (1 %: the margin of every duration the core measures)."""
+_ALIGNED_NS: Final = 1_000_000
+"""Within a millisecond of the wall clock, the time is left as it is (no slew to work out)."""
 STEP_THRESHOLD_MS: Final = 2_000
 """A change of the wall clock against the steady one larger than this between two checks
 is a step. NTP slews the clock by at most 0.5 ms a second; anything this fast is a jump."""
@@ -83,10 +86,13 @@ class Clock(Protocol):
         """
 
 
-def _elapsed_ns() -> int:
-    # CLOCK_BOOTTIME goes on while the machine is suspended, as a provider's cache lifetime
-    # does; CLOCK_MONOTONIC (time.monotonic) stops. Neither steps.
-    return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+# CLOCK_BOOTTIME goes on while the machine is suspended, as a provider's cache lifetime does;
+# CLOCK_MONOTONIC (time.monotonic) stops. Neither steps.
+_ELAPSED_NS: Final[Callable[[], int]] = (
+    functools.partial(time.clock_gettime_ns, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic_ns
+)
 
 
 class SystemClock:
@@ -111,7 +117,7 @@ class SystemClock:
     ) -> None:
         """Anchor the steady time line on the wall clock as it reads now."""
         if monotonic_ns is None:
-            monotonic_ns = _elapsed_ns if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic_ns
+            monotonic_ns = _ELAPSED_NS
         self._wall_ns = wall_ns
         self._monotonic_ns = monotonic_ns
         self._read_at_ns = monotonic_ns()
@@ -122,9 +128,9 @@ class SystemClock:
         """Return the steady time in epoch milliseconds (the wall's, unless it stepped)."""
         monotonic = self._monotonic_ns()
         gap = self._wall_ns() - self._epoch_ns - monotonic
-        if gap:
+        if not -_ALIGNED_NS < gap < _ALIGNED_NS:  # the two clocks' reads differ by far less
             most = (monotonic - self._read_at_ns) // SLEW_DIVISOR
-            self._epoch_ns += max(-most, min(gap, most))
+            self._epoch_ns += most if gap > most else -most if gap < -most else gap
         self._read_at_ns = monotonic
         return (self._epoch_ns + monotonic) // 1_000_000
 
