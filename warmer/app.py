@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 import aio_pika
@@ -33,9 +33,9 @@ from warmer.bus.consumer import Consumer
 from warmer.bus.port import Delivery
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
-from warmer.clock import Clock, SystemClock, sleep
+from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep
 from warmer.config import Config, mask_password
-from warmer.core import Arm, GapModel, GapModelError, Policy, Warmer, parse_settings
+from warmer.core import Arm, GapModel, GapModelError, Policy, Record, Warmer, parse_settings
 from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
@@ -182,6 +182,7 @@ class App:
         self._tasks = [
             watch(loop.create_task(worker.run(), name="pipeline")),
             watch(loop.create_task(self._prune_forever(inputs), name="prune")),
+            watch(loop.create_task(self._watch_clock_forever(), name="clock")),
         ]
         await self._consume(self.names.lifecycle, inputs.lifecycle)
         await self._consume(self.names.commands, inputs.command)
@@ -225,7 +226,7 @@ class App:
                     f"the store {store_name} holds an unreadable record for conversation "
                     f"{cid[:200]!r}: {exc}; fix or delete it (nothing was changed)"
                 ) from exc
-        now = self.clock.now_ms()
+        now = self._resumed_now(records)
         core = Warmer(
             Policy.of(self.config),
             records=records,
@@ -257,6 +258,23 @@ class App:
         )
         return core
 
+    def _resumed_now(self, records: Mapping[str, Record]) -> int:
+        """The time to recover at: a previous run's time line that was ahead of the wall
+        clock (it stepped back) goes on, its schedules with it (``SystemClock.resume``)."""
+        if isinstance(self.clock, SystemClock):
+            latest = max(
+                (r.state.last_input_at for r in records.values() if r.state is not None),
+                default=0,
+            )
+            ahead_ms = self.clock.resume(latest)
+            if ahead_ms:
+                log.warning(
+                    "clock_resumed",
+                    ahead_ms=ahead_ms,
+                    action="going on from the stored times, slewing back to the wall clock",
+                )
+        return self.clock.now_ms()
+
     @staticmethod
     def _gap_model(raw: bytes | None) -> GapModel | None:
         """The stored gap model; an unreadable one is replaced by the prior (it is only
@@ -276,6 +294,23 @@ class App:
         while True:
             await sleep(self.clock, PRUNE_EVERY_MS)
             inputs.put(Prune())
+
+    async def _watch_clock_forever(self) -> None:
+        """Every second: did the wall clock step? Log and count it, show the offset."""
+        steps = StepWatch(self.clock)
+        while True:
+            await sleep(self.clock, STEP_CHECK_EVERY_MS)
+            step = steps.check()
+            self.metrics.clock_offset.set(steps.offset_ms / 1000)
+            if step is not None:
+                self.metrics.clock_steps.inc()
+                log.warning(
+                    "clock_stepped",
+                    step_ms=step,
+                    offset_ms=steps.offset_ms,
+                    action="timers and the cost rules go on by the time elapsed; "
+                    "published times differ from the wall clock by the offset until restart",
+                )
 
     async def _connect(self) -> AbstractRobustConnection:
         url = self.config.amqp_url_masked

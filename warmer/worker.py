@@ -38,6 +38,8 @@ from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, Literal, assert_never, get_args
 
+from msgspec.structs import replace
+
 from warmer.bus.lenient import unreadable
 from warmer.bus.port import (
     CONFIRM_TIMEOUT_MS,
@@ -57,6 +59,7 @@ from warmer.contract import (
     LifecycleEvent,
     Rejection,
     SurfaceChanged,
+    TurnSettled,
     UnknownType,
     WarmCompleted,
     decode_command,
@@ -447,6 +450,11 @@ class Worker:
             self._unknown(decoded, delivery)
             return None
         counts[self._event_counters[type(decoded)]] += 1
+        if isinstance(decoded, TurnSettled) and decoded.last_request_at is not None:
+            # The producer's wall clock, on the core's steady time line (warmer.clock).
+            at = self.clock.from_wall(decoded.last_request_at)
+            if at != decoded.last_request_at:
+                decoded = replace(decoded, last_request_at=at)
         outcome = self.core.apply_event(now, decoded)
         if isinstance(decoded, WarmCompleted):
             self._completion(decoded, outcome, tally)

@@ -16,11 +16,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import make_config
 from tests.integration.probe import Probe
 from warmer.app import App, StartupError
+from warmer.observe import http as observe_http
 from warmer.observe.metrics import NAMES
 
 pytestmark = pytest.mark.broker
 
-HISTOGRAMS = ("_seconds", "_size", "_cache_ratio")
+HISTOGRAMS = frozenset(
+    {
+        "warmer_timer_lateness_seconds",
+        "warmer_batch_size",
+        "warmer_commit_seconds",
+        "warmer_warm_cache_ratio",
+    }
+)
 # Shown once the gap model has seen 100 idle gaps (``Economy.advice``): not on a new worker.
 ADVICE = frozenset({"warmer_cache_cost_per_gap", "warmer_ttl_1h_cheaper"})
 
@@ -76,7 +84,7 @@ async def test_metrics_show_every_metric_and_move_with_events_and_commands(
     names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
     for name in NAMES:
         if name not in ADVICE:
-            assert (f"{name}_count" if name.endswith(HISTOGRAMS) else name) in names, name
+            assert (f"{name}_count" if name in HISTOGRAMS else name) in names, name
     assert "process_resident_memory_bytes" in names
 
     surfaces = await probe.surfaces()
@@ -137,3 +145,19 @@ async def test_a_port_in_use_stops_start_up_with_one_line(
     text = str(raised.value)
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in text and "WARMER_HTTP" in text
     assert "\n" not in text
+
+
+async def test_scrapes_within_a_second_share_one_rendering(
+    start_worker: Any, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of scrapes renders the registry once per METRICS_FRESH_S, not per scrape."""
+    seconds = [1000.0]
+    monkeypatch.setattr(observe_http, "_monotonic", lambda: seconds[0])
+    app = await start_worker(http="127.0.0.1:0")
+    stale = ("warmer_warms_stale_total", ())
+    assert (await samples(http, app))[stale] == 0
+    app.metrics.warms_stale.inc()
+    seconds[0] += observe_http.METRICS_FRESH_S - 0.01
+    assert (await samples(http, app))[stale] == 0  # the same rendering
+    seconds[0] += 0.01
+    assert (await samples(http, app))[stale] == 1

@@ -90,6 +90,9 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "warmer_cache_cost_per_gap": ("gauge", frozenset({"way"})),
     "warmer_ttl_1h_cheaper": ("gauge", frozenset()),
     "warmer_savings_tokens": ("gauge", frozenset({"kind"})),
+    # Wall-clock steps the worker saw, and how far its time is from the wall (warmer.clock).
+    "warmer_clock_steps_total": ("counter", frozenset()),
+    "warmer_clock_offset_seconds": ("gauge", frozenset()),
 }
 HISTOGRAM_SERIES: Final = ("_bucket", "_sum", "_count")
 

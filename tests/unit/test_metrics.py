@@ -11,16 +11,27 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.unit.test_pipeline import Rig, closed, enable, outcome, settled, started
 from warmer.bus.publisher import PublishFailed
 from warmer.clock import ManualClock
-from warmer.contract import Status, TurnSettled
-from warmer.core import GapModel, Hold, Policy, Warmer
+from warmer.contract import (
+    ConversationClosed,
+    SetEnabled,
+    Status,
+    TurnSettled,
+    TurnStarted,
+    Usage,
+    WarmCompleted,
+)
+from warmer.core import GapModel, Hold, Policy, Record, Settings, SettingsChange, Warmer
 from warmer.core.gaps import PRIOR_ABANDONED, PRIOR_GAPS
 from warmer.core.panel import TOGGLE_ACTION
+from warmer.core.state import Conversation
 from warmer.inputs import Fired
 from warmer.observe.metrics import (
     CACHE_WAYS,
@@ -99,6 +110,7 @@ GAUGES = {
     "warmer_cache_cost_per_gap",
     "warmer_ttl_1h_cheaper",
     "warmer_savings_tokens",
+    "warmer_clock_offset_seconds",
 }
 ADVICE = {"warmer_cache_cost_per_gap", "warmer_ttl_1h_cheaper"}
 
@@ -367,7 +379,7 @@ async def test_a_delivery_given_back_is_a_redelivery(rig: Rig) -> None:
 # -- gauges and timers ------------------------------------------------------------------
 
 
-async def test_conversations_by_status_and_timers_are_computed_at_scrape(rig: Rig) -> None:
+async def test_conversations_by_status_and_timers_are_read_at_scrape(rig: Rig) -> None:
     rig.metrics.registry.register(StateGauges(rig.core.statuses, rig.scheduler.__len__))
     await rig.batch(
         rig.command(enable("a")),
@@ -390,6 +402,78 @@ def test_statuses_count_every_conversation_once() -> None:
     for cid in ("a", "b", "c"):
         core.apply_event(T0, TurnSettled(conversation_id=cid))
     assert core.statuses() == Counter({Status.DISABLED: 3})
+
+
+_CENSUS_IDS = ("a", "b", "c", "d")
+_census_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("settled"), st.sampled_from(_CENSUS_IDS)),
+        st.tuples(st.just("started"), st.sampled_from(_CENSUS_IDS)),
+        st.tuples(st.just("closed"), st.sampled_from(_CENSUS_IDS)),
+        st.tuples(st.just("enable"), st.sampled_from(_CENSUS_IDS), st.booleans()),
+        st.tuples(st.just("fire"), st.sampled_from(_CENSUS_IDS)),
+        st.tuples(st.just("completed"), st.sampled_from(_CENSUS_IDS), st.integers(0, 5_000)),
+        st.tuples(st.just("prune")),
+        st.tuples(st.just("read")),  # a scrape in the middle of a batch
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_census_steps, st.booleans()), max_size=8), st.booleans())
+def test_the_kept_counts_equal_a_walk_over_every_conversation_through_rollbacks(
+    batches: list[tuple[list[tuple[Any, ...]], bool]], start_with_records: bool
+) -> None:
+    """``Warmer.statuses``/``savings`` are kept as the core changes, not walked: whatever the
+    batches did (committed or rolled back, scraped in the middle), they equal a walk."""
+    records: dict[str, Record] = {}
+    if start_with_records:
+        state = Conversation(enabled=True, interval_ms=60_000, idle_since=T0, spent=7)
+        records["a"] = Record(settings=Settings(enabled=True), state=state)
+    core = Warmer(Policy(retention_ms=60_000), records=records)
+    now = T0
+
+    def walked() -> tuple[Counter[Status], tuple[int, int, int]]:
+        convs = [conv for cid in _CENSUS_IDS if (conv := core.get(cid)) is not None]
+        spent, avoided, missed = (sum(getattr(c, kind) for c in convs) for kind in SAVINGS_KINDS)
+        return Counter(c.status for c in convs), (spent, avoided, missed)
+
+    for steps, commit in batches:
+        core.begin()
+        for step in steps:
+            now += 30_000
+            match step:
+                case ("settled", cid):
+                    core.apply_event(now, TurnSettled(conversation_id=cid))
+                case ("started", cid):
+                    core.apply_event(now, TurnStarted(conversation_id=cid))
+                case ("closed", cid):
+                    core.apply_event(now, ConversationClosed(conversation_id=cid))
+                case ("enable", cid, enabled):
+                    command = SetEnabled(conversation_id=cid, enabled=enabled)
+                    change = core.plan_command(now, command)
+                    assert isinstance(change, SettingsChange)
+                    core.commit(now, change)
+                case ("fire", cid):
+                    conv = core.get(cid)
+                    if conv is not None:
+                        core.on_timer(now, cid, conv.token)
+                case ("completed", cid, read):
+                    conv = core.get(cid)
+                    token = None if conv is None else conv.token
+                    use = Usage(input_tokens=5_000, cache_read_tokens=read, cache_write_tokens=10)
+                    core.apply_event(
+                        now, WarmCompleted(conversation_id=cid, token=token, usage=use)
+                    )
+                case ("prune",):
+                    core.prune(now)
+                case ("read",):
+                    assert (core.statuses(), core.savings()) == walked()
+        if not commit:
+            core.rollback()
+        core.end()
+        assert (core.statuses(), core.savings()) == walked()
 
 
 async def test_timer_lateness_is_the_fire_time_minus_the_due_time() -> None:

@@ -41,6 +41,10 @@ class Journal:
             conv = self._conversations.get(cid)
             batch[cid] = (None if conv is None else replace(conv), self._settings.get(cid))
 
+    def snapshotted(self) -> list[str]:
+        """The conversations the open batch snapshotted (touched), changed or not."""
+        return list(self._open())
+
     def touched(self) -> dict[str, Record | None]:
         """The record of each conversation the batch changed or created; None: removed.
 

@@ -18,7 +18,7 @@ timers with ``recover``; ``prune`` forgets conversations without input for too l
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Final
 
 from msgspec import UNSET
@@ -39,6 +39,7 @@ from warmer.contract import (
     WarmCompleted,
     WarmRequested,
 )
+from warmer.core.census import Census
 from warmer.core.commands import SettingsChange, plan_settings, reject
 from warmer.core.economy import Economy
 from warmer.core.effects import (
@@ -110,8 +111,6 @@ class Warmer:
         self._conversations: dict[str, Conversation] = {}
         self._token = token_start
         self._journal = Journal(self._conversations, self._settings)
-        # Called before every change of a conversation: bound once, on the hot path.
-        self._touch = self._journal.touch
         self._retention = Retention(self.policy.retention_ms)
         shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
         for cid, record in (records or {}).items():
@@ -120,6 +119,9 @@ class Warmer:
             if state is not None:
                 self._conversations[cid] = state if adopt else replace(state)
                 self._token = max(self._token, state.token)
+        self._census = Census(self._conversations)
+        # Called before every change of a conversation: bound once, on the hot path.
+        self._touch = _both(self._census.touch, self._journal.touch)
 
     # -- queries ----------------------------------------------------------------------
 
@@ -141,18 +143,13 @@ class Warmer:
         return conv is not None and conv.token == token and conv.phase is Status.WARMING
 
     def statuses(self) -> Counter[Status]:
-        """How many conversations are in each status (metrics: it walks every one)."""
-        return Counter(conv.status for conv in self._conversations.values())
+        """How many conversations are in each status (kept as they change: ``Census``)."""
+        return self._census.statuses()
 
     def savings(self) -> tuple[int, int, int]:
         """Every conversation's savings account summed: (spent, avoided, missed), in
-        base-input-token units (metrics: it walks every one)."""
-        spent = avoided = missed = 0
-        for conv in self._conversations.values():
-            spent += conv.spent
-            avoided += conv.avoided
-            missed += conv.missed
-        return spent, avoided, missed
+        base-input-token units (kept as they change: ``Census``)."""
+        return self._census.savings()
 
     def persisted(self, conversation_id: str) -> Settings:
         """The persisted settings of a conversation (defaults when none)."""
@@ -177,6 +174,7 @@ class Warmer:
         """Close the batch: its changes were committed."""
         self._journal.end()
         self.economy.end()
+        self._census.settle()
 
     def rollback(self) -> None:
         """Put every conversation the batch touched back as it was at ``begin``.
@@ -184,6 +182,8 @@ class Warmer:
         The batch stays open until ``end``; tokens do not go back (see ``Journal``).
         """
         self._retention.rescan()  # older last inputs may come back
+        for cid in self._journal.snapshotted():
+            self._census.touch(cid)  # their old copies come back without a touch
         self._journal.rollback()
         self.economy.rollback()
 
@@ -570,6 +570,16 @@ class Warmer:
         spec = build_panel(view, self.economy.fields(conv))
         update = SurfaceChanged(conversation_id=cid, state=view, spec=spec, at=now)
         effects.append(PublishSurface(update))
+
+
+def _both(census: Callable[[str], None], journal: Callable[[str], None]) -> Callable[[str], None]:
+    """The core's ``touch``: the census and the journal, told before every change."""
+
+    def touch(cid: str) -> None:
+        census(cid)
+        journal(cid)
+
+    return touch
 
 
 def _is_stale_token(token: int | None, conv: Conversation) -> bool:

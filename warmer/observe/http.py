@@ -5,7 +5,9 @@
   answers late or not at all.
 - ``/readyz``: 200 ``ready``, or 503 with the reason as text (``starting``, ``broker
   connection lost``, ...), as ``ready()`` says.
-- ``/metrics``: the Prometheus text format of one registry (``warmer.observe.metrics``).
+- ``/metrics``: the Prometheus text format of one registry (``warmer.observe.metrics``),
+  rendered at most once per ``METRICS_FRESH_S``: scrapes within that time share one
+  rendering, so a flood of them costs the loop little more than the HTTP itself.
 
 Access is not logged: probes and scrapes every few seconds would drown the worker's
 own events.
@@ -13,18 +15,23 @@ own events.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HttpEndpoint", "Readiness"]
+__all__ = ["METRICS_FRESH_S", "HttpEndpoint", "Readiness"]
 
 Readiness = Callable[[], str | None]
 """None when the worker is ready, else why it is not (one short line)."""
 
 _TEXT: Final = "text/plain"
+_monotonic = time.monotonic  # an age, not a wait: not the Clock's business (tests set it)
+METRICS_FRESH_S: Final = 1.0
+"""How long one rendering of ``/metrics`` answers scrapes (Prometheus scrapes every 15 s
+or so: a lone scraper always gets a fresh one)."""
 
 
 class HttpEndpoint:
@@ -41,6 +48,7 @@ class HttpEndpoint:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._rendered: tuple[float, bytes] | None = None  # (monotonic s, body)
         self._started = False
 
     async def start(self) -> None:
@@ -77,7 +85,10 @@ class HttpEndpoint:
         return web.Response(status=503, text=reason, content_type=_TEXT)
 
     async def _metrics(self, _: web.Request) -> web.Response:
-        # On the loop, not in a thread: the status gauges walk the core's dicts, which
-        # only the loop may touch.
-        body = generate_latest(self._registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # On the loop, not in a thread: the gauges read the core, which only the loop may
+        # touch.
+        now = _monotonic()
+        rendered = self._rendered
+        if rendered is None or now - rendered[0] >= METRICS_FRESH_S:
+            rendered = self._rendered = (now, generate_latest(self._registry))
+        return web.Response(body=rendered[1], headers={"Content-Type": CONTENT_TYPE_LATEST})

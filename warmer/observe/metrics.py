@@ -14,8 +14,9 @@ applied again when it is redelivered and must not count twice. The labelled chil
 uses are bound once here, never looked up with ``.labels()`` per input.
 
 Figures that describe the worker's whole memory (conversations by status, the savings
-accounts summed, what the gap model has learned) are computed at each scrape instead
-(``StateGauges``, ``CostGauges``): keeping them up to date would cost every input.
+accounts summed, what the gap model has learned) are read at each scrape instead
+(``StateGauges``, ``CostGauges``) from what the core keeps as it changes
+(``warmer.core.census``): a scrape costs the same at 300,000 conversations as at ten.
 Token figures of the cost policy are in base-input-token units (one uncached prompt token
 at the base input price, ``warmer.core.costs``).
 """
@@ -29,6 +30,7 @@ from typing import Final, get_args
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     ProcessCollector,
 )
@@ -106,6 +108,8 @@ NAMES: Final = (
     "warmer_cache_cost_per_gap",
     "warmer_ttl_1h_cheaper",
     "warmer_savings_tokens",
+    "warmer_clock_steps_total",
+    "warmer_clock_offset_seconds",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
@@ -280,6 +284,18 @@ class Metrics:
             "Times a known cache lifetime overrode a conversation's configured interval.",
             registry=r,
         )
+        self.clock_steps: Final = Counter(
+            "warmer_clock_steps_total",
+            "Steps of the wall clock against the worker's steady clock (more than 2 s at "
+            "once); timers and the cost rules run on the steady clock and ignore them.",
+            registry=r,
+        )
+        self.clock_offset: Final = Gauge(
+            "warmer_clock_offset_seconds",
+            "The wall clock minus the worker's steady clock (the wall clock at start plus "
+            "the time elapsed): how far published times are from the wall after a step.",
+            registry=r,
+        )
 
     def command(self, kind: str, outcome: str) -> Counter:
         """The ``warmer_commands_total`` child of a command type and outcome."""
@@ -303,10 +319,10 @@ class Metrics:
 
 
 class StateGauges:
-    """``warmer_conversations{status}`` and ``warmer_timers_armed``, computed at each scrape.
+    """``warmer_conversations{status}`` and ``warmer_timers_armed``, read at each scrape.
 
-    Counting statuses walks every conversation (about 0.1 s for a million); a scrape is
-    rare, while keeping a gauge per status up to date would cost every input.
+    The counts are the core's, kept as conversations change (``Warmer.statuses``): no
+    walk over the conversations (that took 93 ms of event loop at 300,000).
     """
 
     def __init__(
@@ -321,7 +337,7 @@ class StateGauges:
         return [_conversations(), GaugeMetricFamily("warmer_timers_armed", _ARMED)]
 
     def collect(self) -> Iterable[Metric]:
-        """The metrics, computed now."""
+        """The metrics, read now."""
         conversations = _conversations()
         counts = self._statuses()
         for status in Status:
@@ -347,8 +363,8 @@ class CostGauges:
     ``warmer_idle_gaps_learned`` and ``warmer_idle_gaps_abandoned_ratio`` from the gap
     model; ``warmer_cache_cost_per_gap{way}`` and ``warmer_ttl_1h_cheaper`` from its advice
     (absent until the advice exists: ``Economy.advice``, 100 gaps); and
-    ``warmer_savings_tokens{kind}``, every conversation's savings account summed (a walk
-    over every conversation, as for the statuses).
+    ``warmer_savings_tokens{kind}``, every conversation's savings account summed (kept by
+    the core as they change, as the statuses are).
     """
 
     def __init__(self, economy: Economy, savings: Callable[[], tuple[int, int, int]]) -> None:
@@ -368,7 +384,7 @@ class CostGauges:
         ]
 
     def collect(self) -> Iterable[Metric]:
-        """The metrics, computed now."""
+        """The metrics, read now."""
         model = self._economy.model  # read now: a rollback replaces it
         families: list[Metric] = [
             GaugeMetricFamily("warmer_idle_gaps_learned", _GAPS_LEARNED, value=model.seen),
