@@ -118,6 +118,22 @@ def _timeout(text: str) -> float:
     return seconds
 
 
+def _conversation(text: str) -> str:
+    """A conversation id from the command line: UTF-8 text, as the contract requires.
+
+    Bytes that are not UTF-8 reach ``sys.argv`` surrogate-escaped: refused here as a
+    usage error instead of failing in the JSON encoder once connected.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raw = text.encode(errors="surrogateescape")
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not UTF-8: a conversation id is UTF-8 text"
+        ) from None
+    return text
+
+
 def _positive(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
@@ -154,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the worker's reply (default: 10)",
     )
-    asking.add_argument("conversation", metavar="CONV", help="the conversation id")
+    asking.add_argument(
+        "conversation", metavar="CONV", type=_conversation, help="the conversation id"
+    )
 
     def verb(
         name: str, summary: str, description: str, examples: str, *, asks: bool = True
