@@ -350,7 +350,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     """`warmer simulate`: the cost policies priced on idle-gap distributions (no broker)."""
-    from warmer.core import Policy
     from warmer.simulate import MIXES, TraceError, mixes_named, simulate, simulate_trace
     from warmer.simulate.report import document, text
 
@@ -360,7 +359,7 @@ def _simulate(args: argparse.Namespace) -> int:
         mixes = mixes_named(args.mix) if args.mix else MIXES
     except ValueError as error:
         args.usage(str(error))
-    policy, prefix = Policy.of(_config()), args.prefix_tokens
+    policy, prefix = _config().policy(), args.prefix_tokens
     try:
         if args.trace is not None:
             tables = [simulate_trace(args.trace, policy=policy, prefix_tokens=prefix)]
