@@ -19,19 +19,24 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, assert_never
 
 from msgspec import UNSET
 from msgspec.structs import replace
 
 from warmer.contract import (
     Command,
+    ConversationClosed,
     GetState,
     LifecycleEvent,
+    SetEnabled,
+    SetInterval,
+    SetPolicy,
     SettingsReply,
     SettingsView,
     StateReply,
     Status,
+    SurfaceAction,
     SurfaceChanged,
     TurnSettled,
     TurnStarted,
@@ -236,8 +241,11 @@ class Warmer:
 
     def apply_event(self, now: int, event: LifecycleEvent) -> Outcome:
         """Apply one decoded lifecycle event."""
-        if isinstance(event, WarmCompleted):
-            return self._completed(now, event)
+        match event:
+            case WarmCompleted():
+                return self._completed(now, event)
+            case _:
+                pass  # a turn's event: ordered by ``seq``, dispatched below
         cid = event.conversation_id
         conv = self._conversations.get(cid)
         if _is_stale_seq(event.seq, conv):
@@ -248,14 +256,17 @@ class Warmer:
         if event.seq is not None:
             conv.last_seq = event.seq
         effects: list[Effect] = []
-        if isinstance(event, TurnStarted):
-            conv.active = True
-            self.economy.started(now, conv)
-            self._cancel(cid, conv, effects)
-        elif isinstance(event, TurnSettled):
-            self._settled(now, cid, conv, event, effects)
-        else:
-            self._closed(cid, conv, effects)
+        match event:
+            case TurnStarted():
+                conv.active = True
+                self.economy.started(now, conv)
+                self._cancel(cid, conv, effects)
+            case TurnSettled():
+                self._settled(now, cid, conv, event, effects)
+            case ConversationClosed():
+                self._closed(cid, conv, effects)
+            case _:
+                assert_never(event)
         self._applied(now, cid, conv, effects)
         return Outcome(effects)
 
@@ -401,15 +412,19 @@ class Warmer:
     def plan_command(self, now: int, command: Command) -> Outcome | SettingsChange:
         """Validate a command: a reply to send now, or a settings change to persist."""
         cid = command.conversation_id
-        if isinstance(command, GetState):
-            conv = self._conversations.get(cid) or self._virtual(now, cid)
-            view = conv.view()
-            reply = StateReply(state=view, spec=build_panel(view, self.economy.fields(conv)))
-            return Outcome([SendReply(reply)], "answered")
-        persisted = self.persisted(cid)
-        known = self._conversations.get(cid)
-        enabled = known.enabled if known is not None else persisted.enabled
-        return plan_settings(command, persisted, enabled)
+        match command:
+            case GetState():
+                conv = self._conversations.get(cid) or self._virtual(now, cid)
+                view = conv.view()
+                spec = build_panel(view, self.economy.fields(conv))
+                return Outcome([SendReply(StateReply(state=view, spec=spec))], "answered")
+            case SetEnabled() | SetInterval() | SetPolicy() | SurfaceAction():
+                persisted = self.persisted(cid)
+                known = self._conversations.get(cid)
+                enabled = known.enabled if known is not None else persisted.enabled
+                return plan_settings(command, persisted, enabled)
+            case _:
+                assert_never(command)
 
     def commit(self, now: int, change: SettingsChange) -> Outcome:
         """Apply a planned change: merge the settings, re-arm as the rules say, reply.
@@ -423,14 +438,17 @@ class Warmer:
         conv = self._conversations.get(cid) or self._create(now, cid)
         effects: list[Effect] = []
         settings = change.settings
-        if change.field == "enabled":
-            self._set_enabled(now, cid, conv, settings, effects)
-        elif change.field == "interval":
-            conv.interval_ms = settings.interval_ms
-            if conv.status is Status.ARMED:
-                self._arm(now, cid, conv, effects)
-        else:
-            conv.policy = settings.policy  # judged at the next arm
+        match change.field:
+            case "enabled":
+                self._set_enabled(now, cid, conv, settings, effects)
+            case "interval":
+                conv.interval_ms = settings.interval_ms
+                if conv.status is Status.ARMED:
+                    self._arm(now, cid, conv, effects)
+            case "policy":
+                conv.policy = settings.policy  # judged at the next arm
+            case _:
+                assert_never(change.field)
         self._applied(now, cid, conv, effects)
         view = SettingsView(
             enabled=settings.enabled,
