@@ -207,7 +207,7 @@ class Warmer:
             if conv.last_input_at == 0:
                 self._touch(cid)
                 conv.last_input_at = now
-        plan = plan_recovery(self._conversations, now, self.policy)
+        plan = plan_recovery(self._conversations, now, self.economy)
         for arm in plan.warm_now:
             self._touch(arm.conversation_id)
             self._conversations[arm.conversation_id].next_warm_at = arm.due_at
@@ -522,23 +522,24 @@ class Warmer:
         since: int | None = None,
     ) -> None:
         """Arm the next warm: due at ``due``, else one effective interval after ``since``
-        (the settle's ``lastRequestAt``, never before now) or now."""
+        (the settle's ``lastRequestAt``, never before now) or now, and with a known
+        lifetime never later than the cache allows (``Economy.latest_due``, never before
+        now): an enable or a new interval long after the last read warms a live cache in
+        time instead of letting the late-fire guard find it dead."""
         if not conv.enabled or conv.active:
             self._cancel(cid, conv, effects)
             return
         conv.hold = Hold.NONE
+        economy = self.economy
         if due is None:
             interval = self._interval(cid, conv, effects)
             due = now + interval if since is None else max(now, since + interval)
-        policy = self.policy
-        hold = self.economy.hold(conv, due)
+            latest = economy.latest_due(conv)
+            if latest is not None and latest < due:
+                due = max(now, latest)
+        hold = economy.hold(conv, due)
         # Nothing to warm (no cache, or a dead one) says more than a spent budget.
-        # The adaptive policy judges when warming stops paying: the idle budget is the
-        # fixed rules' guess at it (docs/cost-policy.md).
-        spent = self.economy.policy_of(conv) != "adaptive" and (
-            due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms
-        )
-        if spent and hold not in _NOTHING_TO_WARM:
+        if economy.budget_spent(conv, due) and hold not in _NOTHING_TO_WARM:
             self._cancel(cid, conv, effects)
             conv.phase = Status.BUDGET_EXHAUSTED
             return
