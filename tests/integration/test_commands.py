@@ -207,7 +207,7 @@ async def test_set_interval_clamps_every_number(probe: Probe, start_worker: Any)
 async def test_set_interval_beyond_the_double_range_is_clamped(
     probe: Probe, start_worker: Any
 ) -> None:
-    # CONTRACT.md: clamped, never refused, including numbers beyond a double's range.
+    # docs/contract.md: clamped, never refused, including numbers beyond a double's range.
     await start_worker()
     for raw, clamped in ((b"1e400", 86_400_000), (b"-1e400", 1000)):
         body = b'{"type": "set_interval", "conversationId": "conv-1", "intervalMs": ' + raw + b"}"

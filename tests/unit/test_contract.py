@@ -534,7 +534,7 @@ def test_an_unknown_field_beyond_a_double_is_ignored() -> None:
     assert decode_event(raw) == TurnStarted(conversation_id="c")
 
 
-# -- numbers beyond a double: clamped, never refused (CONTRACT.md) -------------------------
+# -- numbers beyond a double: clamped, never refused (docs/contract.md) -------------------------
 
 
 @pytest.mark.parametrize(
@@ -582,7 +582,7 @@ def test_an_integer_field_beyond_a_double_is_an_invalid_field() -> None:
     invalid_field(decode_event(started()[:-1] + b',"at":-1e400}'), "at")
 
 
-# -- a key given twice: the last one wins, as JSON.parse reads it (CONTRACT.md) -------------
+# -- a key given twice: the last one wins, as JSON.parse reads it (docs/contract.md) -------------
 
 
 @pytest.mark.parametrize(

@@ -682,7 +682,7 @@ def test_a_new_interval_without_a_known_lifetime_counts_from_now(shell: Any) -> 
 def test_a_lifetime_no_longer_than_the_margin_never_warms_more_often_than_configured(
     shell: Any, ttl_s: int
 ) -> None:
-    # CONTRACT.md: too short to keep alive by warming. The configured interval applies;
+    # docs/contract.md: too short to keep alive by warming. The configured interval applies;
     # the late-fire guard finds its warm past the cache's life: nothing to warm.
     shell.set_enabled(C, True)
     armed = len(shell.arms)  # never settled: enabling armed it

@@ -99,7 +99,7 @@ class Economy:
         any interval), else the configured one.
 
         A lifetime no longer than the margin is too short to keep alive by warming: it is
-        never a reason to warm more often than configured (CONTRACT.md). The configured
+        never a reason to warm more often than configured (docs/contract.md). The configured
         interval applies, and the late-fire guard judges each warm against the lifetime.
         """
         ttl = conv.cache_ttl_ms
@@ -121,7 +121,7 @@ class Economy:
         return read + self.interval(conv)
 
     def budget_spent(self, conv: Conversation, due: int) -> bool:
-        """The idle budget (SEMANTICS.md, addition 4) forbids the warm due at ``due``.
+        """The idle budget (docs/semantics.md, addition 4) forbids the warm due at ``due``.
 
         It binds the ``fixed`` and ``budget`` policies, not ``adaptive`` (decision 46):
         the budget is the fixed rules' guess at when warming stops paying, which the
