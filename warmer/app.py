@@ -35,7 +35,7 @@ from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, declare
 from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep
 from warmer.config import Config, mask_password
-from warmer.core import Arm, GapModel, GapModelError, Policy, Record, Warmer, parse_settings
+from warmer.core import Arm, GapModel, GapModelError, Record, Warmer, parse_settings
 from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
@@ -228,7 +228,7 @@ class App:
                 ) from exc
         now = self._resumed_now(records)
         core = Warmer(
-            Policy.of(self.config),
+            self.config.policy(),
             records=records,
             adopt=True,  # decoded here for this core alone
             settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},

@@ -118,6 +118,22 @@ def _timeout(text: str) -> float:
     return seconds
 
 
+def _conversation(text: str) -> str:
+    """A conversation id from the command line: UTF-8 text, as the contract requires.
+
+    Bytes that are not UTF-8 reach ``sys.argv`` surrogate-escaped: refused here as a
+    usage error instead of failing in the JSON encoder once connected.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raw = text.encode(errors="surrogateescape")
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} is not UTF-8: a conversation id is UTF-8 text"
+        ) from None
+    return text
+
+
 def _positive(text: str) -> int:
     if not text.isascii() or not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1")
@@ -154,7 +170,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the worker's reply (default: 10)",
     )
-    asking.add_argument("conversation", metavar="CONV", help="the conversation id")
+    asking.add_argument(
+        "conversation", metavar="CONV", type=_conversation, help="the conversation id"
+    )
 
     def verb(
         name: str, summary: str, description: str, examples: str, *, asks: bool = True
@@ -332,7 +350,6 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _simulate(args: argparse.Namespace) -> int:
     """`warmer simulate`: the cost policies priced on idle-gap distributions (no broker)."""
-    from warmer.core import Policy
     from warmer.simulate import MIXES, TraceError, mixes_named, simulate, simulate_trace
     from warmer.simulate.report import document, text
 
@@ -342,7 +359,7 @@ def _simulate(args: argparse.Namespace) -> int:
         mixes = mixes_named(args.mix) if args.mix else MIXES
     except ValueError as error:
         args.usage(str(error))
-    policy, prefix = Policy.of(_config()), args.prefix_tokens
+    policy, prefix = _config().policy(), args.prefix_tokens
     try:
         if args.trace is not None:
             tables = [simulate_trace(args.trace, policy=policy, prefix_tokens=prefix)]

@@ -17,6 +17,7 @@ import msgspec
 
 from warmer.bus.port import CONFIRM_TIMEOUT_MS
 from warmer.contract import CostPolicyName
+from warmer.core.policy import Policy, Prices
 
 __all__ = [
     "SETTINGS",
@@ -51,6 +52,10 @@ HttpListen = Annotated[
 ]
 
 
+_POLICY: Final = Policy()
+"""The rules' knobs are the core's; their settings take the core's defaults."""
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message is one line naming it and what is allowed."""
 
@@ -69,22 +74,22 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     confirm_timeout_ms: Milliseconds = CONFIRM_TIMEOUT_MS
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
-    warm_timeout_ms: Milliseconds = 60_000
-    max_failures: AtLeastOne = 3
-    idle_max_ms: Milliseconds = 2_700_000
-    idle_max_warms: AtLeastOne = 10
-    cache_ttl_ms: Milliseconds = 300_000
-    retention_ms: Milliseconds = 7 * 24 * 3_600_000
+    warm_timeout_ms: Milliseconds = _POLICY.warm_timeout_ms
+    max_failures: AtLeastOne = _POLICY.max_failures
+    idle_max_ms: Milliseconds = _POLICY.idle_max_ms
+    idle_max_warms: AtLeastOne = _POLICY.idle_max_warms
+    cache_ttl_ms: Milliseconds = _POLICY.cache_ttl_ms
+    retention_ms: Milliseconds = _POLICY.retention_ms
     http: HttpListen = "off"
-    cost_policy: CostPolicyName = "fixed"
-    ttl_margin_ms: Milliseconds = 60_000
-    min_prefix_tokens: Tokens = 1024
-    max_misses: AtLeastOne = 2
-    spend_cap_tokens: AtLeastOne = 100_000
-    price_read: PriceRatio = 0.1
-    price_write_5m: PriceRatio = 1.25
-    price_write_1h: PriceRatio = 2.0
-    price_output: PriceRatio = 5.0
+    cost_policy: CostPolicyName = _POLICY.cost_policy
+    ttl_margin_ms: Milliseconds = _POLICY.ttl_margin_ms
+    min_prefix_tokens: Tokens = _POLICY.min_prefix_tokens
+    max_misses: AtLeastOne = _POLICY.max_misses
+    spend_cap_tokens: AtLeastOne = _POLICY.spend_cap_tokens
+    price_read: PriceRatio = _POLICY.prices.read
+    price_write_5m: PriceRatio = _POLICY.prices.write_5m
+    price_write_1h: PriceRatio = _POLICY.prices.write_1h
+    price_output: PriceRatio = _POLICY.prices.output
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
@@ -103,6 +108,28 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 continue
             values[setting.field] = _parse(setting, raw)
         return msgspec.convert(values, cls)
+
+    def policy(self) -> Policy:
+        """The rules' knobs these settings set, handed down to the core."""
+        return Policy(
+            warm_timeout_ms=self.warm_timeout_ms,
+            max_failures=self.max_failures,
+            idle_max_ms=self.idle_max_ms,
+            idle_max_warms=self.idle_max_warms,
+            cache_ttl_ms=self.cache_ttl_ms,
+            retention_ms=self.retention_ms,
+            cost_policy=self.cost_policy,
+            ttl_margin_ms=self.ttl_margin_ms,
+            min_prefix_tokens=self.min_prefix_tokens,
+            max_misses=self.max_misses,
+            spend_cap_tokens=self.spend_cap_tokens,
+            prices=Prices(
+                read=self.price_read,
+                write_5m=self.price_write_5m,
+                write_1h=self.price_write_1h,
+                output=self.price_output,
+            ),
+        )
 
     @property
     def http_address(self) -> tuple[str, int] | None:
@@ -135,8 +162,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 class Setting(msgspec.Struct, frozen=True):
     """One `WARMER_*` variable: its name, meaning and what it accepts.
 
-    Its default is the `Config` field's (the one place defaults live; the core's `Policy`
-    takes them from there too), unless `shown` describes it in words.
+    Its default is the `Config` field's (which takes the rules' knobs from the core's
+    `Policy`), unless `shown` describes it in words.
     """
 
     name: str

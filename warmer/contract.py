@@ -460,13 +460,9 @@ def _nested_too_deep(text: str) -> bool:
     return False
 
 
-class _Envelope(Struct):
-    """Just a message's ``type``: every other field is skipped, however odd."""
-
-    type: Any = None
-
-
-_ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+_LOOSE_DECODER: Final = msgspec.json.Decoder(float_hook=float)
+"""Any JSON as ``JSON.parse`` reads it: the last of a duplicated key wins, and a number
+beyond a double's range is infinite (``float`` of its text), never an error."""
 
 
 def _decode(
@@ -499,33 +495,47 @@ def _decode(
         return Rejection("invalid_json", f"body is nested more than {MAX_DEPTH} levels deep")
     try:
         return decoder.decode(text)
-    except msgspec.ValidationError as exc:
-        return _classify(text, str(exc))
+    except msgspec.ValidationError:
+        return _reread(decoder, text)
     except msgspec.DecodeError as exc:
         return Rejection("invalid_json", f"body is not JSON: {exc}")
     except RecursionError:  # not reached after the depth check: belt and braces
         return Rejection("invalid_json", "body is nested too deep to read")
 
 
-def _classify(text: str, problem: str) -> UnknownType | Rejection:
-    """Tell an unknown type, a non-object and a bad field apart (the slow path only)."""
+def _reread(decoder: msgspec.json.Decoder[_T], text: str) -> _T | UnknownType | Rejection:
+    """The slow path, taken when the typed decoder refused the body: read it again as
+    ``JSON.parse`` would, then convert it, telling an unknown type, a non-object and a bad
+    field apart.
+
+    The typed decoder reads a body as it streams, so it refuses what ``JSON.parse`` reads
+    without complaint: a key given twice whose first value is wrong (a second ``type``
+    above all: the tag is checked against the first), and a number beyond a double's
+    range (``1e400``, which the contract clamps). Read as a plain value first, the last of
+    a duplicated key wins and such a number is infinite; converting that value to the
+    message type then refuses exactly what is wrong with the message as read.
+    """
     try:
-        kind = _ENVELOPE_DECODER.decode(text).type
-    except msgspec.ValidationError as exc:
-        if str(exc).endswith("- at `$.type`"):  # a number no integer or double can hold
-            return Rejection("invalid_field", "type: expected a string, got a number out of range")
-        return Rejection("invalid_json", "body is not a JSON object")
-    except msgspec.DecodeError as exc:
+        value = _LOOSE_DECODER.decode(text)
+    except msgspec.DecodeError as exc:  # malformed after where the typed decoder stopped
         return Rejection("invalid_json", f"body is not JSON: {exc}")
     except RecursionError:  # not reached after the depth check: belt and braces
         return Rejection("invalid_json", "body is nested too deep to read")
+    if not isinstance(value, dict):
+        return Rejection("invalid_json", "body is not a JSON object")
+    kind = value.get("type")
     if kind is None:
         return Rejection("invalid_field", "type: missing or null")
     if not isinstance(kind, str):
         return Rejection("invalid_field", f"type: expected a string, got {quoted(kind)}")
-    if problem.endswith("- at `$.type`"):
-        return UnknownType(kind)
-    return Rejection("invalid_field", f"{_cut(kind, _SHOWN_TYPE_CHARS)}: {_describe(problem)}")
+    try:
+        message: _T = msgspec.convert(value, decoder.type)
+    except msgspec.ValidationError as exc:
+        problem = str(exc)
+        if problem.endswith("- at `$.type`"):
+            return UnknownType(kind)
+        return Rejection("invalid_field", f"{_cut(kind, _SHOWN_TYPE_CHARS)}: {_describe(problem)}")
+    return message
 
 
 def _describe(problem: str) -> str:

@@ -204,14 +204,15 @@ async def test_set_interval_clamps_every_number(probe: Probe, start_worker: Any)
     await surfaces.nothing(QUIET_S)
 
 
-async def test_set_interval_beyond_the_double_range_is_an_invalid_field(
+async def test_set_interval_beyond_the_double_range_is_clamped(
     probe: Probe, start_worker: Any
 ) -> None:
-    # docs/decisions.md: a number no IEEE double can hold (1e400) is refused, not clamped.
+    # docs/contract.md: clamped, never refused, including numbers beyond a double's range.
     await start_worker()
-    body = b'{"type": "set_interval", "conversationId": "conv-1", "intervalMs": 1e400}'
-    reply = await probe.command(body, timeout=3)
-    assert_error(reply, "invalid_field")
+    for raw, clamped in ((b"1e400", 86_400_000), (b"-1e400", 1000)):
+        body = b'{"type": "set_interval", "conversationId": "conv-1", "intervalMs": ' + raw + b"}"
+        reply = await probe.command(body, timeout=3)
+        assert reply == settings_reply(False, clamped), raw
     assert await probe.dead_count() == 0
 
 

@@ -222,6 +222,35 @@ def test_usage_errors_exit_2_before_connecting(
     assert "RabbitMQ" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["state", "\udcff"],
+        ["enable", "conv-\udcff"],
+        ["disable", "\udcffx"],
+        ["interval", "caf\udcc3", "90s"],
+        ["policy", "\udc80", "fixed"],
+    ],
+)
+def test_a_conversation_id_that_is_not_utf8_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A byte that is not UTF-8 reaches sys.argv surrogate-escaped ($'\xff' in a shell).
+    assert main(argv) == 2
+
+    err = capsys.readouterr().err
+    assert f"usage: warmer {argv[0]}" in err
+    assert "argument CONV: b'" in err
+    assert "is not UTF-8: a conversation id is UTF-8 text" in err
+    assert "Traceback" not in err and "RabbitMQ" not in err
+
+
+def test_a_conversation_id_in_utf8_beyond_ascii_is_sent_as_it_is(bus: FakeControl) -> None:
+    assert main(["state", "café-日本"]) == 0
+
+    assert bus.commands[0][0] == {"type": "get_state", "conversationId": "café-日本"}
+
+
 def test_a_bad_setting_exits_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import msgspec
 import pytest
 
@@ -13,6 +16,7 @@ from warmer.config import (
     settings_help,
     unknown_settings,
 )
+from warmer.core.policy import Policy, Prices
 
 
 def test_an_empty_environment_gives_the_documented_defaults() -> None:
@@ -282,3 +286,54 @@ def test_the_http_setting_reads_as_a_host_and_port_or_none(
     raw: str, address: tuple[str, int] | None
 ) -> None:
     assert Config.from_env({"WARMER_HTTP": raw}).http_address == address
+
+
+# -- the rules' knobs: built here, handed down to the core ----------------------------------
+
+
+def test_the_default_settings_set_the_cores_default_policy() -> None:
+    assert Config.from_env({}).policy() == Policy()
+
+
+def test_each_rule_setting_reaches_the_policy() -> None:
+    environ = {
+        "WARMER_WARM_TIMEOUT_MS": "5000",
+        "WARMER_MAX_FAILURES": "4",
+        "WARMER_IDLE_MAX_MS": "600000",
+        "WARMER_IDLE_MAX_WARMS": "7",
+        "WARMER_CACHE_TTL_MS": "3600000",
+        "WARMER_RETENTION_MS": "86400000",
+        "WARMER_COST_POLICY": "adaptive",
+        "WARMER_TTL_MARGIN_MS": "30000",
+        "WARMER_MIN_PREFIX_TOKENS": "2048",
+        "WARMER_MAX_MISSES": "5",
+        "WARMER_SPEND_CAP_TOKENS": "9",
+        "WARMER_PRICE_READ": "0.5",
+        "WARMER_PRICE_WRITE_5M": "1.5",
+        "WARMER_PRICE_WRITE_1H": "3",
+        "WARMER_PRICE_OUTPUT": "4",
+    }
+
+    policy = Config.from_env(environ).policy()
+
+    assert policy == Policy(
+        warm_timeout_ms=5000,
+        max_failures=4,
+        idle_max_ms=600_000,
+        idle_max_warms=7,
+        cache_ttl_ms=3_600_000,
+        retention_ms=86_400_000,
+        cost_policy="adaptive",
+        ttl_margin_ms=30_000,
+        min_prefix_tokens=2048,
+        max_misses=5,
+        spend_cap_tokens=9,
+        prices=Prices(read=0.5, write_5m=1.5, write_1h=3.0, output=4.0),
+    )
+
+
+def test_the_core_does_not_import_the_config() -> None:
+    # The edge builds what the core needs and hands it down (STYLE.md).
+    code = "import sys, warmer.core; print('warmer.config' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr

@@ -39,6 +39,7 @@ from warmer.contract import (
     encode,
 )
 from warmer.core import DEFAULT_PANEL, build_panel
+from warmer.core.rules import clamp_interval, seconds_to_interval
 
 MAX_SAFE = 2**53 - 1
 USAGE = {"inputTokens": 1000, "cacheReadTokens": 800, "cacheWriteTokens": 200}
@@ -533,10 +534,113 @@ def test_an_unknown_field_beyond_a_double_is_ignored() -> None:
     assert decode_event(raw) == TurnStarted(conversation_id="c")
 
 
-def test_set_interval_of_a_number_beyond_a_double_is_an_invalid_field() -> None:
-    # docs/decisions.md: a number no IEEE double can hold is refused, not clamped.
-    decoded = decode_command(command("set_interval")[:-1] + b',"intervalMs":1e400}')
-    rejected(decoded, "invalid_field")
+# -- numbers beyond a double: clamped, never refused (docs/contract.md) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "clamped"),
+    [
+        (b"1e400", 86_400_000),
+        (b"-1e400", 1000),
+        (b"1E+999", 86_400_000),
+        (b"1e-400", 1000),  # JSON.parse reads 0: clamped like 0
+        (b"1e308", 86_400_000),
+        (b"1" + b"0" * 400, 86_400_000),  # an integer longer than any double
+    ],
+)
+def test_set_interval_beyond_a_double_is_clamped(raw: bytes, clamped: int) -> None:
+    decoded = decode_command(
+        b'{"type":"set_interval","conversationId":"c","intervalMs":' + raw + b"}"
+    )
+    assert isinstance(decoded, SetInterval), decoded
+    assert clamp_interval(decoded.interval_ms) == clamped
+
+
+@pytest.mark.parametrize(
+    ("payload", "ms"),
+    [
+        (b"1e400", 86_400_000),
+        (b'{"value":1e400}', 86_400_000),
+        (b"-1e400", None),  # not a positive number of seconds
+        (b'{"value":-1e400}', None),
+        (b"1e-400", None),  # JSON.parse reads 0
+    ],
+)
+def test_dashboard_seconds_beyond_a_double_are_clamped(payload: bytes, ms: int | None) -> None:
+    decoded = decode_command(
+        b'{"type":"surface.action","conversationId":"c",'
+        b'"actionId":"cache-warming/set-interval","payload":' + payload + b"}"
+    )
+    assert isinstance(decoded, SurfaceAction), decoded
+    value = decoded.payload.get("value") if isinstance(decoded.payload, dict) else decoded.payload
+    assert seconds_to_interval(value) == ms
+
+
+def test_an_integer_field_beyond_a_double_is_an_invalid_field() -> None:
+    # Only intervalMs (and the dashboard's seconds) take any number: a count does not.
+    invalid_field(decode_event(started()[:-1] + b',"seq":1e400}'), "seq")
+    invalid_field(decode_event(started()[:-1] + b',"at":-1e400}'), "at")
+
+
+# -- a key given twice: the last one wins, as JSON.parse reads it (docs/contract.md) -------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            b'{"type":"turn.settled","type":"turn.started","conversationId":"c"}',
+            TurnStarted(conversation_id="c"),
+        ),
+        (
+            b'{"type":"turn.started","conversationId":"c","type":"turn.settled","cwd":"/w"}',
+            TurnSettled(conversation_id="c", cwd="/w"),
+        ),
+        (
+            b'{"type":"turn.paused","type":"conversation.closed","conversationId":"c"}',
+            ConversationClosed(conversation_id="c"),
+        ),
+        (
+            b'{"type":5,"type":"turn.started","conversationId":"c"}',
+            TurnStarted(conversation_id="c"),
+        ),
+        (
+            b'{"type":"turn.started","conversationId":7,"seq":"x","conversationId":"c","seq":3}',
+            TurnStarted(conversation_id="c", seq=3),
+        ),
+        (
+            b'{"type":"turn.started","conversationId":"a","conversationId":"c"}',
+            TurnStarted(conversation_id="c"),
+        ),
+        (
+            b'{"type":"turn.settled","conversationId":"c","usage":{"inputTokens":"x",'
+            b'"inputTokens":9,"cacheReadTokens":1,"cacheWriteTokens":2},"cacheTtlS":-1,'
+            b'"cacheTtlS":300}',
+            TurnSettled(
+                conversation_id="c",
+                usage=Usage(input_tokens=9, cache_read_tokens=1, cache_write_tokens=2),
+                cache_ttl_s=300,
+            ),
+        ),
+    ],
+)
+def test_a_key_given_twice_reads_as_its_last_value(raw: bytes, expected: object) -> None:
+    assert decode_event(raw) == expected
+
+
+def test_a_command_type_given_twice_reads_as_its_last_value() -> None:
+    raw = b'{"type":"get_state","type":"set_enabled","conversationId":"c","enabled":true}'
+    assert decode_command(raw) == SetEnabled(conversation_id="c", enabled=True)
+
+
+def test_a_key_given_twice_is_judged_by_its_last_value() -> None:
+    assert decode_event(
+        b'{"type":"turn.started","type":"turn.paused","conversationId":"c"}'
+    ) == UnknownType("turn.paused")
+    invalid_field(
+        decode_event(b'{"type":"turn.started","conversationId":"c","seq":3,"seq":"x"}'), "seq"
+    )
+    invalid_field(decode_event(b'{"type":"turn.started","type":null,"conversationId":"c"}'), "type")
 
 
 def test_invalid_utf8_anywhere_in_the_body_is_invalid_json() -> None:

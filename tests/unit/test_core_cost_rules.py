@@ -23,6 +23,7 @@ from warmer.contract import (
     encode,
 )
 from warmer.core import MODEL_KEY, GapModel, Hold, Policy, Record, Settings, Warmer
+from warmer.core.costs import warm_cost
 from warmer.core.gaps import EDGES
 from warmer.core.panel import extra_stats
 from warmer.core.policy import Prices
@@ -598,3 +599,197 @@ def test_the_longest_lifetime_and_absurd_usages_still_make_a_storable_record(
     assert stored is not None and stored.state is not None
     assert stored.state.spent == stored.state.last_warm_cost == MAX_SAFE_INTEGER
     assert stored.state.cache_ttl_ms == MAX_SAFE_INTEGER // 1000 * 1000
+
+
+# -- the edges (issue 15) ----------------------------------------------------------------------
+
+TTL_5M = 300  # cacheTtlS: expires 5 minutes after the last read; warmed 4 minutes after it
+
+
+def idle_since_settle(shell: Any, **settle: Any) -> int:
+    """A turn settles with warming off; returns its moment (the provider's last read)."""
+    shell.settled(C, **settle)
+    assert shell.status(C) == "disabled"
+    return int(shell.now)
+
+
+@pytest.mark.parametrize(
+    ("later_s", "due_after_read_s"),
+    [
+        (30, 240),  # within the margin of the read: one effective interval after it
+        (120, 240),  # the issue's case: past the margin, the cache alive until 300 s
+        (239, 240),
+        (240, 240),  # the last moment the margin allows: now
+        (270, 270),  # past it, the cache still alive: warmed at once
+        (299.999, 299.999),
+    ],
+)
+def test_enabling_an_idle_conversation_warms_its_live_cache_before_it_expires(
+    shell: Any, later_s: float, due_after_read_s: float
+) -> None:
+    read_at = idle_since_settle(shell, cache_ttl_s=TTL_5M)
+    shell.advance(round(later_s * 1000))
+    shell.set_enabled(C, True)
+    assert shell.status(C) == "armed"
+    assert shell.due(C) == read_at + round(due_after_read_s * 1000)
+    shell.fire(C)
+    assert shell.status(C) == "warming" and len(shell.warms) == 1
+
+
+def test_enabling_at_the_instant_the_cache_expires_does_not_warm(shell: Any) -> None:
+    read_at = idle_since_settle(shell, cache_ttl_s=TTL_5M)
+    shell.now = read_at + TTL_5M * 1000  # due now, at the expiry: the late-fire guard
+    shell.set_enabled(C, True)
+    assert shell.status(C) == "expired" and shell.due(C) is None
+    assert shell.skipped[-1].reason is Hold.EXPIRED
+
+
+def test_enabling_times_the_warm_from_an_earlier_last_request(shell: Any) -> None:
+    # The provider read the prompt at lastRequestAt (a long answer streamed after it):
+    # the cache lives from there, not from the settle.
+    settled_at = shell.now
+    idle_since_settle(shell, cache_ttl_s=TTL_5M, last_request_at=settled_at - 100_000)
+    shell.advance(30_000)
+    shell.set_enabled(C, True)
+    assert shell.due(C) == settled_at - 100_000 + 240_000
+    shell.advance(200_000)  # 230 s after the settle: 330 s after the read
+    shell.set_enabled(C, False)
+    shell.set_enabled(C, True)
+    assert shell.status(C) == "expired"
+
+
+def test_a_new_interval_long_after_the_last_read_keeps_the_armed_warm_in_time(
+    shell: Any,
+) -> None:
+    shell.set_enabled(C, True)
+    shell.settled(C, cache_ttl_s=TTL_5M)
+    read_at = shell.now
+    shell.advance(90_000)  # past the margin
+    shell.set_interval(C, 120_000)  # re-arms: the known lifetime still sets the interval
+    assert shell.status(C) == "armed" and shell.due(C) == read_at + 240_000
+
+
+def test_a_new_interval_without_a_known_lifetime_counts_from_now(shell: Any) -> None:
+    other = "conv-2"
+    shell.set_enabled(other, True)
+    shell.settled(other)
+    shell.advance(90_000)
+    shell.set_interval(other, 120_000)
+    assert shell.due(other) == shell.now + 120_000
+
+
+@pytest.mark.parametrize("ttl_s", [1, 30, 59, 60])
+def test_a_lifetime_no_longer_than_the_margin_never_warms_more_often_than_configured(
+    shell: Any, ttl_s: int
+) -> None:
+    # docs/contract.md: too short to keep alive by warming. The configured interval applies;
+    # the late-fire guard finds its warm past the cache's life: nothing to warm.
+    shell.set_enabled(C, True)
+    armed = len(shell.arms)  # never settled: enabling armed it
+    shell.settled(C, cache_ttl_s=ttl_s)
+    assert shell.status(C) == "expired" and shell.due(C) is None and len(shell.arms) == armed
+    assert shell.adjusted == [] and shell.warms == []
+    assert fields(shell)["Cache lifetime"] in {f"{ttl_s} s", "1 min"}
+
+
+def test_a_lifetime_shorter_than_the_margin_is_warmed_at_a_configured_interval_inside_it(
+    shell: Any,
+) -> None:
+    shell.set_interval(C, 10_000)
+    enabled(shell, cache_ttl_s=30)
+    assert shell.status(C) == "armed" and shell.due(C) == shell.now + 10_000
+    shell.fire(C)
+    shell.advance(1_000)
+    shell.completed(C, token=shell.last_warm.token, usage=read())
+    assert shell.due(C) == shell.now + 10_000 and shell.adjusted == []
+
+
+def test_a_lifetime_just_over_the_margin_warms_no_more_than_once_a_second(shell: Any) -> None:
+    enabled(shell, cache_ttl_s=60 + 1)  # the contract's TTL - margin: 1 s
+    assert shell.due(C) == shell.now + 1_000
+    shell.fire(C)
+    shell.completed(C, token=shell.last_warm.token, usage=read())
+    assert shell.due(C) == shell.now + 1_000
+
+
+def test_a_lifetime_over_a_day_is_warmed_at_least_daily(make_shell: Any) -> None:
+    # The effective interval stays within an interval's own bounds (1 s to 24 h).
+    shell = make_shell(Policy(idle_max_ms=30 * 24 * HOUR))
+    enabled(shell, cache_ttl_s=7 * 24 * 3600)
+    assert shell.due(C) == shell.now + 24 * HOUR
+    assert fields(shell)["Effective interval"] == "24 h (for the 168 h cache)"
+
+
+def test_a_zero_lifetime_or_prefix_reads_as_not_given(shell: Any) -> None:
+    # Zero is what many publishers send for "not set" (Go's and protobuf's defaults);
+    # no provider grants a 0-second cache or caches 0 tokens.
+    enabled(shell, cache_ttl_s=0, prefix_tokens=0)
+    conv = shell.conv(C)
+    assert (conv.cache_ttl_ms, conv.prefix_tokens) == (None, None)
+    assert shell.status(C) == "armed" and shell.due(C) == shell.now + 240_000
+    # A known lifetime and prefix are kept, as when the fields are absent.
+    shell.settled(C, cache_ttl_s=TTL_5M, prefix_tokens=P)
+    shell.settled(C, cache_ttl_s=0, prefix_tokens=0)
+    assert (conv.cache_ttl_ms, conv.prefix_tokens) == (300_000, P)
+    assert shell.due(C) == shell.now + 240_000 and shell.status(C) == "armed"
+
+
+def test_a_turn_usage_of_zero_input_does_not_make_the_prefix_zero(shell: Any) -> None:
+    nothing = Usage(input_tokens=0, cache_read_tokens=0, cache_write_tokens=0)
+    enabled(shell, usage=nothing)
+    assert shell.conv(C).prefix_tokens is None and shell.status(C) == "armed"
+
+
+# -- the boundaries of the rules ------------------------------------------------------------
+
+
+def test_a_prefix_of_exactly_the_minimum_is_warmed(shell: Any) -> None:
+    minimum = shell.warmer.policy.min_prefix_tokens
+    enabled(shell, prefix_tokens=minimum)
+    assert shell.status(C) == "armed"
+    shell.settled(C, prefix_tokens=minimum - 1)
+    assert shell.status(C) == "idle" and shell.conv(C).hold is Hold.SMALL_PREFIX
+
+
+def test_the_spend_cap_allows_a_warm_that_reaches_it_exactly(make_shell: Any) -> None:
+    cost = round(warm_cost(read(), Prices(), None))  # a warm's cost, whole tokens
+    shell = make_shell(Policy(cost_policy="budget", spend_cap_tokens=2 * cost))
+    enabled(shell, prefix_tokens=P)
+    while shell.due(C) is not None:
+        shell.fire(C)
+        shell.completed(C, token=shell.last_warm.token, usage=read())
+    # The second warm brings the stretch to the cap exactly: within it. A third would not.
+    assert len(shell.warms) == 2 and shell.conv(C).stretch_cost == 2 * cost
+    assert shell.status(C) == "budget_exhausted" and shell.conv(C).hold is Hold.SPEND_CAP
+
+
+def test_a_return_at_the_instant_the_cache_expires_found_it_expired(shell: Any) -> None:
+    # The settle's cache lives [read, read + TTL): a turn at read + TTL finds a warm's
+    # cache (kept: a re-write avoided) or none (lost: a re-write not avoided).
+    enabled(shell, cache_ttl_s=TTL_5M, prefix_tokens=P)
+    read_at = shell.now
+    shell.fire(C)
+    shell.completed(C, token=shell.last_warm.token, usage=read())
+    shell.now = read_at + TTL_5M * 1000
+    shell.started(C)
+    back = Usage(input_tokens=P + 10, cache_read_tokens=P, cache_write_tokens=0)
+    shell.settled(C, usage=back)
+    assert shell.conv(C).avoided > 0 and shell.conv(C).missed == 0
+    # One millisecond earlier the cache was the settle's own: nothing is credited.
+    shell.advance(1000)
+    read_at = shell.now
+    shell.now = read_at + TTL_5M * 1000 - 1
+    avoided = shell.conv(C).avoided
+    shell.started(C)
+    shell.settled(C, usage=back)
+    assert shell.conv(C).avoided == avoided
+
+
+def test_a_return_past_an_earlier_last_request_found_the_cache_expired(shell: Any) -> None:
+    # Not warmed, the cache died TTL after lastRequestAt, before TTL after the settle.
+    settled_at = shell.now
+    shell.settled(C, cache_ttl_s=TTL_5M, prefix_tokens=P, last_request_at=settled_at - 100_000)
+    shell.now = settled_at + 250_000  # 350 s after the read
+    shell.started(C)
+    shell.settled(C)
+    assert shell.conv(C).missed > 0 and shell.conv(C).avoided == 0

@@ -153,15 +153,28 @@ def test_a_warm_costs_its_reads_writes_uncached_input_and_output() -> None:
     assert warm_cost(usage, PRICES, HOUR_MS) == pytest.approx(10 + 10_000 + 2_000 + 10)
 
 
-def test_a_usage_split_prices_each_write_at_its_lifetime() -> None:
+@pytest.mark.parametrize(
+    ("five", "hour", "cost"),
+    [
+        (100, 200, 100 * 1.25 + 200 * 2.0),  # each write at its lifetime's price
+        (None, 1_000, 300 * 2.0),  # a 1-hour share larger than the writes: all 1-hour
+        (1_000, None, 300 * 1.25),
+        (1_000, 1_000, 300 * 2.0),  # the 1-hour share first, nothing left for the rest
+        (200, 200, 200 * 2.0 + 100 * 1.25),
+    ],
+)
+def test_a_usage_split_prices_each_write_at_its_lifetime_within_the_writes(
+    five: int | None, hour: int | None, cost: float
+) -> None:
+    # A publisher whose split does not add up: the writes counted are cacheWriteTokens.
     usage = Usage(
         input_tokens=300,
         cache_read_tokens=0,
         cache_write_tokens=300,
-        cache_write_5m_tokens=100,
-        cache_write_1h_tokens=200,
+        cache_write_5m_tokens=five,
+        cache_write_1h_tokens=hour,
     )
-    assert warm_cost(usage, PRICES, None) == pytest.approx(100 * 1.25 + 200 * 2.0)
+    assert warm_cost(usage, PRICES, None) == pytest.approx(cost)
 
 
 @pytest.mark.parametrize(

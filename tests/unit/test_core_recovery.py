@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmer.contract import TurnSettled, TurnStarted, WarmCompleted
+from warmer.contract import CostPolicyName, TurnSettled, TurnStarted, WarmCompleted
 from warmer.core import (
     Arm,
     Conversation,
@@ -200,6 +200,40 @@ def test_a_warm_moved_beyond_the_idle_budget_time_is_not_armed() -> None:
     late = warmer.get("late")
     assert late is not None and late.status == "budget_exhausted" and late.next_warm_at is None
     assert set(touched) == {"late", "within"}
+
+
+@pytest.mark.parametrize(
+    ("deployment", "own", "warmed"),
+    [
+        ("adaptive", None, True),
+        ("fixed", "adaptive", True),
+        ("adaptive", "fixed", False),
+        ("budget", None, False),
+    ],
+)
+def test_recovery_applies_the_idle_budget_as_the_running_worker_does(
+    deployment: CostPolicyName, own: CostPolicyName | None, warmed: bool
+) -> None:
+    # Decision 46: the idle budget binds fixed and budget, not adaptive, at every arm:
+    # a restart that moves a warm past the budget's time must judge it the same way.
+    idle_max = Policy().idle_max_ms
+    state = conv(
+        Status.ARMED,
+        idle_since=NOW - 2 * idle_max,
+        next_warm_at=NOW - 1,
+        last_read_at=NOW - 60_000,
+        idle_warms=Policy().idle_max_warms + 5,
+        policy=own,
+    )
+    settings = Settings(True, INTERVAL, own)
+    policy = Policy(cost_policy=deployment)
+    warmer, recovery, _ = restore({C: record(state, settings)}, policy=policy)
+    late = warmer.get(C)
+    assert late is not None
+    if warmed:
+        assert recovery.arms == [Arm(C, NOW, state.token)] and late.status == "armed"
+    else:
+        assert recovery.arms == [] and late.status == "budget_exhausted"
 
 
 def test_the_cache_ttl_is_a_policy() -> None:
@@ -407,6 +441,22 @@ def test_prune_keeps_what_was_used_exactly_at_the_limit_and_unknown_times() -> N
     )
     assert warmer.prune(NOW) == ["over"]
     assert len(warmer) == 2
+
+
+@pytest.mark.parametrize("retention", [1_000, 30 * 60_000, 7 * 24 * 3_600_000])
+def test_prune_forgets_a_conversation_at_the_first_check_past_the_retention_time(
+    retention: int,
+) -> None:
+    # Checks between full scans look at the candidates of the last scan only: one whose
+    # time comes between two scans must be among them, or it is forgotten up to an hour
+    # late. Here the scan happens while it is still within the retention time.
+    last = NOW - 60_000
+    warmer = Warmer(Policy(retention_ms=retention), records={C: record(conv(last_input_at=last))})
+    limit = last + retention
+    for now in (limit - 30 * 60_000, limit - 1, limit):
+        assert warmer.prune(now) == [], now
+    assert warmer.prune(limit + 1) == [C]
+    assert warmer.get(C) is None
 
 
 def test_prune_outside_a_batch_and_with_nothing_due_changes_nothing() -> None:

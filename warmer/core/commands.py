@@ -8,7 +8,7 @@ cannot.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, assert_never
 
 from msgspec import UNSET, Struct
 from msgspec.structs import replace
@@ -50,16 +50,22 @@ def plan_settings(
     without a value flips.
     """
     cid = command.conversation_id
-    if isinstance(command, SetEnabled):
-        return SettingsChange(
-            cid, replace(persisted, enabled=command.enabled), "enabled", persisted
-        )
-    if isinstance(command, SetInterval):
-        settings = replace(persisted, interval_ms=clamp_interval(command.interval_ms))
-        return SettingsChange(cid, settings, "interval", persisted)
-    if isinstance(command, SetPolicy):
-        return SettingsChange(cid, replace(persisted, policy=command.policy), "policy", persisted)
-    return _plan_action(command, persisted, enabled)
+    match command:
+        case SetEnabled():
+            return SettingsChange(
+                cid, replace(persisted, enabled=command.enabled), "enabled", persisted
+            )
+        case SetInterval():
+            settings = replace(persisted, interval_ms=clamp_interval(command.interval_ms))
+            return SettingsChange(cid, settings, "interval", persisted)
+        case SetPolicy():
+            return SettingsChange(
+                cid, replace(persisted, policy=command.policy), "policy", persisted
+            )
+        case SurfaceAction():
+            return _plan_action(command, persisted, enabled)
+        case _:
+            assert_never(command)
 
 
 def _plan_action(

@@ -34,7 +34,7 @@ from warmer.core.costs import (
 from warmer.core.effects import Accounted
 from warmer.core.gaps import GapModel
 from warmer.core.policy import HOUR_MS, Policy
-from warmer.core.rules import MIN_INTERVAL_MS, round_half_up
+from warmer.core.rules import MAX_INTERVAL_MS, MIN_INTERVAL_MS, round_half_up
 from warmer.core.state import Conversation, Hold, Return
 
 ADVICE_MIN_GAPS: Final = 100
@@ -95,11 +95,44 @@ class Economy:
         return conv.policy or self.policy.cost_policy
 
     def interval(self, conv: Conversation) -> int:
-        """The effective interval: a known cache lifetime minus the margin, else the configured."""
+        """The effective interval: a known cache lifetime minus the margin (1 s to 24 h, as
+        any interval), else the configured one.
+
+        A lifetime no longer than the margin is too short to keep alive by warming: it is
+        never a reason to warm more often than configured (docs/contract.md). The configured
+        interval applies, and the late-fire guard judges each warm against the lifetime.
+        """
         ttl = conv.cache_ttl_ms
-        if ttl is None:
+        margin = self.policy.ttl_margin_ms
+        if ttl is None or ttl <= margin:
             return conv.interval_ms
-        return max(MIN_INTERVAL_MS, ttl - self.policy.ttl_margin_ms)
+        return min(MAX_INTERVAL_MS, max(MIN_INTERVAL_MS, ttl - margin))
+
+    def latest_due(self, conv: Conversation) -> int | None:
+        """With a known lifetime, the latest a warm is due: one effective interval after
+        the last read (the margin before the expiry); None while the lifetime is unknown.
+
+        An arm made long after the last read (an enable, a new interval) is due by then,
+        not a whole interval from its own now, which would land past the expiry.
+        """
+        read = conv.last_read_at
+        if conv.cache_ttl_ms is None or read is None:
+            return None
+        return read + self.interval(conv)
+
+    def budget_spent(self, conv: Conversation, due: int) -> bool:
+        """The idle budget (docs/semantics.md, addition 4) forbids the warm due at ``due``.
+
+        It binds the ``fixed`` and ``budget`` policies, not ``adaptive`` (decision 46):
+        the budget is the fixed rules' guess at when warming stops paying, which the
+        adaptive rule works out. The running worker and restart recovery both ask here.
+        """
+        if self.policy_of(conv) == "adaptive":
+            return False
+        policy = self.policy
+        return (
+            due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms
+        )
 
     def lifetime(self, conv: Conversation) -> int:
         """The cache lifetime the arithmetic assumes: the known one, else the deployment's
@@ -181,13 +214,15 @@ class Economy:
         """
         account = self._credit(cid, conv, event.usage)
         usage = event.usage
-        if event.cache_ttl_s is not None:
+        # A 0 reads as absent: many publishers send a zero value for "not set" (Go's and
+        # protobuf's defaults), and no provider grants a cache of 0 s or caches 0 tokens.
+        if event.cache_ttl_s:
             conv.cache_ttl_ms = event.cache_ttl_s * 1000
         elif usage is not None:
             conv.cache_ttl_ms = ttl_from_usage(usage) or conv.cache_ttl_ms
-        if event.prefix_tokens is not None:
+        if event.prefix_tokens:
             conv.prefix_tokens = event.prefix_tokens
-        elif usage is not None:
+        elif usage is not None and usage.input_tokens:
             conv.prefix_tokens = usage.input_tokens  # the last request's prompt: the prefix
         conv.settled_at = conv.idle_since
         conv.settled_read_at = conv.last_read_at

@@ -19,19 +19,24 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Final
+from typing import Final, assert_never
 
 from msgspec import UNSET
 from msgspec.structs import replace
 
 from warmer.contract import (
     Command,
+    ConversationClosed,
     GetState,
     LifecycleEvent,
+    SetEnabled,
+    SetInterval,
+    SetPolicy,
     SettingsReply,
     SettingsView,
     StateReply,
     Status,
+    SurfaceAction,
     SurfaceChanged,
     TurnSettled,
     TurnStarted,
@@ -202,7 +207,7 @@ class Warmer:
             if conv.last_input_at == 0:
                 self._touch(cid)
                 conv.last_input_at = now
-        plan = plan_recovery(self._conversations, now, self.policy)
+        plan = plan_recovery(self._conversations, now, self.economy)
         for arm in plan.warm_now:
             self._touch(arm.conversation_id)
             self._conversations[arm.conversation_id].next_warm_at = arm.due_at
@@ -236,8 +241,11 @@ class Warmer:
 
     def apply_event(self, now: int, event: LifecycleEvent) -> Outcome:
         """Apply one decoded lifecycle event."""
-        if isinstance(event, WarmCompleted):
-            return self._completed(now, event)
+        match event:
+            case WarmCompleted():
+                return self._completed(now, event)
+            case _:
+                pass  # a turn's event: ordered by ``seq``, dispatched below
         cid = event.conversation_id
         conv = self._conversations.get(cid)
         if _is_stale_seq(event.seq, conv):
@@ -248,14 +256,17 @@ class Warmer:
         if event.seq is not None:
             conv.last_seq = event.seq
         effects: list[Effect] = []
-        if isinstance(event, TurnStarted):
-            conv.active = True
-            self.economy.started(now, conv)
-            self._cancel(cid, conv, effects)
-        elif isinstance(event, TurnSettled):
-            self._settled(now, cid, conv, event, effects)
-        else:
-            self._closed(cid, conv, effects)
+        match event:
+            case TurnStarted():
+                conv.active = True
+                self.economy.started(now, conv)
+                self._cancel(cid, conv, effects)
+            case TurnSettled():
+                self._settled(now, cid, conv, event, effects)
+            case ConversationClosed():
+                self._closed(cid, conv, effects)
+            case _:
+                assert_never(event)
         self._applied(now, cid, conv, effects)
         return Outcome(effects)
 
@@ -401,15 +412,19 @@ class Warmer:
     def plan_command(self, now: int, command: Command) -> Outcome | SettingsChange:
         """Validate a command: a reply to send now, or a settings change to persist."""
         cid = command.conversation_id
-        if isinstance(command, GetState):
-            conv = self._conversations.get(cid) or self._virtual(now, cid)
-            view = conv.view()
-            reply = StateReply(state=view, spec=build_panel(view, self.economy.fields(conv)))
-            return Outcome([SendReply(reply)], "answered")
-        persisted = self.persisted(cid)
-        known = self._conversations.get(cid)
-        enabled = known.enabled if known is not None else persisted.enabled
-        return plan_settings(command, persisted, enabled)
+        match command:
+            case GetState():
+                conv = self._conversations.get(cid) or self._virtual(now, cid)
+                view = conv.view()
+                spec = build_panel(view, self.economy.fields(conv))
+                return Outcome([SendReply(StateReply(state=view, spec=spec))], "answered")
+            case SetEnabled() | SetInterval() | SetPolicy() | SurfaceAction():
+                persisted = self.persisted(cid)
+                known = self._conversations.get(cid)
+                enabled = known.enabled if known is not None else persisted.enabled
+                return plan_settings(command, persisted, enabled)
+            case _:
+                assert_never(command)
 
     def commit(self, now: int, change: SettingsChange) -> Outcome:
         """Apply a planned change: merge the settings, re-arm as the rules say, reply.
@@ -423,14 +438,17 @@ class Warmer:
         conv = self._conversations.get(cid) or self._create(now, cid)
         effects: list[Effect] = []
         settings = change.settings
-        if change.field == "enabled":
-            self._set_enabled(now, cid, conv, settings, effects)
-        elif change.field == "interval":
-            conv.interval_ms = settings.interval_ms
-            if conv.status is Status.ARMED:
-                self._arm(now, cid, conv, effects)
-        else:
-            conv.policy = settings.policy  # judged at the next arm
+        match change.field:
+            case "enabled":
+                self._set_enabled(now, cid, conv, settings, effects)
+            case "interval":
+                conv.interval_ms = settings.interval_ms
+                if conv.status is Status.ARMED:
+                    self._arm(now, cid, conv, effects)
+            case "policy":
+                conv.policy = settings.policy  # judged at the next arm
+            case _:
+                assert_never(change.field)
         self._applied(now, cid, conv, effects)
         view = SettingsView(
             enabled=settings.enabled,
@@ -504,23 +522,24 @@ class Warmer:
         since: int | None = None,
     ) -> None:
         """Arm the next warm: due at ``due``, else one effective interval after ``since``
-        (the settle's ``lastRequestAt``, never before now) or now."""
+        (the settle's ``lastRequestAt``, never before now) or now, and with a known
+        lifetime never later than the cache allows (``Economy.latest_due``, never before
+        now): an enable or a new interval long after the last read warms a live cache in
+        time instead of letting the late-fire guard find it dead."""
         if not conv.enabled or conv.active:
             self._cancel(cid, conv, effects)
             return
         conv.hold = Hold.NONE
+        economy = self.economy
         if due is None:
             interval = self._interval(cid, conv, effects)
             due = now + interval if since is None else max(now, since + interval)
-        policy = self.policy
-        hold = self.economy.hold(conv, due)
+            latest = economy.latest_due(conv)
+            if latest is not None and latest < due:
+                due = max(now, latest)
+        hold = economy.hold(conv, due)
         # Nothing to warm (no cache, or a dead one) says more than a spent budget.
-        # The adaptive policy judges when warming stops paying: the idle budget is the
-        # fixed rules' guess at it (docs/cost-policy.md).
-        spent = self.economy.policy_of(conv) != "adaptive" and (
-            due > conv.idle_since + policy.idle_max_ms or conv.idle_warms >= policy.idle_max_warms
-        )
-        if spent and hold not in _NOTHING_TO_WARM:
+        if economy.budget_spent(conv, due) and hold not in _NOTHING_TO_WARM:
             self._cancel(cid, conv, effects)
             conv.phase = Status.BUDGET_EXHAUSTED
             return

@@ -1,4 +1,5 @@
-"""The global knobs of the rules, read once at the edge (``WARMER_*`` settings)."""
+"""The global knobs of the rules: the core's defaults, set from the ``WARMER_*`` settings
+by the edge (``warmer.config.Config.policy``), which hands the result down."""
 
 from __future__ import annotations
 
@@ -6,11 +7,7 @@ from typing import Final
 
 from msgspec import Struct
 
-from warmer.config import Config
 from warmer.contract import CostPolicyName
-
-# Every default lives in the config; the policy takes its defaults from there.
-_DEFAULTS: Final = Config()
 
 HOUR_MS: Final = 3_600_000
 """A cache lifetime at least this long is priced as the 1-hour cache."""
@@ -19,10 +16,10 @@ HOUR_MS: Final = 3_600_000
 class Prices(Struct, frozen=True, kw_only=True, gc=False):
     """Token prices relative to the base input price (1.0); Anthropic's by default."""
 
-    read: float = _DEFAULTS.price_read
-    write_5m: float = _DEFAULTS.price_write_5m
-    write_1h: float = _DEFAULTS.price_write_1h
-    output: float = _DEFAULTS.price_output
+    read: float = 0.1
+    write_5m: float = 1.25
+    write_1h: float = 2.0
+    output: float = 5.0
 
     def write(self, ttl_ms: int | None) -> float:
         """The price of a cache write that lives ``ttl_ms`` (the 5-minute one when unknown)."""
@@ -30,50 +27,27 @@ class Prices(Struct, frozen=True, kw_only=True, gc=False):
 
 
 class Policy(Struct, frozen=True, kw_only=True):
-    """The global knobs of the rules (``WARMER_*`` settings)."""
+    """The global knobs of the rules; the defaults are the ``WARMER_*`` settings' defaults."""
 
-    warm_timeout_ms: int = _DEFAULTS.warm_timeout_ms
-    max_failures: int = _DEFAULTS.max_failures
-    idle_max_ms: int = _DEFAULTS.idle_max_ms
-    idle_max_warms: int = _DEFAULTS.idle_max_warms
-    cache_ttl_ms: int = _DEFAULTS.cache_ttl_ms
+    warm_timeout_ms: int = 60_000
+    max_failures: int = 3
+    idle_max_ms: int = 2_700_000
+    idle_max_warms: int = 10
+    cache_ttl_ms: int = 300_000
     """How long the provider keeps a cache after its last read, when a conversation does
     not say (recovery, and the adaptive policy's arithmetic)."""
     recovery_spread_ms: int = 5_000
     """The window over which recovery spreads the warms that fell due while down."""
-    retention_ms: int = _DEFAULTS.retention_ms
+    retention_ms: int = 7 * 24 * HOUR_MS
     """A conversation without input for longer than this is forgotten (``prune``)."""
-    cost_policy: CostPolicyName = _DEFAULTS.cost_policy
+    cost_policy: CostPolicyName = "fixed"
     """The deployment's cost policy; a conversation may override it."""
-    ttl_margin_ms: int = _DEFAULTS.ttl_margin_ms
+    ttl_margin_ms: int = 60_000
     """With a known cache lifetime, a warm is due this long before the cache expires."""
-    min_prefix_tokens: int = _DEFAULTS.min_prefix_tokens
+    min_prefix_tokens: int = 1024
     """A known prefix below this is not cached by the provider: it is not warmed."""
-    max_misses: int = _DEFAULTS.max_misses
+    max_misses: int = 2
     """Consecutive warms that found the cache gone before warming pauses."""
-    spend_cap_tokens: int = _DEFAULTS.spend_cap_tokens
+    spend_cap_tokens: int = 100_000
     """The budget policy's cap on warm cost per idle stretch (base-input-token units)."""
     prices: Prices = Prices()
-
-    @classmethod
-    def of(cls, config: Config) -> Policy:
-        """The policy a config sets."""
-        return cls(
-            warm_timeout_ms=config.warm_timeout_ms,
-            max_failures=config.max_failures,
-            idle_max_ms=config.idle_max_ms,
-            idle_max_warms=config.idle_max_warms,
-            cache_ttl_ms=config.cache_ttl_ms,
-            retention_ms=config.retention_ms,
-            cost_policy=config.cost_policy,
-            ttl_margin_ms=config.ttl_margin_ms,
-            min_prefix_tokens=config.min_prefix_tokens,
-            max_misses=config.max_misses,
-            spend_cap_tokens=config.spend_cap_tokens,
-            prices=Prices(
-                read=config.price_read,
-                write_5m=config.price_write_5m,
-                write_1h=config.price_write_1h,
-                output=config.price_output,
-            ),
-        )

@@ -5,8 +5,9 @@ own timeout. A warm that fell due while the worker was down goes out at once if 
 cache can still be alive (read within its known TTL, else ``cache_ttl_ms``), the burst
 spread over ``recovery_spread_ms``, with the token it was armed with; otherwise the
 conversation waits, ``expired`` (the late-fire guard), for its next turn. Moving a warm
-later is checked against the idle budget's time, as any arm is (addition 4): past it,
-the status is ``budget_exhausted``. Everything else has no timer.
+later is checked against the idle budget as any arm is (addition 4), by the same rule
+as the running worker (``Economy.budget_spent``: not under ``adaptive``): past it, the
+status is ``budget_exhausted``. Everything else has no timer.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from typing import Final
 from msgspec import Struct
 
 from warmer.contract import Status
+from warmer.core.economy import Economy
 from warmer.core.effects import Arm
-from warmer.core.policy import Policy
 from warmer.core.state import Conversation
 
 _STEP_MS: Final = 50
@@ -54,14 +55,13 @@ class RecoveryPlan(Struct, frozen=True, kw_only=True):
 
 
 def plan_recovery(
-    conversations: Mapping[str, Conversation], now: int, policy: Policy
+    conversations: Mapping[str, Conversation], now: int, economy: Economy
 ) -> RecoveryPlan:
     """The timer of every restored conversation at ``now``; nothing is changed here."""
     arms: list[Arm] = []
     overdue: list[tuple[int, str, Conversation]] = []
     expired: list[str] = []
     rearmed = awaited = 0
-    ttl = policy.cache_ttl_ms
     for cid, conv in conversations.items():
         phase = conv.phase
         if not phase.pending or not conv.enabled or conv.active:
@@ -75,20 +75,20 @@ def plan_recovery(
         if due >= now:
             arms.append(Arm(cid, due, conv.token))
             rearmed += 1
-        elif now - (conv.idle_since if conv.last_read_at is None else conv.last_read_at) < (
-            conv.cache_ttl_ms or ttl
-        ):
+        elif now - (
+            conv.idle_since if conv.last_read_at is None else conv.last_read_at
+        ) < economy.lifetime(conv):
             overdue.append((due, cid, conv))
         else:
             expired.append(cid)
     overdue.sort(key=lambda item: item[:2])  # the longest overdue first
     count = len(overdue)
-    window = min(_STEP_MS * count, policy.recovery_spread_ms)
+    window = min(_STEP_MS * count, economy.policy.recovery_spread_ms)
     warm_now: list[Arm] = []
     exhausted: list[str] = []
     for k, (_, cid, conv) in enumerate(overdue):
         due = now + k * window // count
-        if due > conv.idle_since + policy.idle_max_ms:
+        if economy.budget_spent(conv, due):
             exhausted.append(cid)
         else:
             warm_now.append(Arm(cid, due, conv.token))
