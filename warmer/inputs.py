@@ -56,6 +56,8 @@ class Inputs:
         self._items: deque[Input] = deque()
         self._ready = asyncio.Event()
         self._closed = False
+        self.taken = 0
+        """How many batches the pipeline has taken: the stall watchdog's sign of progress."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -96,6 +98,7 @@ class Inputs:
             self._ready.clear()
             await self._ready.wait()
         count = min(limit, len(self._items))
+        self.taken += 1
         return [self._items.popleft() for _ in range(count)]
 
 

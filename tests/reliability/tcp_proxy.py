@@ -76,9 +76,9 @@ class TcpProxy:
         await proxy.start()
         return proxy
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1, on a port the system picks."""
-        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1, on ``port`` (0: one the system picks)."""
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", port)
 
     @property
     def port(self) -> int:
