@@ -417,7 +417,10 @@ class App:
             return
         self._lost_at = time.monotonic()  # a duration, not a wait: not the Clock's
         self._failed_attempts = 0
-        error = None if exc is None else _reason(exc)
+        # aiormq cancels its reader when no frame came within its heartbeat grace.
+        error: str | None = None if exc is None else _reason(exc)
+        if isinstance(exc, asyncio.CancelledError):
+            error = "no frame from the broker in time"
         log.warning("broker_connection_lost", url=self.config.amqp_url_masked, error=error)
 
     def _on_reconnect(self, *_: object) -> None:

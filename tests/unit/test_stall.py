@@ -1,10 +1,11 @@
-"""The stall watchdog: inputs waiting while the pipeline takes none is a stall, idle is not."""
+"""The stall watchdog: a busy pipeline that takes no input is a stall; an idle one is not."""
 
 from __future__ import annotations
 
 import asyncio
 
 from warmer.clock import ManualClock
+from warmer.inputs import Inputs, Prune
 from warmer.observe.health import Health
 from warmer.observe.stall import Watchdog
 
@@ -15,6 +16,7 @@ class Queue:
     def __init__(self) -> None:
         self.waiting = 0
         self.taken = 0
+        self.idle = False
 
     def __len__(self) -> int:
         return self.waiting
@@ -29,7 +31,7 @@ def rig() -> tuple[ManualClock, Health, Queue, Watchdog, list[int]]:
     return clock, health, queue, Watchdog(clock, health, queue, AFTER_MS, count), counted
 
 
-def test_inputs_waiting_with_none_taken_for_the_limit_is_a_stall_until_one_is_taken() -> None:
+def test_a_busy_pipeline_taking_nothing_for_the_limit_stalls_until_it_takes_again() -> None:
     clock, health, queue, dog, counted = rig()
     queue.waiting = 3
     clock.advance(AFTER_MS - 1)
@@ -37,10 +39,10 @@ def test_inputs_waiting_with_none_taken_for_the_limit_is_a_stall_until_one_is_ta
     assert health.reason("stall") is None  # not yet: one ms short
     clock.advance(1)
     dog.check()
-    assert health.reason("stall") == "3 inputs waiting, none taken for 10 s"
+    assert health.reason("stall") == "the pipeline took no input for 10 s (3 waiting)"
     clock.advance(5000)
     dog.check()
-    assert health.reason("stall") == "3 inputs waiting, none taken for 15 s"
+    assert health.reason("stall") == "the pipeline took no input for 15 s (3 waiting)"
     assert counted == [1]  # one stall, counted once
 
     queue.taken += 1  # the pipeline moves
@@ -55,28 +57,42 @@ def test_inputs_waiting_with_none_taken_for_the_limit_is_a_stall_until_one_is_ta
     assert counted == [2]
 
 
-def test_an_idle_pipeline_is_never_stalled() -> None:
+def test_a_batch_held_with_nothing_behind_it_is_a_stall_too() -> None:
+    clock, health, _, dog, _ = rig()
+    clock.advance(AFTER_MS)
+    dog.check()
+    assert health.reason("stall") == "the pipeline took no input for 10 s (0 waiting)"
+
+
+def test_an_idle_pipeline_is_never_stalled_and_clears_a_stall() -> None:
     clock, health, queue, dog, counted = rig()
+    queue.idle = True
     for _ in range(5):
         clock.advance(AFTER_MS)
         dog.check()
     assert health.reasons() == [] and counted == [0]
-    # Work that arrives after a long idle time is not stalled at once.
-    queue.waiting = 1
+    # Busy after a long idle time: not stalled at once.
+    queue.idle = False
     clock.advance(AFTER_MS - 1)
     dog.check()
     assert health.reason("stall") is None
-
-
-def test_a_stall_clears_when_the_inputs_are_gone() -> None:
-    clock, health, queue, dog, _ = rig()
-    queue.waiting = 1
-    clock.advance(AFTER_MS)
+    clock.advance(1)
     dog.check()
     assert health.reason("stall") is not None
-    queue.waiting = 0
+    queue.idle = True  # done, back for input
     dog.check()
     assert health.reason("stall") is None
+
+
+async def test_inputs_say_when_the_pipeline_waits_and_what_it_took() -> None:
+    inputs = Inputs()
+    assert (inputs.idle, inputs.taken) == (False, 0)
+    taking = asyncio.get_running_loop().create_task(inputs.take())
+    await asyncio.sleep(0)
+    assert inputs.idle
+    inputs.put(Prune())
+    assert await taking == [Prune()]
+    assert (inputs.idle, inputs.taken) == (False, 1)
 
 
 async def test_it_runs_on_the_injected_clock() -> None:
@@ -89,6 +105,6 @@ async def test_it_runs_on_the_injected_clock() -> None:
             await asyncio.sleep(0)
             clock.advance(dog.check_ms)
         await asyncio.sleep(0)
-        assert health.reasons() == ["stall: 2 inputs waiting, none taken for 10 s"]
+        assert health.reasons() == ["stall: the pipeline took no input for 10 s (2 waiting)"]
     finally:
         task.cancel()

@@ -1,12 +1,12 @@
-"""The stall watchdog: work waits and the pipeline takes none of it, so ``/readyz`` says so.
+"""The stall watchdog: the pipeline holds its work and takes no more, so ``/readyz`` says so.
 
 The parts that know why they are stuck say so themselves (``store``, ``confirms``,
-``broker_blocked``); this is the catch-all that judges by outcome: inputs (deliveries,
-timers that fell due, returns) wait while the pipeline has taken no batch for ``after_ms``.
-An idle worker is never stalled: nothing waits. The pipeline takes a batch only once the
-previous one is committed and the one before it acknowledged, so whatever holds a batch
-(a store that fails, a confirm that does not come, a broker that blocks publishing) shows
-here within ``after_ms`` plus one check.
+``broker_blocked``); this is the catch-all that judges by outcome: the pipeline has not
+come back for input (deliveries, timers that fell due, returns) for ``after_ms``. An idle
+worker is never stalled: its pipeline waits for input. The pipeline asks for the next batch
+only once the previous one is committed and the one before it acknowledged, so whatever
+holds a batch (a store that fails, a confirm that does not come, a broker that blocks
+publishing, a path that stopped forwarding) shows here within ``after_ms`` plus one check.
 
 It looks every ``after_ms / 4`` (at most a second) on the injected clock, so a test with a
 ``ManualClock`` drives it without waiting.
@@ -35,9 +35,13 @@ class Queue(Protocol):
     def taken(self) -> int:
         """Batches taken so far."""
 
+    @property
+    def idle(self) -> bool:
+        """True while the pipeline waits for input."""
+
 
 class Watchdog:
-    """Reports Health part ``stall`` while inputs wait and none is taken for ``after_ms``."""
+    """Reports Health part ``stall`` while the pipeline, busy, takes no input for ``after_ms``."""
 
     def __init__(
         self,
@@ -62,7 +66,7 @@ class Watchdog:
         now = self._clock.now_ms()
         waiting = len(self._queue)
         taken = self._queue.taken
-        if taken != self._taken or not waiting:
+        if taken != self._taken or self._queue.idle:
             self._taken = taken
             self._moved_at = now
             self._health.cleared("stall")
@@ -72,7 +76,7 @@ class Watchdog:
             if self._health.reason("stall") is None:
                 self._counted()
             self._health.trouble(
-                "stall", f"{waiting} inputs waiting, none taken for {still_s:.0f} s"
+                "stall", f"the pipeline took no input for {still_s:.0f} s ({waiting} waiting)"
             )
 
     async def run(self) -> None:
