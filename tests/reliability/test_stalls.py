@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -24,6 +24,8 @@ from tests.reliability.tcp_proxy import TcpProxy
 from warmer.app import App
 
 pytestmark = pytest.mark.broker
+
+M = TypeVar("M")
 
 CID = "c-stall"
 HEARTBEAT_S = 2
@@ -62,6 +64,7 @@ async def test_a_blackholed_path_is_noticed_and_nothing_sent_meanwhile_is_lost(
     surfaces = await probe.surfaces()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         assert await ready(session, app) == (200, "ready")
+        assert client_methods(proxy, spec.Connection.TuneOk)[0].heartbeat == HEARTBEAT_S
         reply = await probe.command({"type": "set_enabled", "conversationId": CID, "enabled": True})
         assert reply["ok"] is True  # acknowledged before the path dies
 
@@ -88,6 +91,12 @@ async def test_a_blackholed_path_is_noticed_and_nothing_sent_meanwhile_is_lost(
     print(f"blackhole noticed after {noticed_s:.1f} s (heartbeat {HEARTBEAT_S} s)")
 
 
+def client_methods(proxy: TcpProxy, kind: type[M]) -> list[M]:
+    """The channel-0 methods of type ``kind`` the clients sent through ``proxy``."""
+    methods = (frame.unmarshal(raw)[2] for raw in proxy.client_control)
+    return [method for method in methods if isinstance(method, kind)]
+
+
 def blocked(reason: str) -> bytes:
     return bytes(frame.marshal(spec.Connection.Blocked(reason=reason), 0))
 
@@ -103,11 +112,7 @@ async def test_a_blocked_connection_is_not_ready_with_the_broker_reason_until_un
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         assert await ready(session, app) == (200, "ready")
         # The worker told the broker it understands connection.blocked.
-        (start_ok,) = [
-            method
-            for method in (frame.unmarshal(raw)[2] for raw in proxy.client_control)
-            if isinstance(method, spec.Connection.StartOk)
-        ]
+        (start_ok,) = client_methods(proxy, spec.Connection.StartOk)
         capabilities = (start_ok.client_properties or {})["capabilities"]
         assert isinstance(capabilities, dict)
         assert capabilities["connection.blocked"] is True
