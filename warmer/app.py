@@ -3,22 +3,31 @@
 Start: open the store and load every record; build the core from them and recover the
 schedules (re-arm, await the warm that was out, warm at once what fell due while the cache
 can still be alive), commit what recovery changed; build the inputs and the scheduler;
-serve health and metrics over HTTP (``WARMER_HTTP``); connect (robustly) to the broker and
+serve health and metrics over HTTP (``WARMER_HTTP``); connect (robustly) to the broker,
+trying again with backoff for ``WARMER_STARTUP_WAIT_S`` while it cannot be reached, and
 declare the topology; build the publisher and the pipeline, each complete, in that order;
 arm the recovered timers; consume. Stop (SIGTERM or SIGINT): stop consuming, let the
 pipeline apply and acknowledge what was delivered, stop the timers without touching
 state, close. Shutting down never changes a conversation.
 
 Ready (``/readyz``) means: connected to the broker, both consumers consuming since the
-last (re)connection, the store open and the pipeline running.
+last (re)connection, the store open, the pipeline running, and no part reporting trouble
+(``warmer.observe.health``: the broker blocking the connection, a stall, ...).
+
+A lost connection is logged once (``broker_connection_lost``) and its end once
+(``broker_reconnected``, with the attempts and the time between), whatever the number of
+attempts; aiormq notices a path that stopped forwarding within about three heartbeats
+(``WARMER_HEARTBEAT_S``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final
+from typing import Final, Literal
 
 import aio_pika
 import aiormq
@@ -28,7 +37,7 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from warmer.bus import lenient
+from warmer.bus import flow, lenient
 from warmer.bus.consumer import Consumer
 from warmer.bus.port import Delivery
 from warmer.bus.publisher import Publisher
@@ -44,6 +53,7 @@ from warmer.observe.health import Health
 from warmer.observe.http import HttpEndpoint
 from warmer.observe.log import get_logger
 from warmer.observe.metrics import CostGauges, Metrics, StateGauges
+from warmer.observe.stall import Watchdog
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, open_store
@@ -54,6 +64,8 @@ log = get_logger(__name__)
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_INTERVAL_S: Final = 1
+STARTUP_PAUSE_FIRST_MS: Final = 1000
+STARTUP_PAUSE_MAX_MS: Final = 30_000
 STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
 PRUNE_EVERY_MS: Final = 60_000
 EXIT_OK: Final = 0
@@ -76,6 +88,7 @@ class App:
     ) -> None:
         """``retry_ms``: the first and longest pause between retries of a failed commit."""
         lenient.install()
+        flow.install()
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._retry_ms = retry_ms
@@ -102,6 +115,10 @@ class App:
         self._store_open = False
         self._consuming = False
         self._stopping = False
+        self._connecting = False
+        self._lost_at: float | None = None
+        self._failed_attempts = 0
+        self._unsubscribe: Callable[[], None] | None = None
         self.reconnections = 0
         """How many times the connection was re-established since start."""
 
@@ -114,6 +131,8 @@ class App:
         """None when ready to do the work, else why not (what ``/readyz`` answers)."""
         if self._stopping:
             return "stopping"
+        if self._connecting:
+            return "connecting to the broker"
         if not self._tasks:
             return "starting"
         if not self._store_open:
@@ -183,10 +202,15 @@ class App:
             watch(loop.create_task(worker.run(), name="pipeline")),
             watch(loop.create_task(self._prune_forever(inputs), name="prune")),
             watch(loop.create_task(self._watch_clock_forever(), name="clock")),
+            watch(loop.create_task(self._watchdog(inputs).run(), name="stall watchdog")),
         ]
         await self._consume(self.names.lifecycle, inputs.lifecycle)
         await self._consume(self.names.commands, inputs.command)
         self._consuming = True
+
+    def _watchdog(self, inputs: Inputs) -> Watchdog:
+        after_ms = self.config.stall_s * 1000
+        return Watchdog(self.clock, self.health, inputs, after_ms, self.metrics.stalls.inc)
 
     async def _serve_http(self) -> None:
         if self._http_address is None:
@@ -313,31 +337,106 @@ class App:
                 )
 
     async def _connect(self) -> AbstractRobustConnection:
-        url = self.config.amqp_url_masked
+        """Connect; while the broker cannot be reached, again with backoff (1, 2, 4 .. 30 s)
+        for ``WARMER_STARTUP_WAIT_S``. Refused credentials or a missing vhost fail at once:
+        waiting does not change them."""
+        parsed, shown = URL(self.config.amqp_url), self.config.amqp_url_masked
+        deadline_ms = self.clock.now_ms() + self.config.startup_wait_s * 1000
+        self._connecting = True
         try:
-            connection = await asyncio.wait_for(
-                aio_pika.connect_robust(
-                    _with_reconnect_interval(self.config.amqp_url),
-                    client_properties={"connection_name": f"warmer {self.config.namespace}"},
-                ),
-                CONNECT_TIMEOUT_S,
-            )
-        except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
-            raise StartupError(_connect_failure(URL(self.config.amqp_url), url, exc)) from exc
+            attempt = 1
+            while True:
+                try:
+                    connection = await self._open()
+                    break
+                except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                    error = _connect_failure(parsed, shown, exc)
+                    left_ms = deadline_ms - self.clock.now_ms()
+                    if _refusal(exc) is not None or left_ms <= 0:
+                        raise StartupError(error) from exc
+                    pause_ms = min(
+                        STARTUP_PAUSE_MAX_MS, STARTUP_PAUSE_FIRST_MS << min(attempt - 1, 10)
+                    )
+                    pause_ms = min(pause_ms, left_ms)
+                    log.warning(
+                        "broker_unreachable",
+                        attempt=attempt,
+                        retry_in_s=round(pause_ms / 1000, 1),
+                        error=error,
+                    )
+                    await sleep(self.clock, pause_ms)
+                    attempt += 1
+        finally:
+            self._connecting = False
+        if attempt > 1:
+            log.info("broker_connected", url=shown, attempts=attempt)
         connection.reconnect_callbacks.add(self._on_reconnect)
         connection.close_callbacks.add(self._on_connection_lost)
         return connection
 
-    def _on_connection_lost(self, *_: object) -> None:
+    async def _open(self) -> AbstractRobustConnection:
+        """One attempt at the robust connection; nothing of it left behind when it fails."""
+        connection = aio_pika.RobustConnection(
+            _amqp_url(self.config.amqp_url, self.config.heartbeat_s),
+            client_properties={"connection_name": f"warmer {self.config.namespace}"},
+        )
+        # Before connecting: the broker may block a connection as soon as it is open.
+        self._connection = connection
+        self._unsubscribe = flow.subscribe(self._on_flow)
+        try:
+            await asyncio.wait_for(connection.connect(CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S)
+        except BaseException:
+            self._unsubscribe()
+            self._connection = self._unsubscribe = None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
+            raise
+        return connection
+
+    def _on_flow(self, underlay: object, reason: str | None) -> None:
+        """The broker blocked (``reason``) or unblocked (None) one connection: ours?"""
+        transport = None if self._connection is None else self._connection.transport
+        if transport is None or transport.connection is not underlay:
+            return
+        if reason is None:
+            self.health.cleared("broker_blocked")
+            return
+        if self.health.reason("broker_blocked") is None:
+            self.metrics.broker_blocked.inc()
+        self.health.trouble("broker_blocked", f"the broker blocked publishing: {reason}")
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None = None) -> None:
+        # Called once when the connection is lost, then once per failed attempt to make
+        # it again: one line for the loss, the attempts counted for the line at the end.
         self._consuming = False
-        if not self._stopping:
-            log.warning("broker_connection_lost", url=self.config.amqp_url_masked)
+        self.health.cleared("broker_blocked")  # a new connection starts unblocked
+        if self._stopping:
+            return
+        if self._lost_at is not None:
+            self._failed_attempts += 1
+            return
+        self._lost_at = time.monotonic()  # a duration, not a wait: not the Clock's
+        self._failed_attempts = 0
+        # aiormq cancels its reader when no frame came within its heartbeat grace.
+        error: str | None = None if exc is None else _reason(exc)
+        if isinstance(exc, asyncio.CancelledError):
+            error = "no frame from the broker in time"
+        log.warning("broker_connection_lost", url=self.config.amqp_url_masked, error=error)
 
     def _on_reconnect(self, *_: object) -> None:
         # Called once the channels are restored, the consumers consuming again with them.
         self._consuming = bool(self._consumers)
         self.reconnections += 1
-        log.info("broker_reconnected", url=self.config.amqp_url_masked)
+        self.metrics.reconnections.inc()
+        lost_for = 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
+        log.info(
+            "broker_reconnected",
+            url=self.config.amqp_url_masked,
+            attempts=self._failed_attempts + 1,
+            lost_for_s=round(lost_for, 1),
+        )
+        self._lost_at = None
+        self._failed_attempts = 0
 
     async def _consume(
         self, queue_name: str, deliver: Callable[[Delivery], Awaitable[None]]
@@ -380,6 +479,8 @@ class App:
                 await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
             except (TimeoutError, aiormq.exceptions.AMQPError, OSError) as exc:
                 log.warning("connection_close_failed", error=repr(exc))
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         await self.store.close()
         self._store_open = False
         await self._stop_http()
@@ -400,26 +501,37 @@ class App:
             await self.worker.settled()
 
 
-def _with_reconnect_interval(url: str) -> URL:
-    """Reconnect every second (aio-pika waits 5 s) unless the URL says otherwise."""
+def _amqp_url(url: str, heartbeat_s: int) -> URL:
+    """Reconnect every second (aio-pika waits 5 s) and beat every ``heartbeat_s`` (aiormq's
+    default is 60 s: a dead path would go unnoticed for minutes), unless the URL says."""
     parsed = URL(url)
-    if "reconnect_interval" in parsed.query:
-        return parsed
-    return parsed.update_query(reconnect_interval=RECONNECT_INTERVAL_S)
+    defaults = {"reconnect_interval": RECONNECT_INTERVAL_S, "heartbeat": heartbeat_s}
+    missing = {k: v for k, v in defaults.items() if k not in parsed.query}
+    return parsed.update_query(missing) if missing else parsed
+
+
+def _refusal(exc: BaseException) -> Literal["credentials", "vhost"] | None:
+    """What the broker refused for good (retrying cannot help), None for anything else."""
+    if isinstance(
+        exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
+    ):
+        return "credentials"
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        return "vhost"
+    return None
 
 
 def _connect_failure(parsed: URL, shown: str, exc: BaseException) -> str:
     """What went wrong connecting, in words an operator can act on."""
     user = parsed.user or "guest"
     vhost = parsed.path[1:] or "/"
-    if isinstance(
-        exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
-    ):
+    refusal = _refusal(exc)
+    if refusal == "credentials":
         return (
             f"the broker at {shown} refused the credentials of user {user!r} "
             "(ACCESS_REFUSED); check the user and password in WARMER_AMQP_URL"
         )
-    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+    if refusal == "vhost":
         return (
             f"the broker at {shown} refused to open virtual host {vhost!r}: it does not "
             f"exist, or user {user!r} has no permission on it (rabbitmqctl add_vhost / "
@@ -452,13 +564,20 @@ async def run(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    try:
-        await app.start()
-    except StartupError as exc:
-        log.error("startup_failed", error=str(exc))
+    starting = asyncio.ensure_future(app.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([starting, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # asked to stop while still starting (waiting for the broker)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+    elif isinstance(starting.exception(), StartupError):
+        stopped.cancel()
+        log.error("startup_failed", error=str(starting.exception()))
         await app.store.close()
         return EXIT_UNAVAILABLE
-    await stop.wait()
+    else:
+        starting.result()  # anything else is a bug: raise it
+        await stopped
     log.info("worker_stopping")
     await app.stop()
     return EXIT_OK

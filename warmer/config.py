@@ -44,6 +44,9 @@ AtLeastOne = Annotated[int, msgspec.Meta(ge=1, le=_INT_MAX)]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=_INT_MAX)]
 # A price relative to the base input price (1.0): Anthropic's read 0.1, writes 1.25 and 2.
 PriceRatio = Annotated[float, msgspec.Meta(ge=0, le=1000)]
+HeartbeatSeconds = Annotated[int, msgspec.Meta(ge=1, le=3600)]
+WaitSeconds = Annotated[int, msgspec.Meta(ge=0, le=86400)]
+StallSeconds = Annotated[int, msgspec.Meta(ge=1, le=3600)]
 # "off", or host:port: a name or IPv4 address, or an IPv6 one in brackets. The port's range
 # is checked by `http_address`, since a pattern cannot say 0..65535 readably.
 HttpListen = Annotated[
@@ -90,6 +93,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     price_write_5m: PriceRatio = _POLICY.prices.write_5m
     price_write_1h: PriceRatio = _POLICY.prices.write_1h
     price_output: PriceRatio = _POLICY.prices.output
+    heartbeat_s: HeartbeatSeconds = 10
+    startup_wait_s: WaitSeconds = 300
+    stall_s: StallSeconds = 15
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
@@ -335,6 +341,29 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "price_output",
         "the price of an output token, relative to the base input price",
         "a decimal number from 0 to 1000 such as 5",
+    ),
+    Setting(
+        "WARMER_HEARTBEAT_S",
+        "heartbeat_s",
+        "the AMQP heartbeat, in seconds: a network path that stops forwarding (no FIN or "
+        "RST) is noticed and the connection re-made within about 3 heartbeats plus 3 s "
+        "(aiormq's grace); a heartbeat in WARMER_AMQP_URL (?heartbeat=) wins",
+        "an integer from 1 to 3600 (seconds)",
+    ),
+    Setting(
+        "WARMER_STARTUP_WAIT_S",
+        "startup_wait_s",
+        "how long start-up keeps trying to reach the broker, in seconds (attempts 1, 2, "
+        "4 .. 30 s apart; /healthz answers meanwhile), before it exits with code 69; 0: "
+        "exit at the first failure. Refused credentials or a missing vhost exit at once",
+        "an integer from 0 to 86400 (seconds)",
+    ),
+    Setting(
+        "WARMER_STALL_S",
+        "stall_s",
+        "when inputs (deliveries, timers that fell due) wait this long while the pipeline "
+        "takes none, /readyz says not ready (stall) until it moves again, in seconds",
+        "an integer from 1 to 3600 (seconds)",
     ),
 )
 

@@ -56,6 +56,10 @@ class Inputs:
         self._items: deque[Input] = deque()
         self._ready = asyncio.Event()
         self._closed = False
+        self.taken = 0
+        """How many batches the pipeline has taken: the stall watchdog's sign of progress."""
+        self.idle = False
+        """True while the pipeline waits in ``take`` for input: idle, not stalled."""
 
     def __len__(self) -> int:
         return len(self._items)
@@ -94,8 +98,13 @@ class Inputs:
             if self._closed:
                 return None
             self._ready.clear()
-            await self._ready.wait()
+            self.idle = True
+            try:
+                await self._ready.wait()
+            finally:
+                self.idle = False
         count = min(limit, len(self._items))
+        self.taken += 1
         return [self._items.popleft() for _ in range(count)]
 
 

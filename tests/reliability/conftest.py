@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.integration.conftest import (  # noqa: F401  (fixtures, used by name)
@@ -30,6 +31,7 @@ from tests.integration.conftest import (  # noqa: F401  (fixtures, used by name)
 )
 from tests.integration.probe import Probe
 from tests.reliability.tcp_proxy import TcpProxy
+from warmer.app import App
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,3 +180,20 @@ def completed(token: int, read: int, cid: str) -> dict[str, Any]:
         "token": token,
         "usage": {"inputTokens": 1000, "cacheReadTokens": read, "cacheWriteTokens": 0},
     }
+
+
+async def ready(session: aiohttp.ClientSession, app: App) -> tuple[int, str]:
+    """What ``/readyz`` answers: (status, text)."""
+    async with session.get(f"http://127.0.0.1:{app.http_port}/readyz") as response:
+        return response.status, await response.text()
+
+
+async def until(
+    session: aiohttp.ClientSession, app: App, expected: tuple[int, str], timeout: float
+) -> float:
+    """Wait for ``/readyz`` to answer ``expected``; how long it took, in s."""
+    started = time.monotonic()
+    while (answer := await ready(session, app)) != expected:
+        assert time.monotonic() - started < timeout, answer
+        await asyncio.sleep(0.02)
+    return time.monotonic() - started

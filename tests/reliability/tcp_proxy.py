@@ -5,6 +5,15 @@ end gets a chance to close cleanly; ``cut(refuse_for=s)`` also refuses new conne
 (accepted, then reset) for ``s`` seconds or until ``resume()``. ``cut_on_client_method``
 waits for the client to send one AMQP method (a ``basic.ack``, say), swallows that frame
 and cuts: the broker never sees it, which makes "the ack was lost" deterministic.
+
+``blackhole()`` stops forwarding in both directions without closing anything, as a network
+path that silently drops packets would: what either end sends waits in the sockets'
+buffers (a new connection is accepted but not forwarded), and ``restore()`` forwards it
+all, like TCP retransmitting once the path heals. ``to_clients(frame)`` sends an AMQP frame
+of the proxy's own to every client, between two of the broker's frames (a
+``connection.blocked`` the broker did not send, say). ``client_control`` keeps the
+clients' first channel-0 method frames (their ``connection.start-ok``, with the client
+properties).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ _FRAME_END_SIZE = 1
 _METHOD_FRAME = 1
 _METHOD_ID = struct.Struct(">HH")  # class id, method id
 _READ_SIZE = 65536
+_CONTROL_KEPT = 32
 
 BASIC_ACK = (60, 80)
 """The AMQP 0-9-1 ``basic.ack`` method (class 60, method 80)."""
@@ -36,6 +46,10 @@ class _Link:
         self.upstream = upstream
         self.tasks: list[asyncio.Task[None]] = []
         self.closed = False
+        self.downstream = bytearray()
+        """The broker's bytes read but not yet forwarded: empty between two frames."""
+        self.injected: list[bytes] = []
+        """Frames of the proxy's own, for the client at the next frame boundary."""
 
     def abort(self) -> None:
         """Reset both sockets at once (no FIN, no flush) and stop the pumps."""
@@ -67,6 +81,10 @@ class TcpProxy:
         self._refusing = False
         self._refuse_timer: asyncio.TimerHandle | None = None
         self._trap: tuple[tuple[int, int], asyncio.Future[int]] | None = None
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self.client_control: list[bytes] = []
+        """The first channel-0 method frames clients sent, whole (header and end)."""
 
     @classmethod
     async def to_broker(cls, amqp_url: str) -> TcpProxy:
@@ -76,9 +94,9 @@ class TcpProxy:
         await proxy.start()
         return proxy
 
-    async def start(self) -> None:
-        """Listen on 127.0.0.1, on a port the system picks."""
-        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> None:
+        """Listen on 127.0.0.1, on ``port`` (0: one the system picks)."""
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", port)
 
     @property
     def port(self) -> int:
@@ -120,6 +138,24 @@ class TcpProxy:
             self._refuse_timer.cancel()
             self._refuse_timer = None
 
+    def blackhole(self) -> None:
+        """Stop forwarding, both ways, on every connection and on new ones; close nothing."""
+        self._flowing.clear()
+
+    def restore(self) -> None:
+        """Forward again, what waited first."""
+        self._flowing.set()
+
+    def to_clients(self, frame: bytes) -> int:
+        """Send ``frame`` (one whole AMQP frame) to every client; how many it went to."""
+        links = [link for link in self._links if not link.closed]
+        for link in links:
+            if link.downstream:
+                link.injected.append(frame)  # mid-frame: after the broker's frame ends
+            else:
+                link.client.write(frame)
+        return len(links)
+
     def cut_on_client_method(self, method: tuple[int, int]) -> asyncio.Future[int]:
         """Cut every connection when a client next sends ``method``, swallowing that frame.
 
@@ -136,6 +172,7 @@ class TcpProxy:
     async def close(self) -> None:
         """Stop listening and reset whatever is still open."""
         self.resume()
+        self.restore()
         for link in list(self._links):
             link.abort()
         self._links.clear()
@@ -151,6 +188,7 @@ class TcpProxy:
             self.refused += 1
             _reset(writer)
             return
+        await self._flowing.wait()  # blackholed: the client's handshake goes unanswered
         try:
             up_reader, up_writer = await asyncio.open_connection(
                 self.upstream_host, self.upstream_port
@@ -171,10 +209,23 @@ class TcpProxy:
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: _Link
     ) -> None:
-        """Broker to client: bytes as they come."""
+        """Broker to client, whole frames, with the proxy's own frames between them."""
+        buffer = link.downstream
         try:
             while data := await reader.read(_READ_SIZE):
-                writer.write(data)
+                await self._flowing.wait()
+                buffer += data
+                while len(buffer) >= _FRAME_HEADER.size:
+                    _, _, size = _FRAME_HEADER.unpack_from(buffer)
+                    end = _FRAME_HEADER.size + size + _FRAME_END_SIZE
+                    if len(buffer) < end:
+                        break
+                    writer.write(bytes(buffer[:end]))
+                    del buffer[:end]
+                if not buffer:
+                    for frame in link.injected:
+                        writer.write(frame)
+                    link.injected.clear()
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError):
             pass
@@ -188,6 +239,7 @@ class TcpProxy:
         header_sent = False
         try:
             while data := await reader.read(_READ_SIZE):
+                await self._flowing.wait()
                 buffer += data
                 if not header_sent:
                     if len(buffer) < _PROTOCOL_HEADER_SIZE:
@@ -214,6 +266,8 @@ class TcpProxy:
             end = _FRAME_HEADER.size + size + _FRAME_END_SIZE
             if len(buffer) < end:
                 break
+            if kind == _METHOD_FRAME and channel == 0 and len(self.client_control) < _CONTROL_KEPT:
+                self.client_control.append(bytes(buffer[:end]))
             if self._trap is not None and kind == _METHOD_FRAME and size >= _METHOD_ID.size:
                 method = _METHOD_ID.unpack_from(buffer, _FRAME_HEADER.size)
                 if method == self._trap[0]:

@@ -9,27 +9,13 @@ import aiohttp
 import pytest
 
 from tests.integration.probe import Probe
+from tests.reliability.conftest import ready, until
 from tests.reliability.tcp_proxy import TcpProxy
-from warmer.app import App
 
 pytestmark = pytest.mark.broker
 
 REFUSE_S = 2.0
 RECONNECT_S = 15.0
-
-
-async def ready(session: aiohttp.ClientSession, app: App) -> tuple[int, str]:
-    async with session.get(f"http://127.0.0.1:{app.http_port}/readyz") as response:
-        return response.status, await response.text()
-
-
-async def until(
-    session: aiohttp.ClientSession, app: App, expected: tuple[int, str], timeout: float
-) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (answer := await ready(session, app)) != expected:
-        assert asyncio.get_running_loop().time() < deadline, answer
-        await asyncio.sleep(0.02)
 
 
 async def test_readyz_is_503_while_the_broker_is_cut_off_and_200_once_healed(

@@ -239,7 +239,7 @@ async def test_unreachable_broker_exits_quickly_with_advice_and_no_password(
     namespace: str, spawn_worker: Any, tmp_path: Path
 ) -> None:
     url = "amqp://guest:secret@127.0.0.1:1/"
-    worker = spawn_worker(**settings(url, namespace, tmp_path))
+    worker = spawn_worker(**settings(url, namespace, tmp_path, WARMER_STARTUP_WAIT_S="0"))
     started = time.monotonic()
     code = await worker.wait_exit(15)
     elapsed = time.monotonic() - started

@@ -78,6 +78,9 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "warmer_store_errors_total": ("counter", frozenset()),
     # Two more the worker registers, charted beside the store errors.
     "warmer_retries_total": ("counter", frozenset()),
+    "warmer_broker_blocked_total": ("counter", frozenset()),
+    "warmer_broker_reconnections_total": ("counter", frozenset()),
+    "warmer_stalls_total": ("counter", frozenset()),
     "warmer_dead_letters_refused_total": ("counter", frozenset()),
     # The cost policy's: what warms cost and saved, why warms were held, what is learned.
     "warmer_warm_cost_tokens_total": ("counter", frozenset()),

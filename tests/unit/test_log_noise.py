@@ -1,4 +1,4 @@
-"""aio-pika's and aiormq's lines about a connection being re-established: info at most."""
+"""aio-pika's and aiormq's lines about a connection being re-established: debug at most."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import structlog
 
 from warmer.observe.log import configure_logging
 
+CLIENTS = ("aio_pika", "aiormq")
+
 
 @pytest.fixture(autouse=True)
 def restore_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", list(root.handlers))
-    level = root.level
+    levels = {name: logging.getLogger(name).level for name in ("", *CLIENTS)}
     yield
-    root.setLevel(level)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
     structlog.reset_defaults()
 
 
@@ -31,16 +34,32 @@ def lost() -> aiormq.exceptions.AMQPConnectionError:
     return aiormq.exceptions.AMQPConnectionError("Server connection reset")
 
 
-def test_a_lost_connection_is_info_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_lost_connection_is_not_written_at_info(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("json", "info")
+    logging.getLogger("aiormq.connection").error(
+        "Unexpected connection close from remote", exc_info=lost()
+    )
+    logging.getLogger("aio_pika.tools").error("Callback error: ConnectionChannelError")
+    logging.getLogger("aio_pika.robust_connection").warning(
+        'Connection attempt to "amqp://x" failed: refused. Reconnecting after 1 seconds.'
+    )
+    logging.getLogger("aio_pika.robust_connection").info("Connection to x closed.")
+    logging.getLogger("aiormq.connection").warning("Connection %r was blocked by: %r", 1, "x")
+    assert lines(capsys) == []
+
+
+def test_at_debug_the_lost_connection_lines_are_debug_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("json", "debug")
     logging.getLogger("aiormq.connection").error(
         "Unexpected connection close from remote", exc_info=lost()
     )
     logging.getLogger("aio_pika.tools").error("Callback error: ConnectionChannelError")
     logged = lines(capsys)
     assert [(e["logger"], e["level"]) for e in logged] == [
-        ("aiormq.connection", "info"),
-        ("aio_pika.tools", "info"),
+        ("aiormq.connection", "debug"),
+        ("aio_pika.tools", "debug"),
     ]
     assert all("exception" not in e for e in logged)
 

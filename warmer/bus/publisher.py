@@ -77,6 +77,7 @@ class Publisher:
         ``confirm_timeout_ms``: how long a warm request or a dead letter waits for its
         confirm (the pipeline bounds the others with one deadline per batch)."""
         self._channel = channel
+        self._told_waiting = False
         self._names = topology.names
         self._warm = topology.exchanges[topology.names.warm]
         self._surface = topology.exchanges[topology.names.surface]
@@ -201,13 +202,14 @@ class Publisher:
                 await channel.basic_publish(
                     body, exchange=exchange, routing_key=routing_key, properties=properties
                 )
+                self._told_waiting = False
                 return
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except _REFUSALS as exc:
                 raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
             except _CONNECTION_ERRORS as exc:
-                log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
+                self._waiting(routing_key)
                 await self._until_ready(exc, self._channel)
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, rejection: Rejection) -> None:
@@ -271,6 +273,13 @@ class Publisher:
         except Exception as exc:  # the connection may be going: its own recovery takes over
             log.warning("dead_letter_channel_restore_failed", error=str(exc)[:300])
 
+    def _waiting(self, routing_key: str) -> None:
+        """Say that publishes wait for the connection once an outage, not once a publish:
+        the first since the last publish that went out says it."""
+        if not self._told_waiting:
+            self._told_waiting = True
+            log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
+
     async def _until_ready(self, cause: BaseException, channel: AbstractRobustChannel) -> None:
         """Wait for the robust channel to be back; give up as soon as closing starts."""
         ready = asyncio.ensure_future(channel.ready())
@@ -298,7 +307,9 @@ class Publisher:
                 raise PublishWithdrawn(routing_key[:255])
             publish = exchange.publish(message, routing_key, mandatory=mandatory, timeout=None)
             try:
-                return await within(self._clock, self._confirm_timeout_ms, publish)
+                confirm = await within(self._clock, self._confirm_timeout_ms, publish)
+                self._told_waiting = False
+                return confirm
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except TimeoutError as exc:
@@ -310,7 +321,7 @@ class Publisher:
                     raise
                 raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
             except _CONNECTION_ERRORS as exc:
-                log.warning("publish_waiting_for_connection", routing_key=routing_key[:255])
+                self._waiting(routing_key)
                 channel = self._dead_channel if exchange is self._dlx else self._channel
                 await self._until_ready(exc, channel)
 

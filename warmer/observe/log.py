@@ -4,6 +4,11 @@
 `get_logger(__name__)` at import time (the logger is lazy, so configuration made later
 still applies). Records from the standard `logging` module (aio-pika, aiormq) go
 through the same renderer, so a json deployment emits nothing but JSON lines.
+
+The clients' own lines are quieted below debug: their loggers pass errors only, and those
+about a connection going away are demoted to debug. The worker reports a lost connection
+itself, once per outage (``broker_connection_lost``, ``broker_reconnected``), where the
+clients would write a line or three per attempt, every second.
 """
 
 from __future__ import annotations
@@ -127,16 +132,18 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+_CLIENTS: Final = ("aio_pika", "aiormq")
+
+
 class _ReconnectionNoise(logging.Filter):
-    """aio-pika's and aiormq's lines about a connection being re-established: info at most.
+    """aio-pika's and aiormq's lines about a connection being re-established: debug.
 
     A lost connection heals itself; the worker says so once (``broker_connection_lost``, a
-    warning, then ``broker_reconnected``). The clients would add three error-level lines
-    with tracebacks, which page operators for nothing. Errors that are not about the
-    connection stay errors.
+    warning, then ``broker_reconnected``). The clients would add error-level lines with
+    tracebacks on every attempt, which page operators for nothing. Errors that are not
+    about the connection stay errors.
     """
 
-    _CLIENTS: Final = ("aio_pika", "aiormq")
     _WORDS: Final = ("connection", "Connection", "transport", "reconnect", "closed", "Closed")
 
     def __init__(self, threshold: int) -> None:
@@ -144,7 +151,7 @@ class _ReconnectionNoise(logging.Filter):
         self._threshold = threshold
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.INFO or record.name.split(".")[0] not in self._CLIENTS:
+        if record.levelno <= logging.DEBUG or record.name.split(".")[0] not in _CLIENTS:
             return True
         exc = record.exc_info[1] if record.exc_info else None
         about_connection = isinstance(exc, _CONNECTION_ERRORS) or any(
@@ -152,9 +159,9 @@ class _ReconnectionNoise(logging.Filter):
         )
         if not about_connection:
             return True
-        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         record.exc_info, record.exc_text = None, None
-        return self._threshold <= logging.INFO
+        return self._threshold <= logging.DEBUG
 
 
 def _route_stdlib_logging(shared: list[Processor], renderer: list[Processor], level: int) -> None:
@@ -172,3 +179,9 @@ def _route_stdlib_logging(shared: list[Processor], renderer: list[Processor], le
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Their warnings and infos are per attempt (a reconnect line every second, a
+    # blocked connection the worker reports itself): only errors, unless debugging.
+    for client in _CLIENTS:
+        logging.getLogger(client).setLevel(
+            logging.DEBUG if level <= logging.DEBUG else logging.ERROR
+        )

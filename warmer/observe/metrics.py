@@ -98,6 +98,9 @@ NAMES: Final = (
     "warmer_store_errors_total",
     "warmer_dead_letters_refused_total",
     "warmer_retries_total",
+    "warmer_broker_blocked_total",
+    "warmer_broker_reconnections_total",
+    "warmer_stalls_total",
     "warmer_warm_cost_tokens_total",
     "warmer_rewrites_avoided_tokens_total",
     "warmer_rewrites_missed_tokens_total",
@@ -251,6 +254,21 @@ class Metrics:
         self.retries: Final = Counter(
             "warmer_retries_total",
             "Retries of a failed commit or publish, after a pause.",
+            registry=r,
+        )
+        self.broker_blocked: Final = Counter(
+            "warmer_broker_blocked_total",
+            "Times the broker blocked the connection (connection.blocked: a resource alarm).",
+            registry=r,
+        )
+        self.reconnections: Final = Counter(
+            "warmer_broker_reconnections_total",
+            "Times the broker connection was lost and made again.",
+            registry=r,
+        )
+        self.stalls: Final = Counter(
+            "warmer_stalls_total",
+            "Times inputs waited WARMER_STALL_S while the pipeline took none (a stall).",
             registry=r,
         )
         self.warm_cost_tokens: Final = Counter(
