@@ -11,12 +11,23 @@ import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
 import redis.asyncio
+from structlog.testing import capture_logs
 
-from warmer.store import Loaded, RedisStore, StoreError, open_store
+from tests.redis_server import redis_server
+from warmer.store import (
+    Loaded,
+    RedisStore,
+    StoreError,
+    StoreLost,
+    StoreOutcomeUnknown,
+    open_store,
+)
+from warmer.store.base import WRITERS_KEPT
 
 T = TypeVar("T")
 
@@ -70,7 +81,10 @@ async def test_the_keys_are_one_hash_and_one_token(
     assert await awaitable(raw.hgetall(f"{redis_prefix}:conversations")) == {b"c-1": b"\x00one"}
     assert await raw.get(f"{redis_prefix}:token") == b"7"
     keys = {key async for key in raw.scan_iter(match=f"{redis_prefix}*")}
-    assert keys == {f"{redis_prefix}:conversations".encode(), f"{redis_prefix}:token".encode()}
+    names = ("conversations", "token", "writers")
+    assert keys == {f"{redis_prefix}:{name}".encode() for name in names}
+    entry = await awaitable(raw.hget(f"{redis_prefix}:writers", store.writer))
+    assert entry is not None and int(entry) > 0
 
 
 async def test_the_prefix_defaults_to_warmer(redis_url: str) -> None:
@@ -283,3 +297,111 @@ async def test_a_wrong_password_is_a_store_error_without_it(redis_url: str) -> N
         await store.open()
     assert_one_line(raised.value, "redis://nobody-here:***@", "Error")
     assert "s3cret" not in str(raised.value)
+
+
+# The writer's entry: lost data noticed, late copies ignored, outcomes known or not
+
+
+async def test_a_late_copy_of_an_older_commit_changes_nothing(store: RedisStore) -> None:
+    await store.commit({"c-1": b"one"}, 1)
+    sent = store._sent
+    await store.commit({"c-1": b"two", "c-2": b"two"}, 2)
+    # The first commit again, as a copy held up in the network would arrive after the second.
+    async with store._commits:
+        await store._run({"c-1": b"one", "c-2": None}, 1, entry=str(sent), expected="")
+    assert (await store.load()).records == {"c-1": b"two", "c-2": b"two"}
+    await store.check()
+
+
+async def test_a_store_gone_back_in_time_is_lost(
+    store: RedisStore, raw: redis.asyncio.Redis
+) -> None:
+    await store.commit({"c-1": b"one"}, 1)
+    before = await awaitable(raw.hget(store.writers_key, store.writer))
+    await store.commit({"c-1": b"two"}, 2)
+    # An older copy of the data (a snapshot restored): the entry is behind the last commit.
+    assert before is not None
+    await awaitable(raw.hset(store.writers_key, mapping={store.writer: before}))
+    await awaitable(raw.hset(store.records_key, mapping={"c-1": b"one"}))
+    with pytest.raises(StoreLost, match="lost writer"):
+        await store.check()
+    with pytest.raises(StoreLost):
+        await store.commit({"c-2": b"new"}, 3)
+    assert (await store.load()).records == {"c-1": b"one"}
+
+
+async def test_close_forgets_the_writer_and_open_keeps_the_most_recent_writers(
+    redis_store_url: str, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    writers_key = f"{redis_prefix}:writers"
+    await awaitable(raw.hset(writers_key, mapping={f"old-{n}": str(n) for n in range(300)}))
+    store = RedisStore(redis_store_url)
+    await store.open()
+    entries = await awaitable(raw.hgetall(writers_key))
+    assert len(entries) == WRITERS_KEPT
+    assert store.writer.encode() in entries
+    assert b"old-299" in entries and b"old-44" not in entries
+    await store.close()
+    assert store.writer.encode() not in await awaitable(raw.hgetall(writers_key))
+
+
+async def test_open_warns_when_the_server_keeps_nothing(tmp_path: Path) -> None:
+    async with redis_server(tmp_path) as server:
+        store = RedisStore(server.url)
+        with capture_logs() as logs:
+            await store.open()
+        await store.close()
+    warned = [log for log in logs if log["event"] == "store_not_persistent"]
+    assert warned and warned[0]["loses"] == "everything", logs
+
+
+async def test_open_says_nothing_is_wrong_with_an_append_only_file(tmp_path: Path) -> None:
+    async with redis_server(tmp_path, appendonly=True) as server:
+        store = RedisStore(server.url)
+        with capture_logs() as logs:
+            await store.open()
+        await store.close()
+    assert "store_not_persistent" not in [log["event"] for log in logs]
+    assert "store_persistence" in [log["event"] for log in logs]
+
+
+async def test_a_refused_connection_is_known_not_to_have_written(tmp_path: Path) -> None:
+    async with redis_server(tmp_path) as server:
+        store = RedisStore(server.url, timeout=0.5, connect_timeout=0.5)
+        await store.open()
+        await store.commit({"c-1": b"one"}, 1)
+        await server.stop()
+        for _ in range(2):
+            # redis-py finds the pooled connection closed before it sends on it.
+            with pytest.raises(StoreError) as raised:
+                await store.commit({"c-1": b"two"}, 2)
+            assert not raised.value.unknown, raised.value
+            assert not isinstance(raised.value, StoreOutcomeUnknown)
+        await store.close()
+
+
+async def test_a_frozen_redis_leaves_the_outcome_unknown_and_a_restart_lost_data(
+    tmp_path: Path,
+) -> None:
+    async with redis_server(tmp_path) as server:
+        store = RedisStore(server.url, timeout=0.3, connect_timeout=0.3)
+        await store.open()
+        await store.commit({"c-1": b"one"}, 1)
+        server.freeze()
+        started = time.monotonic()
+        with pytest.raises(StoreOutcomeUnknown):
+            await store.commit({"c-1": b"two"}, 2)
+        assert time.monotonic() - started < 1.5
+        server.thaw()
+        # The write landed once Redis went on: sending it again is safe, and says so.
+        await store.commit({"c-1": b"two"}, 2)
+        assert (await store.load()).records == {"c-1": b"two"}
+        await server.restart()
+        with pytest.raises(StoreLost):
+            await store.check()
+        with pytest.raises(StoreLost):
+            await store.commit({"c-1": b"three"}, 3)
+        await store.restore({"c-1": b"two"}, 2)
+        await store.commit({"c-1": b"three"}, 3)
+        assert (await store.load()).records == {"c-1": b"three"}
+        await store.close()

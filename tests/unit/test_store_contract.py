@@ -18,7 +18,15 @@ from typing import Protocol
 import pytest
 import redis.asyncio
 
-from warmer.store import Loaded, MemoryStore, RedisStore, SqliteStore, Store, StoreError
+from warmer.store import (
+    Loaded,
+    MemoryStore,
+    RedisStore,
+    SqliteStore,
+    Store,
+    StoreError,
+    StoreLost,
+)
 
 
 class Backend(Protocol):
@@ -28,6 +36,10 @@ class Backend(Protocol):
 
     def broken(self) -> contextlib.AbstractAsyncContextManager[None]:
         """Inside, a commit raises StoreError."""
+        ...
+
+    async def lose(self) -> None:
+        """Empty the store behind its back, as a Redis restarted without persistence."""
         ...
 
 
@@ -44,6 +56,9 @@ class MemoryBackend:
         self.memory.fail_next = 1
         yield
         self.memory.fail_next = 0
+
+    async def lose(self) -> None:
+        self.memory.lose()
 
 
 class SqliteBackend:
@@ -67,6 +82,12 @@ class SqliteBackend:
         finally:
             locker.execute("ROLLBACK")
             locker.close()
+
+    async def lose(self) -> None:
+        # The file as it was before this worker ever wrote: a restored old copy.
+        with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as side:
+            side.execute("DELETE FROM conversations")
+            side.execute("DELETE FROM meta WHERE key != 'schema_version'")
 
 
 class RedisBackend:
@@ -97,6 +118,14 @@ class RedisBackend:
                 await client.delete(token_key)
                 if moved:
                     await client.rename(aside, token_key)
+        finally:
+            await client.aclose()
+
+    async def lose(self) -> None:
+        client = redis.asyncio.Redis.from_url(self.url.partition("?")[0])
+        try:
+            store = self.opened[-1]
+            await client.delete(store.records_key, store.token_key, store.writers_key)
         finally:
             await client.aclose()
 
@@ -254,3 +283,54 @@ async def test_record_bytes_round_trip_exactly(backend: Backend) -> None:
     store = await backend.store()
     await store.commit(records, 1)
     assert (await (await backend.store()).load()).records == records
+
+
+# A store that lost what this writer committed says so, and takes it all again
+
+
+async def test_a_store_that_lost_its_data_refuses_commits_until_restored(
+    backend: Backend,
+) -> None:
+    store = await backend.store()
+    await store.commit({"c-1": b"one", "c-2": b"two"}, 5)
+    await store.check()
+    await backend.lose()
+    with pytest.raises(StoreLost):
+        await store.check()
+    with pytest.raises(StoreLost):
+        await store.commit({"c-3": b"three"}, 6)
+    assert await store.load() == Loaded(records={}, settings={}, token=0)
+    await store.restore({"c-1": b"one", "c-2": b"two"}, 6)
+    await store.check()
+    await store.commit({"c-3": b"three"}, 7)
+    assert await (await backend.store()).load() == Loaded(
+        records={"c-1": b"one", "c-2": b"two", "c-3": b"three"}, settings={}, token=7
+    )
+
+
+async def test_a_restore_keeps_the_records_of_others(backend: Backend) -> None:
+    store = await backend.store()
+    await store.commit({"c-1": b"one", "theirs": b"kept"}, 5)
+    await store.restore({"c-1": b"again"}, 5)
+    assert (await store.load()).records == {"c-1": b"again", "theirs": b"kept"}
+
+
+async def test_a_store_just_opened_on_lost_data_notices_at_its_first_commit(
+    backend: Backend,
+) -> None:
+    store = await backend.store()
+    await backend.lose()
+    with pytest.raises(StoreLost):
+        await store.commit({"c-1": b"one"}, 1)
+    assert (await store.load()).records == {}
+
+
+async def test_two_writers_on_one_store_do_not_trouble_each_other(backend: Backend) -> None:
+    first = await backend.store()
+    second = await backend.store()
+    await first.commit({"c-1": b"one"}, 1)
+    await second.commit({"c-2": b"two"}, 2)
+    await first.commit({"c-3": b"three"}, 3)
+    await first.check()
+    await second.check()
+    assert (await first.load()).records == {"c-1": b"one", "c-2": b"two", "c-3": b"three"}

@@ -447,6 +447,7 @@ async def test_a_file_locked_by_another_process(db_path: Path) -> None:
             await store.commit({"c-1": b"one"}, 1)
         assert_one_line_naming(raised.value, db_path, "cannot commit")
         assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+        assert not raised.value.unknown  # rolled back: known not to have written
         assert await locker.release() == 0
         await store.commit({"c-1": b"one"}, 1)
         assert await store.load() == Loaded(records={"c-1": b"one"}, settings={}, token=1)
@@ -547,3 +548,23 @@ async def test_a_commit_after_close_fails_and_changes_nothing(
     with pytest.raises(StoreError, match="not open"):
         await store.load()
     assert await load_once(db_path) == Loaded(records={"c-1": b"one"}, settings={}, token=1)
+
+
+# The write-ahead log stays small while the store runs
+
+
+async def test_the_log_is_checkpointed_and_cut_back_while_running(
+    store: SqliteStore, db_path: Path
+) -> None:
+    wal = db_path.with_name(db_path.name + "-wal")
+    largest = 0
+    for n in range(400):
+        # About 4 KiB of records a commit: 400 of them would be 1.6 MiB of log unchecked.
+        await store.commit({f"c-{n % 50}-{k}": bytes([n % 256]) * 200 for k in range(20)}, n)
+        largest = max(largest, wal.stat().st_size)
+    page = 4096
+    bound = sqlite_module.WAL_CHECKPOINT_PAGES * page + 8 * page  # + one commit's pages
+    assert largest <= bound, f"the log reached {largest} bytes"
+    await store.check()  # idle: the log is emptied
+    assert wal.stat().st_size == 0
+    assert len((await store.load()).records) == 50 * 20

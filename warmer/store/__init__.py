@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
-from warmer.store.base import Loaded, RawSettings, Store, StoreError
+from warmer.store.base import Loaded, RawSettings, Store, StoreError, StoreLost, StoreOutcomeUnknown
 from warmer.store.memory import MemoryStore
 from warmer.store.redis import RedisStore
 from warmer.store.sqlite import SqliteStore
 
 __all__ = [
+    "DEFAULT_TIMEOUT_MS",
     "Loaded",
     "MemoryStore",
     "RawSettings",
@@ -23,8 +24,13 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoreError",
+    "StoreLost",
+    "StoreOutcomeUnknown",
     "open_store",
 ]
+
+DEFAULT_TIMEOUT_MS = 2000
+"""How long a store call waits by default (``WARMER_STORE_TIMEOUT_MS``)."""
 
 _FORMS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
@@ -33,24 +39,25 @@ _FORMS = (
 )
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Store:
     """The store ``url`` names, not yet opened; ValueError for a URL of another form.
 
     ``sqlite:///relative/path.db`` is relative to the working directory,
     ``sqlite:////absolute/path.db`` absolute; ``redis://`` and ``rediss://`` (TLS) name a
     Redis database and the prefix of its keys (``warmer`` unless ``?prefix=`` says);
-    ``memory://`` keeps nothing. No error shows the URL's password.
+    ``memory://`` keeps nothing. No error shows the URL's password. ``timeout_ms``: how
+    long a call waits for Redis to answer, or for SQLite's lock held by another process.
     """
     scheme, separator, rest = url.partition("://")
     scheme = scheme.lower()
     if not separator:
         raise ValueError(f"store URL has no scheme; use {_FORMS}")
     if scheme in ("redis", "rediss"):
-        return RedisStore(url)
+        return RedisStore(url, connect_timeout=timeout_ms / 1000, timeout=timeout_ms / 1000)
     if scheme == "memory" and not rest:
         return MemoryStore()
     if scheme == "sqlite":
-        return SqliteStore(_sqlite_path(rest))
+        return SqliteStore(_sqlite_path(rest), busy_timeout_ms=timeout_ms)
     # The URL itself may carry credentials: name only its scheme.
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_FORMS}")
 

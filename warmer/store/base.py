@@ -5,10 +5,22 @@ A back end keeps one record per conversation (settings and schedule, encoded by
 grows (docs/contract.md, "Outbound: warm requests"). Everything is read once at start so the
 hot path never waits on disk; the worker then commits each batch's changes in one
 transaction (``commit``), durable when it returns.
+
+A store does not always tell the truth on its own: a Redis restarted without persistence
+comes back empty, a file restored from a backup goes back in time, and a timeout leaves a
+write that may land later. So each opened store is a *writer* with an entry of its own in
+the store (written at ``open``, raised by every commit): a commit, or a ``check``, that
+finds the entry missing or behind the last commit this writer saw acknowledged raises
+``StoreLost`` instead of writing, and the worker writes everything it holds again
+(``restore``). A commit whose outcome is not known raises ``StoreOutcomeUnknown``; a later
+copy of it never undoes a later commit (each carries a sequence that only grows, and the
+store ignores one not above the writer's entry), so sending the same changes again is safe.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -22,7 +34,25 @@ RawSettings = dict[str, object]
 
 
 class StoreError(Exception):
-    """A store back end failed; the worker retries the commit in place (or answers a command)."""
+    """A store back end failed, and nothing of the call was written.
+
+    The worker retries the commit in place, or answers a command ``store_error``.
+    """
+
+    unknown: bool = False
+    """Whether the call may have been written after all (``StoreOutcomeUnknown``)."""
+
+
+class StoreOutcomeUnknown(StoreError):
+    """The call may or may not have been written (a timeout, a connection lost after
+    sending): never answered as a failure; sending the same changes again is safe."""
+
+    unknown = True
+
+
+class StoreLost(StoreError):
+    """The store no longer holds what this writer committed (its data lost, or rolled back
+    to an older copy); nothing of the call was written. ``restore`` writes it all again."""
 
 
 class Loaded(Struct, frozen=True, kw_only=True):
@@ -54,7 +84,23 @@ class Store(Protocol):
     async def commit(self, changes: Mapping[str, bytes | None], token: int) -> None:
         """In one transaction: put each record (``None`` deletes it), token = max(stored, token).
 
-        Durable when it returns; on StoreError nothing of it was committed.
+        Durable when it returns. On StoreError nothing of it was committed, but on
+        StoreOutcomeUnknown, which may have been; StoreLost when this writer's entry is
+        missing or behind (nothing written).
+        """
+        ...
+
+    async def check(self) -> None:
+        """Raise StoreLost when this writer's entry is missing or behind, StoreError when the
+        store cannot be read; a back end may also tidy up here (checkpoint its log)."""
+        ...
+
+    async def restore(self, records: Mapping[str, bytes], token: int) -> None:
+        """Put every record in ``records`` and raise the token, then record this writer's
+        entry afresh: what the worker holds, written again after ``StoreLost``.
+
+        Records the store holds beside them are kept (another writer may own them). Until
+        it returns, a ``check`` or ``commit`` still raises StoreLost.
         """
         ...
 
@@ -76,3 +122,19 @@ def check_commit(changes: Mapping[str, bytes | None], token: int) -> None:
             conversation_id.encode()
         except UnicodeEncodeError:
             raise ValueError(f"conversation id {conversation_id!r} is not valid Unicode") from None
+
+
+WRITERS_KEPT = 256
+"""Writer entries a store keeps: ``open`` forgets the least recent beyond these (left by
+workers that were killed; one that stops cleanly removes its own)."""
+
+
+def new_writer() -> str:
+    """A fresh writer id: one per opened store, never reused."""
+    return uuid.uuid4().hex[:16]
+
+
+def next_sequence(last: int) -> int:
+    """The sequence of the next write: above ``last``, and the wall clock's milliseconds
+    when those are ahead, so that the most recent writers have the highest entries."""
+    return max(last + 1, time.time_ns() // 1_000_000)

@@ -2,13 +2,21 @@
 
 ``redis://[[user]:password@]host[:port][/db][?prefix=name]`` (``rediss://`` for TLS) keeps
 the records in the hash ``{prefix}:conversations`` (field = conversation id, value = the
-record) and the token in the string ``{prefix}:token``; the prefix defaults to ``warmer``.
+record), the token in the string ``{prefix}:token`` and each writer's entry (the sequence
+of its last commit, ``warmer.store.base``) in the hash ``{prefix}:writers``; the prefix
+defaults to ``warmer``.
 
 A commit is one round trip: a Lua script, which Redis runs atomically. It checks the
-types of both keys and the stored token before it writes anything, because Redis never
-rolls back: neither a MULTI/EXEC transaction nor a script undoes the writes made before a
-command failed. A commit is as durable as the server's persistence makes it
-(``appendonly yes`` with ``appendfsync always`` for a commit fsynced before it returns).
+types of the keys, the stored token and the writer's entry before it writes anything,
+because Redis never rolls back: neither a MULTI/EXEC transaction nor a script undoes the
+writes made before a command failed. A commit is as durable as the server's persistence
+makes it (``appendonly yes`` with ``appendfsync always`` for a commit fsynced before it
+returns); ``open`` warns when the server keeps nothing.
+
+A failure is known not to have written only when Redis answered (an error reply) or when
+no connection could be made; any other failure (a timeout, a connection lost after
+sending) is StoreOutcomeUnknown. redis-py's own retries are off: a command re-sent behind
+our back would hide which of the two it was.
 """
 
 from __future__ import annotations
@@ -25,7 +33,17 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from warmer.observe.log import get_logger
-from warmer.store.base import MAX_TOKEN, Loaded, StoreError, check_commit
+from warmer.store.base import (
+    MAX_TOKEN,
+    WRITERS_KEPT,
+    Loaded,
+    StoreError,
+    StoreLost,
+    StoreOutcomeUnknown,
+    check_commit,
+    new_writer,
+    next_sequence,
+)
 
 log = get_logger(__name__)
 
@@ -35,13 +53,21 @@ _TOKEN = re.compile(rb"0|[1-9][0-9]{0,18}")
 _DB = re.compile(r"/?|/\d{1,5}")
 _FORM = "redis://[[user]:password@]host[:port][/db][?prefix=name] or rediss://..."
 _SCAN_COUNT = 10_000
+_RESTORE_CHUNK = 10_000
+_LOST = "WARMERLOST"
 _BACKEND_ERRORS = (redis_errors.RedisError, OSError)
 
-# KEYS: the records hash, the token string. ARGV: the token, the number of puts, the puts
-# as id, record pairs, then the ids to delete. Tokens are compared as decimal strings: a
-# Lua number (a double) is exact only up to 2^53.
+# KEYS: the records hash, the token string, the writers hash. ARGV: the token, the number
+# of puts, the writer, the entry to write, the entry expected (see below), the puts as id,
+# record pairs, then the ids to delete. Tokens are compared as decimal strings: a Lua number
+# (a double) is exact only up to 2^53; sequences are milliseconds, well below it.
+#
+# An entry is the sequence of the writer's last commit, or 'r' and a nonce while a restore
+# in chunks is under way. Expected '' (registering, or a restore's first chunk): anything;
+# an 'r' nonce: exactly it; a sequence: an entry at least as high. A commit whose sequence
+# is not above the entry is a late copy of one already made, or older: ignored (0).
 _COMMIT = """
-local records, token_key = KEYS[1], KEYS[2]
+local records, token_key, writers = KEYS[1], KEYS[2], KEYS[3]
 local kind = redis.call('TYPE', records)['ok']
 if kind ~= 'none' and kind ~= 'hash' then
   return redis.error_reply('WRONGTYPE ' .. records .. ' holds a ' .. kind .. ', not a hash')
@@ -50,24 +76,52 @@ kind = redis.call('TYPE', token_key)['ok']
 if kind ~= 'none' and kind ~= 'string' then
   return redis.error_reply('WRONGTYPE ' .. token_key .. ' holds a ' .. kind .. ', not a token')
 end
+kind = redis.call('TYPE', writers)['ok']
+if kind ~= 'none' and kind ~= 'hash' then
+  return redis.error_reply('WRONGTYPE ' .. writers .. ' holds a ' .. kind .. ', not a hash')
+end
 local stored = redis.call('GET', token_key)
 if stored and not (stored == '0' or (string.match(stored, '^[1-9]%d*$')
     and (#stored < 19 or (#stored == 19 and stored <= '9223372036854775807')))) then
   return redis.error_reply('ERR ' .. token_key .. ' holds ' .. string.sub(stored, 1, 40)
     .. ', not a token')
 end
+local writer, entry, expected = ARGV[3], ARGV[4], ARGV[5]
+local held = redis.call('HGET', writers, writer)
+local function sequence(value)
+  if value and string.match(value, '^%d+$') then return tonumber(value) end
+  return nil
+end
+if expected ~= '' then
+  if not held then
+    return redis.error_reply('WARMERLOST ' .. writers .. ' has no entry for writer ' .. writer)
+  end
+  local behind = held ~= expected
+  if sequence(expected) then
+    behind = not sequence(held) or sequence(held) < sequence(expected)
+  end
+  if behind then
+    return redis.error_reply('WARMERLOST ' .. writers .. ' holds ' .. string.sub(held, 1, 40)
+      .. ' for writer ' .. writer .. ', not ' .. expected)
+  end
+end
+if sequence(held) and sequence(entry) and sequence(held) >= sequence(entry) then
+  return 0
+end
 local token = ARGV[1]
-local first_delete = 3 + 2 * tonumber(ARGV[2])
+local first_delete = 6 + 2 * tonumber(ARGV[2])
 -- unpack() is bounded by the Lua stack: write in chunks (of whole pairs for HSET).
-for i = 3, first_delete - 1, 1000 do
+for i = 6, first_delete - 1, 1000 do
   redis.call('HSET', records, unpack(ARGV, i, math.min(i + 999, first_delete - 1)))
 end
 for i = first_delete, #ARGV, 1000 do
   redis.call('HDEL', records, unpack(ARGV, i, math.min(i + 999, #ARGV)))
 end
-if not stored or #token > #stored or (#token == #stored and token > stored) then
+if token ~= '0' and (not stored or #token > #stored
+    or (#token == #stored and token > stored)) then
   redis.call('SET', token_key, token)
 end
+redis.call('HSET', writers, writer, entry)
 return 1
 """
 
@@ -79,26 +133,36 @@ class RedisStore:
         self,
         url: str,
         *,
-        connect_timeout: float = 5.0,
-        timeout: float = 10.0,
+        connect_timeout: float = 2.0,
+        timeout: float = 2.0,
         scan_count: int = _SCAN_COUNT,
     ) -> None:
-        """Use the Redis ``url`` names; ValueError (never showing the password) when malformed."""
+        """Use the Redis ``url`` names; ValueError (never showing the password) when malformed.
+
+        ``timeout``: how long a command may go unanswered before its outcome is unknown.
+        """
         # self.url is the URL with its password masked: safe to log and to show.
         self._connect_url, self.prefix, self.url, self._secrets = _parse(url)
         self.records_key = f"{self.prefix}:conversations"
         self.token_key = f"{self.prefix}:token"
+        self.writers_key = f"{self.prefix}:writers"
+        self.writer = new_writer()
+        """This store's entry in ``writers_key``."""
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._scan_count = scan_count
         self._client: Redis | None = None
         self._script: AsyncScript | None = None
+        self._sent = 0
+        """The sequence of the last commit sent."""
+        self._seen = 0
+        """The sequence of the last commit acknowledged: the entry may not be below it."""
         # Commits leave in the order they were issued (a Lock is FIFO): on a pool of
         # connections, a later commit could otherwise overtake an earlier one.
         self._commits = asyncio.Lock()
 
     async def open(self) -> None:
-        """Connect and check that Redis answers; StoreError naming the (masked) URL if not."""
+        """Connect, check that Redis answers, record this writer; StoreError if not."""
         if self._client is not None:
             return
         client = Redis.from_url(
@@ -106,9 +170,7 @@ class RedisStore:
             decode_responses=False,
             socket_connect_timeout=self._connect_timeout,
             socket_timeout=self._timeout,
-            # One immediate retry, on a broken connection only: it replaces a pooled
-            # connection the server closed (a restart). A timeout is reported, not repeated.
-            retry=Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)),
+            retry=Retry(NoBackoff(), 0),
         )
         try:
             await client.ping()
@@ -122,14 +184,76 @@ class RedisStore:
             raise
         self._client = client
         self._script = script
-        log.info("store_opened", url=self.url, prefix=self.prefix)
+        try:
+            await self._persistence()
+            await self._forget_old_writers()
+            async with self._commits:
+                await self._run({}, 0, entry=str(self._next()), expected="")
+        except BaseException:
+            self._client = self._script = None
+            await client.aclose()
+            raise
+        log.info("store_opened", url=self.url, prefix=self.prefix, writer=self.writer)
+
+    async def _persistence(self) -> None:
+        """Warn when the server would come back empty, or lose the last second, on restart."""
+        client, _ = self._connection()
+        try:
+            found = await client.config_get("appendonly")
+            found |= await client.config_get("appendfsync")
+            found |= await client.config_get("save")
+        except redis_errors.ResponseError as exc:  # CONFIG renamed or refused (managed Redis)
+            log.warning(
+                "store_persistence_unknown",
+                url=self.url,
+                error=" ".join(str(exc).split())[:200],
+                advice="could not check; make sure the server has appendonly yes",
+            )
+            return
+        except _BACKEND_ERRORS as exc:
+            raise self._error("cannot read the configuration of", exc) from exc
+        config = {_text(key): _text(value) for key, value in found.items()}
+        appendonly, snapshots = config.get("appendonly", ""), config.get("save", "")
+        if appendonly != "yes":
+            log.warning(
+                "store_not_persistent",
+                url=self.url,
+                appendonly=appendonly,
+                save=snapshots,
+                loses="everything" if not snapshots else "what was committed since the last save",
+                advice="set appendonly yes (appendfsync everysec or always) on the server",
+            )
+        else:
+            log.info("store_persistence", url=self.url, appendfsync=config.get("appendfsync"))
+
+    async def _forget_old_writers(self) -> None:
+        """Keep the most recent entries, this one's to come included (killed workers leave
+        theirs)."""
+        client, _ = self._connection()
+        keep = WRITERS_KEPT - 1
+        try:
+            if await client.hlen(self.writers_key) <= keep:  # type: ignore[misc]
+                return
+            entries = await client.hgetall(self.writers_key)  # type: ignore[misc]
+            ranked = sorted(entries, key=lambda w: int(entries[w]) if entries[w].isdigit() else 0)
+            await client.hdel(self.writers_key, *ranked[: len(ranked) - keep])  # type: ignore[misc]
+        except redis_errors.ResponseError:
+            return  # another type of key: the commit script names it
+        except _BACKEND_ERRORS as exc:
+            raise self._error("cannot read", exc, key=self.writers_key) from exc
 
     async def close(self) -> None:
-        """Let commits already issued finish, then release the connections; twice is harmless."""
+        """Let commits already issued finish, forget this writer, release the connections;
+        twice is harmless."""
         async with self._commits:
             client, self._client, self._script = self._client, None, None
         if client is None:
             return
+        try:
+            # A late copy of a commit, finding no entry, is refused instead of landing.
+            await client.hdel(self.writers_key, self.writer)  # type: ignore[misc]
+        except _BACKEND_ERRORS as exc:
+            log.info("store_writer_not_forgotten", url=self.url, error=str(exc)[:200])
         try:
             await client.aclose()
         except _BACKEND_ERRORS as exc:
@@ -185,6 +309,58 @@ class RedisStore:
         """Put and delete records, raise the token: one atomic script, one round trip."""
         check_commit(changes, token)
         self._connection()  # fail before building the arguments
+        async with self._commits:
+            sequence = self._next()
+            await self._run(changes, token, entry=str(sequence), expected=str(self._seen))
+            self._seen = sequence
+
+    async def check(self) -> None:
+        """StoreLost when this writer's entry is missing or behind its last commit."""
+        client, _ = self._connection()
+        try:
+            held = await client.hget(self.writers_key, self.writer)  # type: ignore[misc]
+        except redis_errors.ResponseError as exc:
+            raise self._error("cannot check", exc, key=self.writers_key) from exc
+        except _BACKEND_ERRORS as exc:
+            raise self._error("cannot check", exc) from exc
+        if held is None or not held.isdigit() or int(held) < self._seen:
+            shown = "no entry" if held is None else f"{held[:40]!r}"
+            raise StoreLost(
+                f"redis store {self.url} lost writer {self.writer}'s data: "
+                f"{self.writers_key} holds {shown}, not {self._seen} or above"
+            )
+
+    async def restore(self, records: Mapping[str, bytes], token: int) -> None:
+        """Write every record again in chunks, then this writer's entry (see ``_COMMIT``)."""
+        check_commit(records, token)
+        items = list(records.items())
+        chunks = [items[i : i + _RESTORE_CHUNK] for i in range(0, len(items), _RESTORE_CHUNK)]
+        nonce = f"r{new_writer()}"
+        async with self._commits:
+            last = len(chunks) - 1 if chunks else 0
+            for index in range(last + 1):
+                chunk = dict(chunks[index]) if chunks else {}
+                final = self._next() if index == last else 0
+                await self._run(
+                    chunk,
+                    token,
+                    entry=str(final) if final else nonce,
+                    expected="" if index == 0 else nonce,
+                )
+                if final:
+                    self._seen = final
+                # Redis answers others between chunks.
+                await asyncio.sleep(0)
+
+    def _next(self) -> int:
+        self._sent = next_sequence(self._sent)
+        return self._sent
+
+    async def _run(
+        self, changes: Mapping[str, bytes | None], token: int, *, entry: str, expected: str
+    ) -> None:
+        """One call of the commit script; the caller holds ``_commits``."""
+        client, script = self._connection()
         puts: list[str | bytes] = []
         deletes: list[str] = []
         for conversation_id, record in changes.items():
@@ -193,26 +369,44 @@ class RedisStore:
             else:
                 puts += (conversation_id, record)
         try:
-            async with self._commits:
-                client, script = self._connection()
-                await script(
-                    keys=[self.records_key, self.token_key],
-                    args=[token, len(puts) // 2, *puts, *deletes],
-                    client=client,
-                )
+            await script(
+                keys=[self.records_key, self.token_key, self.writers_key],
+                args=[token, len(puts) // 2, self.writer, entry, expected, *puts, *deletes],
+                client=client,
+            )
         except _BACKEND_ERRORS as exc:
-            # A timeout leaves the outcome unknown; the commit is idempotent, so the
-            # worker's retry of it is safe either way.
             raise self._error("cannot commit to", exc) from exc
 
     def _error(self, doing: str, exc: BaseException, *, key: str | None = None) -> StoreError:
-        """One line naming the masked URL and what went wrong, without the password."""
+        """One line naming the masked URL and what went wrong, without the password; of
+        the kind that says whether anything may have been written."""
         reason = " ".join(str(exc).split()) or "no detail"
         if reason.startswith("WRONGTYPE Operation") and key is not None:
             reason = f"{key} holds another type of value than this store writes"
         for secret in self._secrets:
             reason = reason.replace(secret, "***")
-        return StoreError(f"{doing} redis store {self.url}: {type(exc).__name__}: {reason}")
+        message = f"{doing} redis store {self.url}: {type(exc).__name__}: {reason}"
+        if isinstance(exc, redis_errors.ResponseError) and reason.startswith(_LOST):
+            return StoreLost(f"redis store {self.url} lost writer {self.writer}'s data: {reason}")
+        if _not_sent(exc):
+            return StoreError(message)
+        return StoreOutcomeUnknown(f"{message} (outcome unknown)")
+
+
+def _not_sent(exc: BaseException) -> bool:
+    """Whether a failure is known to have written nothing: Redis answered with an error
+    (the script checks everything before it writes), or no connection could be made."""
+    if isinstance(exc, redis_errors.ResponseError | redis_errors.AuthenticationError):
+        return True
+    # redis-py's words for a failed connect ("Error 111 connecting to host:port.",
+    # "Timeout connecting to server"): nothing was sent on it.
+    return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and (
+        "connecting to" in str(exc)
+    )
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _parse(url: str) -> tuple[str, str, str, tuple[str, ...]]:

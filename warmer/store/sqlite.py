@@ -3,6 +3,12 @@
 Commits issued while one is in flight are merged and committed together, so a burst of
 them costs one fsync, not one each; every caller still returns only once its own changes
 are committed.
+
+The write-ahead log stays small: SQLite copies it into the database every
+``WAL_CHECKPOINT_PAGES`` pages and then cuts it back to ``WAL_LIMIT_BYTES``, and ``check``
+(every few seconds) empties it when no commit is under way. The writer's entry
+(``warmer.store.base``) is a ``meta`` row ``writer:<id>``, checked inside each commit's
+transaction: a file swapped for an older copy is noticed at the next commit or check.
 """
 
 from __future__ import annotations
@@ -20,11 +26,25 @@ import aiosqlite
 
 from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
-from warmer.store.base import Loaded, RawSettings, StoreError, check_commit
+from warmer.store.base import (
+    WRITERS_KEPT,
+    Loaded,
+    RawSettings,
+    StoreError,
+    StoreLost,
+    StoreOutcomeUnknown,
+    check_commit,
+    new_writer,
+    next_sequence,
+)
 
 log = get_logger(__name__)
 
 SCHEMA_VERSION = 2
+WAL_CHECKPOINT_PAGES = 128
+"""Pages in the log (4 KiB each by default) after which a commit copies it into the file."""
+WAL_LIMIT_BYTES = 512 * 1024
+"""What the log is cut back to after a checkpoint (it may grow past it within one commit)."""
 """1: settings per conversation. 2: one opaque record per conversation (settings kept)."""
 
 _CREATE_CONVERSATIONS = (
@@ -52,6 +72,16 @@ _SELECT_SETTINGS = (
     "WHERE conversation_id NOT IN (SELECT conversation_id FROM conversations)"
 )
 _SELECT_TOKEN = "SELECT value FROM meta WHERE key = 'token'"
+_SELECT_ENTRY = "SELECT value FROM meta WHERE key = ?"
+_PUT_ENTRY = (
+    "INSERT INTO meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+_DELETE_ENTRY = "DELETE FROM meta WHERE key = ?"
+_FORGET_OLD_WRITERS = (
+    "DELETE FROM meta WHERE key IN (SELECT key FROM meta WHERE key LIKE 'writer:%' "
+    "ORDER BY value DESC LIMIT -1 OFFSET ?)"
+)
 # What the driver raises when the file, the disk or the connection fails. aiosqlite
 # raises ValueError on a closed connection.
 _BACKEND_ERRORS = (sqlite3.Error, OSError, ValueError)
@@ -64,6 +94,8 @@ class _Batch:
     changes: dict[str, bytes | None] = field(default_factory=dict)
     token: int = 0
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    restore: bool = False
+    """Write this writer's entry afresh instead of checking it."""
 
 
 class SqliteStore:
@@ -78,6 +110,11 @@ class SqliteStore:
         """Whether the file has the schema-1 settings table."""
         self._token = 0
         """The token known committed: a commit that would not raise it may skip the disk."""
+        self.writer = new_writer()
+        """This store's writer id: its entry is the ``meta`` row ``writer:<id>``."""
+        self._entry_key = f"writer:{self.writer}"
+        self._seen = 0
+        """The sequence of the last commit: the entry may not be below it."""
         # One transaction at a time on the one connection: load beside the group commit.
         self._transaction = asyncio.Lock()
         self._pending: _Batch | None = None
@@ -114,10 +151,16 @@ class SqliteStore:
         rows = list(await conn.execute_fetchall("PRAGMA journal_mode = WAL"))
         # NORMAL in WAL mode may lose the last commits on power loss; a commit must be durable.
         await conn.execute("PRAGMA synchronous = FULL")
+        # SQLite's default (1000 pages, never cut back) let the log alone fill a small volume.
+        await conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        await conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         await conn.execute("BEGIN IMMEDIATE")
         try:
             await self._migrate(conn)
             self._token = await self._read_token(conn)
+            await conn.execute(_FORGET_OLD_WRITERS, (WRITERS_KEPT - 1,))
+            self._seen = next_sequence(self._seen)
+            await conn.execute(_PUT_ENTRY, (self._entry_key, self._seen))
             await conn.execute("COMMIT")
         except BaseException:
             await _rollback_quietly(conn)
@@ -161,6 +204,9 @@ class SqliteStore:
         if self._writer is not None:
             # wait() rather than await: cancelling close must not abandon a commit half way.
             await asyncio.wait({self._writer})
+        async with self._transaction:
+            with contextlib.suppress(*_BACKEND_ERRORS):
+                await conn.execute(_DELETE_ENTRY, (self._entry_key,))
         try:
             await conn.close()
         except _BACKEND_ERRORS as exc:
@@ -226,12 +272,38 @@ class SqliteStore:
     async def commit(self, changes: Mapping[str, bytes | None], token: int) -> None:
         """Put and delete records, raise the token: committed, with fsync, when this returns."""
         check_commit(changes, token)
-        conn = self._connection()
+        self._connection()
         if not changes and token <= self._token:
             return
+        await self._enqueue(changes, token, restore=False)
+
+    async def restore(self, records: Mapping[str, bytes], token: int) -> None:
+        """Write every record again and this writer's entry afresh, in one transaction."""
+        check_commit(records, token)
+        self._connection()
+        await self._enqueue(records, token, restore=True)
+
+    async def check(self) -> None:
+        """StoreLost when this writer's entry is gone or behind; empty the log when idle."""
+        conn = self._connection()
+        async with self._transaction:
+            try:
+                rows = list(await conn.execute_fetchall(_SELECT_ENTRY, (self._entry_key,)))
+                if self._pending is None and self._writer is None:
+                    await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except _BACKEND_ERRORS as exc:
+                raise self._error("cannot check store", exc) from exc
+        self._judge_entry(rows)
+
+    async def _enqueue(
+        self, changes: Mapping[str, bytes | None], token: int, *, restore: bool
+    ) -> None:
+        conn = self._connection()
         if self._pending is None:
             self._pending = _Batch()
         batch = self._pending
+        # A commit merged with a restore is part of what the restore writes again.
+        batch.restore = batch.restore or restore
         batch.changes.update(changes)
         batch.token = max(batch.token, token)
         # A caller cancelled while waiting may still see its changes committed.
@@ -253,8 +325,9 @@ class SqliteStore:
                 _settle(batch.waiters, failure)
         finally:
             self._writer = None
-            # Only reached with waiters left when this task was cancelled mid-commit.
-            interrupted = StoreError(f"commit to store {self.path} was interrupted")
+            # Only reached with waiters left when this task was cancelled mid-commit: the
+            # transaction runs on in SQLite's thread, and may still commit.
+            interrupted = StoreOutcomeUnknown(f"commit to store {self.path} was interrupted")
             for left in (batch, self._pending):
                 if left is not None:
                     _settle(left.waiters, interrupted)
@@ -264,10 +337,13 @@ class SqliteStore:
         """Write one batch in one transaction; the error, if any, instead of raising."""
         puts = [(key, record) for key, record in batch.changes.items() if record is not None]
         deletes = [(key,) for key, record in batch.changes.items() if record is None]
+        sequence = next_sequence(self._seen)
         async with self._transaction:
             try:
                 await conn.execute("BEGIN IMMEDIATE")
                 try:
+                    if not batch.restore:
+                        await self._check_entry(conn)
                     if puts:
                         await conn.executemany(_PUT_RECORD, puts)
                     if deletes:
@@ -277,13 +353,30 @@ class SqliteStore:
                         # since the upgrade) its legacy settings.
                         await conn.executemany(_DELETE_SETTINGS, ((key,) for key in batch.changes))
                     await conn.execute(_PUT_TOKEN, (batch.token,))
+                    await conn.execute(_PUT_ENTRY, (self._entry_key, sequence))
                     await conn.execute("COMMIT")
                 except BaseException:
                     await _rollback_quietly(conn)
                     raise
+            except StoreLost as exc:
+                return exc
             except _BACKEND_ERRORS as exc:
                 return self._error("cannot commit to store", exc)
+        self._seen = sequence
         return None
+
+    async def _check_entry(self, conn: aiosqlite.Connection) -> None:
+        rows = list(await conn.execute_fetchall(_SELECT_ENTRY, (self._entry_key,)))
+        self._judge_entry(rows)
+
+    def _judge_entry(self, rows: list[sqlite3.Row]) -> None:
+        """StoreLost unless ``rows`` hold this writer's entry at its last sequence or above."""
+        held = rows[0][0] if rows else None
+        if type(held) is not int or held < self._seen:
+            raise StoreLost(
+                f"store {self.path} lost writer {self.writer}'s data: its entry holds "
+                f"{_short(held)}, not {self._seen} or above"
+            )
 
     def _error(self, doing: str, exc: BaseException) -> StoreError:
         """One line naming the file and what is wrong with it, the cause attached."""
@@ -321,7 +414,7 @@ def _settle(waiters: list[asyncio.Future[None]], failure: StoreError | None) -> 
         else:
             # A fresh error per waiter: one exception object raised in many tasks would
             # collect all their tracebacks.
-            error = StoreError(str(failure))
+            error = type(failure)(str(failure))
             error.__cause__ = failure.__cause__
             waiter.set_exception(error)
 
