@@ -56,8 +56,8 @@ from warmer.observe.metrics import CostGauges, Metrics, StateGauges
 from warmer.observe.stall import Watchdog
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
-from warmer.store import Store, StoreError, open_store
-from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker
+from warmer.store import Store, StoreError, StoreLost, open_store
+from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker, held_records
 
 log = get_logger(__name__)
 
@@ -68,6 +68,7 @@ STARTUP_PAUSE_FIRST_MS: Final = 1000
 STARTUP_PAUSE_MAX_MS: Final = 30_000
 STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
 PRUNE_EVERY_MS: Final = 60_000
+STORE_CHECK_MS: Final = 5_000  # how soon a store that lost its data is noticed when idle
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2  # a setting the worker cannot use
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot be reached
@@ -93,7 +94,7 @@ class App:
         self.clock: Clock = clock or SystemClock()
         self._retry_ms = retry_ms
         try:
-            self.store: Store = open_store(config.store)
+            self.store: Store = open_store(config.store, timeout_ms=config.store_timeout_ms)
         except ValueError as exc:
             raise StartupError(f"WARMER_STORE: {exc}") from exc
         try:
@@ -203,6 +204,7 @@ class App:
             watch(loop.create_task(self._prune_forever(inputs), name="prune")),
             watch(loop.create_task(self._watch_clock_forever(), name="clock")),
             watch(loop.create_task(self._watchdog(inputs).run(), name="stall watchdog")),
+            watch(loop.create_task(worker.watch_store(STORE_CHECK_MS), name="store-check")),
         ]
         await self._consume(self.names.lifecycle, inputs.lifecycle)
         await self._consume(self.names.commands, inputs.command)
@@ -263,7 +265,12 @@ class App:
         recovery = core.recover(now)
         changes = encode_changes(core.touched(), core.touched_model())
         try:
-            await self.store.commit(changes, core.last_token)
+            try:
+                await self.store.commit(changes, core.last_token)
+            except StoreLost as exc:  # lost since it was loaded: give it all again
+                log.error("store_data_lost", error=str(exc)[:300], conversations=len(core))
+                self.metrics.store_data_lost.inc()
+                await self.store.restore(held_records(core), core.last_token)
         except StoreError as exc:
             core.rollback()
             raise StartupError(f"cannot write the store {store_name}: {exc}") from exc

@@ -73,6 +73,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     amqp_url: AmqpUrl = "amqp://guest:guest@localhost:5672/"
     namespace: Namespace = "warmer"
     store: StoreUrl = "sqlite:///warmer.db"
+    store_timeout_ms: Milliseconds = 2_000
     prefetch: Prefetch = 256
     confirm_timeout_ms: Milliseconds = CONFIRM_TIMEOUT_MS
     log_format: LogFormat = "json"
@@ -208,6 +209,14 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "sqlite:////absolute/path.db (embedded), redis://host:6379/0 (a standby can take "
         "over), or memory:// (tests only: nothing survives)",
         "a sqlite:///<path>, redis://<host>:<port>/<db>, rediss://... or memory:// URL",
+    ),
+    Setting(
+        "WARMER_STORE_TIMEOUT_MS",
+        "store_timeout_ms",
+        "how long a store call may take before it counts as failed: Redis's answer, or "
+        "SQLite's lock held by another process; while the store fails, commands are "
+        "answered store_error within about this long",
+        f"an integer from 1000 to {_INT_MAX} (milliseconds)",
     ),
     Setting(
         "WARMER_PREFETCH",

@@ -92,6 +92,26 @@ class Inputs:
         self._closed = True
         self._ready.set()
 
+    def take_commands(self) -> list[Input]:
+        """Take out every command delivery waiting, in order, leaving the rest in theirs
+        (answered at once while the store fails, not held behind a batch being retried)."""
+        if not any(isinstance(item, Received) and item.queue == "commands" for item in self._items):
+            return []
+        commands: list[Input] = []
+        rest: deque[Input] = deque()
+        for item in self._items:
+            is_command = isinstance(item, Received) and item.queue == "commands"
+            (commands if is_command else rest).append(item)
+        self._items = rest
+        return commands
+
+    async def arrived(self) -> None:
+        """Wait until the next input is put; once closed, wait until cancelled."""
+        self._ready.clear()
+        await self._ready.wait()
+        if self._closed:
+            await asyncio.Event().wait()
+
     async def take(self, limit: int = BATCH_MAX) -> list[Input] | None:
         """Wait for at least one input, then take every one there is (at most ``limit``)."""
         while not self._items:

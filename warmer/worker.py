@@ -79,14 +79,15 @@ from warmer.core import (
     WarmFailed,
     WarmSkipped,
 )
-from warmer.core.records import encode_changes
+from warmer.core.gaps import MODEL_KEY
+from warmer.core.records import encode_changes, encode_record
 from warmer.inputs import Fired, Input, Inputs, Prune, Queue, Received, Returned
 from warmer.observe.health import Health
 from warmer.observe.log import get_logger
 from warmer.observe.metrics import Metrics, Tally
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
-from warmer.store import Store, StoreError
+from warmer.store import Store, StoreError, StoreLost
 
 log = get_logger(__name__)
 
@@ -168,6 +169,13 @@ class Worker:
         # Per open channel (by id, the delivery kept holds the channel so the id stays its
         # own): a delivery on it and the lowest delivery tag left unsettled there.
         self._holes: dict[int, tuple[Delivery, int]] = {}
+        # Held from a batch's apply to its commit: a restore writes only what was committed.
+        self._committing = asyncio.Lock()
+        self._answering: set[asyncio.Task[None]] = set()
+        self._failure = ""
+        """The last store error of the batch being retried, for the commands refused."""
+        self._lost: str | None = None
+        """Why the store is known to have lost what was committed, until it is restored."""
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -336,43 +344,75 @@ class Worker:
     # -- apply and commit -------------------------------------------------------------
 
     async def _apply_and_commit(self, items: list[Input]) -> list[_Step] | None:
-        """Apply ``items`` and commit what they changed; None when abandoned (rolled back)."""
+        """Apply ``items`` and commit what they changed; None when abandoned (rolled back).
+
+        Retried in place while the store fails, but commands are not held behind it:
+        this batch's are answered ``store_error`` at once when the failure is known not to
+        have written, and those that arrive meanwhile likewise (``_refuse_arriving``). An
+        outcome not known is never answered as a failure: the same changes are sent again
+        until it is known. A store that lost its data is given everything held again
+        (``_restore``) before the batch is committed.
+        """
         now = self.clock.now_ms()
         metrics = self.metrics
-        self.core.begin()
-        try:
-            applied = self._apply(items, now, None)
-            changes = encode_changes(self.core.touched(), self.core.touched_model())
-            attempt = 0
-            while True:
-                try:
-                    if changes:  # tokens matter only with the records that hold them
-                        await self._commit(changes, self.core.last_token)
-                    break
-                except StoreError as exc:
-                    metrics.store_errors.inc()
-                    if not applied.refused and any(s.queue == "commands" for s in applied.steps):
-                        # docs/contract.md: a store error on a command is answered store_error.
-                        log.error("store_failed_commands_refused", error=str(exc)[:300])
-                        self.core.rollback()
-                        self.core.end()
-                        self.core.begin()
-                        applied = self._apply(items, now, str(exc)[:300])
+        async with self._committing:
+            self.core.begin()
+            refusing: asyncio.Task[None] | None = None
+            try:
+                applied = self._apply(items, now, None)
+                attempt = 0
+                unknown = False  # once unknown, this batch's commands wait for the outcome
+                lost_once = False
+                while True:
+                    try:
+                        if self._lost is not None:
+                            applied = await self._restore_beside(items, now)
                         changes = encode_changes(self.core.touched(), self.core.touched_model())
-                        continue
-                    attempt += 1
-                    if not await self._pause(attempt, exc, applied.steps):
-                        self.core.rollback()
-                        self.inputs.put_back(i for i in items if not isinstance(i, Received))
-                        metrics.redeliveries.inc(sum(isinstance(i, Received) for i in items))
-                        return None
-            if attempt:
-                log.info("commit_recovered", attempts=attempt + 1)
-        except BaseException:
-            self.core.rollback()
-            raise
-        finally:
-            self.core.end()
+                        if changes:  # tokens matter only with the records that hold them
+                            await self._commit(changes, self.core.last_token)
+                        break
+                    except StoreError as exc:
+                        metrics.store_errors.inc()
+                        self.health.trouble("store", str(exc))
+                        if isinstance(exc, StoreLost):
+                            self._store_lost(exc)
+                            if not lost_once:  # restored at once, then committed
+                                lost_once = True
+                                continue
+                        unknown = unknown or exc.unknown
+                        self._failure = str(exc)[:300]
+                        if refusing is None:
+                            refusing = watch(
+                                asyncio.get_running_loop().create_task(
+                                    self._refuse_arriving(), name="refuse-commands"
+                                )
+                            )
+                        commands = [i for i in items if _is_command(i)]
+                        if commands and not unknown:
+                            # docs/contract.md: a store error on a command is answered store_error.
+                            log.error("store_failed_commands_refused", error=self._failure)
+                            items = [i for i in items if not _is_command(i)]
+                            self.core.rollback()
+                            self.core.end()
+                            self.core.begin()
+                            applied = self._apply(items, now, None)
+                            self._answer_refused(commands, self._failure)
+                            continue
+                        attempt += 1
+                        if not await self._pause(attempt, exc, applied.steps):
+                            self.core.rollback()
+                            self.inputs.put_back(i for i in items if not isinstance(i, Received))
+                            metrics.redeliveries.inc(sum(isinstance(i, Received) for i in items))
+                            return None
+                if attempt:
+                    log.info("commit_recovered", attempts=attempt + 1)
+                self.health.cleared("store")
+            except BaseException:
+                self.core.rollback()
+                raise
+            finally:
+                self.core.end()
+                await self._stop_refusing(refusing)
         metrics.add(applied.tally, len(items))
         for timer in applied.timers:
             match timer:
@@ -394,6 +434,119 @@ class Worker:
             await self.store.commit(changes, token)
         finally:
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
+
+    # -- while the store fails --------------------------------------------------------
+
+    async def _refuse_arriving(self) -> None:
+        """While a batch's commit is retried: answer each command as it arrives with
+        ``store_error`` (nothing of it is written), instead of holding it behind."""
+        while True:
+            commands = self.inputs.take_commands()
+            if commands:
+                self._answer_refused(commands, self._failure)
+            await self.inputs.arrived()
+
+    def _answer_refused(self, commands: list[Input], error: str) -> None:
+        """Apply ``commands`` refused with ``error`` (the core is left as it is) and answer
+        them at once, each acknowledged on its own: a ``multiple`` acknowledgement could
+        cover a delivery of the batch still being retried."""
+        answered = self._apply(commands, self.clock.now_ms(), error)
+        self.metrics.add(answered.tally, len(commands))
+        task = watch(asyncio.get_running_loop().create_task(self._answer(answered.steps)))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, steps: list[_Step]) -> None:
+        """Publish the replies (one confirm deadline), then settle each delivery alone."""
+        work = [(step, effect) for step in steps for effect in step.publishes]
+        if work:
+            failed, _ = await self._confirmed(work, _start(work))
+            for step, _ in failed:
+                step.settle = "requeue"  # delivered again, answered again
+        for step in steps:
+            if step.delivery is None:
+                continue
+            if step.settle == "ack":
+                await _ack(step.delivery, multiple=False)
+            else:
+                # Never left: the next batch's multiple acknowledgement would cover it.
+                requeue = step.settle != "reject"
+                self.metrics.redeliveries.inc(requeue)
+                await _reject(step.delivery, requeue=requeue)
+
+    async def _stop_refusing(self, refusing: asyncio.Task[None] | None) -> None:
+        """Stop answering arriving commands; wait until those answered are settled, before
+        a later batch's acknowledgement can cover them."""
+        if refusing is not None:
+            refusing.cancel()
+            await asyncio.wait([refusing])
+        while self._answering:
+            await asyncio.wait(list(self._answering))
+
+    # -- a store that lost its data ---------------------------------------------------
+
+    def _store_lost(self, exc: StoreLost) -> None:
+        """Say once that the store lost what was committed: logged, counted, not ready."""
+        if self._lost is not None:
+            return
+        self._lost = str(exc)[:300]
+        self.metrics.store_data_lost.inc()
+        log.error(
+            "store_data_lost",
+            error=self._lost,
+            conversations=len(self.core),
+            action="writing every conversation held again",
+        )
+        self.health.trouble("store_lost", self._lost)
+
+    async def _restore(self) -> None:
+        """Write every conversation held (as committed: no batch open), the gap model and
+        the token into the store again; StoreError when it fails (still lost)."""
+        started = time.perf_counter()
+        held = held_records(self.core)
+        await self.store.restore(held, self.core.last_token)
+        self._lost = None
+        log.warning(
+            "store_restored",
+            conversations=len(held) - 1,
+            token=self.core.last_token,
+            took_ms=round((time.perf_counter() - started) * 1000),
+        )
+        self.health.cleared("store_lost")
+
+    async def _restore_beside(self, items: list[Input], now: int) -> _Applied:
+        """Restore with the open batch set aside (only what was committed is written
+        again), then apply it again; the batch is open again whatever happens."""
+        self.core.rollback()
+        self.core.end()
+        try:
+            await self._restore()
+        finally:
+            self.core.begin()
+        return self._apply(items, now, None)
+
+    async def watch_store(self, every_ms: int) -> None:
+        """Every ``every_ms``, ask the store whether it still holds what was committed
+        (``Store.check``): give it everything again when not, and say on ``/readyz``
+        while it cannot be reached. A batch being committed finds out on its own."""
+        while True:
+            await sleep(self.clock, every_ms)
+            if self._committing.locked():
+                continue
+            try:
+                try:
+                    await self.store.check()
+                except StoreLost as exc:
+                    self._store_lost(exc)
+                if self._lost is not None:
+                    async with self._committing:
+                        if self._lost is not None:
+                            await self._restore()
+            except StoreError as exc:
+                self.health.trouble("store", f"check failed: {exc}")
+                continue
+            if not self._committing.locked():
+                self.health.cleared("store")
 
     def _apply(self, items: list[Input], now: int, refuse_commands: str | None) -> _Applied:
         applied = _Applied(refused=refuse_commands is not None)
@@ -715,6 +868,18 @@ class Worker:
             )
 
 
+def held_records(core: Warmer) -> dict[str, bytes]:
+    """Everything ``core`` holds as the store keeps it: every record and the gap model
+    (what a store that lost its data is given again)."""
+    held = {cid: encode_record(record) for cid, record in core.records()}
+    held[MODEL_KEY] = core.economy.model.encode()
+    return held
+
+
+def _is_command(item: Input) -> bool:
+    return isinstance(item, Received) and item.queue == "commands"
+
+
 def _not_applied(outcome: Outcome, decoded: LifecycleEvent | Command) -> None:
     if outcome.verdict != "applied":
         log.debug(
@@ -783,4 +948,4 @@ async def _reject(delivery: Delivery, *, requeue: bool) -> bool:
     return True
 
 
-__all__ = ["RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker"]
+__all__ = ["RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker", "held_records"]

@@ -76,6 +76,7 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "warmer_cache_write_tokens_total": ("counter", frozenset()),
     "warmer_redeliveries_total": ("counter", frozenset()),
     "warmer_store_errors_total": ("counter", frozenset()),
+    "warmer_store_data_lost_total": ("counter", frozenset()),
     # Two more the worker registers, charted beside the store errors.
     "warmer_retries_total": ("counter", frozenset()),
     "warmer_broker_blocked_total": ("counter", frozenset()),

@@ -18,7 +18,7 @@ timers with ``recover``; ``prune`` forgets conversations without input for too l
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Final, assert_never
 
 from msgspec import UNSET
@@ -159,6 +159,16 @@ class Warmer:
     def persisted(self, conversation_id: str) -> Settings:
         """The persisted settings of a conversation (defaults when none)."""
         return self._settings.get(conversation_id, DEFAULT_SETTINGS)
+
+    def records(self) -> Iterator[tuple[str, Record]]:
+        """Every conversation's record, as the store should hold it once its batch is
+        committed: what the shell writes again into a store that lost its data."""
+        conversations, settings = self._conversations, self._settings
+        for cid in conversations.keys() | settings.keys():
+            yield (
+                cid,
+                Record(settings=settings.get(cid, DEFAULT_SETTINGS), state=conversations.get(cid)),
+            )
 
     # -- batches (``warmer.core.journal``) ---------------------------------------------
 

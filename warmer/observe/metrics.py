@@ -96,6 +96,7 @@ NAMES: Final = (
     "warmer_cache_write_tokens_total",
     "warmer_redeliveries_total",
     "warmer_store_errors_total",
+    "warmer_store_data_lost_total",
     "warmer_dead_letters_refused_total",
     "warmer_retries_total",
     "warmer_broker_blocked_total",
@@ -244,6 +245,12 @@ class Metrics:
         )
         self.store_errors: Final = Counter(
             "warmer_store_errors_total", "Store commits that failed.", registry=r
+        )
+        self.store_data_lost: Final = Counter(
+            "warmer_store_data_lost_total",
+            "Times the store was found without what was committed (restarted empty, or "
+            "an older copy), and given every conversation held again.",
+            registry=r,
         )
         self.dead_letters_refused: Final = Counter(
             "warmer_dead_letters_refused_total",
