@@ -443,7 +443,7 @@ class Worker:
         while True:
             commands = self.inputs.take_commands()
             if commands:
-                self._answer_refused(commands, self._failure)
+                self._answer_refused(commands, f"not written, the store fails: {self._failure}")
             await self.inputs.arrived()
 
     def _answer_refused(self, commands: list[Input], error: str) -> None:

@@ -101,6 +101,7 @@ async def test_a_frozen_redis_answers_a_command_once_its_outcome_is_known(
             # A command behind it is known not to be written: answered at once.
             refused, took = await timed(probe, set_interval("other", 44_444))
             assert refused["ok"] is False and refused["code"] == "store_error", refused
+            assert "not written" in refused["error"], refused
             assert took < BOUND_S, took
         finally:
             server.thaw()
