@@ -471,7 +471,8 @@ class Worker:
             else:
                 # Never left: the next batch's multiple acknowledgement would cover it.
                 requeue = step.settle != "reject"
-                self.metrics.redeliveries.inc(requeue)
+                if requeue:
+                    self.metrics.redeliveries.inc()
                 await _reject(step.delivery, requeue=requeue)
 
     async def _stop_refusing(self, refusing: asyncio.Task[None] | None) -> None:

@@ -13,6 +13,7 @@ import asyncio
 from structlog.testing import capture_logs
 
 from tests.unit.test_pipeline import Rig, closed, enable, outcome, rig, settled
+from warmer.bus.publisher import PublishFailed
 from warmer.contract import ErrorReply, SettingsReply
 
 __all__ = ["rig"]  # the fixture, shared
@@ -203,3 +204,17 @@ async def test_a_command_of_unknown_outcome_waits_while_later_ones_are_answered(
     await task
     assert isinstance(reply_of(rig, "first"), SettingsReply)
     assert store_enabled(rig, "first") is True and rig.committed("later") is None
+
+
+async def test_a_refused_command_whose_reply_fails_is_requeued_never_left(rig: Rig) -> None:
+    # Left unsettled, the next batch's multiple acknowledgement would cover it, unanswered.
+    rig.store.failing = True
+    rig.outbound.fail["reply"] = [PublishFailed("nack")]
+    command = rig.command(enable("c"), reply_to="r", correlation_id="k")
+    task = rig.start(rig.event(settled("e")), command)
+    await rig.drive(lambda: outcome(command) is not None)
+    assert outcome(command) == "requeue"
+    assert rig.commands.frames == [("reject", command.delivery.delivery_tag, True)]
+    rig.store.failing = False
+    await rig.drive(task.done)
+    await task
