@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio
 from structlog.testing import capture_logs
 
-from tests.redis_server import redis_server
+from tests.redis_server import HoldingProxy, redis_server
 from warmer.store import (
     Loaded,
     RedisStore,
@@ -405,3 +405,27 @@ async def test_a_frozen_redis_leaves_the_outcome_unknown_and_a_restart_lost_data
         await store.commit({"c-1": b"three"}, 3)
         assert (await store.load()).records == {"c-1": b"three"}
         await store.close()
+
+
+async def test_a_commit_delivered_late_by_the_network_never_undoes_a_later_one(
+    tmp_path: Path,
+) -> None:
+    async with redis_server(tmp_path) as server:
+        proxy = HoldingProxy(server.port)
+        await proxy.start()
+        store = RedisStore(proxy.url, timeout=0.3, connect_timeout=0.3)
+        try:
+            await store.open()
+            await store.commit({"c-1": b"one"}, 1)
+            proxy.hold()
+            with pytest.raises(StoreOutcomeUnknown):
+                await store.commit({"c-1": b"two", "c-2": b"two"}, 2)
+            # The worker sends the same changes again (on a new connection), then goes on.
+            await store.commit({"c-1": b"two", "c-2": b"two"}, 2)
+            await store.commit({"c-1": b"three", "c-2": None}, 3)
+            await proxy.release()  # the first copy of "two" reaches Redis now
+            assert (await store.load()).records == {"c-1": b"three"}
+            await store.check()
+        finally:
+            await store.close()
+            await proxy.close()
