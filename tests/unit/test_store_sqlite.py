@@ -20,6 +20,7 @@ import pytest
 from tests.sqlite_lock import Locker
 from warmer.store import Loaded, SqliteStore, Store, StoreError
 from warmer.store import sqlite as sqlite_module
+from warmer.store.base import WRITERS_KEPT
 from warmer.store.sqlite import SCHEMA_VERSION
 
 NOBODY = 65534
@@ -568,3 +569,26 @@ async def test_the_log_is_checkpointed_and_cut_back_while_running(
     await store.check()  # idle: the log is emptied
     assert wal.stat().st_size == 0
     assert len((await store.load()).records) == 50 * 20
+
+
+async def test_the_writer_entries_are_bounded_and_a_closed_writer_leaves_none(
+    db_path: Path,
+) -> None:
+    first = await reopened(db_path)
+    await first.close()
+    with sqlite3.connect(db_path) as side:
+        side.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [(f"writer:old-{n}", n) for n in range(300)],
+        )
+    store = await reopened(db_path)
+    try:
+        rows = side_query(db_path, "SELECT key FROM meta WHERE key LIKE 'writer:%'")
+        keys = {str(key) for (key,) in rows}
+        assert len(keys) == WRITERS_KEPT
+        assert f"writer:{store.writer}" in keys
+        assert "writer:old-299" in keys and "writer:old-44" not in keys
+        assert f"writer:{first.writer}" not in keys
+    finally:
+        await store.close()
+    assert side_query(db_path, f"SELECT 1 FROM meta WHERE key = 'writer:{store.writer}'") == []
