@@ -270,7 +270,7 @@ class App:
             except StoreLost as exc:  # lost since it was loaded: give it all again
                 log.error("store_data_lost", error=str(exc)[:300], conversations=len(core))
                 self.metrics.store_data_lost.inc()
-                await self.store.restore(held_records(core), core.last_token)
+                await self.store.restore(await held_records(core), core.last_token)
         except StoreError as exc:
             core.rollback()
             raise StartupError(f"cannot write the store {store_name}: {exc}") from exc

@@ -94,6 +94,7 @@ log = get_logger(__name__)
 RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
 UNKNOWN_TYPES_REMEMBERED: Final = 256
+_ENCODE_CHUNK: Final = 10_000
 
 Effect = Callable[[], Coroutine[Any, Any, None]]
 """A publish the batch must see confirmed; can be tried again."""
@@ -504,7 +505,7 @@ class Worker:
         """Write every conversation held (as committed: no batch open), the gap model and
         the token into the store again; StoreError when it fails (still lost)."""
         started = time.perf_counter()
-        held = held_records(self.core)
+        held = await held_records(self.core)
         await self.store.restore(held, self.core.last_token)
         self._lost = None
         log.warning(
@@ -869,10 +870,16 @@ class Worker:
             )
 
 
-def held_records(core: Warmer) -> dict[str, bytes]:
+async def held_records(core: Warmer) -> dict[str, bytes]:
     """Everything ``core`` holds as the store keeps it: every record and the gap model
-    (what a store that lost its data is given again)."""
-    held = {cid: encode_record(record) for cid, record in core.records()}
+    (what a store that lost its data is given again). Encoded a chunk at a time, letting
+    the loop run between (a million records take seconds); the caller keeps the core
+    from changing meanwhile."""
+    held: dict[str, bytes] = {}
+    for count, (cid, record) in enumerate(core.records(), 1):
+        held[cid] = encode_record(record)
+        if count % _ENCODE_CHUNK == 0:
+            await asyncio.sleep(0)
     held[MODEL_KEY] = core.economy.model.encode()
     return held
 
