@@ -349,7 +349,8 @@ class Worker:
 
         Retried in place while the store fails, but commands are not held behind it:
         this batch's are answered ``store_error`` at once when the failure is known not to
-        have written, and those that arrive meanwhile likewise (``_refuse_arriving``). An
+        have written (and taken out of ``items``: they are settled), and those that arrive
+        meanwhile likewise (``_refuse_arriving``). An
         outcome not known is never answered as a failure: the same changes are sent again
         until it is known. A store that lost its data is given everything held again
         (``_restore``) before the batch is committed.
@@ -392,7 +393,8 @@ class Worker:
                         if commands and not unknown:
                             # docs/contract.md: a store error on a command is answered store_error.
                             log.error("store_failed_commands_refused", error=self._failure)
-                            items = [i for i in items if not _is_command(i)]
+                            # Settled on their own now: the caller must not give them back.
+                            items[:] = [i for i in items if not _is_command(i)]
                             self.core.rollback()
                             self.core.end()
                             self.core.begin()
@@ -474,7 +476,8 @@ class Worker:
                 requeue = step.settle != "reject"
                 if requeue:
                     self.metrics.redeliveries.inc()
-                await _reject(step.delivery, requeue=requeue)
+                if not await _reject(step.delivery, requeue=requeue):
+                    self._leave([step.delivery])
 
     async def _stop_refusing(self, refusing: asyncio.Task[None] | None) -> None:
         """Stop answering arriving commands; wait until those answered are settled, before

@@ -76,18 +76,19 @@ async def test_an_output_failing_while_stopping_is_not_acked_by_the_next_batch(
 
 
 async def commit_abandoned_then_a_command_behind(rig: Rig) -> tuple[Received, Received]:
-    """The lifecycle channel goes during a store outage: the batch is rolled back, and its
-    command, on the commands channel that stays open, is to come again; then a command
-    on that channel is acknowledged."""
+    """The lifecycle channel goes while the store does not answer (the outcome unknown, so
+    the command is not refused): the batch is rolled back, and its command, on the
+    commands channel that stays open, is to come again; then a command on that channel
+    is acknowledged."""
     event = rig.event(closed("e", seq=1))
     command = rig.command(enable("c"), reply_to="replies")
-    rig.store.failing = True
+    rig.store.unknown_next, rig.store.unknown_lands = 10_000, False
     rig.run()
     rig.put(event, command)
     await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 2)
     rig.lifecycle.close()
     await rig.drive(lambda: rig.metric("warmer_redeliveries_total") >= 2)
-    rig.store.failing = False
+    rig.store.unknown_next = 0
     later = rig.command(enable("d"), reply_to="replies")
     rig.put(later)
     await rig.drive(lambda: outcome(later) is not None)

@@ -218,3 +218,23 @@ async def test_a_refused_command_whose_reply_fails_is_requeued_never_left(rig: R
     rig.store.failing = False
     await rig.drive(task.done)
     await task
+
+
+async def test_a_command_answered_at_once_is_not_given_back_with_its_abandoned_batch(
+    rig: Rig,
+) -> None:
+    event = rig.event(closed("e", seq=1))
+    command = rig.command(enable("c"), reply_to="r", correlation_id="k")
+    rig.store.failing = True
+    rig.run()
+    rig.put(event, command)
+    await rig.drive(lambda: outcome(command) is not None)
+    rig.lifecycle.close()  # the event's batch is rolled back and given back
+    await rig.drive(lambda: rig.metric("warmer_redeliveries_total") >= 1)
+    rig.store.failing = False
+    later = rig.command(enable("d"), reply_to="r", correlation_id="later")
+    rig.put(later)
+    await rig.drive(lambda: outcome(later) is not None)
+    # Settled once each: a second settlement would close the channel.
+    assert rig.commands.frames == [("ack", 1, False), ("ack", 2, True)]
+    assert rig.committed("c") is None and store_enabled(rig, "d") is True
