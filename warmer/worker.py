@@ -389,17 +389,8 @@ class Worker:
                                     self._refuse_arriving(), name="refuse-commands"
                                 )
                             )
-                        commands = [i for i in items if _is_command(i)]
-                        if commands and not unknown:
-                            # docs/contract.md: a store error on a command is answered store_error.
-                            log.error("store_failed_commands_refused", error=self._failure)
-                            # Settled on their own now: the caller must not give them back.
-                            items[:] = [i for i in items if not _is_command(i)]
-                            self.core.rollback()
-                            self.core.end()
-                            self.core.begin()
-                            applied = self._apply(items, now, None)
-                            self._answer_refused(commands, self._failure)
+                        if not unknown and any(_is_command(i) for i in items):
+                            applied = self._refuse_commands_of(items, now)
                             continue
                         attempt += 1
                         if not await self._pause(attempt, exc, applied.steps):
@@ -430,6 +421,20 @@ class Worker:
             self._warms.add(task)
             task.add_done_callback(self._warms.discard)
         return applied.steps
+
+    def _refuse_commands_of(self, items: list[Input], now: int) -> _Applied:
+        """The batch's commit failed, known not to have written: answer its commands
+        ``store_error`` now (docs/contract.md) and take them out of ``items`` (settled on
+        their own, the caller must not give them back); the rest is applied again."""
+        log.error("store_failed_commands_refused", error=self._failure)
+        commands = [i for i in items if _is_command(i)]
+        items[:] = [i for i in items if not _is_command(i)]
+        self.core.rollback()
+        self.core.end()
+        self.core.begin()
+        applied = self._apply(items, now, None)
+        self._answer_refused(commands, self._failure)
+        return applied
 
     async def _commit(self, changes: dict[str, bytes | None], token: int) -> None:
         started = time.perf_counter()  # a duration, not a wait: not the Clock's business
