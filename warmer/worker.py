@@ -350,10 +350,10 @@ class Worker:
         Retried in place while the store fails, but commands are not held behind it:
         this batch's are answered ``store_error`` at once when the failure is known not to
         have written (and taken out of ``items``: they are settled), and those that arrive
-        meanwhile likewise (``_refuse_arriving``). An
-        outcome not known is never answered as a failure: the same changes are sent again
-        until it is known. A store that lost its data is given everything held again
-        (``_restore``) before the batch is committed.
+        meanwhile likewise (``_refuse_arriving``). An outcome not known is never answered
+        as a failure: the same changes are sent again until it is known. A store that lost
+        its data is given everything held again (``_restore``) before the batch is
+        committed.
         """
         now = self.clock.now_ms()
         metrics = self.metrics
@@ -372,6 +372,7 @@ class Worker:
                         changes = encode_changes(self.core.touched(), self.core.touched_model())
                         if changes:  # tokens matter only with the records that hold them
                             await self._commit(changes, self.core.last_token)
+                            self.health.cleared("store")
                         break
                     except StoreError as exc:
                         metrics.store_errors.inc()
@@ -400,7 +401,6 @@ class Worker:
                             return None
                 if attempt:
                     log.info("commit_recovered", attempts=attempt + 1)
-                self.health.cleared("store")
             except BaseException:
                 self.core.rollback()
                 raise

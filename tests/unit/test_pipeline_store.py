@@ -238,3 +238,14 @@ async def test_a_command_answered_at_once_is_not_given_back_with_its_abandoned_b
     # Settled once each: a second settlement would close the channel.
     assert rig.commands.frames == [("ack", 1, False), ("ack", 2, True)]
     assert rig.committed("c") is None and store_enabled(rig, "d") is True
+
+
+async def test_a_refused_batch_with_nothing_left_to_commit_does_not_say_the_store_is_back(
+    rig: Rig,
+) -> None:
+    rig.store.failing = True
+    await rig.batch(rig.command(enable("c"), reply_to="r", correlation_id="k"))
+    assert rig.worker.health.reason("store") is not None
+    rig.store.failing = False
+    await rig.batch(rig.command(enable("c"), reply_to="r", correlation_id="again"))
+    assert rig.worker.health.reason("store") is None
