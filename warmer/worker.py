@@ -95,6 +95,8 @@ RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
 UNKNOWN_TYPES_REMEMBERED: Final = 256
 _ENCODE_CHUNK: Final = 10_000
+CONFIRM_BACKOFF_MAX: Final = 8
+"""After resets in a row the confirm deadline is at most this many times the setting."""
 
 Effect = Callable[[], Coroutine[Any, Any, None]]
 """A publish the batch must see confirmed; can be tried again."""
@@ -167,6 +169,11 @@ class Worker:
         self._unknown_types: set[str] = set()
         self._abandoned = False
         self._confirm_ms = confirm_ms
+        # The deadline now: the setting, doubled after each reset (a broker slow but alive
+        # would otherwise be dropped at every deadline, each drop costing every message not
+        # yet acknowledged one delivery toward its limit), back once confirms come in time.
+        self._deadline_ms = confirm_ms
+        self._reset_at: int | None = None
         # Per open channel (by id, the delivery kept holds the channel so the id stays its
         # own): a delivery on it and the lowest delivery tag left unsettled there.
         self._holes: dict[int, tuple[Delivery, int]] = {}
@@ -279,13 +286,20 @@ class Worker:
         broker blocks the connection, the deadline is extended instead (confirms are held
         back on purpose, and a publish sent again would only queue behind the first).
         """
+        deadline, started, answered = self._deadline_ms, self.clock.now_ms(), 0
         while True:
             try:
-                await within(self.clock, self._confirm_ms, asyncio.wait(attempts))
+                await within(self.clock, deadline, asyncio.wait(attempts))
                 break
             except TimeoutError:
-                if not self._blocked() or self._abandoned:
+                if self._abandoned:
                     break
+                if self._blocked():
+                    continue
+                done = sum(attempt.done() for attempt in attempts)
+                if done == answered:  # not one answer in a whole deadline: overdue
+                    break
+                answered = done  # answers still coming: slow, but the connection lives
         late = [attempt for attempt in attempts if not attempt.done()]
         for attempt in late:
             attempt.cancel()
@@ -295,7 +309,8 @@ class Worker:
         failure: PublishFailed = PublishFailed("publish cancelled")
         if late:
             failure = ConfirmOverdue(
-                f"{len(late)} of {len(attempts)} confirms missing after {self._confirm_ms} ms"
+                f"{len(late)} of {len(attempts)} confirms missing after "
+                f"{self.clock.now_ms() - started} ms"
             )
         confirmed = 0
         for (step, effect), attempt in zip(work, attempts, strict=True):
@@ -320,7 +335,7 @@ class Worker:
                 log.error("publish_failed_unexpectedly", exc_info=exc)
                 step.settle = "requeue"
         if confirmed and not isinstance(failure, ConfirmOverdue):
-            self.health.cleared("confirms")
+            self._confirms_came()
         return failed, failure
 
     def _blocked(self) -> bool:
@@ -330,9 +345,12 @@ class Worker:
     async def _confirms_overdue(self, failure: ConfirmOverdue) -> None:
         """Confirms did not come in time: the connection may be dead without a word.
 
-        Said once per occurrence (health part ``confirms`` until confirms come again);
-        the connection is dropped at every deadline passed, so a reconnection that went
-        as silent as the first is dropped too.
+        Said once per occurrence (health part ``confirms`` until confirms come again).
+        The connection is dropped, and the deadline doubled (at most ``CONFIRM_BACKOFF_MAX``
+        times the setting), so a reconnection that went as silent as the first is dropped
+        too, but a broker that confirms slowly is given the time it takes. Not dropped
+        again within the deadline of a drop: confirms overdue together (warm requests, an
+        overlapping batch) or sent before it say nothing about the new connection.
         """
         if self._blocked():
             return
@@ -340,7 +358,17 @@ class Worker:
         if self.health.reason("confirms") is None:
             log.warning("confirms_overdue", why=why, action="dropping the connection")
         self.health.trouble("confirms", why)
+        now = self.clock.now_ms()
+        if self._reset_at is not None and now - self._reset_at < self._deadline_ms:
+            return
+        self._reset_at = now
+        self._deadline_ms = min(2 * self._deadline_ms, CONFIRM_BACKOFF_MAX * self._confirm_ms)
         await self.outbound.reset(why)
+
+    def _confirms_came(self) -> None:
+        """Confirms come in time again: ready, and the deadline back to the setting."""
+        self._deadline_ms = self._confirm_ms
+        self.health.cleared("confirms")
 
     # -- apply and commit -------------------------------------------------------------
 
@@ -853,7 +881,7 @@ class Worker:
             if isinstance(exc, ConfirmOverdue):
                 await self._confirms_overdue(exc)
             return
-        self.health.cleared("confirms")
+        self._confirms_came()
         self.metrics.warms_requested.inc()
         log.info("warm_requested", conversation_id=cid, token=token)
         if not routed:
@@ -964,4 +992,4 @@ async def _reject(delivery: Delivery, *, requeue: bool) -> bool:
     return True
 
 
-__all__ = ["RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker", "held_records"]
+__all__ = ["CONFIRM_BACKOFF_MAX", "RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker", "held_records"]
