@@ -335,7 +335,7 @@ class Worker:
                 log.error("publish_failed_unexpectedly", exc_info=exc)
                 step.settle = "requeue"
         if confirmed and not isinstance(failure, ConfirmOverdue):
-            self._confirms_came()
+            self._confirms_came(in_time=self.clock.now_ms() - started <= self._confirm_ms)
         return failed, failure
 
     def _blocked(self) -> bool:
@@ -365,9 +365,11 @@ class Worker:
         self._deadline_ms = min(2 * self._deadline_ms, CONFIRM_BACKOFF_MAX * self._confirm_ms)
         await self.outbound.reset(why)
 
-    def _confirms_came(self) -> None:
-        """Confirms come in time again: ready, and the deadline back to the setting."""
-        self._deadline_ms = self._confirm_ms
+    def _confirms_came(self, *, in_time: bool) -> None:
+        """Confirms come again: ready; and ``in_time`` (within the setting, not only the
+        doubled deadline), the deadline back to the setting."""
+        if in_time:
+            self._deadline_ms = self._confirm_ms
         self.health.cleared("confirms")
 
     # -- apply and commit -------------------------------------------------------------
@@ -881,7 +883,7 @@ class Worker:
             if isinstance(exc, ConfirmOverdue):
                 await self._confirms_overdue(exc)
             return
-        self._confirms_came()
+        self._confirms_came(in_time=True)  # within the publisher's deadline, the setting
         self.metrics.warms_requested.inc()
         log.info("warm_requested", conversation_id=cid, token=token)
         if not routed:

@@ -104,9 +104,13 @@ async def test_confirms_late_but_coming_do_not_reset_the_connection_again_and_ag
     # A broker slow but alive: every confirm takes 1.5 deadlines. Reset at every deadline,
     # the event came again 20 times and was dead-lettered as delivery_limit, never applied
     # to its end: a good message lost to a connection that was alive all along.
-    await burst(rig, 1, lambda _: CONFIRM_MS * 3 // 2)
+    broker = await burst(rig, 1, lambda _: CONFIRM_MS * 3 // 2)
     assert len(rig.outbound.resets) == 1
     assert rig.health.reason("confirms") is None  # confirms came: ready again
+    for cid in ("a", "b"):  # still slow: the deadline stays doubled, no reset again
+        broker.publish(settled(cid, seq=1))
+    await rig.drive(lambda: len(broker.acked()) == 3, exact=True)
+    assert len(rig.outbound.resets) == 1
 
 
 async def test_a_burst_confirmed_slowly_costs_each_message_at_most_a_few_deliveries(

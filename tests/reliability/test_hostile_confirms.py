@@ -1,0 +1,102 @@
+"""Hostile, over the real broker: confirms that come late but come, resets in a row.
+
+A confirm overdue drops the connection (``Outbound.reset``); the broker then delivers again
+everything not acknowledged, and a quorum queue counts each such delivery toward its
+``x-delivery-limit`` (20). A broker slow but alive must not be dropped again and again:
+that makes no progress and ends with good messages dead-lettered as ``delivery_limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from tests.integration.probe import Probe
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+async def unretrieved() -> AsyncIterator[list[dict[str, Any]]]:
+    """Every exception the event loop saw no one retrieve; must stay empty."""
+    seen: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: seen.append(context))
+    yield seen
+    loop.set_exception_handler(previous)
+
+
+async def _depth(probe: Probe, name: str) -> int:
+    queue = await probe.channel.declare_queue(name, passive=True)
+    return queue.declaration_result.message_count or 0
+
+
+async def test_confirms_late_but_coming_cost_one_reset_not_the_delivery_limit(
+    probe: Probe, start_worker: Any, unretrieved: list[dict[str, Any]]
+) -> None:
+    # Every surface confirm reaches the pipeline 1.5 s after the broker gave it, with a
+    # 1 s deadline. Before: a reset at every deadline, the events delivered again and
+    # again and never acknowledged (dead-lettered as delivery_limit after 20 resets).
+    app = await start_worker(store="memory://", confirm_timeout_ms=1_000)
+    publisher = app.worker.outbound
+    surface = publisher.surface
+
+    async def late(update: Any) -> None:
+        await surface(update)
+        await asyncio.sleep(1.5)
+
+    publisher.surface = late
+    surfaces = await probe.surfaces()
+    started = time.monotonic()
+    with capture_logs() as logs:
+        for i in range(20):
+            await probe.event({"type": "turn.started", "conversationId": f"c{i}", "seq": 1})
+        seen: set[str] = set()
+        while len(seen) < 20:  # each at least once (the attempts cut by the reset, twice)
+            seen.add((await surfaces.next_body(10))["conversationId"])
+        took = time.monotonic() - started
+        for _ in range(100):
+            if app.readiness() is None:
+                break
+            await asyncio.sleep(0.05)
+        await app.stop()  # graceful: waits for the confirms under way, then acknowledges
+    events = [entry["event"] for entry in logs]
+    assert await _depth(probe, probe.names.lifecycle) == 0  # none left to come again
+    assert events.count("connection_reset") == 1, events
+    assert await probe.dead_count() == 0
+    assert "task_failed" not in events
+    assert unretrieved == []
+    assert took < 8
+
+
+async def test_resets_asked_together_or_while_reconnecting_fail_no_task(
+    probe: Probe, start_worker: Any, unretrieved: list[dict[str, Any]]
+) -> None:
+    # The port's reset called three times at once, then again while aio-pika reconnects:
+    # the worker comes back once, consumes, and no task fails unseen.
+    app = await start_worker(store="memory://", confirm_timeout_ms=1_000)
+    publisher = app.worker.outbound
+    surfaces = await probe.surfaces()
+    with capture_logs() as logs:
+        for _ in range(3):
+            await publisher.reset("hostile: together")
+        await asyncio.sleep(0.05)
+        await publisher.reset("hostile: while reconnecting")
+        for _ in range(200):
+            if app.reconnections >= 1 and app.readiness() is None:
+                break
+            await asyncio.sleep(0.05)
+        await probe.event({"type": "turn.started", "conversationId": "c", "seq": 1})
+        assert (await surfaces.next_body(10))["conversationId"] == "c"
+        await app.stop()
+    events = [entry["event"] for entry in logs]
+    assert app.reconnections >= 1
+    assert "task_failed" not in events, logs
+    assert unretrieved == []
+    assert await _depth(probe, probe.names.lifecycle) == 0
