@@ -208,7 +208,9 @@ class Publisher:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except _REFUSALS as exc:
                 raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
-            except _CONNECTION_ERRORS as exc:
+            except Exception as exc:
+                if not _lost(exc, self._channel):
+                    raise
                 self._waiting(routing_key)
                 await self._until_ready(exc, self._channel)
 
@@ -320,10 +322,24 @@ class Publisher:
                 if exchange is self._dlx:
                     raise
                 raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
-            except _CONNECTION_ERRORS as exc:
-                self._waiting(routing_key)
+            except Exception as exc:
                 channel = self._dead_channel if exchange is self._dlx else self._channel
+                if not _lost(exc, channel):
+                    raise
+                self._waiting(routing_key)
                 await self._until_ready(exc, channel)
+
+
+def _lost(exc: Exception, channel: AbstractRobustChannel) -> bool:
+    """The connection or the channel went away under a publish: wait, publish again.
+
+    aiormq fails a publish whose frame a closing connection cut (a reset, say) with a bare
+    ``Exception`` (its futures' default rejection); that one counts as lost only while the
+    channel is closed indeed, so a bare ``Exception`` of any other kind is not retried.
+    """
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return True
+    return type(exc) is Exception and channel.is_closed
 
 
 __all__ = [
