@@ -373,3 +373,33 @@ async def test_a_bare_exception_on_an_open_channel_is_not_retried() -> None:
     with pytest.raises(Exception) as raised:
         await warm_after_a_cut(channel_closed=False)
     assert type(raised.value) is Exception
+
+
+# -- memory bound -------------------------------------------------------------------------
+
+
+async def test_the_holes_remembered_do_not_grow_with_the_channels_that_come_and_go(
+    rig: Rig,
+) -> None:
+    # 300 channels, one after the other, each with a delivery left on it (its requeue
+    # cannot be sent) and one acknowledged: at most the open channel's hole is held.
+    surface_of = rig.outbound.surface
+
+    async def bug_for_left(update: SurfaceChanged) -> None:
+        if update.conversation_id.startswith("left"):
+            raise TypeError("a bug: given back")
+        await surface_of(update)
+
+    rig.outbound.surface = bug_for_left  # type: ignore[method-assign]
+    sizes = []
+    with capture_logs():  # a traceback logged per round: not rendered
+        for round_ in range(300):
+            rig.lifecycle = MemoryChannel(f"lifecycle {round_}")
+            rig.lifecycle.refuse = {"reject"}
+            left = rig.event(settled(f"left{round_}"))
+            kept = rig.event(settled(f"kept{round_}"))
+            await rig.batch(left, kept)
+            assert (test_pipeline.outcome(left), test_pipeline.outcome(kept)) == (None, "ack")
+            sizes.append(len(rig.worker._holes))
+            rig.lifecycle.close()
+    assert max(sizes) == 1
