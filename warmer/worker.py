@@ -42,6 +42,7 @@ from msgspec.structs import replace
 
 from warmer.bus.lenient import unreadable
 from warmer.bus.port import (
+    CONFIRM_BACKOFF_MAX,
     CONFIRM_TIMEOUT_MS,
     ChannelGone,
     ConfirmOverdue,
@@ -95,8 +96,6 @@ RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
 UNKNOWN_TYPES_REMEMBERED: Final = 256
 _ENCODE_CHUNK: Final = 10_000
-CONFIRM_BACKOFF_MAX: Final = 8
-"""After resets in a row the confirm deadline is at most this many times the setting."""
 
 Effect = Callable[[], Coroutine[Any, Any, None]]
 """A publish the batch must see confirmed; can be tried again."""
@@ -994,4 +993,4 @@ async def _reject(delivery: Delivery, *, requeue: bool) -> bool:
     return True
 
 
-__all__ = ["CONFIRM_BACKOFF_MAX", "RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker", "held_records"]
+__all__ = ["RETRY_FIRST_MS", "RETRY_MAX_MS", "Worker", "held_records"]

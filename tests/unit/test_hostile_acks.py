@@ -403,3 +403,72 @@ async def test_the_holes_remembered_do_not_grow_with_the_channels_that_come_and_
             sizes.append(len(rig.worker._holes))
             rig.lifecycle.close()
     assert max(sizes) == 1
+
+
+class SlowExchange:
+    """Confirms every publish ``confirm_ms`` after it was sent, on the clock."""
+
+    def __init__(self, clock: ManualClock, confirm_ms: int) -> None:
+        self.clock = clock
+        self.confirm_ms = confirm_ms
+        self.published: list[Any] = []
+
+    async def publish(self, message: Any, routing_key: str, **_: Any) -> None:
+        await sleep(self.clock, self.confirm_ms)
+        self.published.append(message)
+
+
+class LiveChannel:
+    """A robust channel on a live connection that a reset closes (and nothing more)."""
+
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.connection = self
+        self.closes = 0
+
+    async def ready(self) -> None:
+        return None
+
+    async def get_underlay_channel(self) -> Any:
+        return self
+
+    async def close(self, cause: BaseException) -> None:
+        self.closes += 1
+
+
+async def test_warm_requests_on_a_broker_slow_but_alive_go_out_after_one_reset() -> None:
+    # Warm requests wait for their confirm on the publisher's own deadline: with every
+    # confirm 1.5 deadlines late, each warm was overdue, left to its warm timeout, and
+    # reset the connection again; now the deadline doubles with the reset, as the
+    # pipeline's does, and comes back to the setting once a confirm is in time.
+    clock = ManualClock(T0)
+    names = Names.of("ns")
+    exchange = SlowExchange(clock, 1_500)
+    exchanges: dict[str, Any] = {name: exchange for name, _ in names.exchanges()}
+    channel: Any = LiveChannel()
+    topology = Topology(names=names, exchanges=exchanges, queues={})
+    publisher = Publisher(channel, topology, channel, exchange, clock, 1_000)  # type: ignore[arg-type]
+
+    async def warm(token: int) -> bool | str:
+        request = WarmRequested(conversation_id="c", token=token, requested_at=clock.now_ms())
+        sending = asyncio.ensure_future(publisher.warm(request, 60_000, lambda: True))
+        while not sending.done():
+            for _ in range(20):  # all that can move without the clock
+                await asyncio.sleep(0)
+            alarm = clock.next_alarm_ms()
+            if alarm is not None:
+                clock.set(alarm)
+        try:
+            return sending.result()
+        except ConfirmOverdue:
+            await publisher.reset("overdue")  # what the worker does
+            return "overdue"
+
+    assert [await warm(token) for token in range(4)] == ["overdue", True, True, True]
+    exchange.confirm_ms = 100
+    assert await warm(4) is True  # in time: the deadline is the setting again
+    exchange.confirm_ms = 1_500
+    assert await warm(5) == "overdue"
+    await asyncio.sleep(0)
+    assert channel.closes == 2

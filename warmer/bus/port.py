@@ -18,6 +18,10 @@ from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested
 CONFIRM_TIMEOUT_MS: Final = 10_000
 """How long a publish may wait for its confirm before the connection is judged dead."""
 
+CONFIRM_BACKOFF_MAX: Final = 8
+"""After resets in a row the confirm deadline is at most this many times the setting (a
+broker slow but alive is given the time it takes instead of being dropped again)."""
+
 
 class PublishFailed(Exception):
     """The broker refused a publish (negative confirm) or did not confirm it in time."""
@@ -102,6 +106,7 @@ class Outbound(Protocol):
 
 
 __all__ = [
+    "CONFIRM_BACKOFF_MAX",
     "CONFIRM_TIMEOUT_MS",
     "ChannelGone",
     "ConfirmOverdue",

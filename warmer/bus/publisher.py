@@ -29,6 +29,7 @@ from aiormq.abc import DeliveredMessage
 
 from warmer.bus import deadletter
 from warmer.bus.port import (
+    CONFIRM_BACKOFF_MAX,
     CONFIRM_TIMEOUT_MS,
     ConfirmOverdue,
     DeadLetterRefused,
@@ -89,6 +90,9 @@ class Publisher:
         self._sent = 0
         self._dead_letter_lock = asyncio.Lock()
         self._confirm_timeout_ms = confirm_timeout_ms
+        # The deadline now: doubled at each reset (at most CONFIRM_BACKOFF_MAX times the
+        # setting), back to the setting once a confirm comes within it; as the pipeline's.
+        self._deadline_ms = confirm_timeout_ms
         self._closing = False
         self._closed = asyncio.Event()
         self._resets: set[asyncio.Task[None]] = set()
@@ -105,8 +109,12 @@ class Publisher:
         Closed from the side (aiormq's own close, with a connection error as the cause):
         publishes under way wait for the new connection and go out again on it. Returns at
         once: on a path that stopped forwarding the closing handshake takes its time. No-op
-        when the channel is already down (a reconnection is under way).
+        when the channel is already down (a reconnection is under way). The confirm deadline
+        of warm requests and dead letters doubles: confirms overdue on a broker slow but
+        alive would otherwise be overdue again on the new connection.
         """
+        limit = CONFIRM_BACKOFF_MAX * self._confirm_timeout_ms
+        self._deadline_ms = min(2 * self._deadline_ms, limit)
         try:
             underlay = await self._channel.get_underlay_channel()
         except _CONNECTION_ERRORS:
@@ -308,16 +316,17 @@ class Publisher:
             if message is None:
                 raise PublishWithdrawn(routing_key[:255])
             publish = exchange.publish(message, routing_key, mandatory=mandatory, timeout=None)
+            deadline, sent = self._deadline_ms, self._clock.now_ms()
             try:
-                confirm = await within(self._clock, self._confirm_timeout_ms, publish)
+                confirm = await within(self._clock, deadline, publish)
                 self._told_waiting = False
+                if self._clock.now_ms() - sent <= self._confirm_timeout_ms:
+                    self._deadline_ms = self._confirm_timeout_ms  # in time again
                 return confirm
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except TimeoutError as exc:
-                raise ConfirmOverdue(
-                    f"no confirm from the broker within {self._confirm_timeout_ms} ms"
-                ) from exc
+                raise ConfirmOverdue(f"no confirm from the broker within {deadline} ms") from exc
             except _REFUSALS as exc:
                 if exchange is self._dlx:
                     raise
