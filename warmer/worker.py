@@ -362,6 +362,7 @@ class Worker:
             return
         self._reset_at = now
         self._deadline_ms = min(2 * self._deadline_ms, CONFIRM_BACKOFF_MAX * self._confirm_ms)
+        self.metrics.connection_resets.inc()
         await self.outbound.reset(why)
 
     def _confirms_came(self, *, in_time: bool) -> None:

@@ -82,6 +82,7 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "warmer_broker_blocked_total": ("counter", frozenset()),
     "warmer_broker_reconnections_total": ("counter", frozenset()),
     "warmer_stalls_total": ("counter", frozenset()),
+    "warmer_connection_resets_total": ("counter", frozenset()),
     "warmer_dead_letters_refused_total": ("counter", frozenset()),
     # The cost policy's: what warms cost and saved, why warms were held, what is learned.
     "warmer_warm_cost_tokens_total": ("counter", frozenset()),

@@ -51,6 +51,7 @@ async def test_a_confirm_that_never_comes_is_sent_again_after_exactly_the_deadli
     rig.clock.set(T0 + CONFIRM_MS)  # the deadline: cancelled, then a first pause
     await rig.settle_down()
     assert len(rig.outbound.resets) == 1
+    assert rig.worker.metrics.registry.get_sample_value("warmer_connection_resets_total") == 1
     await rig.drive(task.done, exact=True)
     assert times == [T0, T0 + CONFIRM_MS + RETRY_MS[0]]
     assert outcome(item) == "ack"

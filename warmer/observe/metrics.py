@@ -102,6 +102,7 @@ NAMES: Final = (
     "warmer_broker_blocked_total",
     "warmer_broker_reconnections_total",
     "warmer_stalls_total",
+    "warmer_connection_resets_total",
     "warmer_warm_cost_tokens_total",
     "warmer_rewrites_avoided_tokens_total",
     "warmer_rewrites_missed_tokens_total",
@@ -271,6 +272,11 @@ class Metrics:
         self.reconnections: Final = Counter(
             "warmer_broker_reconnections_total",
             "Times the broker connection was lost and made again.",
+            registry=r,
+        )
+        self.connection_resets: Final = Counter(
+            "warmer_connection_resets_total",
+            "Times the worker dropped the broker connection because confirms were overdue.",
             registry=r,
         )
         self.stalls: Final = Counter(
