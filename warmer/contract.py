@@ -540,11 +540,13 @@ def _reread(decoder: msgspec.json.Decoder[_T], text: str) -> _T | UnknownType | 
 
 def _describe(problem: str) -> str:
     """Rewrite msgspec's message as `field: what was wrong`."""
-    match = _PATH.search(problem)
+    # The path is the message's last: a value quoted before it (an enum's) may itself
+    # look like " - at `$.enabled`", and must not name another field.
+    match = _PATH.search(problem, problem.rfind(" - at `$"))
     if match is None:
         return problem
     what = problem[: match.start()]
-    if "matching regex" in what:
+    if what.startswith("Expected `str` matching regex"):
         what = "Expected `str` with no control characters"
     return f"{match.group(1) or 'body'}: {what}"
 
