@@ -234,3 +234,17 @@ def test_the_system_clock_s_from_wall_follows_its_own_steps() -> None:
     sources.step_wall(-HOUR)
     sources.elapse(5_000)
     assert clock.from_wall(clock.wall_ms() - 1_000) == clock.now_ms() - 1_000
+
+
+def test_tokens_keep_rising_across_a_restart_on_a_wall_behind_the_stored_times() -> None:
+    """token_start is now_ms * 1000, never below the stored counter: a restart on a wall
+    10 minutes behind the previous run's line (the slew not finished, resume refused or
+    not used) still issues tokens above every token issued before."""
+    shell = Shell(token_start=token_start(0, T0))
+    _enabled_and_settled(shell)
+    before = shell.warmer.last_token
+    assert before >= T0 * 1000
+    after = shell.restarted(T0 - 600_000)
+    after.set_enabled("d", True)
+    after.settled("d", cache_ttl_s=300)
+    assert after.conv("d").token > before
