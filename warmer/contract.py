@@ -516,7 +516,7 @@ def _reread(decoder: msgspec.json.Decoder[_T], text: str) -> _T | UnknownType | 
     message type then refuses exactly what is wrong with the message as read.
     """
     try:
-        value = _LOOSE_DECODER.decode(text)
+        value = _loose(text)
     except msgspec.DecodeError as exc:  # malformed after where the typed decoder stopped
         return Rejection("invalid_json", f"body is not JSON: {exc}")
     except RecursionError:  # not reached after the depth check: belt and braces
@@ -536,6 +536,41 @@ def _reread(decoder: msgspec.json.Decoder[_T], text: str) -> _T | UnknownType | 
             return UnknownType(kind)
         return Rejection("invalid_field", f"{_cut(kind, _SHOWN_TYPE_CHARS)}: {_describe(problem)}")
     return message
+
+
+def _loose(text: str) -> Any:
+    """``text`` read by the loose decoder, an integer literal beyond a double as infinite.
+
+    Python reads an integer of more than 4300 digits only as an error (CPython's limit on
+    int-from-text, which msgspec hits): such a literal, far beyond a double's range, is
+    read again as ``1e400`` is (JSON.parse reads both as Infinity). Only after that error,
+    and only whole integer literals outside strings, so the slow path stays as it was for
+    every other body and a malformed number (a leading zero, a fraction) stays malformed.
+    """
+    try:
+        return _LOOSE_DECODER.decode(text)
+    except msgspec.DecodeError as exc:
+        if not str(exc).startswith("Integer value out of range"):
+            raise
+        try:
+            return _LOOSE_DECODER.decode(_HUGE_INTEGER.sub(_as_infinite, text))
+        except msgspec.DecodeError:
+            raise exc from None
+
+
+# A JSON string (skipped, as it is), or an integer literal of 400 digits or more (beyond
+# 1.8e308): not inside a number (after a digit, letter, point or sign) nor followed by its
+# fraction or exponent (a float, which the float hook reads), with no leading zero, ASCII
+# digits only (`\d` also takes other scripts' digits, which would turn malformed text
+# into a number).
+_HUGE_INTEGER: Final = re.compile(
+    rf"({_STRING.pattern})|(?<![\w.+-])(-?)[1-9][0-9]{{399,}}(?![\w.])", re.DOTALL
+)
+
+
+def _as_infinite(match: re.Match[str]) -> str:
+    string, sign = match.group(1, 2)
+    return string if string is not None else f"{sign}1e400"
 
 
 def _describe(problem: str) -> str:

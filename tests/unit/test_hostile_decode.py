@@ -28,6 +28,7 @@ from warmer.contract import (
     Rejection,
     SetInterval,
     SetPolicy,
+    SurfaceAction,
     TurnStarted,
     UnknownType,
     decode_command,
@@ -244,26 +245,53 @@ def test_duplicates_read_as_json_parse_does() -> None:
 _HUGE = "1" + "0" * 4400  # beyond a double (JSON.parse: Infinity) and Python's 4300 digits
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an integer literal of 4300+ digits is beyond Python's int-from-text limit: "
-    "msgspec refuses it as 'Integer value out of range', so the body is invalid_json "
-    "(a command dead-lettered, no reply) where decision 6 clamps 1e400 to 86400000",
-)
 def test_an_integer_literal_beyond_a_double_is_clamped_as_1e400_is() -> None:
-    raw = f'{{"type":"set_interval","conversationId":"a","intervalMs":{_HUGE}}}'.encode()
-    assert decode_command(raw) == SetInterval(conversation_id="a", interval_ms=float("inf"))
+    """4400 digits: beyond Python's int-from-text limit (4300), where msgspec only errs
+    ("Integer value out of range"): the body was invalid_json, a command dead-lettered with
+    no reply, where decision 6 clamps 1e400. Fixed: read as 1e400 (JSON.parse: Infinity)."""
+    for sign, clamped in (("", float("inf")), ("-", float("-inf"))):
+        raw = f'{{"type":"set_interval","conversationId":"a","intervalMs":{sign}{_HUGE}}}'
+        assert decode_command(raw.encode()) == SetInterval(conversation_id="a", interval_ms=clamped)
+    action = _pairs(
+        ("type", "surface.action"), ("conversationId", "a"), ("actionId", "set-interval")
+    ).replace(b"}", f',"payload":{{"value":{_HUGE}}}}}'.encode())
+    assert decode_command(action) == SurfaceAction(
+        conversation_id="a", action_id="set-interval", payload={"value": float("inf")}
+    )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same cause: seq 1e400 is invalid_field, the same number written out in 4400 "
-    "digits is invalid_json (an encoding error: dead-lettered even as a command)",
-)
 def test_an_integer_literal_beyond_a_double_is_a_field_error_where_an_integer_is_taken() -> None:
+    """seq 1e400 is invalid_field; the same number in 4400 digits was invalid_json (an
+    encoding error: dead-lettered even as a command). Now the same invalid_field."""
     raw = f'{{"type":"turn.started","conversationId":"a","seq":{_HUGE}}}'.encode()
+    assert decode_event(raw) == Rejection(
+        "invalid_field", "turn.started: seq: Expected `int | null`, got `float`"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        (f"0{_HUGE}", "JSON is malformed: invalid number (byte 51)"),  # a leading zero
+        (f"-0{_HUGE}", "JSON is malformed: invalid number (byte 52)"),
+        (f"{_HUGE}x", "Integer value out of range - at `$[...]`"),  # not a whole literal
+        (f"{_HUGE}, x", "Integer value out of range - at `$[...]`"),  # malformed later
+        # Digits of another script after a huge ASCII literal: not taken for a number.
+        (_HUGE + ', "x": 1' + "\u0660" * 400, "Integer value out of range - at `$[...]`"),
+    ],
+)
+def test_a_malformed_body_with_a_huge_integer_stays_malformed(value: str, error: str) -> None:
+    raw = f'{{"type":"turn.started","conversationId":"a","seq":{value}}}'.encode()
+    assert decode_event(raw) == Rejection("invalid_json", f"body is not JSON: {error}")
+
+
+def test_a_huge_integer_inside_a_string_is_left_as_it_is() -> None:
+    raw = _pairs(("type", "turn.started"), ("conversationId", 'a"' + _HUGE), ("seq", "x"))
+    raw = raw.replace(b'"x"}', f"{_HUGE}}}".encode())
     got = decode_event(raw)
-    assert isinstance(got, Rejection) and got.code == "invalid_field", got
+    assert got == Rejection(
+        "invalid_field", "turn.started: conversationId: Expected `str` of length <= 200"
+    )
 
 
 def test_an_integer_literal_beyond_a_double_within_python_s_limit_is_clamped() -> None:
@@ -275,3 +303,13 @@ def test_an_integer_literal_beyond_a_double_within_python_s_limit_is_clamped() -
     got = decode_event(raw)
     assert isinstance(got, Rejection) and got.code == "invalid_field"
     assert got.error == "turn.started: seq: Expected `int` <= 9007199254740991"
+
+
+@pytest.mark.parametrize("number", [f"1e-{_HUGE}", f"1e+{_HUGE}", f"1.{_HUGE}", f"-{_HUGE}.5"])
+def test_a_float_with_huge_digits_beside_a_huge_integer_is_read_as_a_float(number: str) -> None:
+    """Only whole integer literals are read as 1e400: an exponent's or a fraction's digits
+    are a float's, which the float hook reads as it is."""
+    raw = f'{{"type":"turn.started","conversationId":"a","seq":{_HUGE},"x":{number}}}'.encode()
+    assert decode_event(raw) == Rejection(
+        "invalid_field", "turn.started: seq: Expected `int | null`, got `float`"
+    )
