@@ -126,11 +126,13 @@ class SystemClock:
 
     def now_ms(self) -> int:
         """Return the steady time in epoch milliseconds (the wall's, unless it stepped)."""
-        # An injected source that goes back (a broken one) must not take the time back:
-        # it stands until the source is past its last read.
         monotonic = self._monotonic_ns()
         if monotonic < self._read_at_ns:
-            monotonic = self._read_at_ns
+            # The source went back (a checkpoint restored on another machine, a broken
+            # source): go on from the time last told at the source's pace, neither back
+            # nor standing still until the source is past its last read.
+            self._epoch_ns += self._read_at_ns - monotonic
+            self._read_at_ns = monotonic
         gap = self._wall_ns() - self._epoch_ns - monotonic
         if not -_ALIGNED_NS < gap < _ALIGNED_NS:  # the two clocks' reads differ by far less
             most = (monotonic - self._read_at_ns) // SLEW_DIVISOR
