@@ -233,6 +233,15 @@ def test_duplicates_read_as_json_parse_does() -> None:
     assert decode_command(
         b'{"type":"set_interval","conversationId":"a","intervalMs":1e-400}'
     ) == SetInterval(conversation_id="a", interval_ms=0.0)
+    # NaN-like strings are strings; NaN and Infinity are no JSON.
+    nan_string = b'{"type":"set_interval","conversationId":"a","intervalMs":"NaN"}'
+    assert decode_command(nan_string) == Rejection(
+        "invalid_field", "set_interval: intervalMs: Expected `int | float`, got `str`"
+    )
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        raw = b'{"type":"set_interval","conversationId":"a","intervalMs":' + literal + b"}"
+        got = decode_command(raw)
+        assert isinstance(got, Rejection) and got.code == "invalid_json", literal
     # Invalid UTF-8 in the refused duplicate: the whole body is refused, before any read.
     raw = b'{"type":"turn.started","conversationId":"\xff","conversationId":"a"}'
     assert decode_event(raw) == Rejection(

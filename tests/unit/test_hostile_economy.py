@@ -128,3 +128,26 @@ def test_zero_after_a_known_ttl_and_prefix_keeps_them(shell: Shell) -> None:
     conv = shell.conv("c")
     assert (conv.cache_ttl_ms, conv.prefix_tokens) == (TTL_S * 1000, 5_000)
     assert shell.status("c") == "armed"
+
+
+@pytest.mark.parametrize(
+    ("interval_ms", "status", "due"),
+    [
+        (20_000, "armed", T0 + 20_000),  # min(now + 20 s, read + 20 s): from the read
+        (29_999, "armed", T0 + 29_999),  # 1 ms before the 30 s cache expires
+        (30_000, "expired", None),  # at the expiry: nothing to warm
+    ],
+)
+def test_a_new_interval_on_a_cache_shorter_than_the_margin(
+    shell: Shell, interval_ms: int, status: str, due: int | None
+) -> None:
+    """A 30 s cache (no longer than the 60 s margin) keeps the configured interval; a new
+    one while armed counts from the last read, and one reaching the expiry finds it dead."""
+    shell.set_interval("c", 10_000)
+    shell.set_enabled("c", True)
+    shell.settled("c", cache_ttl_s=30)
+    assert shell.due("c") == T0 + 10_000
+    shell.now = T0 + 5_000
+    shell.set_interval("c", interval_ms)
+    assert shell.status("c") == status
+    assert shell.due("c") == due
