@@ -1,16 +1,19 @@
 """The shell: one pipeline from deliveries to acknowledgements, a batch at a time.
 
-    take what was delivered (and timers that fell due) -> decode -> apply to the core in
-    order -> commit every record the batch touched in one store transaction -> arm the
-    timers -> publish, confirms awaited together -> reject what must be, then one
-    ``basic.ack`` with ``multiple`` per channel
+    take what was delivered (and timers that fell due) -> decode and apply to the core in
+    order (``warmer.batch``) -> commit every record the batch touched in one store
+    transaction -> arm the timers -> publish, confirms awaited together -> reject what
+    must be, then one ``basic.ack`` with ``multiple`` per channel
 
 A state change counts once it is committed. A commit or a confirm that fails is retried in
 place, with backoff, while the batch's deliveries stay unacknowledged and the pipeline
-takes no more; when the worker stops or loses its connection first, the batch is rolled
-back in memory, so its redelivery is applied again (never dropped as stale by ``seq``).
-A batch with commands whose commit fails is rolled back and applied again with every
-command answered ``store_error`` (docs/contract.md, "Acknowledgement"); the rest is retried.
+takes no more lifecycle events; when the worker stops or loses its connection first, the
+batch is rolled back in memory, so its redelivery is applied again (never dropped as stale
+by ``seq``). Commands are not held behind a failing store: when a commit fails in a way
+known not to have written, the batch's commands are answered ``store_error`` at once, and
+so are those that arrive while it is retried; an outcome that is not known is written
+again until it is, never answered as a failure (docs/contract.md, "Acknowledgement"). A
+store found without what was committed is given everything the worker holds again.
 
 Every delivery ends in exactly one of: acknowledged; dead-lettered, then acknowledged;
 rejected to the queue's own dead-lettering; or delivered again (given back with
@@ -32,15 +35,12 @@ errors, retries, redeliveries, confirmed publishes) is counted as it happens.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, Final, Literal, assert_never, get_args
+from collections.abc import Iterable
+from typing import Final, assert_never
 
-from msgspec.structs import replace
-
-from warmer.bus.lenient import unreadable
+from warmer.batch import Applied, Applier, Effect, Step
 from warmer.bus.port import (
     CONFIRM_BACKOFF_MAX,
     CONFIRM_TIMEOUT_MS,
@@ -53,39 +53,18 @@ from warmer.bus.port import (
     PublishWithdrawn,
 )
 from warmer.clock import Clock, sleep, within
-from warmer.contract import (
-    MAX_ERROR_CHARS,
-    Command,
-    ErrorReply,
-    LifecycleEvent,
-    Rejection,
-    SurfaceChanged,
-    TurnSettled,
-    UnknownType,
-    WarmCompleted,
-    decode_command,
-    decode_event,
-)
 from warmer.core import (
-    Accounted,
     Arm,
     Cancel,
-    IntervalAdjusted,
-    Outcome,
-    PublishSurface,
     PublishWarm,
-    SendReply,
-    SettingsChange,
     Warmer,
-    WarmFailed,
-    WarmSkipped,
 )
 from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import encode_changes, encode_record
-from warmer.inputs import Fired, Input, Inputs, Prune, Queue, Received, Returned
+from warmer.inputs import Input, Inputs, Received, Returned
 from warmer.observe.health import Health
 from warmer.observe.log import get_logger
-from warmer.observe.metrics import Metrics, Tally
+from warmer.observe.metrics import Metrics
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, StoreLost
@@ -94,39 +73,7 @@ log = get_logger(__name__)
 
 RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
-UNKNOWN_TYPES_REMEMBERED: Final = 256
 _ENCODE_CHUNK: Final = 10_000
-
-Effect = Callable[[], Coroutine[Any, Any, None]]
-"""A publish the batch must see confirmed; can be tried again."""
-Settle = Literal["ack", "reject", "requeue", "leave"]
-
-
-class _Step:
-    """One input of a batch: what it publishes, and how its delivery is settled."""
-
-    __slots__ = ("delivery", "publishes", "queue", "settle")
-
-    def __init__(self, item: Input) -> None:
-        self.delivery: Delivery | None = None
-        self.queue: Queue | None = None
-        if isinstance(item, Received):
-            self.delivery, self.queue = item.delivery, item.queue
-        self.publishes: list[Effect] = []
-        self.settle: Settle = "ack"
-
-
-class _Applied:
-    """What applying a batch produced, kept apart until it is committed."""
-
-    __slots__ = ("refused", "steps", "tally", "timers", "warms")
-
-    def __init__(self, refused: bool) -> None:
-        self.refused = refused
-        self.steps: list[_Step] = []
-        self.timers: list[Arm | Cancel] = []
-        self.warms: list[PublishWarm] = []
-        self.tally = Tally()
 
 
 class Worker:
@@ -157,15 +104,9 @@ class Worker:
         self.inputs = inputs
         self.metrics = metrics
         self.health = health or Health()
-        # Bound once: the hot path looks a decoded message's counter up by its class.
-        self._event_counters = {
-            kind: metrics.events[str(kind.__struct_config__.tag)]
-            for kind in get_args(LifecycleEvent)
-        }
-        self._command_types = {kind: str(kind.__struct_config__.tag) for kind in get_args(Command)}
+        self._applier = Applier(core, clock, outbound, metrics)
         self._retry_first_ms, self._retry_max_ms = retry_ms
         self._warms: set[asyncio.Task[None]] = set()
-        self._unknown_types: set[str] = set()
         self._abandoned = False
         self._confirm_ms = confirm_ms
         # The deadline now: the setting, doubled after each reset (a broker slow but alive
@@ -247,8 +188,8 @@ class Worker:
 
     async def _finish(
         self,
-        steps: list[_Step],
-        work: list[tuple[_Step, Effect]],
+        steps: list[Step],
+        work: list[tuple[Step, Effect]],
         attempts: list[asyncio.Task[None]],
         previous: asyncio.Task[None] | None,
     ) -> None:
@@ -276,8 +217,8 @@ class Worker:
         await self._settle(steps)
 
     async def _confirmed(
-        self, work: list[tuple[_Step, Effect]], attempts: list[asyncio.Task[None]]
-    ) -> tuple[list[tuple[_Step, Effect]], Exception]:
+        self, work: list[tuple[Step, Effect]], attempts: list[asyncio.Task[None]]
+    ) -> tuple[list[tuple[Step, Effect]], Exception]:
         """Wait for ``attempts``; what must be tried again, and the last failure seen.
 
         An attempt still unconfirmed at the deadline is cancelled and tried again: it was
@@ -304,7 +245,7 @@ class Worker:
             attempt.cancel()
         if late:
             await asyncio.wait(late)
-        failed: list[tuple[_Step, Effect]] = []
+        failed: list[tuple[Step, Effect]] = []
         failure: PublishFailed = PublishFailed("publish cancelled")
         if late:
             failure = ConfirmOverdue(
@@ -374,7 +315,7 @@ class Worker:
 
     # -- apply and commit -------------------------------------------------------------
 
-    async def _apply_and_commit(self, items: list[Input]) -> list[_Step] | None:
+    async def _apply_and_commit(self, items: list[Input]) -> list[Step] | None:
         """Apply ``items`` and commit what they changed; None when abandoned (rolled back).
 
         Retried in place while the store fails, but commands are not held behind it:
@@ -391,7 +332,7 @@ class Worker:
             self.core.begin()
             refusing: asyncio.Task[None] | None = None
             try:
-                applied = self._apply(items, now, None)
+                applied = self._applier.apply(items, now, None)
                 attempt = 0
                 unknown = False  # once unknown, this batch's commands wait for the outcome
                 lost_once = False
@@ -452,7 +393,7 @@ class Worker:
             task.add_done_callback(self._warms.discard)
         return applied.steps
 
-    def _refuse_commands_of(self, items: list[Input], now: int) -> _Applied:
+    def _refuse_commands_of(self, items: list[Input], now: int) -> Applied:
         """The batch's commit failed, known not to have written: answer its commands
         ``store_error`` now (docs/contract.md) and take them out of ``items`` (settled on
         their own, the caller must not give them back); the rest is applied again."""
@@ -462,7 +403,7 @@ class Worker:
         self.core.rollback()
         self.core.end()
         self.core.begin()
-        applied = self._apply(items, now, None)
+        applied = self._applier.apply(items, now, None)
         self._answer_refused(commands, self._failure)
         return applied
 
@@ -488,13 +429,13 @@ class Worker:
         """Apply ``commands`` refused with ``error`` (the core is left as it is) and answer
         them at once, each acknowledged on its own: a ``multiple`` acknowledgement could
         cover a delivery of the batch still being retried."""
-        answered = self._apply(commands, self.clock.now_ms(), error)
+        answered = self._applier.apply(commands, self.clock.now_ms(), error)
         self.metrics.add(answered.tally, len(commands))
         task = watch(asyncio.get_running_loop().create_task(self._answer(answered.steps)))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
-    async def _answer(self, steps: list[_Step]) -> None:
+    async def _answer(self, steps: list[Step]) -> None:
         """Publish the replies (one confirm deadline), then settle each delivery alone."""
         work = [(step, effect) for step in steps for effect in step.publishes]
         if work:
@@ -554,7 +495,7 @@ class Worker:
         )
         self.health.cleared("store_lost")
 
-    async def _restore_beside(self, items: list[Input], now: int) -> _Applied:
+    async def _restore_beside(self, items: list[Input], now: int) -> Applied:
         """Restore with the open batch set aside (only what was committed is written
         again), then apply it again; the batch is open again whatever happens."""
         self.core.rollback()
@@ -563,7 +504,7 @@ class Worker:
             await self._restore()
         finally:
             self.core.begin()
-        return self._apply(items, now, None)
+        return self._applier.apply(items, now, None)
 
     async def watch_store(self, every_ms: int) -> None:
         """Every ``every_ms``, ask the store whether it still holds what was committed
@@ -588,198 +529,9 @@ class Worker:
             if not self._committing.locked():
                 self.health.cleared("store")
 
-    def _apply(self, items: list[Input], now: int, refuse_commands: str | None) -> _Applied:
-        applied = _Applied(refused=refuse_commands is not None)
-        for item in items:
-            step = _Step(item)
-            applied.steps.append(step)
-            try:
-                outcome = self._outcome(item, step, now, refuse_commands, applied.tally)
-            except Exception:  # a bug while applying: give this one back, go on
-                log.exception("input_failed", kind=type(item).__name__)
-                step.settle = "requeue"
-                continue
-            if outcome is not None:
-                self._collect(outcome, step, applied)
-        return applied
-
-    def _outcome(
-        self,
-        item: Input,
-        step: _Step,
-        now: int,
-        refuse_commands: str | None,
-        tally: Tally,
-    ) -> Outcome | None:
-        match item:
-            case Fired(cid, token):
-                return self.core.on_timer(now, cid, token)
-            case Returned(cid, token):
-                return self.core.on_warm_returned(now, cid, token)
-            case Prune():
-                pruned = self.core.prune(now)
-                if pruned:
-                    log.info("conversations_pruned", count=len(pruned))
-                return None
-            case Received("lifecycle", delivery):
-                return self._event(delivery, step, now, tally)
-            case Received(_, delivery):
-                return self._command(delivery, step, now, refuse_commands, tally)
-            case _:
-                assert_never(item)
-
-    def _event(self, delivery: Delivery, step: _Step, now: int, tally: Tally) -> Outcome | None:
-        decoded = _unreadable(delivery) or decode_event(
-            delivery.body, delivery.content_type, content_encoding=delivery.content_encoding
-        )
-        counts = tally.counts
-        if isinstance(decoded, Rejection):
-            counts[self.metrics.rejected[decoded.code]] += 1
-            _rejected("lifecycle", delivery, decoded)
-            step.publishes.append(functools.partial(self.outbound.dead_letter, delivery, decoded))
-            return None
-        if isinstance(decoded, UnknownType):
-            counts[self.metrics.events["unknown"]] += 1
-            self._unknown(decoded, delivery)
-            return None
-        counts[self._event_counters[type(decoded)]] += 1
-        if isinstance(decoded, TurnSettled) and decoded.last_request_at is not None:
-            # The producer's wall clock, on the core's steady time line (warmer.clock).
-            at = self.clock.from_wall(decoded.last_request_at)
-            if at != decoded.last_request_at:
-                decoded = replace(decoded, last_request_at=at)
-        outcome = self.core.apply_event(now, decoded)
-        if isinstance(decoded, WarmCompleted):
-            self._completion(decoded, outcome, tally)
-        _not_applied(outcome, decoded)
-        return outcome
-
-    def _completion(self, completed: WarmCompleted, outcome: Outcome, tally: Tally) -> None:
-        """Count a completion: stale, dropped, or (with usage, applied) its cache figures."""
-        verdict, metrics, counts = outcome.verdict, self.metrics, tally.counts
-        if verdict == "stale":
-            counts[metrics.warms_stale] += 1
-        elif verdict == "dropped_active":
-            counts[metrics.warms_dropped] += 1
-        elif verdict == "applied" and completed.error is None and completed.usage is not None:
-            usage = completed.usage
-            counts[metrics.warms_completed] += 1
-            counts[metrics.cache_read_tokens] += usage.cache_read_tokens
-            counts[metrics.cache_write_tokens] += usage.cache_write_tokens
-            if usage.input_tokens > 0:
-                tally.ratios.append(min(usage.cache_read_tokens / usage.input_tokens, 1.0))
-
-    def _command(
-        self,
-        delivery: Delivery,
-        step: _Step,
-        now: int,
-        refuse: str | None,
-        tally: Tally,
-    ) -> Outcome | None:
-        reply_to, correlation_id = delivery.reply_to, delivery.correlation_id
-        counts, metrics = tally.counts, self.metrics
-        decoded = _unreadable(delivery) or decode_command(
-            delivery.body, delivery.content_type, content_encoding=delivery.content_encoding
-        )
-        if isinstance(decoded, UnknownType):
-            decoded = Rejection("unknown_type", f"type: unknown command {decoded.shown}")
-        if isinstance(decoded, Rejection):
-            counts[metrics.rejected[decoded.code]] += 1
-            _rejected("commands", delivery, decoded)
-            if reply_to:
-                reply = ErrorReply(error=decoded.error, code=decoded.code)
-                step.publishes.append(
-                    functools.partial(self.outbound.reply, reply_to, correlation_id, reply)
-                )
-            if decoded.dead_letter_always:
-                publish = functools.partial(self.outbound.dead_letter, delivery, decoded)
-                step.publishes.append(publish)
-            return None
-        planned = self.core.plan_command(now, decoded)
-        if isinstance(planned, SettingsChange):
-            if refuse is None:
-                planned = self.core.commit(now, planned)
-            else:
-                planned = self.core.store_failed(planned, refuse)
-        counts[metrics.command(self._command_types[type(decoded)], planned.verdict)] += 1
-        _not_applied(planned, decoded)
-        for effect in planned.effects:
-            if isinstance(effect, SendReply) and isinstance(effect.reply, ErrorReply):
-                counts[metrics.rejected[effect.reply.code]] += 1
-                log.warning(
-                    "command_rejected",
-                    code=effect.reply.code,
-                    error=effect.reply.error,
-                    conversation_id=decoded.conversation_id,
-                    answered=bool(reply_to),
-                )
-        return planned
-
-    def _collect(self, outcome: Outcome, step: _Step, applied: _Applied) -> None:
-        delivery = step.delivery
-        for effect in outcome.effects:
-            match effect:
-                case Arm() | Cancel():
-                    applied.timers.append(effect)
-                case PublishSurface():
-                    step.publishes.append(functools.partial(self._surface, effect.update))
-                case PublishWarm():
-                    applied.warms.append(effect)
-                case SendReply():
-                    if delivery is not None and delivery.reply_to:
-                        answer = functools.partial(
-                            self.outbound.reply,
-                            delivery.reply_to,
-                            delivery.correlation_id,
-                            effect.reply,
-                        )
-                        step.publishes.append(answer)
-                case WarmFailed():
-                    applied.tally.counts[self.metrics.warms_failed[effect.cause]] += 1
-                    log.warning(
-                        "warm_failed",
-                        conversation_id=effect.conversation_id,
-                        token=effect.token,
-                        error=effect.error,
-                        cause=effect.cause,
-                        failures=effect.failures,
-                        paused=effect.paused,
-                    )
-                case WarmSkipped():
-                    applied.tally.counts[self.metrics.warms_skipped[effect.reason]] += 1
-                    log.info(
-                        "warm_skipped",
-                        conversation_id=effect.conversation_id,
-                        reason=effect.reason.value,
-                    )
-                case Accounted():
-                    self._account(effect, applied.tally)
-                case IntervalAdjusted():
-                    applied.tally.counts[self.metrics.intervals_adjusted] += 1
-                    log.info(
-                        "interval_adjusted",
-                        conversation_id=effect.conversation_id,
-                        configured_ms=effect.configured_ms,
-                        effective_ms=effect.effective_ms,
-                        cache_ttl_ms=effect.ttl_ms,
-                    )
-                case _:
-                    assert_never(effect)
-
-    def _account(self, effect: Accounted, tally: Tally) -> None:
-        """Count what an input added to a savings account (base-input-token units)."""
-        counts, metrics = tally.counts, self.metrics
-        if effect.spent:
-            counts[metrics.warm_cost_tokens] += effect.spent
-        if effect.avoided:
-            counts[metrics.rewrites_avoided_tokens] += effect.avoided
-        if effect.missed:
-            counts[metrics.rewrites_missed_tokens] += effect.missed
-
     # -- publish and settle -----------------------------------------------------------
 
-    async def _pause(self, attempt: int, failure: Exception, steps: list[_Step]) -> bool:
+    async def _pause(self, attempt: int, failure: Exception, steps: list[Step]) -> bool:
         """Wait before retrying; False when the worker is going or the deliveries are gone.
 
         The ``attempt``-th pause (from 1) is the first pause doubled ``attempt - 1`` times,
@@ -798,7 +550,7 @@ class Worker:
         await sleep(self.clock, pause)
         return True
 
-    async def _settle(self, steps: list[_Step]) -> None:
+    async def _settle(self, steps: list[Step]) -> None:
         """Rejections first, then acknowledgements, ``multiple`` where that is safe.
 
         A ``multiple`` acknowledgement must never cover a delivery that is rejected or left
@@ -864,10 +616,6 @@ class Worker:
             if not await _reject(delivery, requeue=True):
                 self._leave([delivery])
 
-    async def _surface(self, update: SurfaceChanged) -> None:
-        await self.outbound.surface(update)
-        self.metrics.surface_updates.inc()
-
     async def _send_warm(self, effect: PublishWarm) -> None:
         request = effect.request
         cid, token = request.conversation_id, request.token
@@ -889,24 +637,6 @@ class Worker:
         if not routed:
             self.inputs.put(Returned(cid, token))
 
-    # -- bookkeeping ------------------------------------------------------------------
-
-    def _unknown(self, decoded: UnknownType, delivery: Delivery) -> None:
-        """Count an unknown event type; log each of a bounded number of them once."""
-        shown = decoded.shown
-        if shown in self._unknown_types:
-            return
-        if len(self._unknown_types) < UNKNOWN_TYPES_REMEMBERED:
-            self._unknown_types.add(shown)
-            log.info("event_type_unknown", type=shown, routing_key=delivery.routing_key)
-        elif len(self._unknown_types) == UNKNOWN_TYPES_REMEMBERED:
-            self._unknown_types.add("")  # marks the one overflow line as written
-            log.warning(
-                "event_types_unknown_overflow",
-                remembered=UNKNOWN_TYPES_REMEMBERED,
-                note="further unknown types are counted, not logged",
-            )
-
 
 async def held_records(core: Warmer) -> dict[str, bytes]:
     """Everything ``core`` holds as the store keeps it: every record and the gap model
@@ -926,38 +656,9 @@ def _is_command(item: Input) -> bool:
     return isinstance(item, Received) and item.queue == "commands"
 
 
-def _not_applied(outcome: Outcome, decoded: LifecycleEvent | Command) -> None:
-    if outcome.verdict != "applied":
-        log.debug(
-            "input_not_applied",
-            kind=type(decoded).__name__,
-            conversation_id=decoded.conversation_id,
-            verdict=outcome.verdict,
-        )
-
-
-def _rejected(queue: str, delivery: Delivery, rejection: Rejection) -> None:
-    log.warning(
-        "message_rejected",
-        queue=queue,
-        code=rejection.code,
-        error=rejection.error,
-        routing_key=delivery.routing_key,
-        message_id=delivery.message_id,
-    )
-
-
-def _start(work: list[tuple[_Step, Effect]]) -> list[asyncio.Task[None]]:
+def _start(work: list[tuple[Step, Effect]]) -> list[asyncio.Task[None]]:
     loop = asyncio.get_running_loop()
     return [loop.create_task(effect()) for _, effect in work]
-
-
-def _unreadable(delivery: Delivery) -> Rejection | None:
-    """``invalid_properties`` when the lenient reader could not read all the properties."""
-    notes = unreadable(delivery.headers)
-    if notes is None:
-        return None
-    return Rejection("invalid_properties", notes.describe()[:MAX_ERROR_CHARS])
 
 
 def _open(delivery: Delivery) -> bool:

@@ -244,7 +244,7 @@ async def test_unknown_types_without_end_are_counted_in_bounded_memory(stream: S
     worker = stream.app.worker
     assert worker is not None
     assert stream.app.metrics.value("warmer_events_consumed_total", type="unknown") == count
-    remembered = worker._unknown_types
+    remembered = worker._applier.unknown_types
     assert len(remembered) <= 257
     assert max(len(kind) for kind in remembered) <= 64
 

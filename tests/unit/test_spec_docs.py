@@ -25,6 +25,7 @@ import pytest
 from msgspec import Struct
 
 from warmer import contract
+from warmer.batch import UNKNOWN_TYPES_REMEMBERED
 from warmer.bus.topology import DELIVERY_LIMIT
 from warmer.config import SETTINGS, Setting
 from warmer.contract import MAX_BODY_BYTES, MAX_DEPTH, MAX_ERROR_CHARS, MAX_ID_BYTES, Status
@@ -46,7 +47,7 @@ from warmer.core.rules import (
     seconds_to_interval,
     timeout_error,
 )
-from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, UNKNOWN_TYPES_REMEMBERED
+from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS
 
 ROOT: Final = Path(__file__).parents[2]
 DOCS: Final = ROOT / "docs"
