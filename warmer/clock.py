@@ -288,22 +288,46 @@ class StepWatch:
     """Tells when the wall clock stepped, from the offset between it and the steady clock.
 
     Between two checks the offset moves by far less than `STEP_THRESHOLD_MS` unless the wall
-    clock jumped; a suspended machine moves both clocks alike (``CLOCK_BOOTTIME``).
+    clock jumped; a suspended machine moves both clocks alike (``CLOCK_BOOTTIME``). Steps
+    under the threshold adding up (a wall gaining 1.9 s a second) are told too, once the
+    offset moved more than the threshold since it was last told: moves the slew can make
+    (towards the wall, at most 1 % of the time elapsed) only carry that mark along.
     """
 
     def __init__(self, clock: Clock, threshold_ms: int = STEP_THRESHOLD_MS) -> None:
         """Start from the offset as it is now."""
         self._clock = clock
         self._threshold_ms = threshold_ms
-        self.offset_ms = clock.wall_ms() - clock.now_ms()
+        self._checked_at = clock.now_ms()
+        self.offset_ms = clock.wall_ms() - self._checked_at
         """The wall clock minus the steady one at the last check (+: the wall is ahead)."""
+        self._told_ms = self.offset_ms
+        """The offset last told (or at start), moved on by the slew since."""
 
     def check(self) -> int | None:
-        """The step since the last check in ms (+: forward), or None when there was none."""
-        offset = self._clock.wall_ms() - self._clock.now_ms()
+        """The step since the last check in ms (+: forward), or since the offset was last
+        told when smaller steps added up to more than the threshold; None when neither."""
+        now = self._clock.now_ms()
+        offset = self._clock.wall_ms() - now
         step = offset - self.offset_ms
+        # What the slew may have taken back since the last check (the time read is slewed
+        # too: divided by one less), and a millisecond of rounding on each read.
+        slew = (now - self._checked_at) // (SLEW_DIVISOR - 1) + 2
         self.offset_ms = offset
-        return step if abs(step) > self._threshold_ms else None
+        self._checked_at = now
+        told = self._told_ms
+        if abs(step) > self._threshold_ms:
+            self._told_ms = offset
+            return step
+        # The offset the slew alone could have reached from the one told: nearest to now's.
+        reach = max(told - slew, 0) if told > 0 else min(told + slew, 0)
+        slewed = min(max(offset, min(told, reach)), max(told, reach))
+        drift = offset - slewed
+        if abs(drift) > self._threshold_ms:
+            self._told_ms = offset
+            return drift
+        self._told_ms = slewed
+        return None
 
 
 async def sleep(clock: Clock, ms: int) -> None:

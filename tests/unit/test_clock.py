@@ -178,6 +178,76 @@ def test_small_corrections_and_elapsed_time_are_not_steps() -> None:
     assert watch.offset_ms == 0  # slewed away meanwhile
 
 
+@pytest.mark.parametrize("per_second", [STEP_THRESHOLD_MS - 100, -(STEP_THRESHOLD_MS - 100)])
+def test_steps_under_the_threshold_are_told_once_they_add_up_to_more(per_second: int) -> None:
+    """A wall gaining (or losing) 1.9 s a second: no check sees a step, but each time the
+    offset moved more than the threshold since it was last told, the move is told; what is
+    told adds up to the drift, less what the slew took back."""
+    sources = Sources()
+    clock = sources.clock()
+    watch = StepWatch(clock)
+    told: list[tuple[int, int]] = []
+    for second in range(1, 101):
+        sources.elapse(1_000)
+        sources.step_wall(per_second)
+        step = watch.check()
+        if step is not None:
+            told.append((second, step))
+    assert [second for second, _ in told] == list(range(2, 101, 2))
+    assert all(abs(step) > STEP_THRESHOLD_MS for _, step in told)
+    total = sum(step for _, step in told)
+    assert total == watch.offset_ms
+    assert abs(total - 100 * per_second) <= 100 * 1_000 // SLEW_DIVISOR + 100
+
+
+@pytest.mark.parametrize("step", [-TEN_MINUTES, TEN_MINUTES])
+def test_the_slew_back_after_a_step_is_never_told(step: int) -> None:
+    """Told once; then the offset comes back to zero by the slew alone over ~17 hours of
+    checks a second (and a stalled loop's checks a minute apart): never told again."""
+    sources = Sources()
+    watch = StepWatch(sources.clock())
+    sources.step_wall(step)
+    sources.elapse(1_000)
+    assert watch.check() is not None
+    told = []
+    for second in range(17 * 3_600):
+        sources.elapse(60_000 if second % 1_000 == 999 else 1_000)
+        if (moved := watch.check()) is not None:
+            told.append(moved)
+    assert told == []
+    assert watch.offset_ms == 0
+
+
+def test_a_wall_coming_back_faster_than_the_slew_is_told() -> None:
+    """After a step forward, a wall losing 1.9 s a second moves the offset towards zero
+    far faster than the slew could (10 ms a second): that is told too."""
+    sources = Sources()
+    watch = StepWatch(sources.clock())
+    sources.step_wall(EIGHT_DAYS)
+    sources.elapse(1_000)
+    assert watch.check() == EIGHT_DAYS - 10
+    told = []
+    for _ in range(10):
+        sources.elapse(1_000)
+        sources.step_wall(-(STEP_THRESHOLD_MS - 100))
+        if (moved := watch.check()) is not None:
+            told.append(moved)
+    assert len(told) == 5
+    assert all(-2 * STEP_THRESHOLD_MS < moved < -STEP_THRESHOLD_MS for moved in told)
+
+
+def test_a_drift_the_slew_keeps_up_with_is_not_told() -> None:
+    """A wall gaining 5 ms a second (a bad oscillator): the slew (up to 10 ms a second)
+    follows it, the offset stays within a few milliseconds, nothing is told in a day."""
+    sources = Sources()
+    watch = StepWatch(sources.clock())
+    for _ in range(86_400):
+        sources.elapse(1_000)
+        sources.step_wall(5)
+        assert watch.check() is None
+    assert 0 <= watch.offset_ms <= 10
+
+
 def test_a_step_of_a_manual_clock_is_told() -> None:
     clock = ManualClock(T0)
     watch = StepWatch(clock)
