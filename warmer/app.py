@@ -284,6 +284,7 @@ class App:
             awaited=recovery.awaited,
             warmed_now=recovery.warmed_now,
             expired=recovery.expired,
+            moved_earlier=recovery.moved_earlier,
             token=core.last_token,
             gaps_learned=core.economy.model.seen,
         )

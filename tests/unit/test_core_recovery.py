@@ -107,6 +107,60 @@ def test_a_pending_timer_due_later_is_rearmed_with_its_token(phase: Status, due:
     assert warmer.get(C) == state and touched == {}
 
 
+# -- recover: a schedule stored on a time line ahead of this run's -------------------------
+
+_AHEAD = 2 * 3_600_000  # the wall stepped back 2 h before the restart: more than resume takes
+
+
+@pytest.mark.parametrize("phase", [Status.ARMED, Status.RETRYING])
+def test_a_schedule_due_more_than_an_interval_ahead_is_moved_to_one_interval_from_now(
+    phase: Status,
+) -> None:
+    """No schedule is armed more than one effective interval ahead: one due further was
+    stored on a line ahead of this run's. It warms within an interval, not 2 h later, and
+    its new due time is persisted."""
+    state = conv(
+        phase,
+        next_warm_at=NOW + _AHEAD + 60_000,
+        token=77,
+        idle_since=NOW + _AHEAD - 180_000,
+        last_input_at=NOW + _AHEAD - 180_000,
+    )
+    warmer, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [Arm(C, NOW + INTERVAL, 77)]
+    assert counts(recovery) == (1, 1, 0, 0, 0) and recovery.moved_earlier == 1
+    after = warmer.get(C)
+    assert after is not None and after.phase is phase and after.next_warm_at == NOW + INTERVAL
+    assert touched == {C: Record(settings=Settings(True, INTERVAL), state=after)}
+    # It then warms as any armed schedule does: its cache was read on the same line.
+    out = warmer.on_timer(NOW + INTERVAL, C, 77)
+    assert [type(e) for e in out.effects if isinstance(e, PublishWarm)] == [PublishWarm]
+
+
+def test_the_bound_is_the_effective_interval_and_a_schedule_at_it_stays() -> None:
+    """With a known TTL of 2 min the effective interval is 1 min (TTL - margin): due in
+    exactly a minute stays as it is, a millisecond later is moved to a minute."""
+    ttl = 120_000
+    states = {
+        "at": conv(Status.ARMED, next_warm_at=NOW + 60_000, cache_ttl_ms=ttl, token=1),
+        "over": conv(Status.ARMED, next_warm_at=NOW + 60_001, cache_ttl_ms=ttl, token=2),
+    }
+    warmer, recovery, touched = restore({cid: record(state) for cid, state in states.items()})
+    assert sorted(recovery.arms, key=lambda arm: arm.token) == [
+        Arm("at", NOW + 60_000, 1),
+        Arm("over", NOW + 60_000, 2),
+    ]
+    assert recovery.moved_earlier == 1 and set(touched) == {"over"}
+    assert warmer.get("at") == states["at"]
+
+
+def test_a_warm_out_on_a_line_ahead_is_awaited_at_most_its_timeout_from_now() -> None:
+    state = conv(Status.WARMING, published_at=NOW + _AHEAD, timeout_ms=60_000, token=77)
+    _, recovery, touched = restore({C: record(state)})
+    assert recovery.arms == [Arm(C, NOW + 60_000, 77)]
+    assert counts(recovery) == (1, 0, 1, 0, 0) and touched == {}
+
+
 # -- recover: a warm that was out ----------------------------------------------------------
 
 

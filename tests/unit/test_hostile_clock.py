@@ -178,14 +178,6 @@ def test_a_forward_step_during_a_run_does_not_make_a_restart_forget_live_convers
     assert after.warmer.persisted("c").enabled, "the opt-in is forgotten"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a restart on a wall more than MAX_RESUME_MS (1 h) behind the stored times keeps "
-    "the wall (resume refused, decision T6) but recovery re-arms each stored nextWarmAt as "
-    "it is: due 2 h + 4 min later, its 5-minute cache long dead (warming ones wait out "
-    "published_at + timeout the same way). The time helper's note proposes capping at "
-    "now + interval in plan_recovery",
-)
 def test_a_restart_on_a_wall_two_hours_back_warms_within_an_interval(shell: Shell) -> None:
     _enabled_and_settled(shell)
     due = shell.due("c")

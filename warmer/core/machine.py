@@ -218,7 +218,7 @@ class Warmer:
                 self._touch(cid)
                 conv.last_input_at = now
         plan = plan_recovery(self._conversations, now, self.economy)
-        for arm in plan.warm_now:
+        for arm in plan.warm_now + plan.moved:
             self._touch(arm.conversation_id)
             self._conversations[arm.conversation_id].next_warm_at = arm.due_at
         for phase, cids in (
