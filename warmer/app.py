@@ -285,6 +285,7 @@ class App:
             warmed_now=recovery.warmed_now,
             expired=recovery.expired,
             moved_earlier=recovery.moved_earlier,
+            retention_paused_ms=recovery.retention_paused_ms,
             token=core.last_token,
             gaps_learned=core.economy.model.seen,
         )

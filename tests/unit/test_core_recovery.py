@@ -26,6 +26,7 @@ from warmer.core import (
     Warmer,
     WarmFailed,
 )
+from warmer.core.retention import RETENTION_PAUSE_MS
 
 NOW = 1_760_000_000_000
 START = NOW * 1000  # where the restarted counter starts (rules.token_start)
@@ -511,6 +512,85 @@ def test_prune_forgets_a_conversation_at_the_first_check_past_the_retention_time
         assert warmer.prune(now) == [], now
     assert warmer.prune(limit + 1) == [C]
     assert warmer.get(C) is None
+
+
+_DAY = 86_400_000
+_WEEK = 7 * _DAY
+
+
+def test_a_restart_does_not_count_the_time_since_the_newest_stored_input() -> None:
+    """The store's newest input is 8 days old at start (a clock step the last run's times
+    kept, or 8 days down): every loaded last input moves on by those 8 days, persisted, so
+    each conversation is forgotten once idle for the retention time beyond them; an input
+    after the start is judged as it is."""
+    lag = 8 * _DAY
+    newest = NOW - lag
+    warmer, recovery, touched = restore(
+        {
+            "newest": record(conv(last_input_at=newest)),
+            "older": record(conv(last_input_at=newest - 6 * _DAY)),
+            "stale": record(conv(last_input_at=newest - _WEEK - 1)),
+            "off": record(conv(last_input_at=newest - _DAY, enabled=False)),
+        }
+    )
+    assert recovery.retention_paused_ms == lag
+    moved = {cid: r.state.last_input_at for cid, r in touched.items() if r and r.state}
+    assert moved == {
+        "newest": NOW,
+        "older": NOW - 6 * _DAY,
+        "stale": NOW - _WEEK - 1,
+        "off": NOW - _DAY,
+    }
+    assert warmer.prune(NOW + 60_000) == ["stale"], "idle a week before the newest input"
+    warmer.apply_event(NOW + 60_000, TurnStarted(conversation_id="new"))
+    assert warmer.prune(NOW + _DAY) == []
+    assert warmer.prune(NOW + _DAY + 1) == ["older"]  # 6 days + 1 day since the start
+    assert warmer.prune(NOW + 6 * _DAY + 1) == ["off"]
+    assert warmer.prune(NOW + _WEEK) == []
+    assert warmer.prune(NOW + _WEEK + 1) == ["newest"]
+    assert warmer.prune(NOW + 60_000 + _WEEK) == []
+    assert warmer.prune(NOW + 60_000 + _WEEK + 1) == ["new"]
+
+
+def test_a_pause_of_up_to_an_hour_counts_as_idleness() -> None:
+    """An hour since the newest input is counted (nothing rewritten); a millisecond more
+    is not. What the last run stored otherwise stays as it was."""
+    at = record(conv(last_input_at=NOW - RETENTION_PAUSE_MS))
+    _, recovery, touched = restore({C: at})
+    assert recovery.retention_paused_ms == 0 and touched == {}
+    over = record(conv(last_input_at=NOW - RETENTION_PAUSE_MS - 1, cwd="/w"))
+    _, recovery, touched = restore({C: over})
+    assert recovery.retention_paused_ms == RETENTION_PAUSE_MS + 1
+    state = touched[C].state  # type: ignore[union-attr]
+    assert state == conv(last_input_at=NOW, cwd="/w")
+
+
+def test_an_ordinary_restart_prunes_as_before() -> None:
+    """The newest stored input is 5 s old: nothing is moved, and a conversation past the
+    retention time is forgotten at the first check, one a minute short of it a minute
+    later, as without a restart (the check runs every minute)."""
+    warmer, recovery, touched = restore(
+        {
+            "live": record(conv(last_input_at=NOW - 5_000)),
+            "past": record(conv(last_input_at=NOW - _WEEK - 60_000)),
+            "soon": record(conv(last_input_at=NOW - _WEEK + 65_000)),
+        }
+    )
+    assert recovery.retention_paused_ms == 0 and touched == {}
+    assert warmer.prune(NOW + 60_000) == ["past"]
+    assert warmer.prune(NOW + 120_000) == ["soon"]
+    assert [cid for cid in ("live", "past", "soon") if warmer.get(cid)] == ["live"]
+
+
+def test_no_pause_when_the_stored_times_are_ahead_or_unknown() -> None:
+    """Stored times ahead of now (a wall behind them, resume refused) or unknown (0, set
+    to now) move nothing: a conversation is kept until idle for the retention time."""
+    for last in (NOW + 3_600_000, 0):
+        warmer, recovery, _ = restore({C: record(conv(last_input_at=last))})
+        assert recovery.retention_paused_ms == 0
+        limit = max(last, NOW) + _WEEK
+        assert warmer.prune(limit) == []
+        assert warmer.prune(limit + 1) == [C]
 
 
 def test_prune_outside_a_batch_and_with_nothing_due_changes_nothing() -> None:

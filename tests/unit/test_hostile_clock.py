@@ -155,16 +155,6 @@ def test_a_restart_keeps_a_conversation_with_a_recent_input_without_steps(shell:
     assert after.warmer.persisted("c").enabled
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the steady line keeps a forward step for the process's life (slewed at 1 %: "
-    "8 days in 800 days), so every stored last_input_at is behind the wall by the step; "
-    "at the next restart (now = the wall) a step beyond the 7-day retention makes every "
-    "conversation look idle that long: the first prune forgets all of them, opt-ins "
-    "included, though they had input a minute ago. Booting with the wall at 1970 (no RTC, "
-    "NTP syncs later) is the same step, 56 years. With now = wall (before) an input after "
-    "the step stored the wall's time",
-)
 def test_a_forward_step_during_a_run_does_not_make_a_restart_forget_live_conversations(
     shell: Shell,
 ) -> None:
@@ -176,6 +166,30 @@ def test_a_forward_step_during_a_run_does_not_make_a_restart_forget_live_convers
     after = _pruned_after_restart(shell, shell.clock.wall_ms())  # a minute later
     assert after.warmer.get("c") is not None, "its last input was a minute ago"
     assert after.warmer.persisted("c").enabled, "the opt-in is forgotten"
+
+
+def test_a_second_restart_keeps_what_was_idle_through_the_run_after_the_step(
+    shell: Shell,
+) -> None:
+    """The pause a restart does not count must outlive that run: after the restart that followed
+    the step, another conversation's input is stored on the wall's line; a second restart
+    must not judge ``c`` (idle through that whole run, its last input an hour ago) on its
+    stored time, 8 days behind (forgotten, with its opt-in, before the fix was stored)."""
+    _enabled_and_settled(shell)
+    shell.clock.step_wall(EIGHT_DAYS)
+    shell.advance(HOUR)
+    shell.settled("c", cache_ttl_s=300)
+    shell.started("c")  # a turn under way: no timer, nothing touches it in the next run
+    shell.advance(60_000)
+    second = _pruned_after_restart(shell, shell.clock.wall_ms())
+    assert second.due("c") is None
+    second.set_enabled("d", True)
+    second.advance(HOUR)
+    second.settled("d", cache_ttl_s=300)  # the newest input a minute before the next restart
+    third = _pruned_after_restart(second, second.now + 60_000)
+    assert third.warmer.get("c") is not None, "its last input was an hour ago"
+    assert third.warmer.persisted("c").enabled
+    assert third.warmer.get("d") is not None
 
 
 def test_a_restart_on_a_wall_two_hours_back_warms_within_an_interval(shell: Shell) -> None:

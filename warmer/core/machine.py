@@ -65,7 +65,7 @@ from warmer.core.journal import Journal
 from warmer.core.panel import build_panel
 from warmer.core.policy import Policy
 from warmer.core.recovery import Recovery, plan_recovery
-from warmer.core.retention import Retention
+from warmer.core.retention import RETENTION_PAUSE_MS, Retention
 from warmer.core.rules import (
     GENERATING,
     NO_CONSUMER,
@@ -208,15 +208,29 @@ class Warmer:
         """The timers of the restored schedules, at start-up (``warmer.core.recovery``).
 
         Settings-only records get a state, as their first input would create it, and a
-        last input unknown (0, an older record) counts from now. Open a batch first:
-        what this changes is to be persisted (``touched``).
+        last input unknown (0, an older record) counts from now. When the newest stored
+        input is more than `RETENTION_PAUSE_MS` old, the time since is not counted
+        against retention (it may be a wall-clock step the previous run's times kept,
+        not idleness): every loaded last input moves on by it. Open a batch first: what
+        this changes is to be persisted (``touched``).
         """
         for cid in self._settings.keys() - self._conversations.keys():
             self._create(now, cid)
+        newest = 0
         for cid, conv in self._conversations.items():
             if conv.last_input_at == 0:
                 self._touch(cid)
                 conv.last_input_at = now
+            elif conv.last_input_at > newest:
+                newest = conv.last_input_at
+        paused = now - newest if newest and now - newest > RETENTION_PAUSE_MS else 0
+        if paused:
+            # Stored, not only remembered: the next restart must not judge them on the
+            # times before the pause (it would take the pause for idleness again).
+            for cid, conv in self._conversations.items():
+                if conv.last_input_at < now:
+                    self._touch(cid)
+                    conv.last_input_at += paused
         plan = plan_recovery(self._conversations, now, self.economy)
         for arm in plan.warm_now + plan.moved:
             self._touch(arm.conversation_id)
@@ -232,7 +246,7 @@ class Warmer:
                 conv.next_warm_at = None
                 if phase is Status.EXPIRED:
                     conv.hold = Hold.EXPIRED
-        return plan.recovery
+        return replace(plan.recovery, retention_paused_ms=paused) if paused else plan.recovery
 
     def prune(self, now: int) -> list[str]:
         """Forget (state and settings) every conversation without input for ``retention_ms``.

@@ -46,6 +46,9 @@ class Recovery(Struct, frozen=True, kw_only=True):
     moved_earlier: int = 0
     """Of ``rearmed``: due more than one effective interval ahead (stored on a time line
     ahead of this run's), moved to one interval from now."""
+    retention_paused_ms: int = 0
+    """How long ago the newest stored input was, when more than `RETENTION_PAUSE_MS`:
+    not counted against retention (every loaded last input moved on by it)."""
 
 
 class RecoveryPlan(Struct, frozen=True, kw_only=True):

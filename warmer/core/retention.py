@@ -15,6 +15,13 @@ from typing import Final
 
 from warmer.core.state import Conversation
 
+RETENTION_PAUSE_MS: Final = 3_600_000
+"""A store whose newest input is older than this at start-up lay still: the time since is
+not counted against retention (``Warmer.recover`` moves every loaded last input on by it).
+It may be a step of the wall clock that the previous run's times kept (its time line went
+on by the time elapsed: decision 65), which no restart can tell from downtime; either way
+it delays pruning only, while nothing new comes in. Shorter pauses count, as idleness does:
+at most an hour of the retention time, once per restart."""
 _HORIZON_MS: Final = 3_600_000
 _NEVER: Final = -(2**63)
 
