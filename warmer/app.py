@@ -483,6 +483,8 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.worker is not None and self._store_open:
+            await self.worker.check_before_close()
         if self._connection is not None:
             try:
                 await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)

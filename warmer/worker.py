@@ -529,6 +529,29 @@ class Worker:
             if not self._committing.locked():
                 self.health.cleared("store")
 
+    async def check_before_close(self) -> None:
+        """At stop, once the pipeline is done: a store that lost its data (noticed or not,
+        a restore cut short) is given everything held again. Nothing else would: the next
+        worker starts from what the store holds, and the periodic check may not have come
+        round since Redis came back empty."""
+        async with self._committing:
+            try:
+                try:
+                    await self.store.check()
+                except StoreLost as exc:
+                    self._store_lost(exc)
+                if self._lost is not None:
+                    await self._restore()
+            except StoreError as exc:
+                # Lost: what the store lacks is gone with this worker; else nothing known.
+                say = log.error if self._lost is not None else log.warning
+                say(
+                    "store_unchecked_at_stop",
+                    error=str(exc)[:300],
+                    lost=self._lost is not None,
+                    conversations=len(self.core),
+                )
+
     # -- publish and settle -----------------------------------------------------------
 
     async def _pause(self, attempt: int, failure: Exception, steps: list[Step]) -> bool:

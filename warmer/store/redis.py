@@ -315,20 +315,15 @@ class RedisStore:
             self._seen = sequence
 
     async def check(self) -> None:
-        """StoreLost when this writer's entry is missing or behind its last commit."""
-        client, _ = self._connection()
-        try:
-            held = await client.hget(self.writers_key, self.writer)  # type: ignore[misc]
-        except redis_errors.ResponseError as exc:
-            raise self._error("cannot check", exc, key=self.writers_key) from exc
-        except _BACKEND_ERRORS as exc:
-            raise self._error("cannot check", exc) from exc
-        if held is None or not held.isdigit() or int(held) < self._seen:
-            shown = "no entry" if held is None else f"{held[:40]!r}"
-            raise StoreLost(
-                f"redis store {self.url} lost writer {self.writer}'s data: "
-                f"{self.writers_key} holds {shown}, not {self._seen} or above"
-            )
+        """StoreLost when this writer's entry is missing or behind its last commit; else
+        the entry is raised to now, in the same script: a live writer stays among the
+        most recent, never forgotten by the starts of others (``_forget_old_writers``)
+        however long it is idle."""
+        self._connection()
+        async with self._commits:
+            sequence = self._next()
+            await self._run({}, 0, entry=str(sequence), expected=str(self._seen), doing="check")
+            self._seen = sequence
 
     async def restore(self, records: Mapping[str, bytes], token: int) -> None:
         """Write every record again in chunks, then this writer's entry (see ``_COMMIT``)."""
@@ -357,7 +352,13 @@ class RedisStore:
         return self._sent
 
     async def _run(
-        self, changes: Mapping[str, bytes | None], token: int, *, entry: str, expected: str
+        self,
+        changes: Mapping[str, bytes | None],
+        token: int,
+        *,
+        entry: str,
+        expected: str,
+        doing: str = "commit to",
     ) -> None:
         """One call of the commit script; the caller holds ``_commits``."""
         client, script = self._connection()
@@ -375,7 +376,7 @@ class RedisStore:
                 client=client,
             )
         except _BACKEND_ERRORS as exc:
-            raise self._error("cannot commit to", exc) from exc
+            raise self._error(f"cannot {doing}", exc) from exc
 
     def _error(self, doing: str, exc: BaseException, *, key: str | None = None) -> StoreError:
         """One line naming the masked URL and what went wrong, without the password; of
