@@ -515,14 +515,7 @@ class Worker:
             if self._committing.locked():
                 continue
             try:
-                try:
-                    await self.store.check()
-                except StoreLost as exc:
-                    self._store_lost(exc)
-                if self._lost is not None:
-                    async with self._committing:
-                        if self._lost is not None:
-                            await self._restore()
+                await self._check_store()
             except StoreError as exc:
                 self.health.trouble("store", f"check failed: {exc}")
                 continue
@@ -534,23 +527,29 @@ class Worker:
         a restore cut short) is given everything held again. Nothing else would: the next
         worker starts from what the store holds, and the periodic check may not have come
         round since Redis came back empty."""
-        async with self._committing:
-            try:
-                try:
-                    await self.store.check()
-                except StoreLost as exc:
-                    self._store_lost(exc)
+        try:
+            await self._check_store()
+        except StoreError as exc:
+            # Lost: what the store lacks is gone with this worker; else nothing is known.
+            say = log.error if self._lost is not None else log.warning
+            say(
+                "store_unchecked_at_stop",
+                error=str(exc)[:300],
+                lost=self._lost is not None,
+                conversations=len(self.core),
+            )
+
+    async def _check_store(self) -> None:
+        """``Store.check``; everything held written again when the store lost its data
+        (between batches); StoreError when the store cannot be checked or restored."""
+        try:
+            await self.store.check()
+        except StoreLost as exc:
+            self._store_lost(exc)
+        if self._lost is not None:
+            async with self._committing:
                 if self._lost is not None:
                     await self._restore()
-            except StoreError as exc:
-                # Lost: what the store lacks is gone with this worker; else nothing known.
-                say = log.error if self._lost is not None else log.warning
-                say(
-                    "store_unchecked_at_stop",
-                    error=str(exc)[:300],
-                    lost=self._lost is not None,
-                    conversations=len(self.core),
-                )
 
     # -- publish and settle -----------------------------------------------------------
 

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio
 
 from tests.integration.probe import Probe
+from tests.integration.test_store_faults import interval_of, set_interval
 from tests.redis_server import redis_server
 from warmer.app import App
 from warmer.store import RedisStore, StoreLost
@@ -24,16 +25,6 @@ from warmer.store.base import WRITERS_KEPT
 pytestmark = pytest.mark.broker
 
 TIMEOUT_MS = 1000
-
-
-def set_interval(cid: str, interval_ms: int) -> dict[str, Any]:
-    return {"type": "set_interval", "conversationId": cid, "intervalMs": interval_ms}
-
-
-async def interval_of(probe: Probe, cid: str) -> int | None:
-    reply = await probe.command({"type": "get_state", "conversationId": cid}, timeout=5)
-    assert reply["ok"] is True, reply
-    return int(reply["state"]["intervalMs"])
 
 
 async def test_a_worker_stopped_right_after_redis_came_back_empty_leaves_everything_behind(
