@@ -17,9 +17,10 @@ import redis.asyncio
 
 from tests.integration.probe import Probe
 from tests.integration.test_store_faults import interval_of, set_interval
-from tests.redis_server import redis_server
+from tests.redis_server import HoldingProxy, redis_server
 from warmer.app import App
-from warmer.store import RedisStore, StoreLost
+from warmer.store import RedisStore, StoreLost, StoreOutcomeUnknown
+from warmer.store import redis as redis_store
 from warmer.store.base import WRITERS_KEPT
 
 pytestmark = pytest.mark.broker
@@ -77,3 +78,93 @@ async def test_an_idle_worker_s_entry_survives_many_killed_workers(tmp_path: Pat
                 if client is not None:
                     await client.aclose()
             await live.close()
+
+
+# -- a restore cut short, a restore delivered late ---------------------------------------
+
+
+async def test_redis_restarted_empty_in_the_middle_of_a_restore_is_restored_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_store, "_RESTORE_CHUNK", 10)  # 25 records: three chunks
+    held = {f"c-{n}": f"v{n}".encode() for n in range(25)}
+    async with redis_server(tmp_path) as server:
+        store = RedisStore(server.url)
+        await store.open()
+        await store.commit(held, 7)
+        await server.restart()
+        sent = store._run
+        calls = 0
+
+        async def restart_after_the_first_chunk(*args: Any, **kwargs: Any) -> None:
+            nonlocal calls
+            await sent(*args, **kwargs)
+            calls += 1
+            if calls == 1:
+                await server.restart()
+
+        store._run = restart_after_the_first_chunk  # type: ignore[method-assign]
+        with pytest.raises(StoreLost):
+            await store.restore(held, 7)
+        store._run = sent  # type: ignore[method-assign]
+        with pytest.raises(StoreLost):  # still lost: a restore cut short reads as such
+            await store.check()
+        with pytest.raises(StoreLost):
+            await store.commit({"c-0": b"new"}, 8)
+        await store.restore(held, 7)
+        await store.check()
+        await store.commit({"c-0": b"new"}, 8)
+        assert (await store.load()).records == held | {"c-0": b"new"}
+        await store.close()
+
+
+async def test_a_restore_delivered_late_by_the_network_never_undoes_a_later_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first chunk of a restore, held up in the network, reaches Redis after the
+    # restore was sent again and a command's commit was answered ok: it must not put the
+    # older records back (until the next check, up to 5 s, and for good if the worker
+    # dies meanwhile).
+    monkeypatch.setattr(redis_store, "_RESTORE_CHUNK", 1)  # two records: two chunks
+    async with redis_server(tmp_path) as server:
+        proxy = HoldingProxy(server.port)
+        await proxy.start()
+        store = RedisStore(proxy.url, timeout=0.3, connect_timeout=0.3)
+        try:
+            await store.open()
+            await store.commit({"a": b"one", "c": b"one"}, 1)
+            client = redis.asyncio.Redis.from_url(server.url)
+            await client.flushdb()  # as empty as a restart (whose links the proxy keeps)
+            await client.aclose()
+            with pytest.raises(StoreLost):
+                await store.check()
+            proxy.hold()
+            with pytest.raises(StoreOutcomeUnknown):
+                await store.restore({"a": b"one", "c": b"one"}, 1)
+            await store.restore({"a": b"one", "c": b"one"}, 1)  # sent again, on a new link
+            await store.commit({"a": b"two", "c": b"two"}, 2)  # answered ok
+            await proxy.release()  # the first copy of the first chunk reaches Redis now
+            assert (await store.load()).records == {"a": b"two", "c": b"two"}
+            await store.check()
+        finally:
+            await store.close()
+            await proxy.close()
+
+
+async def test_flushdb_is_a_store_lost_like_a_restart(tmp_path: Path) -> None:
+    async with redis_server(tmp_path) as server:
+        store = RedisStore(server.url)
+        await store.open()
+        await store.commit({"c": b"one"}, 1)
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            await client.flushdb()
+            with pytest.raises(StoreLost):
+                await store.commit({"c": b"two"}, 2)
+            assert await client.hlen("warmer:conversations") == 0  # nothing written
+        finally:
+            await client.aclose()
+        await store.restore({"c": b"one"}, 1)
+        await store.commit({"c": b"two"}, 2)
+        assert (await store.load()).records == {"c": b"two"}
+        await store.close()

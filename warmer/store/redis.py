@@ -62,10 +62,12 @@ _BACKEND_ERRORS = (redis_errors.RedisError, OSError)
 # record pairs, then the ids to delete. Tokens are compared as decimal strings: a Lua number
 # (a double) is exact only up to 2^53; sequences are milliseconds, well below it.
 #
-# An entry is the sequence of the writer's last commit, or 'r' and a nonce while a restore
-# in chunks is under way. Expected '' (registering, or a restore's first chunk): anything;
-# an 'r' nonce: exactly it; a sequence: an entry at least as high. A commit whose sequence
-# is not above the entry is a late copy of one already made, or older: ignored (0).
+# An entry is the sequence of the writer's last commit, or 'r', the sequence the restore
+# began at, '.' and a nonce while a restore in chunks is under way. Expected '' (registering):
+# anything; '<' and a sequence (a restore's first chunk): anything, but an entry ranking at
+# or above that sequence means a later write already landed and this is a late copy:
+# ignored (0); an 'r' nonce: exactly it; a sequence: an entry at least as high. A commit
+# whose sequence is not above the entry is a late copy of one already made: ignored (0).
 _COMMIT = """
 local records, token_key, writers = KEYS[1], KEYS[2], KEYS[3]
 local kind = redis.call('TYPE', records)['ok']
@@ -92,7 +94,12 @@ local function sequence(value)
   if value and string.match(value, '^%d+$') then return tonumber(value) end
   return nil
 end
-if expected ~= '' then
+if string.sub(expected, 1, 1) == '<' then
+  local rank = sequence(held) or (held and tonumber(string.match(held, '^r(%d+)%.')))
+  if rank and rank >= tonumber(string.sub(expected, 2)) then
+    return 0
+  end
+elseif expected ~= '' then
   if not held then
     return redis.error_reply('WARMERLOST ' .. writers .. ' has no entry for writer ' .. writer)
   end
@@ -330,8 +337,11 @@ class RedisStore:
         check_commit(records, token)
         items = list(records.items())
         chunks = [items[i : i + _RESTORE_CHUNK] for i in range(0, len(items), _RESTORE_CHUNK)]
-        nonce = f"r{new_writer()}"
         async with self._commits:
+            # A late copy of the first chunk, landing after a later write of this writer,
+            # is ignored: the entry then ranks at or above the restore's beginning.
+            began = self._next()
+            nonce = f"r{began}.{new_writer()}"
             last = len(chunks) - 1 if chunks else 0
             for index in range(last + 1):
                 chunk = dict(chunks[index]) if chunks else {}
@@ -340,7 +350,7 @@ class RedisStore:
                     chunk,
                     token,
                     entry=str(final) if final else nonce,
-                    expected="" if index == 0 else nonce,
+                    expected=f"<{began}" if index == 0 else nonce,
                 )
                 if final:
                     self._seen = final
