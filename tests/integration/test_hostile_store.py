@@ -168,3 +168,37 @@ async def test_flushdb_is_a_store_lost_like_a_restart(tmp_path: Path) -> None:
         await store.commit({"c": b"two"}, 2)
         assert (await store.load()).records == {"c": b"two"}
         await store.close()
+
+
+async def test_redis_back_from_an_older_snapshot_is_given_what_came_after(
+    probe: Probe, start_worker: Any, tmp_path: Path
+) -> None:
+    # Redis saved a snapshot, the worker went on (new conversations, a changed one), then
+    # Redis came back from that snapshot: the worker's entry is behind, not missing.
+    async with redis_server(tmp_path) as server:
+        store = f"{server.url}?prefix=snap"
+        app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        answered = {}
+        for n in range(10):
+            assert (await probe.command(set_interval(f"c-{n}", 10_000 + n)))["ok"] is True
+            answered[f"c-{n}"] = 10_000 + n
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            await client.save()
+            for n in range(10, 20):
+                assert (await probe.command(set_interval(f"c-{n}", 20_000 + n)))["ok"] is True
+                answered[f"c-{n}"] = 20_000 + n
+            assert (await probe.command(set_interval("c-0", 33_333)))["ok"] is True
+            answered["c-0"] = 33_333
+            await server.restart()  # loads the snapshot: c-0 is 10000, c-10.. unknown
+            assert await client.hget("snap:conversations", "c-15") is None
+            assert await client.hget("snap:conversations", "c-5") is not None  # older
+        finally:
+            await client.aclose()
+        assert (await probe.command(set_interval("c-20", 44_444)))["ok"] is True
+        answered["c-20"] = 44_444
+        assert app.metrics.value("warmer_store_data_lost_total") == 1
+        await app.stop()
+        await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        found = {cid: await interval_of(probe, cid) for cid in answered}
+        assert found == answered
