@@ -9,6 +9,10 @@ failures and lost data comes before, during and after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +23,8 @@ from tests.unit.test_pipeline import Rig, outcome, rig
 from warmer.contract import ErrorReply, SettingsReply
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
-from warmer.store import MemoryStore
+from warmer.store import MemoryStore, SqliteStore
+from warmer.store.base import WRITERS_KEPT
 
 __all__ = ["rig"]  # the fixture, shared
 
@@ -147,3 +152,38 @@ async def test_a_second_worker_s_restore_does_not_undo_what_the_first_acknowledg
     await rig.worker.check_before_close()
     await other.worker.check_before_close()
     assert interval_held(rig.store, "c0") == 44_444  # what the reply said
+
+
+# -- the writers an SQLite file keeps ---------------------------------------------------
+
+
+async def test_an_idle_sqlite_writer_s_entry_survives_many_killed_workers(
+    tmp_path: Path,
+) -> None:
+    # As with Redis: killed workers leave their entries, each start keeps the 256 most
+    # recent, and a live worker idle since its last commit ranks below them all. Its
+    # check every 5 s must keep it among them.
+    path = tmp_path / "warmer.db"
+    live = SqliteStore(path)
+    await live.open()
+    await live.commit({"mine": b"x"}, 1)
+    await asyncio.sleep(0.01)
+    try:
+        for round_ in range(30):
+            with contextlib.closing(sqlite3.connect(path)) as raw, raw:
+                now = time.time_ns() // 1_000_000
+                raw.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [(f"writer:killed-{round_}-{n}", now + n) for n in range(10)],
+                )
+            other = SqliteStore(path)
+            await other.open()  # forgets the least recent entries beyond 256
+            conn, other._conn = other._conn, None  # killed: its entry stays
+            assert conn is not None
+            await conn.close()
+            await live.check()
+        with contextlib.closing(sqlite3.connect(path)) as raw:
+            (kept,) = raw.execute("SELECT count(*) FROM meta WHERE key LIKE 'writer:%'").fetchone()
+        assert kept <= WRITERS_KEPT + 1
+    finally:
+        await live.close()

@@ -284,16 +284,26 @@ class SqliteStore:
         await self._enqueue(records, token, restore=True)
 
     async def check(self) -> None:
-        """StoreLost when this writer's entry is gone or behind; empty the log when idle."""
+        """StoreLost when this writer's entry is gone or behind; else the entry is raised to
+        now (a live writer stays among the most recent, never forgotten by the starts of
+        others however long it is idle); empty the log when idle."""
         conn = self._connection()
         async with self._transaction:
+            sequence = next_sequence(self._seen)
             try:
-                rows = list(await conn.execute_fetchall(_SELECT_ENTRY, (self._entry_key,)))
+                await conn.execute("BEGIN IMMEDIATE")
+                try:
+                    await self._check_entry(conn)
+                    await conn.execute(_PUT_ENTRY, (self._entry_key, sequence))
+                    await conn.execute("COMMIT")
+                except BaseException:
+                    await _rollback_quietly(conn)
+                    raise
+                self._seen = sequence
                 if self._pending is None and self._writer is None:
                     await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except _BACKEND_ERRORS as exc:
                 raise self._error("cannot check store", exc) from exc
-        self._judge_entry(rows)
 
     async def _enqueue(
         self, changes: Mapping[str, bytes | None], token: int, *, restore: bool
@@ -337,8 +347,8 @@ class SqliteStore:
         """Write one batch in one transaction; the error, if any, instead of raising."""
         puts = [(key, record) for key, record in batch.changes.items() if record is not None]
         deletes = [(key,) for key, record in batch.changes.items() if record is None]
-        sequence = next_sequence(self._seen)
         async with self._transaction:
+            sequence = next_sequence(self._seen)  # after a check's, which holds the lock
             try:
                 await conn.execute("BEGIN IMMEDIATE")
                 try:
