@@ -28,6 +28,19 @@ pytestmark = pytest.mark.broker
 TIMEOUT_MS = 1000
 
 
+async def answer(probe: Probe, intervals: dict[str, int], answered: dict[str, int]) -> None:
+    """Set each conversation's interval, each answered ok; ``answered`` keeps what was."""
+    for cid, interval_ms in intervals.items():
+        reply = await probe.command(set_interval(cid, interval_ms))
+        assert reply["ok"] is True, reply
+        answered[cid] = interval_ms
+
+
+async def read_back(probe: Probe, answered: dict[str, int]) -> None:
+    """The worker says what the replies said."""
+    assert {cid: await interval_of(probe, cid) for cid in answered} == answered
+
+
 async def test_a_worker_stopped_right_after_redis_came_back_empty_leaves_everything_behind(
     probe: Probe, start_worker: Any, tmp_path: Path
 ) -> None:
@@ -37,13 +50,12 @@ async def test_a_worker_stopped_right_after_redis_came_back_empty_leaves_everyth
     async with redis_server(tmp_path) as server:
         store = f"{server.url}?prefix=stop"
         app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
-        for n in range(20):
-            assert (await probe.command(set_interval(f"c-{n}", 10_000 + n)))["ok"] is True
+        answered: dict[str, int] = {}
+        await answer(probe, {f"c-{n}": 10_000 + n for n in range(20)}, answered)
         await server.restart()
         await app.stop()
         await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
-        found = {n: await interval_of(probe, f"c-{n}") for n in range(20)}
-        assert found == {n: 10_000 + n for n in range(20)}
+        await read_back(probe, answered)
 
 
 async def test_an_idle_worker_s_entry_survives_many_killed_workers(tmp_path: Path) -> None:
@@ -178,27 +190,20 @@ async def test_redis_back_from_an_older_snapshot_is_given_what_came_after(
     async with redis_server(tmp_path) as server:
         store = f"{server.url}?prefix=snap"
         app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
-        answered = {}
-        for n in range(10):
-            assert (await probe.command(set_interval(f"c-{n}", 10_000 + n)))["ok"] is True
-            answered[f"c-{n}"] = 10_000 + n
+        answered: dict[str, int] = {}
+        await answer(probe, {f"c-{n}": 10_000 + n for n in range(10)}, answered)
         client = redis.asyncio.Redis.from_url(server.url)
         try:
             await client.save()
-            for n in range(10, 20):
-                assert (await probe.command(set_interval(f"c-{n}", 20_000 + n)))["ok"] is True
-                answered[f"c-{n}"] = 20_000 + n
-            assert (await probe.command(set_interval("c-0", 33_333)))["ok"] is True
-            answered["c-0"] = 33_333
+            await answer(probe, {f"c-{n}": 20_000 + n for n in range(10, 20)}, answered)
+            await answer(probe, {"c-0": 33_333}, answered)
             await server.restart()  # loads the snapshot: c-0 is 10000, c-10.. unknown
             assert await client.hget("snap:conversations", "c-15") is None
             assert await client.hget("snap:conversations", "c-5") is not None  # older
         finally:
             await client.aclose()
-        assert (await probe.command(set_interval("c-20", 44_444)))["ok"] is True
-        answered["c-20"] = 44_444
+        await answer(probe, {"c-20": 44_444}, answered)
         assert app.metrics.value("warmer_store_data_lost_total") == 1
         await app.stop()
         await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
-        found = {cid: await interval_of(probe, cid) for cid in answered}
-        assert found == answered
+        await read_back(probe, answered)
