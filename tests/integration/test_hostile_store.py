@@ -207,3 +207,38 @@ async def test_redis_back_from_an_older_snapshot_is_given_what_came_after(
         await app.stop()
         await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
         await read_back(probe, answered)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a killed worker's entry stays, so its commit held up in the network lands "
+    "whenever it arrives, over what the next worker committed since (decision 8 assumed "
+    "it only repeats the redelivered batch; later commands on the same conversation are "
+    "undone)",
+)
+async def test_a_killed_worker_s_commit_delivered_late_never_undoes_the_next_worker_s(
+    tmp_path: Path,
+) -> None:
+    async with redis_server(tmp_path) as server:
+        proxy = HoldingProxy(server.port)
+        await proxy.start()
+        first = RedisStore(proxy.url, timeout=0.3, connect_timeout=0.3)
+        second = RedisStore(server.url)
+        try:
+            await first.open()
+            await first.commit({"c": b"one"}, 1)
+            proxy.hold()  # a network partition: the node and its worker are lost
+            with pytest.raises(StoreOutcomeUnknown):
+                await first.commit({"c": b"two"}, 2)
+            # The worker is killed (its entry stays); the next one redelivers the command
+            # and answers two more ok.
+            await second.open()
+            await second.commit({"c": b"two"}, 2)
+            await second.commit({"c": b"three"}, 3)
+            await proxy.release()  # the partition heals: the kernel sends the bytes on
+            assert (await second.load()).records == {"c": b"three"}
+        finally:
+            await second.close()
+            await proxy.close()
+            if first._client is not None:
+                await first._client.aclose()
