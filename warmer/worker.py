@@ -347,6 +347,7 @@ class Worker:
                         break
                     except StoreError as exc:
                         metrics.store_errors.inc()
+                        outage_began = self.health.reason("store") is None
                         self.health.trouble("store", str(exc))
                         if isinstance(exc, StoreLost):
                             self._store_lost(exc)
@@ -362,7 +363,7 @@ class Worker:
                                 )
                             )
                         if not unknown and any(_is_command(i) for i in items):
-                            applied = self._refuse_commands_of(items, now)
+                            applied = self._refuse_commands_of(items, now, outage_began)
                             continue
                         attempt += 1
                         if not await self._pause(attempt, exc, applied.steps):
@@ -393,11 +394,15 @@ class Worker:
             task.add_done_callback(self._warms.discard)
         return applied.steps
 
-    def _refuse_commands_of(self, items: list[Input], now: int) -> Applied:
+    def _refuse_commands_of(self, items: list[Input], now: int, outage_began: bool) -> Applied:
         """The batch's commit failed, known not to have written: answer its commands
         ``store_error`` now (docs/contract.md) and take them out of ``items`` (settled on
-        their own, the caller must not give them back); the rest is applied again."""
-        log.error("store_failed_commands_refused", error=self._failure)
+        their own, the caller must not give them back); the rest is applied again.
+
+        An error line once an outage (each refused command has its own warning), not one
+        a batch: a command a second through a minute's outage was 60 error lines."""
+        say = log.error if outage_began else log.debug
+        say("store_failed_commands_refused", error=self._failure)
         commands = [i for i in items if _is_command(i)]
         items[:] = [i for i in items if not _is_command(i)]
         self.core.rollback()

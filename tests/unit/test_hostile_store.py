@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from tests.unit.test_pipeline import Rig, outcome, rig
 from warmer.contract import ErrorReply, SettingsReply
@@ -187,3 +188,24 @@ async def test_an_idle_sqlite_writer_s_entry_survives_many_killed_workers(
         assert kept <= WRITERS_KEPT + 1
     finally:
         await live.close()
+
+
+# -- what an outage says ----------------------------------------------------------------
+
+
+async def test_an_outage_is_one_error_line_not_one_a_command(rig: Rig) -> None:
+    await rig.batch(rig.command(set_interval("c0", 30_000)))
+    rig.store.failing = True
+    with capture_logs() as logs:
+        for n in range(50):  # a command a second through the outage, each its own batch
+            item = rig.command(set_interval("c0", 40_000 + n), reply_to="r", correlation_id=str(n))
+            await rig.batch(item)
+        rig.store.failing = False
+        await rig.batch(rig.command(set_interval("c0", 50_000)))
+    errors = [log["event"] for log in logs if log["log_level"] == "error"]
+    assert errors == ["store_failed_commands_refused"]
+    said = [log["event"] for log in logs]
+    assert said.count("not_ready") == 1 and said.count("ready_again") == 1
+    refused = [r for _, _, r in rig.outbound.replies if isinstance(r, ErrorReply)]
+    assert len(refused) == 50 and all(r.code == "store_error" for r in refused)
+    assert interval_held(rig.store, "c0") == 50_000
