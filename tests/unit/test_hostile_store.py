@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from tests.unit.test_pipeline import Rig, outcome, rig
+from tests.unit.test_pipeline import RETRY_MS, Rig, outcome, rig
 from warmer.contract import ErrorReply, SettingsReply
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
+from warmer.inputs import Received
 from warmer.store import MemoryStore, SqliteStore
 from warmer.store.base import WRITERS_KEPT
 
@@ -209,3 +210,81 @@ async def test_an_outage_is_one_error_line_not_one_a_command(rig: Rig) -> None:
     refused = [r for _, _, r in rig.outbound.replies if isinstance(r, ErrorReply)]
     assert len(refused) == 50 and all(r.code == "store_error" for r in refused)
     assert interval_held(rig.store, "c0") == 50_000
+
+
+# -- commands arriving while a batch is retried -----------------------------------------
+
+Wave = tuple[Fault, list[str], int]
+"""Faults set, commands put (one conversation each), then that many turns of the loop."""
+
+waves = st.lists(
+    st.tuples(
+        st.tuples(st.integers(0, 8), st.booleans(), st.integers(0, 3), st.booleans()),
+        st.lists(st.sampled_from(CIDS), min_size=1, max_size=3),
+        st.integers(0, 6),
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+async def turns(rig: Rig, count: int) -> None:
+    """Let the running loop move ``count`` times, the clock by the first retry pause."""
+    for _ in range(count):
+        await rig.settle_down()
+        rig.clock.advance(RETRY_MS[0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(waves)
+def test_commands_arriving_while_a_batch_is_retried_match_the_store(plan: list[Wave]) -> None:
+    asyncio.run(_arriving_match_the_store(plan))
+
+
+async def _arriving_match_the_store(plan: list[Wave]) -> None:
+    rig = Rig()
+    unretrieved: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _, c: unretrieved.append(c))
+    running = rig.run()
+    sent: list[tuple[str, int, Received]] = []
+    for (unknown, lands, failing, lose), cids, moves in plan:
+        rig.store.unknown_next, rig.store.unknown_lands = unknown, lands
+        rig.store.fail_next = failing
+        if lose:
+            rig.store.lose()
+        for cid in cids:
+            n = len(sent) + 1
+            item = rig.command(set_interval(cid, 60_000 + n), reply_to="r", correlation_id=str(n))
+            sent.append((cid, 60_000 + n, item))
+            rig.put(item)
+        await turns(rig, moves)
+    rig.store.unknown_next = rig.store.fail_next = 0
+    await rig.drive(lambda: all(outcome(item) is not None for _, _, item in sent))
+    await rig.drive(lambda: not rig.worker._committing.locked())
+    await rig.worker.check_before_close()  # the periodic check, come round
+    replies = {key: reply for _, key, reply in rig.outbound.replies}
+    answered: dict[str, int] = {}
+    for n, (cid, interval_ms, item) in enumerate(sent, 1):
+        assert outcome(item) == "ack"
+        match replies.get(str(n)):
+            case SettingsReply(settings=view):
+                assert view.interval_ms == interval_ms
+                answered[cid] = interval_ms  # in the order sent: ok ones commit in order
+            case ErrorReply(code=code, error=error):
+                assert code == "store_error"
+                event(
+                    "refused while another batch was retried"
+                    if "not written" in error
+                    else "refused"
+                )
+            case other:
+                pytest.fail(f"command {n} answered {other!r}")
+    for cid in CIDS:
+        assert interval_held(rig.store, cid) == answered.get(cid), (cid, plan)
+        conv = rig.core.get(cid)
+        assert (None if conv is None else conv.interval_ms) == answered.get(cid), (cid, plan)
+    rig.worker.abandon()
+    await rig.drive(running.done)
+    await running
+    await rig.worker.settled()
+    assert unretrieved == []
