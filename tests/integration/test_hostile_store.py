@@ -242,3 +242,29 @@ async def test_a_killed_worker_s_commit_delivered_late_never_undoes_the_next_wor
             await proxy.close()
             if first._client is not None:
                 await first._client.aclose()
+
+
+async def test_stopped_while_a_write_s_outcome_is_unknown_the_command_is_answered_by_the_next(
+    probe: Probe, start_worker: Any, tmp_path: Path
+) -> None:
+    # SIGTERM while Redis is frozen mid-write: the command is not answered, the worker
+    # goes (within its grace), Redis thaws (the first write lands, or not), and the next
+    # worker answers the command delivered again: ok, and what the store holds.
+    async with redis_server(tmp_path) as server:
+        store = f"{server.url}?prefix=term"
+        app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        answered: dict[str, int] = {}
+        await answer(probe, {"frozen": 30_000, "other": 40_000}, answered)
+        server.freeze()
+        try:
+            pending = asyncio.create_task(probe.command(set_interval("frozen", 55_555), timeout=60))
+            await asyncio.sleep(TIMEOUT_MS / 1000 * 2)
+            assert not pending.done()
+            await asyncio.wait_for(app.stop(), 30)
+        finally:
+            server.thaw()
+        await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        reply = await pending
+        assert reply["ok"] is True, reply
+        answered["frozen"] = 55_555
+        await read_back(probe, answered)
