@@ -268,3 +268,35 @@ async def test_stopped_while_a_write_s_outcome_is_unknown_the_command_is_answere
         assert reply["ok"] is True, reply
         answered["frozen"] = 55_555
         await read_back(probe, answered)
+
+
+async def test_a_restore_under_way_is_not_the_first_entry_forgotten(tmp_path: Path) -> None:
+    # A worker writing a large state again (in chunks, its entry a nonce meanwhile) while
+    # another starts beside 256 entries: ranked as the least recent of all, the nonce was
+    # forgotten first, and the restore's next chunk found the store lost again.
+    async with redis_server(tmp_path) as server:
+        url = f"{server.url}?prefix=nonce"
+        restoring = RedisStore(url)
+        await restoring.open()
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            killed = {f"killed-{n}": str(1_000 + n) for n in range(WRITERS_KEPT)}
+            await client.hset("nonce:writers", mapping=killed)
+            sent = restoring._run
+            other = RedisStore(url)
+
+            async def another_starts_after_the_first_chunk(*args: Any, **kwargs: Any) -> None:
+                await sent(*args, **kwargs)
+                if other._client is None:
+                    await other.open()
+
+            restoring._run = another_starts_after_the_first_chunk  # type: ignore[method-assign]
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(redis_store, "_RESTORE_CHUNK", 1)
+                await restoring.restore({"a": b"1", "b": b"2"}, 1)
+            restoring._run = sent  # type: ignore[method-assign]
+            await restoring.check()
+            await other.close()
+        finally:
+            await client.aclose()
+            await restoring.close()

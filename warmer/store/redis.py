@@ -242,7 +242,7 @@ class RedisStore:
             if await client.hlen(self.writers_key) <= keep:  # type: ignore[misc]
                 return
             entries = await client.hgetall(self.writers_key)  # type: ignore[misc]
-            ranked = sorted(entries, key=lambda w: int(entries[w]) if entries[w].isdigit() else 0)
+            ranked = sorted(entries, key=lambda w: _rank(entries[w]))
             await client.hdel(self.writers_key, *ranked[: len(ranked) - keep])  # type: ignore[misc]
         except redis_errors.ResponseError:
             return  # another type of key: the commit script names it
@@ -414,6 +414,13 @@ def _not_sent(exc: BaseException) -> bool:
     return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and (
         "connecting to" in str(exc)
     )
+
+
+def _rank(entry: bytes) -> int:
+    """How recent a writer's entry is: its sequence, or for a restore under way (``r``,
+    the sequence it began at, ``.``, a nonce) that sequence; 0 for anything else."""
+    sequence = entry[1:].partition(b".")[0] if entry.startswith(b"r") else entry
+    return int(sequence) if sequence.isdigit() else 0
 
 
 def _text(value: object) -> str:
