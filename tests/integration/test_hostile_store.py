@@ -9,6 +9,7 @@ holds, live and after a restart.
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import redis.asyncio
 from tests.integration.probe import Probe
 from tests.integration.test_store_faults import interval_of, set_interval
 from tests.redis_server import HoldingProxy, redis_server
-from warmer.app import App
+from tests.sqlite_lock import Locker
+from warmer.app import App, StartupError
 from warmer.store import RedisStore, StoreLost, StoreOutcomeUnknown
 from warmer.store import redis as redis_store
 from warmer.store.base import WRITERS_KEPT
@@ -300,3 +302,24 @@ async def test_a_restore_under_way_is_not_the_first_entry_forgotten(tmp_path: Pa
         finally:
             await client.aclose()
             await restoring.close()
+
+
+async def test_an_sqlite_file_locked_at_start_up_is_a_clear_refusal_that_changes_nothing(
+    probe: Probe, start_worker: Any, tmp_path: Path
+) -> None:
+    app: App = await start_worker(store_timeout_ms=TIMEOUT_MS)
+    answered: dict[str, int] = {}
+    await answer(probe, {"kept": 30_000}, answered)
+    await app.stop()
+    locker = await Locker.hold(tmp_path / "warmer.db")
+    try:
+        started = time.monotonic()
+        with pytest.raises(StartupError, match="locked") as refused:
+            await start_worker(store_timeout_ms=TIMEOUT_MS)
+        assert time.monotonic() - started < TIMEOUT_MS / 1000 + 3
+        assert len(str(refused.value)) <= 500 and "\n" not in str(refused.value)
+    finally:
+        assert await locker.release() == 0
+        await locker.kill()
+    await start_worker(store_timeout_ms=TIMEOUT_MS)
+    await read_back(probe, answered)
