@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+from structlog.testing import capture_logs
 
 from tests.integration.probe import Probe
 from tests.integration.test_store_faults import interval_of, set_interval
@@ -55,7 +56,11 @@ async def test_a_worker_stopped_right_after_redis_came_back_empty_leaves_everyth
         answered: dict[str, int] = {}
         await answer(probe, {f"c-{n}": 10_000 + n for n in range(20)}, answered)
         await server.restart()
-        await app.stop()
+        with capture_logs() as logs:
+            await app.stop()
+        said = [log["event"] for log in logs]
+        assert said.count("store_data_lost") == 1 and said.count("store_restored") == 1
+        assert "task_failed" not in said
         await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
         await read_back(probe, answered)
 
@@ -262,9 +267,13 @@ async def test_stopped_while_a_write_s_outcome_is_unknown_the_command_is_answere
             pending = asyncio.create_task(probe.command(set_interval("frozen", 55_555), timeout=60))
             await asyncio.sleep(TIMEOUT_MS / 1000 * 2)
             assert not pending.done()
-            await asyncio.wait_for(app.stop(), 30)
+            with capture_logs() as logs:
+                await asyncio.wait_for(app.stop(), 30)
         finally:
             server.thaw()
+        said = [(log["event"], log["log_level"]) for log in logs]
+        assert ("task_failed", "error") not in said
+        assert ("store_unchecked_at_stop", "warning") in said  # frozen: nothing known
         await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
         reply = await pending
         assert reply["ok"] is True, reply
