@@ -332,3 +332,43 @@ async def test_an_sqlite_file_locked_at_start_up_is_a_clear_refusal_that_changes
         await locker.kill()
     await start_worker(store_timeout_ms=TIMEOUT_MS)
     await read_back(probe, answered)
+
+
+async def test_redis_restarted_empty_again_in_the_middle_of_the_worker_s_restore(
+    probe: Probe, start_worker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two restarts in quick succession: the second between two chunks of the restore the
+    # first set off (a command right behind it). The command's reply must match what the
+    # store holds; every conversation answered before must survive.
+    monkeypatch.setattr(redis_store, "_RESTORE_CHUNK", 10)
+    async with redis_server(tmp_path) as server:
+        store = f"{server.url}?prefix=twice"
+        app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        answered: dict[str, int] = {}
+        await answer(probe, {f"c-{n}": 10_000 + n for n in range(35)}, answered)
+        redis = app.store
+        assert isinstance(redis, RedisStore)
+        sent = redis._run
+        chunks = 0
+
+        async def restart_after_the_first_chunk(*args: Any, **kwargs: Any) -> None:
+            nonlocal chunks
+            restoring = kwargs["entry"].startswith("r")  # a chunk before the last
+            await sent(*args, **kwargs)
+            if restoring:
+                chunks += 1
+                if chunks == 1:
+                    await server.restart()
+
+        redis._run = restart_after_the_first_chunk  # type: ignore[method-assign]
+        await server.restart()
+        reply = await probe.command(set_interval("c-0", 77_777), timeout=15)
+        if reply["ok"]:
+            answered["c-0"] = 77_777
+        else:  # lost again after the restore the batch began with: refused, not written
+            assert reply["code"] == "store_error", reply
+            assert len(reply["error"]) <= 500
+        assert chunks >= 1
+        await app.stop()
+        await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        await read_back(probe, answered)
