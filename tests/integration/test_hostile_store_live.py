@@ -346,9 +346,9 @@ async def test_redis_restarted_empty_again_in_the_middle_of_the_worker_s_restore
         app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
         answered: dict[str, int] = {}
         await answer(probe, {f"c-{n}": 10_000 + n for n in range(35)}, answered)
-        redis = app.store
-        assert isinstance(redis, RedisStore)
-        sent = redis._run
+        backend = app.store
+        assert isinstance(backend, RedisStore)
+        sent = backend._run
         chunks = 0
 
         async def restart_after_the_first_chunk(*args: Any, **kwargs: Any) -> None:
@@ -360,7 +360,7 @@ async def test_redis_restarted_empty_again_in_the_middle_of_the_worker_s_restore
                 if chunks == 1:
                     await server.restart()
 
-        redis._run = restart_after_the_first_chunk  # type: ignore[method-assign]
+        backend._run = restart_after_the_first_chunk  # type: ignore[method-assign]
         await server.restart()
         reply = await probe.command(set_interval("c-0", 77_777), timeout=15)
         if reply["ok"]:
