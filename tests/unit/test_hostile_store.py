@@ -26,7 +26,7 @@ from warmer.contract import ErrorReply, SettingsReply
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
 from warmer.inputs import Received
-from warmer.store import MemoryStore, SqliteStore, StoreLost
+from warmer.store import MemoryStore, SqliteStore, StoreError, StoreLost
 from warmer.store.base import WRITERS_KEPT
 
 __all__ = ["rig"]  # the fixture, shared
@@ -323,3 +323,32 @@ async def test_an_sqlite_file_copied_over_by_an_older_one_is_noticed(tmp_path: P
     with contextlib.closing(sqlite3.connect(path)) as raw:
         assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     assert noticed
+
+
+async def test_an_sqlite_disk_full_mid_commit_writes_nothing_and_recovers(tmp_path: Path) -> None:
+    # A full volume, as SQLite sees it (max_page_count: SQLITE_FULL half way through the
+    # records): a known failure, nothing of the commit written, the file intact.
+    path = tmp_path / "warmer.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await store.commit({"kept": b"k"}, 1)
+        await store.check()
+        conn = store._conn
+        assert conn is not None
+        (pages,) = await (await conn.execute("PRAGMA page_count")).fetchone()  # type: ignore[misc]
+        await conn.execute(f"PRAGMA max_page_count = {pages + 4}")
+        big = {f"big-{n}": bytes(3000) for n in range(40)}
+        with pytest.raises(StoreError) as failed:
+            await store.commit(big, 2)
+        assert not failed.value.unknown and "full" in str(failed.value)
+        assert len(str(failed.value)) <= 500
+        assert (await store.load()).records == {"kept": b"k"}
+        await store.check()  # the entry still answers: nothing lost, nothing half written
+        await conn.execute("PRAGMA max_page_count = 1073741823")
+        await store.commit(big, 2)
+        assert (await store.load()).records == {"kept": b"k"} | big
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
