@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tests.unit.test_pipeline import RETRY_MS, Rig, outcome, rig
-from warmer.contract import ErrorReply, SettingsReply
+from warmer.contract import ErrorReply, SettingsReply, StateReply
 from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
 from warmer.inputs import Received
@@ -352,3 +352,51 @@ async def test_an_sqlite_disk_full_mid_commit_writes_nothing_and_recovers(tmp_pa
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as raw:
         assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+# -- a disable refused while an enable's outcome is unknown -----------------------------
+
+
+async def test_a_disable_refused_while_an_enable_is_unknown_leaks_nothing(rig: Rig) -> None:
+    rig.store.unknown_next, rig.store.unknown_lands = 10_000, False  # frozen, for now
+    enable = rig.command(
+        {"type": "set_enabled", "conversationId": "c", "enabled": True},
+        reply_to="r",
+        correlation_id="enable",
+    )
+    task = rig.start(enable)
+    await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 2)
+    disable = rig.command(
+        {"type": "set_enabled", "conversationId": "c", "enabled": False},
+        reply_to="r",
+        correlation_id="disable",
+    )
+    look = rig.command(
+        {"type": "get_state", "conversationId": "c"}, reply_to="r", correlation_id="look"
+    )
+    closing = rig.event({"type": "conversation.closed", "conversationId": "c"})
+    for item in (disable, look, closing):
+        rig.inputs.put(item)
+    await rig.drive(lambda: outcome(disable) is not None and outcome(look) is not None)
+    replies = {key: reply for _, key, reply in rig.outbound.replies}
+    refused = replies["disable"]
+    assert isinstance(refused, ErrorReply) and refused.code == "store_error"
+    state = replies["look"]
+    assert isinstance(state, StateReply)
+    assert state.state.enabled is True  # memory: the enable being written, not the disable
+    assert outcome(closing) is None and outcome(enable) is None  # both wait
+    rig.store.unknown_next = 0
+    await rig.drive(task.done)
+    await task
+    assert isinstance(replies_of(rig)["enable"], SettingsReply)
+    record = rig.store.records.get("c")
+    assert record is not None and decode_record(record).settings.enabled is True
+    assert rig.core.get("c") is not None and rig.core.get("c").enabled is True  # type: ignore[union-attr]
+    left = rig.inputs._items.popleft()  # the close, not refused: in its own batch
+    assert left is closing
+    await rig.batch(left)
+    assert outcome(closing) == "ack"
+
+
+def replies_of(rig: Rig) -> dict[str | None, object]:
+    return {key: reply for _, key, reply in rig.outbound.replies}
