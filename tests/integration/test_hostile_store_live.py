@@ -21,10 +21,11 @@ from tests.integration.probe import Probe
 from tests.integration.test_store_faults import interval_of, set_interval
 from tests.redis_server import HoldingProxy, redis_server
 from tests.sqlite_lock import Locker
+from tests.unit.test_hostile_store import WallClock
 from warmer.app import App, StartupError
 from warmer.store import RedisStore, StoreLost, StoreOutcomeUnknown
 from warmer.store import redis as redis_store
-from warmer.store.base import WRITERS_KEPT
+from warmer.store.base import WRITER_REFRESH_MS, WRITERS_KEPT
 
 pytestmark = pytest.mark.broker
 
@@ -65,30 +66,40 @@ async def test_a_worker_stopped_right_after_redis_came_back_empty_leaves_everyth
         await read_back(probe, answered)
 
 
-async def test_an_idle_worker_s_entry_survives_many_killed_workers(tmp_path: Path) -> None:
+async def test_an_idle_worker_s_entry_survives_many_killed_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A crash loop beside a live, idle worker: each killed worker leaves its entry, and
     # each start keeps the 256 most recent. The idle worker's entry is its last commit's
     # time, older than all of theirs: forgotten, its store then reads as lost (a false
     # store_data_lost, and a restore of everything it holds over what others wrote).
+    # Ten killed workers every 5 s for over 4 minutes, the live one's check between.
+    wall = WallClock(monkeypatch)
     async with redis_server(tmp_path) as server:
         url = f"{server.url}?prefix=crashloop"
         live = RedisStore(url)
         await live.open()
         await live.commit({"mine": b"x"}, 1)
-        await asyncio.sleep(0.01)  # the killed workers start later
         killed = []
         try:
             for n in range(2 * WRITERS_KEPT):
                 other = RedisStore(url)
                 await other.open()
                 killed.append(other)  # never closed: SIGKILL leaves the entry
-                if n % 10 == 9:  # the live worker's check, every 5 s
+                if n % 10 == 9:
+                    wall.advance(5_000)
                     await live.check()
             client = redis.asyncio.Redis.from_url(server.url)
             try:
                 assert await client.hlen("crashloop:writers") == WRITERS_KEPT
+                held = await client.hget("crashloop:writers", live.writer)
             finally:
                 await client.aclose()
+            # Raised only once it was old: within WRITER_REFRESH_MS a check writes nothing.
+            assert held is not None and wall.ms - int(held) < WRITER_REFRESH_MS
+            entry = live._seen
+            await live.check()
+            assert live._seen == entry
         except StoreLost as exc:
             pytest.fail(f"a live writer read its store as lost: {exc}")
         finally:

@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -27,7 +28,8 @@ from warmer.core import Policy, Warmer
 from warmer.core.records import decode_record
 from warmer.inputs import Received
 from warmer.store import MemoryStore, SqliteStore, StoreError, StoreLost
-from warmer.store.base import WRITERS_KEPT
+from warmer.store import base as store_base
+from warmer.store.base import WRITER_REFRESH_MS, WRITERS_KEPT
 
 __all__ = ["rig"]  # the fixture, shared
 
@@ -160,24 +162,38 @@ async def test_a_second_worker_s_restore_does_not_undo_what_the_first_acknowledg
 # -- the writers an SQLite file keeps ---------------------------------------------------
 
 
+class WallClock:
+    """The wall clock the stores' sequences read (``warmer.store.base``), moved by hand."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ms = time.time_ns() // 1_000_000
+        monkeypatch.setattr(store_base, "time", SimpleNamespace(time_ns=self.time_ns))
+
+    def time_ns(self) -> int:
+        return self.ms * 1_000_000
+
+    def advance(self, ms: int) -> None:
+        self.ms += ms
+
+
 async def test_an_idle_sqlite_writer_s_entry_survives_many_killed_workers(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # As with Redis: killed workers leave their entries, each start keeps the 256 most
     # recent, and a live worker idle since its last commit ranks below them all. Its
-    # check every 5 s must keep it among them.
+    # check every 5 s must keep it among them: ten killed workers every 5 s, for 5 min.
+    wall = WallClock(monkeypatch)
     path = tmp_path / "warmer.db"
     live = SqliteStore(path)
     await live.open()
     await live.commit({"mine": b"x"}, 1)
-    await asyncio.sleep(0.01)
     try:
-        for round_ in range(30):
+        for round_ in range(60):
+            wall.advance(5_000)
             with contextlib.closing(sqlite3.connect(path)) as raw, raw:
-                now = time.time_ns() // 1_000_000
                 raw.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [(f"writer:killed-{round_}-{n}", now + n) for n in range(10)],
+                    [(f"writer:killed-{round_}-{n}", wall.ms + n) for n in range(9)],
                 )
             other = SqliteStore(path)
             await other.open()  # forgets the least recent entries beyond 256
@@ -190,6 +206,27 @@ async def test_an_idle_sqlite_writer_s_entry_survives_many_killed_workers(
         assert kept <= WRITERS_KEPT + 1
     finally:
         await live.close()
+
+
+async def test_an_sqlite_check_writes_the_entry_only_once_it_is_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Raised at every check, a store that comes back without its last second would read
+    # as one that lost commits when it lost only a check's write.
+    wall = WallClock(monkeypatch)
+    store = SqliteStore(tmp_path / "warmer.db")
+    await store.open()
+    try:
+        await store.commit({"c": b"x"}, 1)
+        entry = store._seen
+        wall.ms = entry + WRITER_REFRESH_MS - 1
+        await store.check()
+        assert store._seen == entry
+        wall.advance(1)
+        await store.check()
+        assert store._seen > entry
+    finally:
+        await store.close()
 
 
 # -- what an outage says ----------------------------------------------------------------

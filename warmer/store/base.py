@@ -129,6 +129,19 @@ WRITERS_KEPT = 256
 workers that were killed; one that stops cleanly removes its own)."""
 
 
+WRITER_REFRESH_MS = 60_000
+"""How old a writer's entry may grow before ``check`` raises it: a live writer idle for
+long stays among the most recent ``open`` keeps. Not at every check: a store that comes
+back without its last second (AOF ``everysec``) would then often read as one that lost
+commits, when all it lost was a check's write."""
+
+
+def refresh_due(seen: int) -> bool:
+    """Whether ``check`` should raise the entry, ``seen`` being its last sequence
+    acknowledged (sequences are wall-clock milliseconds when the clock is ahead)."""
+    return time.time_ns() // 1_000_000 - seen >= WRITER_REFRESH_MS
+
+
 def new_writer() -> str:
     """A fresh writer id: one per opened store, never reused."""
     return uuid.uuid4().hex[:16]

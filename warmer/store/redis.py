@@ -43,6 +43,7 @@ from warmer.store.base import (
     check_commit,
     new_writer,
     next_sequence,
+    refresh_due,
 )
 
 log = get_logger(__name__)
@@ -322,15 +323,28 @@ class RedisStore:
             self._seen = sequence
 
     async def check(self) -> None:
-        """StoreLost when this writer's entry is missing or behind its last commit; else
-        the entry is raised to now, in the same script: a live writer stays among the
-        most recent, never forgotten by the starts of others (``_forget_old_writers``)
-        however long it is idle."""
-        self._connection()
-        async with self._commits:
-            sequence = self._next()
-            await self._run({}, 0, entry=str(sequence), expected=str(self._seen), doing="check")
-            self._seen = sequence
+        """StoreLost when this writer's entry is missing or behind its last commit. An
+        entry older than WRITER_REFRESH_MS is raised to now in the same script, so that a
+        live writer, however long idle, is never forgotten by the starts of others."""
+        client, _ = self._connection()
+        if refresh_due(self._seen):
+            async with self._commits:
+                sequence = self._next()
+                await self._run({}, 0, entry=str(sequence), expected=str(self._seen), doing="check")
+                self._seen = sequence
+            return
+        try:
+            held = await client.hget(self.writers_key, self.writer)  # type: ignore[misc]
+        except redis_errors.ResponseError as exc:
+            raise self._error("cannot check", exc, key=self.writers_key) from exc
+        except _BACKEND_ERRORS as exc:
+            raise self._error("cannot check", exc) from exc
+        if held is None or not held.isdigit() or int(held) < self._seen:
+            shown = "no entry" if held is None else f"{held[:40]!r}"
+            raise StoreLost(
+                f"redis store {self.url} lost writer {self.writer}'s data: "
+                f"{self.writers_key} holds {shown}, not {self._seen} or above"
+            )
 
     async def restore(self, records: Mapping[str, bytes], token: int) -> None:
         """Write every record again in chunks, then this writer's entry (see ``_COMMIT``)."""

@@ -36,6 +36,7 @@ from warmer.store.base import (
     check_commit,
     new_writer,
     next_sequence,
+    refresh_due,
 )
 
 log = get_logger(__name__)
@@ -284,22 +285,25 @@ class SqliteStore:
         await self._enqueue(records, token, restore=True)
 
     async def check(self) -> None:
-        """StoreLost when this writer's entry is gone or behind; else the entry is raised to
-        now (a live writer stays among the most recent, never forgotten by the starts of
-        others however long it is idle); empty the log when idle."""
+        """StoreLost when this writer's entry is gone or behind; empty the log when idle.
+        An entry older than WRITER_REFRESH_MS is raised to now in the same transaction, so
+        that a live writer, however long idle, is never forgotten by the starts of others."""
         conn = self._connection()
         async with self._transaction:
+            refresh = refresh_due(self._seen)
             sequence = next_sequence(self._seen)
             try:
-                await conn.execute("BEGIN IMMEDIATE")
+                await conn.execute("BEGIN IMMEDIATE" if refresh else "BEGIN")
                 try:
                     await self._check_entry(conn)
-                    await conn.execute(_PUT_ENTRY, (self._entry_key, sequence))
+                    if refresh:
+                        await conn.execute(_PUT_ENTRY, (self._entry_key, sequence))
                     await conn.execute("COMMIT")
                 except BaseException:
                     await _rollback_quietly(conn)
                     raise
-                self._seen = sequence
+                if refresh:
+                    self._seen = sequence
                 if self._pending is None and self._writer is None:
                     await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except _BACKEND_ERRORS as exc:
