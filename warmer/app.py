@@ -68,6 +68,8 @@ STARTUP_PAUSE_FIRST_MS: Final = 1000
 STARTUP_PAUSE_MAX_MS: Final = 30_000
 STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
 PRUNE_EVERY_MS: Final = 60_000
+RESTORE_AT_START_ATTEMPTS: Final = 10  # a store lost while starting: about 30 s at most
+RESTORE_AT_START_PAUSE_MS: Final = 1_000
 STORE_CHECK_MS: Final = 5_000  # how soon a store that lost its data is noticed when idle
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2  # a setting the worker cannot use
@@ -270,7 +272,7 @@ class App:
             except StoreLost as exc:  # lost since it was loaded: give it all again
                 log.error("store_data_lost", error=str(exc)[:300], conversations=len(core))
                 self.metrics.store_data_lost.inc()
-                await self.store.restore(await held_records(core), core.last_token)
+                await self._restore_at_start(core)
         except StoreError as exc:
             core.rollback()
             raise StartupError(f"cannot write the store {store_name}: {exc}") from exc
@@ -290,6 +292,21 @@ class App:
             gaps_learned=core.economy.model.seen,
         )
         return core
+
+    async def _restore_at_start(self, core: Warmer) -> None:
+        """Write what was read back into a store that lost it since; tried again while it
+        fails (lost again, not answering: a Redis restarted twice): this worker alone holds
+        it now, and giving up would lose it. StoreError after the last attempt."""
+        held = await held_records(core)
+        for attempt in range(1, RESTORE_AT_START_ATTEMPTS + 1):
+            try:
+                await self.store.restore(held, core.last_token)
+                return
+            except StoreError as exc:
+                if attempt == RESTORE_AT_START_ATTEMPTS:
+                    raise
+                log.warning("store_restore_retrying", attempt=attempt, error=str(exc)[:300])
+                await sleep(self.clock, RESTORE_AT_START_PAUSE_MS)
 
     def _resumed_now(self, records: Mapping[str, Record]) -> int:
         """The time to recover at: a previous run's time line that was ahead of the wall

@@ -383,3 +383,49 @@ async def test_redis_restarted_empty_again_in_the_middle_of_the_worker_s_restore
         await app.stop()
         await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
         await read_back(probe, answered)
+
+
+async def test_redis_restarted_empty_twice_while_a_worker_starts_loses_nothing(
+    probe: Probe, start_worker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker has read everything, Redis comes back empty (its recovery commit finds
+    # the store lost and writes it all again), and again in the middle of that restore:
+    # the worker is then the only one holding the conversations answered ok before.
+    monkeypatch.setattr(redis_store, "_RESTORE_CHUNK", 10)
+    async with redis_server(tmp_path) as server:
+        store = f"{server.url}?prefix=boot"
+        app: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        answered: dict[str, int] = {}
+        await answer(probe, {f"c-{n}": 10_000 + n for n in range(25)}, answered)
+        await app.stop()
+        loaded = RedisStore.load
+        run = RedisStore._run
+        chunks = 0
+
+        async def load_then_restart(self: RedisStore) -> Any:
+            found = await loaded(self)
+            await server.restart()
+            return found
+
+        async def restart_after_the_first_chunk(
+            self: RedisStore, *args: Any, **kwargs: Any
+        ) -> None:
+            nonlocal chunks
+            await run(self, *args, **kwargs)
+            if kwargs["entry"].startswith("r"):
+                chunks += 1
+                if chunks == 1:
+                    await server.restart()
+
+        monkeypatch.setattr(RedisStore, "load", load_then_restart)
+        monkeypatch.setattr(RedisStore, "_run", restart_after_the_first_chunk)
+        with capture_logs() as logs:
+            recovering: App = await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        said = [log["event"] for log in logs]
+        assert said.count("store_data_lost") == 1 and "store_restore_retrying" in said
+        monkeypatch.setattr(RedisStore, "load", loaded)
+        monkeypatch.setattr(RedisStore, "_run", run)
+        assert chunks >= 1
+        await recovering.stop()
+        await start_worker(store=store, store_timeout_ms=TIMEOUT_MS)
+        await read_back(probe, answered)
