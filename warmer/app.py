@@ -27,11 +27,12 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
+    AbstractExchange,
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
@@ -41,7 +42,7 @@ from warmer.bus import flow, lenient
 from warmer.bus.consumer import Consumer
 from warmer.bus.port import Delivery
 from warmer.bus.publisher import Publisher
-from warmer.bus.topology import Names, declare
+from warmer.bus.topology import Names, Topology, declare
 from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep
 from warmer.config import Config, mask_password
 from warmer.core import Arm, GapModel, GapModelError, Record, Warmer, parse_settings
@@ -61,11 +62,18 @@ from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker, held_records
 
 log = get_logger(__name__)
 
+_T = TypeVar("_T")
+_Channels = tuple[AbstractRobustChannel, Topology, AbstractRobustChannel, AbstractExchange]
+"""What the start-up's set-up gives the publisher: its channel, the topology, the
+dead-letter channel and exchange."""
+
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_INTERVAL_S: Final = 1
 STARTUP_PAUSE_FIRST_MS: Final = 1000
 STARTUP_PAUSE_MAX_MS: Final = 30_000
+HEARTBEAT_MIN_S: Final = 1  # WARMER_HEARTBEAT_S's bounds, for a heartbeat in the URL
+HEARTBEAT_MAX_S: Final = 3600
 STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
 PRUNE_EVERY_MS: Final = 60_000
 RESTORE_AT_START_ATTEMPTS: Final = 10  # a store lost while starting: about 30 s at most
@@ -103,6 +111,10 @@ class App:
             self._http_address = config.http_address
         except ValueError as exc:
             raise StartupError(f"WARMER_HTTP: {exc}") from exc
+        try:
+            self._url = _amqp_url(config.amqp_url, config.heartbeat_s)
+        except ValueError as exc:
+            raise StartupError(f"WARMER_AMQP_URL: {exc}") from exc
         self.names = Names.of(config.namespace)
         self.metrics = Metrics()
         """The worker's metrics, in a registry of this app's own."""
@@ -167,13 +179,8 @@ class App:
         log.info("worker_started", namespace=self.config.namespace)
 
     async def _start(self, core: Warmer, inputs: Inputs, scheduler: Scheduler) -> None:
-        self._connection = await self._connect()
-        publish_channel = await self._connection.channel(publisher_confirms=True)
-        topology = await declare(publish_channel, self.names)
-        # Dead letters on a channel of their own: one the broker refuses closes only it.
-        dead_channel = await self._connection.channel(publisher_confirms=True)
-        dlx = await dead_channel.declare_exchange(
-            self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
+        publish_channel, topology, dead_channel, dlx = await self._connect(
+            lambda: self._set_up(inputs)
         )
         publisher = Publisher(
             publish_channel,
@@ -208,9 +215,26 @@ class App:
             watch(loop.create_task(self._watchdog(inputs).run(), name="stall watchdog")),
             watch(loop.create_task(worker.watch_store(STORE_CHECK_MS), name="store-check")),
         ]
+        self._consuming = True
+
+    async def _set_up(self, inputs: Inputs) -> _Channels:
+        """Declare the topology, open the publishing channels, consume into ``inputs``.
+
+        Part of each start-up attempt: a connection lost in the middle of it is tried
+        again like one that could not be made. Deliveries wait in ``inputs`` until the
+        pipeline runs.
+        """
+        assert self._connection is not None
+        publish_channel = await self._connection.channel(publisher_confirms=True)
+        topology = await declare(publish_channel, self.names)
+        # Dead letters on a channel of their own: one the broker refuses closes only it.
+        dead_channel = await self._connection.channel(publisher_confirms=True)
+        dlx = await dead_channel.declare_exchange(
+            self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
+        )
         await self._consume(self.names.lifecycle, inputs.lifecycle)
         await self._consume(self.names.commands, inputs.command)
-        self._consuming = True
+        return publish_channel, topology, dead_channel, dlx
 
     def _watchdog(self, inputs: Inputs) -> Watchdog:
         after_ms = self.config.stall_s * 1000
@@ -362,10 +386,11 @@ class App:
                     "published times differ from the wall clock by the offset until restart",
                 )
 
-    async def _connect(self) -> AbstractRobustConnection:
-        """Connect; while the broker cannot be reached, again with backoff (1, 2, 4 .. 30 s)
-        for ``WARMER_STARTUP_WAIT_S``. Refused credentials or a missing vhost fail at once:
-        waiting does not change them."""
+    async def _connect(self, set_up: Callable[[], Awaitable[_T]]) -> _T:
+        """Connect and ``set_up``; while the broker cannot be reached, or the connection is
+        lost before the set-up is done, again with backoff (1, 2, 4 .. 30 s) for
+        ``WARMER_STARTUP_WAIT_S``. What waiting does not change fails at once: refused
+        credentials, a missing vhost, a topology the broker refuses."""
         parsed, shown = URL(self.config.amqp_url), self.config.amqp_url_masked
         deadline_ms = self.clock.now_ms() + self.config.startup_wait_s * 1000
         self._connecting = True
@@ -373,9 +398,14 @@ class App:
             attempt = 1
             while True:
                 try:
-                    connection = await self._open()
+                    connection, done = await self._open(set_up)
                     break
-                except (OSError, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                except (
+                    OSError,
+                    aiormq.exceptions.AMQPError,
+                    aiormq.exceptions.ChannelInvalidStateError,
+                    TimeoutError,
+                ) as exc:
                     error = _connect_failure(parsed, shown, exc)
                     left_ms = deadline_ms - self.clock.now_ms()
                     if _refusal(exc) is not None or left_ms <= 0:
@@ -398,26 +428,30 @@ class App:
             log.info("broker_connected", url=shown, attempts=attempt)
         connection.reconnect_callbacks.add(self._on_reconnect)
         connection.close_callbacks.add(self._on_connection_lost)
-        return connection
+        return done
 
-    async def _open(self) -> AbstractRobustConnection:
-        """One attempt at the robust connection; nothing of it left behind when it fails."""
+    async def _open(
+        self, set_up: Callable[[], Awaitable[_T]]
+    ) -> tuple[AbstractRobustConnection, _T]:
+        """One attempt at the robust connection and its set-up; nothing of it left behind
+        when it fails."""
         connection = aio_pika.RobustConnection(
-            _amqp_url(self.config.amqp_url, self.config.heartbeat_s),
-            client_properties={"connection_name": f"warmer {self.config.namespace}"},
+            self._url, client_properties={"connection_name": f"warmer {self.config.namespace}"}
         )
         # Before connecting: the broker may block a connection as soon as it is open.
         self._connection = connection
         self._unsubscribe = flow.subscribe(self._on_flow)
         try:
             await asyncio.wait_for(connection.connect(CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S)
+            done = await set_up()
         except BaseException:
             self._unsubscribe()
             self._connection = self._unsubscribe = None
+            self._consumers = []
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
             raise
-        return connection
+        return connection, done
 
     def _on_flow(self, underlay: object, reason: str | None) -> None:
         """The broker blocked (``reason``) or unblocked (None) one connection: ours?"""
@@ -531,15 +565,32 @@ class App:
 
 def _amqp_url(url: str, heartbeat_s: int) -> URL:
     """Reconnect every second (aio-pika waits 5 s) and beat every ``heartbeat_s`` (aiormq's
-    default is 60 s: a dead path would go unnoticed for minutes), unless the URL says."""
+    default is 60 s: a dead path would go unnoticed for minutes), unless the URL says.
+
+    ValueError when the URL's own heartbeat is not a whole number of seconds within
+    ``WARMER_HEARTBEAT_S``'s bounds: aiormq reads 0, a negative, 65535 or more, or a word as
+    "no heartbeat", and a path that stops forwarding would then go unnoticed for as long
+    as the kernel keeps the socket (hours).
+    """
     parsed = URL(url)
+    given = parsed.query.get("heartbeat")
+    if given is not None and not (
+        given.isascii() and given.isdigit() and HEARTBEAT_MIN_S <= int(given) <= HEARTBEAT_MAX_S
+    ):
+        raise ValueError(
+            f"heartbeat={given[:20]!r} would turn the heartbeat off (a dead path unnoticed); "
+            f"give {HEARTBEAT_MIN_S}..{HEARTBEAT_MAX_S} s, or leave it out for "
+            "WARMER_HEARTBEAT_S"
+        )
     defaults = {"reconnect_interval": RECONNECT_INTERVAL_S, "heartbeat": heartbeat_s}
     missing = {k: v for k, v in defaults.items() if k not in parsed.query}
     return parsed.update_query(missing) if missing else parsed
 
 
-def _refusal(exc: BaseException) -> Literal["credentials", "vhost"] | None:
+def _refusal(exc: BaseException) -> Literal["credentials", "vhost", "topology"] | None:
     """What the broker refused for good (retrying cannot help), None for anything else."""
+    if isinstance(exc, aiormq.exceptions.ChannelClosed):  # the broker closed a channel
+        return "topology"
     if isinstance(
         exc, aiormq.exceptions.ProbableAuthenticationError | aiormq.exceptions.AuthenticationError
     ):
@@ -564,6 +615,12 @@ def _connect_failure(parsed: URL, shown: str, exc: BaseException) -> str:
             f"the broker at {shown} refused to open virtual host {vhost!r}: it does not "
             f"exist, or user {user!r} has no permission on it (rabbitmqctl add_vhost / "
             "set_permissions)"
+        )
+    if refusal == "topology":
+        return (
+            f"the broker at {shown} refused to declare the worker's queues or exchanges "
+            f"({_reason(exc)}): one of the same name exists with other arguments, or user "
+            f"{user!r} may not configure it; check WARMER_NAMESPACE and the permissions"
         )
     if isinstance(exc, TimeoutError):
         return (

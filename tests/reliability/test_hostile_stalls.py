@@ -1,0 +1,78 @@
+"""Hostile: start-up, readiness and logs against a broker and a network that misbehave.
+
+Over the real broker through the proxy (``tcp_proxy.py``), in-process workers where the
+exception matters and ``warmer run`` processes where the exit code and the log lines do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.probe import Probe
+from tests.reliability.conftest import ready
+from tests.reliability.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.broker
+
+CID = "c-hostile-stall"
+
+# Every AMQP method the worker sends between the connection's open and the end of its
+# start-up: a connection lost at any of them is a broker not reached yet, not a bug.
+SET_UP_METHODS = {
+    "channel.open": (20, 10),
+    "confirm.select": (85, 10),
+    "exchange.declare": (40, 10),
+    "queue.declare": (50, 10),
+    "basic.qos": (60, 10),
+    "basic.consume": (60, 20),
+}
+
+
+async def test_a_connection_lost_at_any_step_of_the_set_up_is_tried_again(
+    proxy: TcpProxy, amqp_url: str, probe: Probe, start_worker: Any
+) -> None:
+    # On main: App.start raised aiormq's AMQPConnectionError (warmer run: a traceback, exit
+    # 1, the start-up wait not applied; at basic.consume with the pipeline already running).
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for name, method in SET_UP_METHODS.items():
+            cut = proxy.cut_on_client_method(method)
+            started = time.monotonic()
+            app = await asyncio.wait_for(
+                start_worker(amqp_url=proxy.url(amqp_url), http="127.0.0.1:0"), 20
+            )
+            took = time.monotonic() - started
+            assert cut.done(), name  # the trap did spring during this start-up
+            assert await ready(session, app) == (200, "ready"), name
+            assert 0.9 <= took < 8, (name, took)  # one pause of 1 s, then the next attempt
+            reply = await probe.command({"type": "get_state", "conversationId": CID})
+            assert reply["ok"] is True, name
+            await app.stop()
+
+
+async def test_a_topology_the_broker_refuses_exits_69_at_once_with_one_line(
+    amqp_url: str, namespace: str, probe: Probe, spawn_worker: Any, tmp_path: Path
+) -> None:
+    # Someone declared the worker's queue with other arguments (a classic queue): waiting
+    # does not change that. On main: a traceback (PRECONDITION_FAILED), exit 1.
+    await probe.channel.declare_queue(probe.names.lifecycle, durable=True)
+    started = time.monotonic()
+    worker = spawn_worker(
+        WARMER_AMQP_URL=amqp_url,
+        WARMER_NAMESPACE=namespace,
+        WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
+        WARMER_LOG_FORMAT="json",
+    )
+    assert await worker.wait_exit(30) == 69, worker.log()
+    assert time.monotonic() - started < 15
+    (failure,) = worker.named("startup_failed")
+    assert "refused to declare the worker's queues or exchanges" in failure["error"]
+    assert "PRECONDITION_FAILED" in failure["error"], failure
+    assert not worker.named("broker_unreachable")
+    assert not [line for line in worker.lines if "Traceback" in line], worker.log()
+
