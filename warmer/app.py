@@ -11,7 +11,8 @@ pipeline apply and acknowledge what was delivered, stop the timers without touch
 state, close. Shutting down never changes a conversation.
 
 Ready (``/readyz``) means: connected to the broker, both consumers consuming since the
-last (re)connection, the store open, the pipeline running, and no part reporting trouble
+last (re)connection, the store open, the pipeline and every background task (timers,
+store check, prune, clock, stall watchdog) running, and no part reporting trouble
 (``warmer.observe.health``: the broker blocking the connection, a stall, ...).
 
 A lost connection is logged once (``broker_connection_lost``) and its end once
@@ -156,8 +157,13 @@ class App:
             return "broker connection lost"
         if not self._consuming or not all(c.consuming for c in self._consumers):
             return "consumers not restored"
-        if self._tasks[0].done():
-            return "pipeline stopped"
+        # Any of them ended is a part that no longer works (a bug, logged as task_failed
+        # once): the pipeline, a store never checked again, a timer never fired again.
+        for task in self._tasks:
+            if task.done():
+                return f"{task.get_name()} stopped"
+        if self.worker is not None and not self.worker.scheduler.running:
+            return "scheduler stopped"
         reasons = self.health.reasons()
         return "; ".join(reasons) if reasons else None
 

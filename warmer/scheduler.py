@@ -147,6 +147,12 @@ class Scheduler:
                 if alarm is not None:
                     alarm.cancel()
 
+    @property
+    def running(self) -> bool:
+        """True while the task `start()` made runs: not before, after `stop()`, or once
+        it failed (a bug, logged as `task_failed`)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         """Start `run()` as a task on the running loop."""
         if self._task is not None and not self._task.done():
@@ -156,7 +162,7 @@ class Scheduler:
     async def stop(self) -> None:
         """Stop the task `start()` made, firing nothing; armed timers stay queryable."""
         task, self._task = self._task, None
-        if task is None:
+        if task is None or task.done():  # one that failed was logged (``watch``) already
             return
         task.cancel()
         try:

@@ -15,8 +15,10 @@ import aiohttp
 import pytest
 
 from tests.integration.probe import Probe
-from tests.reliability.conftest import ready
+from tests.reliability.conftest import ready, until
 from tests.reliability.tcp_proxy import TcpProxy
+from warmer.app import STORE_CHECK_MS
+from warmer.clock import ManualClock
 
 pytestmark = pytest.mark.broker
 
@@ -76,3 +78,56 @@ async def test_a_topology_the_broker_refuses_exits_69_at_once_with_one_line(
     assert not worker.named("broker_unreachable")
     assert not [line for line in worker.lines if "Traceback" in line], worker.log()
 
+
+async def test_a_consumer_the_broker_cancels_is_not_ready_until_it_consumes_again(
+    proxy: TcpProxy, amqp_url: str, probe: Probe, start_worker: Any
+) -> None:
+    # The broker cancels a consumer (basic.cancel) when its queue is deleted. The worker's
+    # consumers register with aiormq directly, so aio-pika's own recovery does not see them:
+    # on main /readyz stayed 200 "ready" with nothing consumed, ever.
+    app = await start_worker(amqp_url=proxy.url(amqp_url), http="127.0.0.1:0")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        assert await ready(session, app) == (200, "ready")
+        await probe.channel.queue_delete(probe.names.lifecycle)
+        await until(session, app, (503, "consumers not restored"), 5)
+
+        # A new connection declares the queue again and consumes from it.
+        proxy.cut()
+        await until(session, app, (200, "ready"), 15)
+        surfaces = await probe.surfaces()
+        await probe.event({"type": "turn.settled", "conversationId": CID, "cwd": "/repo"})
+        # Consumed and applied: its surface update comes.
+        await surfaces.until(lambda b: b["conversationId"] == CID, 10)
+
+
+async def test_a_background_task_that_died_is_not_ready_and_the_worker_still_stops(
+    amqp_url: str, probe: Probe, start_worker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug that ends the scheduler's task (no timer fires again: no warm, no retry, no warm
+    # timeout) or the store check's (a store that lost its data no longer noticed while
+    # idle) was logged once as task_failed, and /readyz stayed 200 "ready": the pipeline,
+    # idle, looked fine to the stall watchdog too.
+    clock = ManualClock(start_ms=1_000_000)
+    app = await start_worker(clock=clock, http="127.0.0.1:0")
+    assert app.worker is not None
+    scheduler = app.worker.scheduler
+
+    def bug(now_ms: int) -> int:
+        raise RuntimeError("a bug in the scheduler")
+
+    async def check_bug() -> None:
+        raise RuntimeError("a bug in the store check")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        assert await ready(session, app) == (200, "ready")
+        monkeypatch.setattr(scheduler, "fire_due", bug)
+        scheduler.arm("c-due", clock.now_ms(), 1)
+        await until(session, app, (503, "scheduler stopped"), 5)
+
+        monkeypatch.setattr(app.store, "check", check_bug)
+        clock.advance(STORE_CHECK_MS)
+        await until(session, app, (503, "store-check stopped"), 5)
+    # Stopping is not held up by a task that ended with a bug: on main the scheduler's
+    # exception came out of App.stop (the store and the connection left open, a traceback).
+    await asyncio.wait_for(app.stop(), 10)
+    assert app.readiness() == "stopping"

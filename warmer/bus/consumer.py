@@ -17,6 +17,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp import commands as spec
 
 from warmer.bus.port import ChannelGone, Delivery
 from warmer.observe.log import get_logger
@@ -99,7 +100,8 @@ class Consumer:
 
     @property
     def consuming(self) -> bool:
-        """True while the broker delivers to this consumer on an open channel."""
+        """True while the broker delivers to this consumer on an open channel (not once the
+        broker cancelled it, as it does when the queue is deleted)."""
         underlay = self._underlay
         return (
             not self._cancelled
@@ -123,8 +125,20 @@ class Consumer:
     async def _consume(self) -> None:
         self._tag = None
         underlay = await self._channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         ok = await underlay.basic_consume(self._queue, self._on_message, no_ack=False)
         self._underlay, self._tag = underlay, ok.consumer_tag
+
+    def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        # The broker ends a consumer on its own when the queue is deleted; aio-pika's
+        # recovery does not know this consumer, so nothing consumes again on this channel.
+        if frame.consumer_tag is not None and frame.consumer_tag == self._tag:
+            self._tag = None
+            log.warning(
+                "consumer_cancelled_by_broker",
+                queue=self._queue,
+                action="not ready; consuming again after the next reconnection or restart",
+            )
 
     async def _reopened(self, *_: object) -> None:
         if not self._cancelled:
