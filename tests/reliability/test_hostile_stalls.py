@@ -131,3 +131,125 @@ async def test_a_background_task_that_died_is_not_ready_and_the_worker_still_sto
     # exception came out of App.stop (the store and the connection left open, a traceback).
     await asyncio.wait_for(app.stop(), 10)
     assert app.readiness() == "stopping"
+
+
+async def warming_every_second(probe: Probe) -> None:
+    """Warm ``CID`` every second, so publishes are under way whenever the path fails."""
+    warms = await probe.warms()
+    for command in (
+        {"type": "set_enabled", "conversationId": CID, "enabled": True},
+        {"type": "set_interval", "conversationId": CID, "intervalMs": 1000},
+    ):
+        assert (await probe.command(command))["ok"] is True
+    await probe.event({"type": "turn.settled", "conversationId": CID, "cwd": "/repo"})
+    await warms.next_body(5)
+
+
+FLAPS = 6
+FLAP_EVERY_S = 1.5
+
+
+async def test_a_flapping_connection_costs_a_few_lines_a_flap_and_none_from_the_clients(
+    proxy: TcpProxy,
+    amqp_url: str,
+    namespace: str,
+    probe: Probe,
+    spawn_worker: Any,
+    tmp_path: Path,
+) -> None:
+    worker = spawn_worker(
+        WARMER_AMQP_URL=proxy.url(amqp_url),
+        WARMER_NAMESPACE=namespace,
+        WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
+        WARMER_LOG_FORMAT="json",
+        WARMER_LOG_LEVEL="info",
+        WARMER_CONFIRM_TIMEOUT_MS="1000",
+    )
+    await worker.wait_event("worker_started")
+    await warming_every_second(probe)
+
+    before = len(worker.lines)
+    for _ in range(FLAPS):
+        proxy.cut()
+        await asyncio.sleep(FLAP_EVERY_S)
+    await worker.wait_event("broker_reconnected", 15)
+    reply = await probe.command({"type": "get_state", "conversationId": CID})
+    assert reply["ok"] is True  # consuming again after the last flap
+    await asyncio.sleep(1)
+    during = worker.lines[before:]
+    events = [e for e in worker.events()[-len(during) :]]
+    names = [e["event"] for e in events]
+    print(f"{len(during)} lines over {FLAPS} flaps: {sorted(set(names))}")
+    assert len(during) == len(events), "\n".join(during)  # every line is JSON: no traceback
+    assert not [e for e in events if str(e.get("logger", "")).startswith("aio")], during
+    assert not [e for e in events if e.get("level") == "error"], "\n".join(during)
+    assert names.count("broker_connection_lost") == names.count("broker_reconnected")
+    about_the_connection = [n for n in names if not n.startswith("warm_")]
+    assert len(about_the_connection) <= 6 * FLAPS, "\n".join(during)
+
+
+async def reset_by_the_worker(
+    proxy: TcpProxy, amqp_url: str, namespace: str, probe: Probe, spawn: Any, tmp_path: Path
+) -> list[dict[str, Any]]:
+    """A path gone silent under a worker warming every second: its confirms overdue (1 s),
+    the worker drops the connection itself (``Publisher.reset``). The lines it wrote from
+    the silence to one second after the reconnection, all JSON."""
+    worker = spawn(
+        WARMER_AMQP_URL=proxy.url(amqp_url),
+        WARMER_NAMESPACE=namespace,
+        WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
+        WARMER_LOG_FORMAT="json",
+        WARMER_LOG_LEVEL="info",
+        WARMER_CONFIRM_TIMEOUT_MS="1000",
+    )
+    await worker.wait_event("worker_started")
+    await warming_every_second(probe)
+    before = len(worker.lines)
+    proxy.blackhole()
+    await worker.wait_event("connection_reset", 10)
+    await asyncio.sleep(1)
+    proxy.restore()
+    await worker.wait_event("broker_reconnected", 20)
+    await asyncio.sleep(1)
+    during = worker.lines[before:]
+    events = worker.events()[-len(during) :]
+    assert len(during) == len(events), "\n".join(during)  # no traceback, no plain line
+    print(f"{len(during)} lines: {[e['event'] for e in events]}")
+    return events
+
+
+async def test_the_workers_own_reset_writes_no_client_lines(
+    proxy: TcpProxy,
+    amqp_url: str,
+    namespace: str,
+    probe: Probe,
+    spawn_worker: Any,
+    tmp_path: Path,
+) -> None:
+    # hostile1 saw aio-pika's channel-close callback errors at ERROR on this path: the
+    # quieting in warmer/observe/log.py covers them (none at info).
+    events = await reset_by_the_worker(proxy, amqp_url, namespace, probe, spawn_worker, tmp_path)
+    assert not [e for e in events if str(e.get("logger", "")).startswith("aio")], events
+    names = [e["event"] for e in events]
+    assert names.count("connection_reset") == names.count("broker_connection_lost") == 1
+    assert names.count("broker_reconnected") == 1
+    assert len(names) <= 20, names
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="warm_publish_failed is logged at error for each warm whose confirm is overdue "
+    "(warmer/worker.py _send_warm, the acks part): a silent path pages once a warm in "
+    "flight, though the worker handles it (confirms_overdue and connection_reset are "
+    "warnings); a warning would fit",
+)
+async def test_a_silent_path_the_worker_handles_writes_no_error_line(
+    proxy: TcpProxy,
+    amqp_url: str,
+    namespace: str,
+    probe: Probe,
+    spawn_worker: Any,
+    tmp_path: Path,
+) -> None:
+    events = await reset_by_the_worker(proxy, amqp_url, namespace, probe, spawn_worker, tmp_path)
+    assert [e["event"] for e in events if e.get("level") == "error"] == []
