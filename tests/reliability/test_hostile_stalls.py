@@ -212,7 +212,7 @@ async def reset_by_the_worker(
     await worker.wait_event("broker_reconnected", 20)
     await asyncio.sleep(1)
     during = worker.lines[before:]
-    events = worker.events()[-len(during) :]
+    events: list[dict[str, Any]] = worker.events()[-len(during) :]
     assert len(during) == len(events), "\n".join(during)  # no traceback, no plain line
     print(f"{len(during)} lines: {[e['event'] for e in events]}")
     return events
@@ -253,3 +253,48 @@ async def test_a_silent_path_the_worker_handles_writes_no_error_line(
 ) -> None:
     events = await reset_by_the_worker(proxy, amqp_url, namespace, probe, spawn_worker, tmp_path)
     assert [e["event"] for e in events if e.get("level") == "error"] == []
+
+
+class HoldingProxy(TcpProxy):
+    """Swallows the trapped method and goes silent (a blackhole) instead of cutting."""
+
+    def _spring(self, channel: int) -> None:
+        assert self._trap is not None
+        _, future = self._trap
+        self._trap = None
+        self.blackhole()
+        if not future.done():
+            future.set_result(channel)
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["in-the-pause", "set-up-held"])
+async def test_sigterm_during_the_set_up_exits_0_with_no_traceback(
+    held: bool, amqp_url: str, namespace: str, probe: Probe, spawn_worker: Any, tmp_path: Path
+) -> None:
+    # The connection made, its queue.declare swallowed: then either cut (the worker pauses
+    # before its next attempt) or left unanswered (the set-up waits on a silent path).
+    proxy = await (HoldingProxy if held else TcpProxy).to_broker(amqp_url)
+    try:
+        trapped = proxy.cut_on_client_method(SET_UP_METHODS["queue.declare"])
+        worker = spawn_worker(
+            WARMER_AMQP_URL=proxy.url(amqp_url),
+            WARMER_NAMESPACE=namespace,
+            WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
+            WARMER_LOG_FORMAT="json",
+            WARMER_STARTUP_WAIT_S="300",
+        )
+        if held:
+            await asyncio.wait_for(trapped, 15)
+            await asyncio.sleep(0.3)
+        else:
+            await worker.wait_event("broker_unreachable", 15)
+        started = time.monotonic()
+        worker.sigterm()
+        assert await worker.wait_exit(10) == 0, worker.log()
+        assert time.monotonic() - started < 5  # a close on a silent path waits 2 s at most
+        assert worker.named("worker_stopped")
+        assert not worker.named("startup_failed") and not worker.named("worker_started")
+        output = "\n".join(worker.lines)
+        assert "Traceback" not in output and "never retrieved" not in output, output
+    finally:
+        await proxy.close()
