@@ -85,6 +85,9 @@ class TcpProxy:
         self._flowing.set()
         self.client_control: list[bytes] = []
         """The first channel-0 method frames clients sent, whole (header and end)."""
+        self.after_broker_method: tuple[tuple[int, int], bytes] | None = None
+        """``(method, frame)``: ``frame`` sent to the client right after each broker frame
+        carrying ``method`` (a ``connection.blocked`` right after ``connection.open-ok``)."""
 
     @classmethod
     async def to_broker(cls, amqp_url: str) -> TcpProxy:
@@ -221,6 +224,9 @@ class TcpProxy:
                     if len(buffer) < end:
                         break
                     writer.write(bytes(buffer[:end]))
+                    if self._follows(buffer, size):
+                        assert self.after_broker_method is not None
+                        writer.write(self.after_broker_method[1])
                     del buffer[:end]
                 if not buffer:
                     for frame in link.injected:
@@ -257,6 +263,14 @@ class TcpProxy:
         except (OSError, asyncio.IncompleteReadError):
             pass
         link.abort()
+
+    def _follows(self, buffer: bytearray, size: int) -> bool:
+        """Whether the whole frame at the start of ``buffer`` is ``after_broker_method``'s."""
+        if self.after_broker_method is None or buffer[0] != _METHOD_FRAME:
+            return False
+        if size < _METHOD_ID.size:
+            return False
+        return _METHOD_ID.unpack_from(buffer, _FRAME_HEADER.size) == self.after_broker_method[0]
 
     def _split_frames(self, buffer: bytearray) -> tuple[bytes, int | None]:
         """Complete frames to forward from ``buffer`` (consumed), up to a trapped one."""

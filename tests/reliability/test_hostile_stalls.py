@@ -14,10 +14,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.integration.conftest import make_config
 from tests.integration.probe import Probe
 from tests.reliability.conftest import ready, until
 from tests.reliability.tcp_proxy import TcpProxy
-from warmer.app import STORE_CHECK_MS
+from tests.reliability.test_stalls import blocked
+from warmer.app import STORE_CHECK_MS, App
 from warmer.clock import ManualClock
 
 pytestmark = pytest.mark.broker
@@ -298,3 +300,31 @@ async def test_sigterm_during_the_set_up_exits_0_with_no_traceback(
         assert "Traceback" not in output and "never retrieved" not in output, output
     finally:
         await proxy.close()
+
+
+OPEN_OK = (10, 41)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a connection blocked before aio-pika assigns its transport (right after "
+    "connection.open-ok) is not matched by App._on_flow; aiormq then writes nothing, so "
+    "start-up fails every 10 s with 'no answer from RabbitMQ ... check the host and port' "
+    "and /readyz says only 'connecting to the broker' until WARMER_STARTUP_WAIT_S ends. "
+    "RabbitMQ blocks at the first publish, not at open-ok: the stalls notes' known gap",
+)
+async def test_a_connection_blocked_as_soon_as_it_opens_says_so(
+    proxy: TcpProxy, amqp_url: str, namespace: str, tmp_path: Path, probe: Probe
+) -> None:
+    proxy.after_broker_method = (OPEN_OK, blocked("low on memory"))
+    app = App(make_config(proxy.url(amqp_url), namespace, tmp_path, startup_wait_s=300))
+    starting = asyncio.ensure_future(app.start())
+    try:
+        deadline = time.monotonic() + 3
+        while "broker_blocked" not in (app.readiness() or ""):
+            assert time.monotonic() < deadline, app.readiness()
+            await asyncio.sleep(0.05)
+    finally:
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await app.stop()
