@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiohttp
+import msgspec
 import pytest
 
 from tests.integration.conftest import make_config
@@ -328,3 +330,39 @@ async def test_a_connection_blocked_as_soon_as_it_opens_says_so(
         starting.cancel()
         await asyncio.gather(starting, return_exceptions=True)
         await app.stop()
+
+
+BURST = 20_000
+
+
+async def test_a_burst_of_20000_events_at_start_never_reads_as_a_stall(
+    amqp_url: str, probe: Probe, start_worker: Any
+) -> None:
+    # The smallest limit (1 s): the pipeline takes a batch (at most 1024) as soon as the
+    # one before is committed, so a busy worker moves however long the backlog is.
+    first = await start_worker()
+    await first.stop()
+    exchange = await probe.channel.get_exchange(probe.names.lifecycle)
+    bodies = [
+        msgspec.json.encode({"type": "turn.settled", "conversationId": f"b-{n}", "cwd": "/r"})
+        for n in range(BURST)
+    ]
+    for start in range(0, BURST, 1000):
+        await asyncio.gather(
+            *(
+                exchange.publish(aio_pika.Message(body), "turn.settled")
+                for body in bodies[start : start + 1000]
+            )
+        )
+    app = await start_worker(stall_s=1)
+    assert app.worker is not None
+    started = time.monotonic()
+    answers: set[str | None] = set()
+    while len(app.worker.core) < BURST:
+        answers.add(app.readiness())
+        assert time.monotonic() - started < 60, len(app.worker.core)
+        await asyncio.sleep(0.02)
+    took = time.monotonic() - started
+    print(f"{BURST} events applied in {took:.1f} s, /readyz said {answers}")
+    assert not [a for a in answers if a is not None and "stall" in a], answers
+    assert app.metrics.stalls._value.get() == 0
