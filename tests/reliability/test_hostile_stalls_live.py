@@ -21,6 +21,7 @@ from tests.integration.probe import Probe
 from tests.reliability.conftest import ready, until
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.reliability.test_stalls import blocked
+from tests.reliability.test_startup_wait import free_port
 from warmer.app import STORE_CHECK_MS, App
 from warmer.clock import ManualClock
 
@@ -133,6 +134,7 @@ async def test_a_background_task_that_died_is_not_ready_and_the_worker_still_sto
         await until(session, app, (503, "store-check stopped"), 5)
     # Stopping is not held up by a task that ended with a bug: on main the scheduler's
     # exception came out of App.stop (the store and the connection left open, a traceback).
+    monkeypatch.undo()  # the store itself is fine: stopping checks it once more
     await asyncio.wait_for(app.stop(), 10)
     assert app.readiness() == "stopping"
 
@@ -366,3 +368,25 @@ async def test_a_burst_of_20000_events_at_start_never_reads_as_a_stall(
     print(f"{BURST} events applied in {took:.1f} s, /readyz said {answers}")
     assert not [a for a in answers if a is not None and "stall" in a], answers
     assert app.metrics.stalls._value.get() == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a store not reachable at start exits 69 at once (about 0.3 s), while the broker "
+    "is waited for WARMER_STARTUP_WAIT_S: a Redis starting beside the worker (same pod or "
+    "compose file) crash-loops it; and /healthz is not served meanwhile (HTTP starts after "
+    "the store is read). A decision for the lead: wait for the store like the broker?",
+)
+async def test_a_store_not_reachable_at_start_is_waited_for_like_the_broker(
+    amqp_url: str, namespace: str, probe: Probe, spawn_worker: Any
+) -> None:
+    worker = spawn_worker(
+        WARMER_AMQP_URL=amqp_url,
+        WARMER_NAMESPACE=namespace,
+        WARMER_STORE=f"redis://127.0.0.1:{free_port()}/0",
+        WARMER_LOG_FORMAT="json",
+        WARMER_STARTUP_WAIT_S="300",
+    )
+    assert await worker.wait_exit(3) is None, worker.log()  # still waiting
+    worker.sigterm()
+    assert await worker.wait_exit(5) == 0
