@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -75,6 +76,9 @@ STARTUP_PAUSE_FIRST_MS: Final = 1000
 STARTUP_PAUSE_MAX_MS: Final = 30_000
 HEARTBEAT_MIN_S: Final = 1  # WARMER_HEARTBEAT_S's bounds, for a heartbeat in the URL
 HEARTBEAT_MAX_S: Final = 3600
+RECONNECT_MIN_S: Final = 0.1  # a URL's reconnect_interval: at most 10 attempts a second
+RECONNECT_MAX_S: Final = 3600
+_DECIMAL: Final = re.compile(r"[0-9]+(\.[0-9]+)?")  # what aio-pika reads as written
 STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTERM and SIGKILL
 PRUNE_EVERY_MS: Final = 60_000
 RESTORE_AT_START_ATTEMPTS: Final = 10  # a store lost while starting: about 30 s at most
@@ -573,10 +577,11 @@ def _amqp_url(url: str, heartbeat_s: int) -> URL:
     """Reconnect every second (aio-pika waits 5 s) and beat every ``heartbeat_s`` (aiormq's
     default is 60 s: a dead path would go unnoticed for minutes), unless the URL says.
 
-    ValueError when the URL's own heartbeat is not a whole number of seconds within
-    ``WARMER_HEARTBEAT_S``'s bounds: aiormq reads 0, a negative, 65535 or more, or a word as
-    "no heartbeat", and a path that stops forwarding would then go unnoticed for as long
-    as the kernel keeps the socket (hours).
+    ValueError when the URL's own values are ones the clients misread without a word:
+    aiormq reads a heartbeat of 0, a negative, 65535 or more, or a word as "no heartbeat"
+    (a path that stops forwarding then goes unnoticed for as long as the kernel keeps the
+    socket: hours); aio-pika reads a reconnect_interval of 0, a negative, a word or ``1e3``
+    as 0, and reconnects in a busy loop (over 2,000 attempts a second, the loop starved).
     """
     parsed = URL(url)
     given = parsed.query.get("heartbeat")
@@ -587,6 +592,15 @@ def _amqp_url(url: str, heartbeat_s: int) -> URL:
             f"heartbeat={given[:20]!r} would turn the heartbeat off (a dead path unnoticed); "
             f"give {HEARTBEAT_MIN_S}..{HEARTBEAT_MAX_S} s, or leave it out for "
             "WARMER_HEARTBEAT_S"
+        )
+    given = parsed.query.get("reconnect_interval")
+    if given is not None and not (
+        _DECIMAL.fullmatch(given) and RECONNECT_MIN_S <= float(given) <= RECONNECT_MAX_S
+    ):
+        raise ValueError(
+            f"reconnect_interval={given[:20]!r} is not {RECONNECT_MIN_S}..{RECONNECT_MAX_S} s "
+            "(aio-pika reads 0, a negative or a word as 0: reconnecting in a busy loop); "
+            f"give one, or leave it out ({RECONNECT_INTERVAL_S} s)"
         )
     defaults = {"reconnect_interval": RECONNECT_INTERVAL_S, "heartbeat": heartbeat_s}
     missing = {k: v for k, v in defaults.items() if k not in parsed.query}
