@@ -139,6 +139,7 @@ class App:
         self._lost_at: float | None = None
         self._failed_attempts = 0
         self._unsubscribe: Callable[[], None] | None = None
+        self._blocked_underlay: object | None = None
         self.reconnections = 0
         """How many times the connection was re-established since start."""
 
@@ -469,8 +470,10 @@ class App:
         if transport is None or transport.connection is not underlay:
             return
         if reason is None:
+            self._blocked_underlay = None
             self.health.cleared("broker_blocked")
             return
+        self._blocked_underlay = underlay
         if self.health.reason("broker_blocked") is None:
             self.metrics.broker_blocked.inc()
         self.health.trouble("broker_blocked", f"the broker blocked publishing: {reason}")
@@ -480,6 +483,9 @@ class App:
         # it again: one line for the loss, the attempts counted for the line at the end.
         self._consuming = False
         self.health.cleared("broker_blocked")  # a new connection starts unblocked
+        if self._blocked_underlay is not None:  # its writer waits for an unblocked
+            flow.release(self._blocked_underlay)
+            self._blocked_underlay = None
         if self._stopping:
             return
         if self._lost_at is not None:

@@ -390,3 +390,26 @@ async def test_a_store_not_reachable_at_start_is_waited_for_like_the_broker(
     assert await worker.wait_exit(3) is None, worker.log()  # still waiting
     worker.sigterm()
     assert await worker.wait_exit(5) == 0
+
+
+async def test_a_block_never_lifted_ends_with_its_connection(
+    proxy: TcpProxy, amqp_url: str, probe: Probe, start_worker: Any
+) -> None:
+    # connection.unblocked never comes: the connection is lost instead (a broker restarted
+    # to clear a disk alarm). The new one starts unblocked (RabbitMQ blocks it again at its
+    # first publish if the alarm holds). On main the consumers came back about 26 s late:
+    # aiormq held the lost connection's writer for the unblocked, and aio-pika's channel
+    # restore waited for the old channels to close.
+    app = await start_worker(amqp_url=proxy.url(amqp_url), http="127.0.0.1:0")
+    reason = "broker_blocked: the broker blocked publishing: low on disk"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        assert await ready(session, app) == (200, "ready")
+        proxy.to_clients(blocked("low on disk"))
+        await until(session, app, (503, reason), 5)
+        proxy.cut()
+        took = await until(session, app, (200, "ready"), 15)
+        assert took < 5, took  # about 1 s: aio-pika's reconnect interval
+        assert app.reconnections == 1
+        assert app.metrics.broker_blocked._value.get() == 1
+        reply = await probe.command({"type": "get_state", "conversationId": CID})
+        assert reply["ok"] is True

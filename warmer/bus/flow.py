@@ -16,6 +16,7 @@ caller can subscribe to.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from importlib.metadata import version
 from typing import Any, Final
@@ -25,13 +26,14 @@ from pamqp import commands as spec
 
 from warmer.observe.log import get_logger
 
-__all__ = ["Listener", "install", "subscribe"]
+__all__ = ["Listener", "install", "release", "subscribe"]
 
 log = get_logger(__name__)
 
 PINNED: Final = ("aiormq", "7.2.")
 _BLOCKED: Final = "_Connection__handle_connection_blocked"
 _UNBLOCKED: Final = "_Connection__handle_connection_unblocked"
+_UNBLOCKED_EVENT: Final = "_Connection__connection_unblocked"
 
 Listener = Callable[[object, str | None], None]
 """Told ``(aiormq connection, reason)`` on blocked, ``(aiormq connection, None)`` on unblocked."""
@@ -64,6 +66,18 @@ def subscribe(listener: Listener) -> Callable[[], None]:
             _listeners.remove(listener)
 
     return unsubscribe
+
+
+def release(connection: object) -> None:
+    """Let the writer of a blocked aiormq connection that was lost go on (to fail).
+
+    aiormq 7.2 holds its writer until ``connection.unblocked``, which a lost connection
+    never sends; aio-pika's restore of the channels on the next connection waits for the
+    old ones to close, so consumers came back about 25 s late after a block never lifted.
+    """
+    event = getattr(connection, _UNBLOCKED_EVENT, None)
+    if isinstance(event, asyncio.Event):
+        event.set()
 
 
 def _reason(frame: Any) -> str | None:
