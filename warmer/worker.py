@@ -654,7 +654,9 @@ class Worker:
             log.info("warm_withdrawn", conversation_id=cid, token=token)
             return
         except PublishFailed as exc:  # left to the warm timeout, which fails and retries it
-            log.error("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
+            # A warning: the worker handles it (the timeout retries; an overdue confirm
+            # drops the connection), so it must not page anyone by itself.
+            log.warning("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
             if isinstance(exc, ConfirmOverdue):
                 await self._confirms_overdue(exc)
             return

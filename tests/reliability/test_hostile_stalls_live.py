@@ -242,13 +242,6 @@ async def test_the_workers_own_reset_writes_no_client_lines(
     assert len(names) <= 20, names
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="warm_publish_failed is logged at error for each warm whose confirm is overdue "
-    "(warmer/worker.py _send_warm, the acks part): a silent path pages once a warm in "
-    "flight, though the worker handles it (confirms_overdue and connection_reset are "
-    "warnings); a warning would fit",
-)
 async def test_a_silent_path_the_worker_handles_writes_no_error_line(
     proxy: TcpProxy,
     amqp_url: str,
