@@ -59,7 +59,7 @@ from warmer.observe.metrics import CostGauges, Metrics, StateGauges
 from warmer.observe.stall import Watchdog
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
-from warmer.store import Store, StoreError, StoreLost, open_store
+from warmer.store import Store, StoreError, StoreLost, StoreUnreachable, open_store
 from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker, held_records
 
 log = get_logger(__name__)
@@ -136,6 +136,7 @@ class App:
         self._consuming = False
         self._stopping = False
         self._connecting = False
+        self._store_waiting = False
         self._lost_at: float | None = None
         self._failed_attempts = 0
         self._unsubscribe: Callable[[], None] | None = None
@@ -152,6 +153,8 @@ class App:
         """None when ready to do the work, else why not (what ``/readyz`` answers)."""
         if self._stopping:
             return "stopping"
+        if self._store_waiting:
+            return "waiting for the store"
         if self._connecting:
             return "connecting to the broker"
         if not self._tasks:
@@ -174,15 +177,16 @@ class App:
 
     async def start(self) -> None:
         """Load and recover state, connect, declare and consume; StartupError with advice."""
-        core = await self._recovered_core()
-        inputs = Inputs()
-        scheduler = Scheduler(
-            self.clock, inputs.fired, lateness=self.metrics.timer_lateness.observe
-        )
-        self.metrics.registry.register(StateGauges(core.statuses, scheduler.__len__))
-        self.metrics.registry.register(CostGauges(core.economy, core.savings))
+        # Served first: /healthz answers while the store and the broker are waited for.
         await self._serve_http()
         try:
+            core = await self._recovered_core()
+            inputs = Inputs()
+            scheduler = Scheduler(
+                self.clock, inputs.fired, lateness=self.metrics.timer_lateness.observe
+            )
+            self.metrics.registry.register(StateGauges(core.statuses, scheduler.__len__))
+            self.metrics.registry.register(CostGauges(core.economy, core.savings))
             await self._start(core, inputs, scheduler)
         except BaseException:
             await self._stop_http()
@@ -270,11 +274,46 @@ class App:
         if self._http is not None:
             await self._http.stop()
 
+    async def _open_store(self) -> None:
+        """Open the store; while it cannot be reached (a Redis starting beside the worker,
+        an SQLite file an old process still holds), again with backoff (1, 2, 4 .. 30 s)
+        for ``WARMER_STARTUP_WAIT_S``, as the broker is waited for. Anything else fails at
+        once (refused credentials, a missing directory, a file that is no database)."""
+        deadline_ms = self.clock.now_ms() + self.config.startup_wait_s * 1000
+        self._store_waiting = True
+        try:
+            attempt = 1
+            while True:
+                try:
+                    await self.store.open()
+                    break
+                except StoreUnreachable as exc:
+                    left_ms = deadline_ms - self.clock.now_ms()
+                    if left_ms <= 0:
+                        raise
+                    pause_ms = min(
+                        left_ms,
+                        STARTUP_PAUSE_MAX_MS,
+                        STARTUP_PAUSE_FIRST_MS << min(attempt - 1, 10),
+                    )
+                    log.warning(
+                        "store_unreachable",
+                        attempt=attempt,
+                        retry_in_s=round(pause_ms / 1000, 1),
+                        error=str(exc)[:300],
+                    )
+                    await sleep(self.clock, pause_ms)
+                    attempt += 1
+        finally:
+            self._store_waiting = False
+        if attempt > 1:
+            log.info("store_reached", attempts=attempt)
+
     async def _recovered_core(self) -> Warmer:
         """The core with every persisted conversation, its schedules recovered and committed."""
         store_name = mask_password(self.config.store)
         try:
-            await self.store.open()
+            await self._open_store()
             self._store_open = True
             loaded = await self.store.load()
         except StoreError as exc:

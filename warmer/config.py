@@ -362,9 +362,10 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "WARMER_STARTUP_WAIT_S",
         "startup_wait_s",
-        "how long start-up keeps trying to reach the broker, in seconds (attempts 1, 2, "
-        "4 .. 30 s apart; /healthz answers meanwhile), before it exits with code 69; 0: "
-        "exit at the first failure. Refused credentials or a missing vhost exit at once",
+        "how long start-up keeps trying to reach the store and the broker, in seconds "
+        "(attempts 1, 2, 4 .. 30 s apart; /healthz answers meanwhile), before it exits "
+        "with code 69; 0: exit at the first failure. Refused credentials or a missing "
+        "vhost exit at once",
         "an integer from 0 to 86400 (seconds)",
     ),
     Setting(

@@ -324,9 +324,12 @@ async def test_a_restore_under_way_is_not_the_first_entry_forgotten(tmp_path: Pa
             await restoring.close()
 
 
-async def test_an_sqlite_file_locked_at_start_up_is_a_clear_refusal_that_changes_nothing(
+async def test_an_sqlite_file_locked_at_start_up_is_waited_for_then_used(
     probe: Probe, start_worker: Any, tmp_path: Path
 ) -> None:
+    # Another process holding the file (an old pod still stopping) is waited for like an
+    # absent broker; without a wait (WARMER_STARTUP_WAIT_S=0) it is a clear refusal. Either
+    # way nothing changes.
     app: App = await start_worker(store_timeout_ms=TIMEOUT_MS)
     answered: dict[str, int] = {}
     await answer(probe, {"kept": 30_000}, answered)
@@ -335,13 +338,18 @@ async def test_an_sqlite_file_locked_at_start_up_is_a_clear_refusal_that_changes
     try:
         started = time.monotonic()
         with pytest.raises(StartupError, match="locked") as refused:
-            await start_worker(store_timeout_ms=TIMEOUT_MS)
+            await start_worker(store_timeout_ms=TIMEOUT_MS, startup_wait_s=0)
         assert time.monotonic() - started < TIMEOUT_MS / 1000 + 3
         assert len(str(refused.value)) <= 500 and "\n" not in str(refused.value)
+        waiting = asyncio.ensure_future(
+            start_worker(store_timeout_ms=TIMEOUT_MS, startup_wait_s=60)
+        )
+        await asyncio.sleep(TIMEOUT_MS / 1000 + 1.5)  # a first attempt and pause passed
+        assert not waiting.done()
     finally:
         assert await locker.release() == 0
         await locker.kill()
-    await start_worker(store_timeout_ms=TIMEOUT_MS)
+    await asyncio.wait_for(waiting, 30)
     await read_back(probe, answered)
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.conftest import make_config
 from tests.integration.probe import Probe
+from tests.redis_server import RedisServer
 from tests.reliability.conftest import ready, until
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.reliability.test_stalls import blocked
@@ -363,13 +364,6 @@ async def test_a_burst_of_20000_events_at_start_never_reads_as_a_stall(
     assert app.metrics.stalls._value.get() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a store not reachable at start exits 69 at once (about 0.3 s), while the broker "
-    "is waited for WARMER_STARTUP_WAIT_S: a Redis starting beside the worker (same pod or "
-    "compose file) crash-loops it; and /healthz is not served meanwhile (HTTP starts after "
-    "the store is read). A decision for the lead: wait for the store like the broker?",
-)
 async def test_a_store_not_reachable_at_start_is_waited_for_like_the_broker(
     amqp_url: str, namespace: str, probe: Probe, spawn_worker: Any
 ) -> None:
@@ -383,6 +377,42 @@ async def test_a_store_not_reachable_at_start_is_waited_for_like_the_broker(
     assert await worker.wait_exit(3) is None, worker.log()  # still waiting
     worker.sigterm()
     assert await worker.wait_exit(5) == 0
+
+
+async def test_a_redis_that_starts_after_the_worker_is_waited_for_then_used(
+    amqp_url: str, namespace: str, tmp_path: Path, probe: Probe
+) -> None:
+    # A Redis starting beside the worker (same pod or compose file): /healthz answers
+    # meanwhile, /readyz says why not, and the worker starts once the Redis answers.
+    server = RedisServer(tmp_path)  # its port chosen, not started yet
+    config = make_config(
+        amqp_url, namespace, tmp_path, store=server.url, http="127.0.0.1:0", startup_wait_s=60
+    )
+    app = App(config)
+    starting = asyncio.ensure_future(app.start())
+    try:
+        while app.http_port is None:
+            assert not starting.done(), starting
+            await asyncio.sleep(0.02)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            await until(session, app, (503, "waiting for the store"), 5)
+            async with session.get(f"http://127.0.0.1:{app.http_port}/healthz") as response:
+                assert response.status == 200
+            await asyncio.sleep(1.5)  # a first pause of 1 s has passed: still waiting
+            assert not starting.done()
+            await server.start()
+            await asyncio.wait_for(starting, 10)
+            assert await ready(session, app) == (200, "ready")
+        reply = await probe.command(
+            {"type": "set_enabled", "conversationId": "waited", "enabled": True}
+        )
+        assert reply["ok"] is True
+    finally:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        await app.stop()
+        await server.stop()
 
 
 async def test_a_block_never_lifted_ends_with_its_connection(

@@ -10,7 +10,15 @@
 
 from __future__ import annotations
 
-from warmer.store.base import Loaded, RawSettings, Store, StoreError, StoreLost, StoreOutcomeUnknown
+from warmer.store.base import (
+    Loaded,
+    RawSettings,
+    Store,
+    StoreError,
+    StoreLost,
+    StoreOutcomeUnknown,
+    StoreUnreachable,
+)
 from warmer.store.memory import MemoryStore
 from warmer.store.redis import RedisStore
 from warmer.store.sqlite import SqliteStore
@@ -26,6 +34,7 @@ __all__ = [
     "StoreError",
     "StoreLost",
     "StoreOutcomeUnknown",
+    "StoreUnreachable",
     "open_store",
 ]
 

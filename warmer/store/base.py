@@ -50,6 +50,11 @@ class StoreOutcomeUnknown(StoreError):
     unknown = True
 
 
+class StoreUnreachable(StoreError):
+    """The store cannot be reached now (no connection, no answer, a lock held elsewhere):
+    nothing was written, and trying again later may help (start-up waits for it)."""
+
+
 class StoreLost(StoreError):
     """The store no longer holds what this writer committed (its data lost, or rolled back
     to an older copy); nothing of the call was written. ``restore`` writes it all again."""

@@ -40,6 +40,7 @@ from warmer.store.base import (
     StoreError,
     StoreLost,
     StoreOutcomeUnknown,
+    StoreUnreachable,
     check_commit,
     new_writer,
     next_sequence,
@@ -186,7 +187,10 @@ class RedisStore:
             await client.script_load(script.script)
         except _BACKEND_ERRORS as exc:
             await client.aclose()
-            raise self._error("cannot reach", exc) from exc
+            error = self._error("cannot reach", exc)
+            if _unreachable(exc):
+                raise StoreUnreachable(str(error)) from exc
+            raise error from exc
         except BaseException:
             await client.aclose()
             raise
@@ -474,6 +478,14 @@ def _parse(url: str) -> tuple[str, str, str, tuple[str, ...]]:
         )
     connect = urlunsplit((parts.scheme.lower(), parts.netloc, parts.path, "", ""))
     return connect, prefixes[0], masked, secrets
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """No connection or no answer, which waiting may change; not refused credentials."""
+    refused = (redis_errors.AuthenticationError, redis_errors.AuthorizationError)
+    if isinstance(exc, refused):
+        return False
+    return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError)
 
 
 __all__ = ["DEFAULT_PREFIX", "RedisStore"]

@@ -33,6 +33,7 @@ from warmer.store.base import (
     StoreError,
     StoreLost,
     StoreOutcomeUnknown,
+    StoreUnreachable,
     check_commit,
     new_writer,
     next_sequence,
@@ -139,6 +140,10 @@ class SqliteStore:
             journal_mode = await self._prepare(conn)
         except BaseException as exc:
             await _close_quietly(conn)
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                # Another process holds the file (an old pod still stopping): wait for it.
+                error = self._error("cannot open store", exc)
+                raise StoreUnreachable(str(error)) from exc
             if isinstance(exc, _BACKEND_ERRORS):
                 raise self._error("cannot open store", exc) from exc
             raise
