@@ -291,11 +291,7 @@ class App:
                     left_ms = deadline_ms - self.clock.now_ms()
                     if left_ms <= 0:
                         raise
-                    pause_ms = min(
-                        left_ms,
-                        STARTUP_PAUSE_MAX_MS,
-                        STARTUP_PAUSE_FIRST_MS << min(attempt - 1, 10),
-                    )
+                    pause_ms = _startup_pause_ms(attempt, left_ms)
                     log.warning(
                         "store_unreachable",
                         attempt=attempt,
@@ -460,10 +456,7 @@ class App:
                     left_ms = deadline_ms - self.clock.now_ms()
                     if _refusal(exc) is not None or left_ms <= 0:
                         raise StartupError(error) from exc
-                    pause_ms = min(
-                        STARTUP_PAUSE_MAX_MS, STARTUP_PAUSE_FIRST_MS << min(attempt - 1, 10)
-                    )
-                    pause_ms = min(pause_ms, left_ms)
+                    pause_ms = _startup_pause_ms(attempt, left_ms)
                     log.warning(
                         "broker_unreachable",
                         attempt=attempt,
@@ -663,6 +656,12 @@ def _refusal(exc: BaseException) -> Literal["credentials", "vhost", "topology"] 
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
         return "vhost"
     return None
+
+
+def _startup_pause_ms(attempt: int, left_ms: int) -> int:
+    """The pause after failed start-up attempt ``attempt``: 1, 2, 4 .. 30 s, never more than
+    what is left of the wait."""
+    return min(left_ms, STARTUP_PAUSE_MAX_MS, STARTUP_PAUSE_FIRST_MS << min(attempt - 1, 10))
 
 
 def _connect_failure(parsed: URL, shown: str, exc: BaseException) -> str:
