@@ -9,7 +9,8 @@ growth is the recovering process's own, measured from just after its imports.
 The records are a realistic mix: 60% enabled and armed (due 2 to 12 minutes ahead), 10%
 warming (a warm out, its timeout still running), 10% paused after three failures, 20%
 disabled; UUID-like ids, a ``cwd`` of about 30 characters, a model name, a last turn's
-figures. Some sizes only: ``python -m bench.recovery 1000000``.
+figures. Some sizes only: ``python -m bench.recovery 1000000``; after a still store:
+``BENCH_RECOVERY_PAUSE_MS=7200000 python -m bench.recovery 1000000``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Final
 
 import redis.asyncio
 
+from warmer.app import RECOVERY_CHUNK
 from warmer.clock import SystemClock
 from warmer.core import Policy, Record, Settings, Status, Warmer, parse_settings
 from warmer.core.records import RecordError, decode_record, encode_record
@@ -40,6 +42,7 @@ from warmer.store import open_store
 SIZES: Final = (100_000, 1_000_000)
 STORES: Final = ("sqlite", "redis")
 TARGET_S: Final = 10.0
+WRITE_TIMEOUT_MS: Final = 600_000
 REDIS_URL: Final = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 _INTERVALS: Final = (240_000, 300_000, 600_000)
 _MODELS: Final = ("claude-sonnet-4-5", "claude-opus-4-1", "claude-haiku-4-5")
@@ -95,12 +98,16 @@ def store_url(store: str, n: int, directory: str) -> str:
 
 
 async def write(url: str, n: int) -> float:
-    """Write ``n`` records into the store at ``url`` in one commit; the seconds it took."""
-    now = SystemClock().now_ms()
+    """Write ``n`` records into the store at ``url`` in one commit; the seconds it took.
+
+    With ``BENCH_RECOVERY_PAUSE_MS`` the records are left that long before the recovery
+    (a store that was still: a restart after downtime, which also moves every last input
+    on by the pause, decision 83)."""
+    now = SystemClock().now_ms() - int(os.environ.get("BENCH_RECOVERY_PAUSE_MS", "0"))
     changes: dict[str, bytes | None] = {
         _conversation_id(i): encode_record(_record(i, now)) for i in range(n)
     }
-    store = open_store(url)
+    store = open_store(url, timeout_ms=WRITE_TIMEOUT_MS)  # one commit of every record
     await store.open()
     started = time.perf_counter()
     await store.commit(changes, now * 1000)
@@ -158,7 +165,9 @@ async def recover(url: str) -> dict[str, float]:
         cid: None if record is None else encode_record(record)
         for cid, record in core.touched().items()
     }
-    await store.commit(changes, core.last_token)
+    items = list(changes.items())  # as App._commit_recovery does, a chunk at a time
+    for first in range(0, max(len(items), 1), RECOVERY_CHUNK):
+        await store.commit(dict(items[first : first + RECOVERY_CHUNK]), core.last_token)
     core.end()
     lap("commit")
     scheduler = Scheduler(clock, _ignore)

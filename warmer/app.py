@@ -59,7 +59,14 @@ from warmer.observe.metrics import CostGauges, Metrics, StateGauges
 from warmer.observe.stall import Watchdog
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
-from warmer.store import Store, StoreError, StoreLost, StoreUnreachable, open_store
+from warmer.store import (
+    Store,
+    StoreError,
+    StoreLost,
+    StoreOutcomeUnknown,
+    StoreUnreachable,
+    open_store,
+)
 from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker, held_records
 
 log = get_logger(__name__)
@@ -72,6 +79,8 @@ dead-letter channel and exchange."""
 CONNECT_TIMEOUT_S: Final = 10.0
 CLOSE_TIMEOUT_S: Final = 2.0
 RECONNECT_INTERVAL_S: Final = 1
+RECOVERY_CHUNK: Final = 10_000
+"""Records a start-up commit writes at a time (Redis runs each commit as one script)."""
 STARTUP_PAUSE_FIRST_MS: Final = 1000
 STARTUP_PAUSE_MAX_MS: Final = 30_000
 HEARTBEAT_MIN_S: Final = 1  # WARMER_HEARTBEAT_S's bounds, for a heartbeat in the URL
@@ -338,7 +347,7 @@ class App:
         changes = encode_changes(core.touched(), core.touched_model())
         try:
             try:
-                await self.store.commit(changes, core.last_token)
+                await self._commit_recovery(changes, core.last_token)
             except StoreLost as exc:  # lost since it was loaded: give it all again
                 log.error("store_data_lost", error=str(exc)[:300], conversations=len(core))
                 self.metrics.store_data_lost.inc()
@@ -362,6 +371,28 @@ class App:
             gaps_learned=core.economy.model.seen,
         )
         return core
+
+    async def _commit_recovery(self, changes: dict[str, bytes | None], token: int) -> None:
+        """Commit what recovery changed, ``RECOVERY_CHUNK`` records at a time.
+
+        After a long pause recovery touches every record (a million, decision 83): in one
+        commit, Redis runs one script for longer than ``WARMER_STORE_TIMEOUT_MS`` and the
+        start fails with its outcome unknown, again at every start. Each record is a whole
+        state and recovering one twice gives the same, so a start cut between chunks is
+        recovered again by the next. A chunk whose outcome is not known is sent again.
+        """
+        items = list(changes.items())
+        for first in range(0, max(len(items), 1), RECOVERY_CHUNK):
+            chunk = dict(items[first : first + RECOVERY_CHUNK])
+            for attempt in range(1, RESTORE_AT_START_ATTEMPTS + 1):
+                try:
+                    await self.store.commit(chunk, token)
+                    break
+                except StoreOutcomeUnknown as exc:
+                    if attempt == RESTORE_AT_START_ATTEMPTS:
+                        raise
+                    log.warning("recovery_commit_retrying", attempt=attempt, error=str(exc)[:300])
+                    await sleep(self.clock, RESTORE_AT_START_PAUSE_MS)
 
     async def _restore_at_start(self, core: Warmer) -> None:
         """Write what was read back into a store that lost it since; tried again while it
