@@ -22,6 +22,10 @@ It may be a step of the wall clock that the previous run's times kept (its time 
 on by the time elapsed: decision 65), which no restart can tell from downtime; either way
 it delays pruning only, while nothing new comes in. Shorter pauses count, as idleness does:
 at most an hour of the retention time, once per restart."""
+PRUNE_LIMIT: Final = 10_000
+"""Conversations forgotten at most by one check (a minute): their deletions are one store
+commit, which Redis runs as one script, and a mass expiry of a million would outlast the
+store's timeout and be sent again and again. A backlog drains at this many a minute."""
 _HORIZON_MS: Final = 3_600_000
 _NEVER: Final = -(2**63)
 
@@ -34,8 +38,11 @@ class Retention:
         self._horizon = _NEVER
         self._candidates: list[str] = []
 
-    def due(self, conversations: Mapping[str, Conversation], now: int) -> list[str]:
-        """Every conversation whose last input is known (not 0) and before now - retention."""
+    def due(
+        self, conversations: Mapping[str, Conversation], now: int, limit: int = PRUNE_LIMIT
+    ) -> list[str]:
+        """The conversations whose last input is known (not 0) and before now - retention,
+        at most ``limit`` of them: the others stay candidates for the next check."""
         cutoff = now - self.retention_ms
         if cutoff >= self._horizon:
             # Never beyond one retention ahead: what is created now must be after it.
@@ -50,7 +57,7 @@ class Retention:
             conv = conversations.get(cid)
             if conv is None:
                 continue
-            if 0 < conv.last_input_at < cutoff:
+            if 0 < conv.last_input_at < cutoff and len(due) < limit:
                 due.append(cid)
             elif conv.last_input_at < self._horizon:
                 later.append(cid)
