@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import signal
 import time
@@ -384,29 +385,40 @@ class App:
         items = list(changes.items())
         for first in range(0, max(len(items), 1), RECOVERY_CHUNK):
             chunk = dict(items[first : first + RECOVERY_CHUNK])
-            for attempt in range(1, RESTORE_AT_START_ATTEMPTS + 1):
-                try:
-                    await self.store.commit(chunk, token)
-                    break
-                except StoreOutcomeUnknown as exc:
-                    if attempt == RESTORE_AT_START_ATTEMPTS:
-                        raise
-                    log.warning("recovery_commit_retrying", attempt=attempt, error=str(exc)[:300])
-                    await sleep(self.clock, RESTORE_AT_START_PAUSE_MS)
+            await self._persist_at_start(
+                functools.partial(self.store.commit, chunk, token),
+                StoreOutcomeUnknown,
+                "recovery_commit_retrying",
+            )
 
     async def _restore_at_start(self, core: Warmer) -> None:
         """Write what was read back into a store that lost it since; tried again while it
         fails (lost again, not answering: a Redis restarted twice): this worker alone holds
         it now, and giving up would lose it. StoreError after the last attempt."""
         held = await held_records(core)
+        await self._persist_at_start(
+            functools.partial(self.store.restore, held, core.last_token),
+            StoreError,
+            "store_restore_retrying",
+        )
+
+    async def _persist_at_start(
+        self,
+        write: Callable[[], Awaitable[None]],
+        retried: type[StoreError],
+        event: str,
+    ) -> None:
+        """``write()``, tried again on ``retried`` up to ``RESTORE_AT_START_ATTEMPTS`` times,
+        ``RESTORE_AT_START_PAUSE_MS`` apart (``event`` logged each time); the last error is
+        raised."""
         for attempt in range(1, RESTORE_AT_START_ATTEMPTS + 1):
             try:
-                await self.store.restore(held, core.last_token)
+                await write()
                 return
-            except StoreError as exc:
+            except retried as exc:
                 if attempt == RESTORE_AT_START_ATTEMPTS:
                     raise
-                log.warning("store_restore_retrying", attempt=attempt, error=str(exc)[:300])
+                log.warning(event, attempt=attempt, error=str(exc)[:300])
                 await sleep(self.clock, RESTORE_AT_START_PAUSE_MS)
 
     def _resumed_now(self, records: Mapping[str, Record]) -> int:
