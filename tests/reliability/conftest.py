@@ -139,6 +139,18 @@ def worker_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def worker_settings(broker: str, name: str, directory: Path, **more: str) -> dict[str, str]:
+    """The settings of a worker process of a test: its broker, namespace and SQLite file
+    in ``directory``, JSON logs; ``more`` adds or overrides settings."""
+    return {
+        "WARMER_AMQP_URL": broker,
+        "WARMER_NAMESPACE": name,
+        "WARMER_STORE": f"sqlite:///{directory / 'w.db'}",
+        "WARMER_LOG_FORMAT": "json",
+        **more,
+    }
+
+
 @pytest.fixture
 def spawn_worker() -> Iterator[Callable[..., WorkerProcess]]:
     """Start ``warmer run`` processes (``spawn_worker(WARMER_X=...)``); killed afterwards."""

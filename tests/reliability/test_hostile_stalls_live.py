@@ -19,7 +19,7 @@ import pytest
 from tests.integration.conftest import make_config
 from tests.integration.probe import Probe
 from tests.redis_server import RedisServer
-from tests.reliability.conftest import ready, until
+from tests.reliability.conftest import ready, until, worker_settings
 from tests.reliability.tcp_proxy import TcpProxy
 from tests.reliability.test_stalls import blocked
 from tests.reliability.test_startup_wait import free_port
@@ -70,12 +70,7 @@ async def test_a_topology_the_broker_refuses_exits_69_at_once_with_one_line(
     # does not change that. On main: a traceback (PRECONDITION_FAILED), exit 1.
     await probe.channel.declare_queue(probe.names.lifecycle, durable=True)
     started = time.monotonic()
-    worker = spawn_worker(
-        WARMER_AMQP_URL=amqp_url,
-        WARMER_NAMESPACE=namespace,
-        WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
-        WARMER_LOG_FORMAT="json",
-    )
+    worker = spawn_worker(**worker_settings(amqp_url, namespace, tmp_path))
     assert await worker.wait_exit(30) == 69, worker.log()
     assert time.monotonic() - started < 15
     (failure,) = worker.named("startup_failed")
@@ -164,14 +159,8 @@ async def test_a_flapping_connection_costs_a_few_lines_a_flap_and_none_from_the_
     spawn_worker: Any,
     tmp_path: Path,
 ) -> None:
-    worker = spawn_worker(
-        WARMER_AMQP_URL=proxy.url(amqp_url),
-        WARMER_NAMESPACE=namespace,
-        WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
-        WARMER_LOG_FORMAT="json",
-        WARMER_LOG_LEVEL="info",
-        WARMER_CONFIRM_TIMEOUT_MS="1000",
-    )
+    env = worker_settings(proxy.url(amqp_url), namespace, tmp_path, WARMER_LOG_LEVEL="info")
+    worker = spawn_worker(**env, WARMER_CONFIRM_TIMEOUT_MS="1000")
     await worker.wait_event("worker_started")
     await warming_every_second(probe)
 
@@ -276,13 +265,8 @@ async def test_sigterm_during_the_set_up_exits_0_with_no_traceback(
     proxy = await (HoldingProxy if held else TcpProxy).to_broker(amqp_url)
     try:
         trapped = proxy.cut_on_client_method(SET_UP_METHODS["queue.declare"])
-        worker = spawn_worker(
-            WARMER_AMQP_URL=proxy.url(amqp_url),
-            WARMER_NAMESPACE=namespace,
-            WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
-            WARMER_LOG_FORMAT="json",
-            WARMER_STARTUP_WAIT_S="300",
-        )
+        env = worker_settings(proxy.url(amqp_url), namespace, tmp_path, WARMER_STARTUP_WAIT_S="300")
+        worker = spawn_worker(**env)
         if held:
             await asyncio.wait_for(trapped, 15)
             await asyncio.sleep(0.3)

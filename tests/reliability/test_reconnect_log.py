@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tests.integration.probe import Probe
+from tests.reliability.conftest import worker_settings
 from tests.reliability.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.broker
@@ -31,11 +32,7 @@ async def test_an_outage_is_two_lines_with_the_attempts_and_the_time_between(
     tmp_path: Path,
 ) -> None:
     worker = spawn_worker(
-        WARMER_AMQP_URL=proxy.url(amqp_url),
-        WARMER_NAMESPACE=namespace,
-        WARMER_STORE=f"sqlite:///{tmp_path / 'w.db'}",
-        WARMER_LOG_FORMAT="json",
-        WARMER_LOG_LEVEL="info",
+        **worker_settings(proxy.url(amqp_url), namespace, tmp_path, WARMER_LOG_LEVEL="info")
     )
     await worker.wait_event("worker_started")
     warms = await probe.warms()

@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from tests.integration.probe import Listener, Probe
-from tests.reliability.conftest import queue_depths
+from tests.reliability.conftest import queue_depths, worker_settings
 from tests.reliability.tcp_proxy import TcpProxy
 from warmer.bus.topology import COMMAND_ROUTING_KEY
 
@@ -27,17 +27,6 @@ COMMAND_CONVERSATIONS = 5
 COMMANDS_EACH = 10  # set_interval, with replies: 50 commands
 SIGTERM_AFTER = 100  # messages published before the signal
 STOP_WITHIN_S = 5.0
-
-
-def settings(amqp_url: str, namespace: str, tmp_path: Path, **more: str) -> dict[str, str]:
-    """The environment of a worker process of this test."""
-    return {
-        "WARMER_AMQP_URL": amqp_url,
-        "WARMER_NAMESPACE": namespace,
-        "WARMER_STORE": f"sqlite:///{tmp_path / 'w.db'}",
-        "WARMER_LOG_FORMAT": "json",
-        **more,
-    }
 
 
 def burst(reply_to: str) -> list[tuple[str, dict[str, Any], str | None]]:
@@ -162,7 +151,7 @@ class Outputs:
 async def test_sigterm_in_mid_burst_exits_0_and_loses_nothing(
     amqp_url: str, namespace: str, probe: Probe, spawn_worker: Any, tmp_path: Path
 ) -> None:
-    env = settings(amqp_url, namespace, tmp_path)
+    env = worker_settings(amqp_url, namespace, tmp_path)
     worker = spawn_worker(**env)
     started = await worker.wait_event("worker_started")
     assert started["namespace"] == namespace
@@ -239,7 +228,7 @@ async def test_unreachable_broker_exits_quickly_with_advice_and_no_password(
     namespace: str, spawn_worker: Any, tmp_path: Path
 ) -> None:
     url = "amqp://guest:secret@127.0.0.1:1/"
-    worker = spawn_worker(**settings(url, namespace, tmp_path, WARMER_STARTUP_WAIT_S="0"))
+    worker = spawn_worker(**worker_settings(url, namespace, tmp_path, WARMER_STARTUP_WAIT_S="0"))
     started = time.monotonic()
     code = await worker.wait_exit(15)
     elapsed = time.monotonic() - started
@@ -257,7 +246,7 @@ async def test_unreachable_broker_exits_quickly_with_advice_and_no_password(
 async def test_a_bad_setting_exits_2_with_one_line_naming_it(
     amqp_url: str, namespace: str, spawn_worker: Any, tmp_path: Path
 ) -> None:
-    worker = spawn_worker(**settings(amqp_url, namespace, tmp_path, WARMER_PREFETCH="abc"))
+    worker = spawn_worker(**worker_settings(amqp_url, namespace, tmp_path, WARMER_PREFETCH="abc"))
     code = await worker.wait_exit(15)
     assert code == 2, f"exit code {code}; log:\n{worker.log()}"
     lines = [line for line in worker.lines if line.strip()]
@@ -273,7 +262,7 @@ async def test_sigterm_while_the_broker_is_unreachable_still_stops(
     spawn_worker: Any,
     tmp_path: Path,
 ) -> None:
-    worker = spawn_worker(**settings(proxy.url(amqp_url), namespace, tmp_path))
+    worker = spawn_worker(**worker_settings(proxy.url(amqp_url), namespace, tmp_path))
     await worker.wait_event("worker_started")
     await proxy.wait_connected(5)
     reply = await probe.command({"type": "set_enabled", "conversationId": "c", "enabled": True})

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.reliability.conftest import worker_settings
+
 pytestmark = pytest.mark.broker
 
 
@@ -24,13 +26,9 @@ def free_port() -> int:
 
 
 def absent(namespace: str, tmp_path: Path, **more: str) -> dict[str, str]:
-    return {
-        "WARMER_AMQP_URL": f"amqp://guest:s3cr3t@127.0.0.1:{free_port()}/",
-        "WARMER_NAMESPACE": namespace,
-        "WARMER_STORE": f"sqlite:///{tmp_path / 'w.db'}",
-        "WARMER_LOG_FORMAT": "json",
-        **more,
-    }
+    """A worker's environment naming a broker nobody listens for (password shown masked)."""
+    url = f"amqp://guest:s3cr3t@127.0.0.1:{free_port()}/"
+    return worker_settings(url, namespace, tmp_path, **more)
 
 
 def get(url: str) -> tuple[int, str]:
