@@ -60,6 +60,13 @@ class StoreLost(StoreError):
     to an older copy); nothing of the call was written. ``restore`` writes it all again."""
 
 
+class StoreFenced(StoreError):
+    """Another replica took this shard since this view opened it (the shard's epoch in the
+    store is above this view's): nothing of the call was written. Never retried: the shard
+    is another's now, so its runner stops, gives back what it holds unacknowledged and
+    publishes nothing more for it."""
+
+
 class Loaded(Struct, frozen=True, kw_only=True):
     """Everything a store holds, as read at start."""
 
@@ -72,7 +79,15 @@ class Loaded(Struct, frozen=True, kw_only=True):
 
 
 class Store(Protocol):
-    """Conversation records and the token counter, behind one asynchronous interface."""
+    """Conversation records and the token counter, behind one asynchronous interface.
+
+    With shards (``Shared`` below) a Store is one shard's view: ``shard`` names it and
+    ``epoch`` is the ownership epoch its ``open`` took (0 before it is open, and for a
+    back end without shards).
+    """
+
+    shard: int
+    epoch: int
 
     async def open(self) -> None:
         """Connect and prepare the schema; raises StoreError when the store is unusable."""
@@ -156,3 +171,98 @@ def next_sequence(last: int) -> int:
     """The sequence of the next write: above ``last``, and the wall clock's milliseconds
     when those are ahead, so that the most recent writers have the highest entries."""
     return max(last + 1, time.time_ns() // 1_000_000)
+
+
+# -- Shards: one store shared by several replicas -------------------------------------------
+#
+# A ``Shared`` store is one connection to a back end that holds the records of every shard
+# of a namespace; ``shard(k, replica)`` gives the ``Store`` above for shard ``k`` alone (a
+# *view*). Opening a view *takes* the shard: it raises the shard's ownership epoch in the
+# store (``epoch`` afterwards holds the one taken) and records ``replica`` as its owner;
+# every later ``commit``, ``check`` and ``restore`` of the view checks, in the same atomic
+# step as its writes, that the shard's epoch is still its own, and raises ``StoreFenced``
+# (nothing written) once another view took it. Epochs only grow, also across a store that
+# lost its data: a new epoch is max(stored + 1, wall-clock ms). A view's ``load`` reads its
+# shard's records only (the gap model under ``MODEL_KEY`` is kept per shard too, each
+# written by its shard's owner alone); the token is one for the whole store (max of all).
+# Shard 0 of a store laid out for one shard is exactly what a store held before shards
+# existed (same keys, same tables): a single worker upgrades in place.
+
+
+class Owner(Struct, frozen=True, kw_only=True):
+    """Who took a shard last, as the store records it."""
+
+    shard: int
+    epoch: int
+    replica: str
+    """The replica id given to ``shard(k, replica)``."""
+    since_ms: int
+    """Wall-clock ms when it took the shard."""
+    released: bool = False
+    """Its view was closed (handed over or stopped); the shard waits for a new owner."""
+
+
+class Replica(Struct, frozen=True, kw_only=True):
+    """A replica's presence, as ``beat`` left it."""
+
+    id: str
+    info: str
+    """What the replica said of itself (host, pid, version: free text, at most 1,000 chars)."""
+    seen_ms: int
+    """Wall-clock ms of its last beat."""
+
+
+class Shared(Protocol):
+    """One back end holding every shard of a namespace, shared by its replicas."""
+
+    url: str
+    """The URL with any password masked: safe to log."""
+
+    shareable: bool
+    """Whether replicas on other hosts can use it (Redis, PostgreSQL) or not (SQLite)."""
+
+    async def open(self) -> None:
+        """Connect and prepare the schema (idempotent); StoreUnreachable while it cannot be
+        reached, StoreError when it is unusable."""
+        ...
+
+    async def close(self) -> None:
+        """Release the back end; views must be closed first. Calling it twice is harmless."""
+        ...
+
+    def shard(self, shard: int, replica: str) -> Store:
+        """A view of shard ``shard`` (0-based), not yet opened: its ``open`` takes the shard
+        for ``replica``, its ``close`` releases it (the epoch stays)."""
+        ...
+
+    async def layout(self) -> int | None:
+        """How many shards the records are laid out for: None for an empty store never laid
+        out, 1 for a store written before shards existed."""
+        ...
+
+    async def set_layout(self, shards: int) -> None:
+        """Record the layout (at the first start, or by ``warmer reshard``)."""
+        ...
+
+    async def beat(self, replica: str, info: str, ttl_ms: int) -> list[Replica]:
+        """Record that ``replica`` is alive (for ``ttl_ms``); every replica alive now,
+        this one included, sorted by id. Entries older than their ttl are removed."""
+        ...
+
+    async def leave(self, replica: str) -> None:
+        """Remove ``replica``'s presence (a clean stop)."""
+        ...
+
+    async def owners(self) -> list[Owner]:
+        """Every shard ever taken, by shard."""
+        ...
+
+    async def ids(self, shard: int) -> list[str]:
+        """The conversation ids of shard ``shard`` (``warmer reshard``; not on a hot path)."""
+        ...
+
+    async def assign(self, moves: Mapping[str, int]) -> None:
+        """Move each conversation's record (and nothing else) to the shard given, in
+        chunks; only while no replica runs (``warmer reshard``). An id with no record is
+        skipped; ``MODEL_KEY`` is never moved."""
+        ...
