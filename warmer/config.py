@@ -35,7 +35,11 @@ _INT_MAX: Final = 2**53 - 1
 
 Namespace = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9._-]{1,100}\Z")]
 AmqpUrl = Annotated[str, msgspec.Meta(pattern=r"\Aamqps?://.+\Z")]
-StoreUrl = Annotated[str, msgspec.Meta(pattern=r"\A(sqlite:///.+|rediss?://.+|memory://)\Z")]
+StoreUrl = Annotated[
+    str, msgspec.Meta(pattern=r"\A(sqlite:///.+|rediss?://.+|postgres(ql)?://.+|memory://)\Z")
+]
+Shards = Annotated[int, msgspec.Meta(ge=1, le=256)]
+ReplicaId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9._:-]{0,100}\Z")]
 Prefetch = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -97,6 +101,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_s: HeartbeatSeconds = 10
     startup_wait_s: WaitSeconds = 300
     stall_s: StallSeconds = 15
+    shards: Shards = 1
+    replica_id: ReplicaId = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
@@ -206,9 +212,11 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "WARMER_STORE",
         "store",
         "where conversation state is kept: sqlite:///relative.db, "
-        "sqlite:////absolute/path.db (embedded), redis://host:6379/0 (a standby can take "
-        "over), or memory:// (tests only: nothing survives)",
-        "a sqlite:///<path>, redis://<host>:<port>/<db>, rediss://... or memory:// URL",
+        "sqlite:////absolute/path.db (embedded: one replica only), redis://host:6379/0 or "
+        "postgresql://user@host:5432/db (shared by the replicas of a namespace), or "
+        "memory:// (tests only: nothing survives)",
+        "a sqlite:///<path>, redis://<host>:<port>/<db>, rediss://..., "
+        "postgresql://<user>@<host>:<port>/<db>[?schema=name] or memory:// URL",
     ),
     Setting(
         "WARMER_STORE_TIMEOUT_MS",
@@ -374,6 +382,24 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "when inputs (deliveries, timers that fell due) wait this long while the pipeline "
         "takes none, /readyz says not ready (stall) until it moves again, in seconds",
         "an integer from 1 to 3600 (seconds)",
+    ),
+    Setting(
+        "WARMER_SHARDS",
+        "shards",
+        "how many shards the namespace's conversations are split into inside the broker "
+        "(the consistent-hash exchange plugin, for more than 1); each shard has one owner "
+        "among the replicas, taken over within seconds when it goes. Every replica of a "
+        "namespace must give the same number; a multiple of the replicas you expect, such "
+        "as 16 for up to 8. Changing it on a namespace in use: warmer reshard",
+        "an integer from 1 to 256",
+    ),
+    Setting(
+        "WARMER_REPLICA_ID",
+        "replica_id",
+        "this replica's name in logs, /readyz, warmer shards and the x-warmer-replica header "
+        "of what it publishes; empty: the host name and process id",
+        "up to 100 letters, digits and ._:-",
+        shown="host name:process id",
     ),
 )
 
