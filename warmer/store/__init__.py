@@ -6,35 +6,56 @@
     await store.open()
     loaded = await store.load()
     await store.commit({"c-1": record, "c-2": None}, token=loaded.token + 1)
+
+With shards, ``open_shared`` gives the back end every replica shares, and its views::
+
+    shared = open_shared("redis://localhost/0?prefix=prod", timeout_ms=2000)
+    await shared.open()
+    view = shared.shard(3, replica="pod-a")
+    await view.open()  # takes shard 3: the view that held it is fenced from now on
 """
 
 from __future__ import annotations
 
 from warmer.store.base import (
     Loaded,
+    Owner,
     RawSettings,
+    Replica,
+    Shared,
     Store,
     StoreError,
+    StoreFenced,
     StoreLost,
     StoreOutcomeUnknown,
     StoreUnreachable,
 )
-from warmer.store.memory import MemoryStore
+from warmer.store.memory import MemoryShared, MemoryStore
 from warmer.store.redis import RedisStore
+from warmer.store.redis_shared import RedisShared
 from warmer.store.sqlite import SqliteStore
+from warmer.store.sqlite_shared import SqliteShared
 
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
     "Loaded",
+    "MemoryShared",
     "MemoryStore",
+    "Owner",
     "RawSettings",
+    "RedisShared",
     "RedisStore",
+    "Replica",
+    "Shared",
+    "SqliteShared",
     "SqliteStore",
     "Store",
     "StoreError",
+    "StoreFenced",
     "StoreLost",
     "StoreOutcomeUnknown",
     "StoreUnreachable",
+    "open_shared",
     "open_store",
 ]
 
@@ -68,6 +89,27 @@ def open_store(url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Store:
     if scheme == "sqlite":
         return SqliteStore(_sqlite_path(rest), busy_timeout_ms=timeout_ms)
     # The URL itself may carry credentials: name only its scheme.
+    raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_FORMS}")
+
+
+def open_shared(url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Shared:
+    """The shared store ``url`` names, not yet opened (the forms of ``open_store``);
+    ValueError for a URL of another form. ``memory://`` gives a new, empty one each call.
+
+    Shard 0 of a store laid out for one shard is what ``open_store`` reads and writes: a
+    store written before shards loads unchanged through either.
+    """
+    scheme, separator, rest = url.partition("://")
+    scheme = scheme.lower()
+    if not separator:
+        raise ValueError(f"store URL has no scheme; use {_FORMS}")
+    if scheme in ("redis", "rediss"):
+        return RedisShared(url, connect_timeout=timeout_ms / 1000, timeout=timeout_ms / 1000)
+    if scheme == "memory" and not rest:
+        return MemoryShared()
+    if scheme == "sqlite":
+        return SqliteShared(_sqlite_path(rest), busy_timeout_ms=timeout_ms)
+    # postgresql:// goes here: warmer.store.postgres, imported only when named.
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_FORMS}")
 
 

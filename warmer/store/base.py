@@ -189,6 +189,36 @@ def next_sequence(last: int) -> int:
 # existed (same keys, same tables): a single worker upgrades in place.
 
 
+MAX_SHARDS = 256
+"""The most shards a store is laid out for (``WARMER_SHARDS``): shard ids are 0..255."""
+
+PRESENCE_INFO_CHARS = 1000
+"""What ``beat`` keeps of a replica's ``info``."""
+
+
+def new_epoch(stored: int | None) -> int:
+    """The epoch a view takes over ``stored`` (None: no entry): above it, and the wall
+    clock's milliseconds when those are ahead, so that a store that lost its entries (and
+    so ``stored``) still hands out epochs above every one taken before."""
+    return max((stored or 0) + 1, time.time_ns() // 1_000_000)
+
+
+def wall_ms() -> int:
+    """The wall clock in milliseconds, as the stores read it (``since_ms``, ``seen_ms``)."""
+    return time.time_ns() // 1_000_000
+
+
+def judge_epoch(held: int | None, epoch: int, *, restoring: bool, where: str) -> None:
+    """The fence, as every back end applies it inside its atomic step: StoreFenced when
+    the shard's stored epoch ``held`` is above the view's ``epoch`` (another view took the
+    shard); StoreLost when it is missing or below (the store lost it, or went back to an
+    older copy), unless ``restoring``, which writes it again."""
+    if held is not None and held > epoch:
+        raise StoreFenced(f"{where}: taken at epoch {held}, above this view's {epoch}")
+    if not restoring and held != epoch:
+        raise StoreLost(f"{where} lost the shard's epoch: it holds {held}, not {epoch}")
+
+
 class Owner(Struct, frozen=True, kw_only=True):
     """Who took a shard last, as the store records it."""
 

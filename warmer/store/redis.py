@@ -6,6 +6,12 @@ record), the token in the string ``{prefix}:token`` and each writer's entry (the
 of its last commit, ``warmer.store.base``) in the hash ``{prefix}:writers``; the prefix
 defaults to ``warmer``.
 
+With shards (``warmer.store.redis_shared``) shard 0 keeps that hash, so a store written
+before shards loads unchanged, and shard k > 0 the hash ``{prefix}:conversations:{k}``; the
+token and the writers stay one for the store. Each shard's owner is a field of the hash
+``{prefix}:owners`` (field = the shard, value = ``epoch since_ms released replica``); the
+commit script checks it beside the writer's entry (the fence, ``warmer.store.base``).
+
 A commit is one round trip: a Lua script, which Redis runs atomically. It checks the
 types of the keys, the stored token and the writer's entry before it writes anything,
 because Redis never rolls back: neither a MULTI/EXEC transaction nor a script undoes the
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from redis import exceptions as redis_errors
@@ -34,17 +41,21 @@ from redis.commands.core import AsyncScript
 
 from warmer.observe.log import get_logger
 from warmer.store.base import (
+    MAX_SHARDS,
     MAX_TOKEN,
     WRITERS_KEPT,
     Loaded,
     StoreError,
+    StoreFenced,
     StoreLost,
     StoreOutcomeUnknown,
     StoreUnreachable,
     check_commit,
+    judge_epoch,
     new_writer,
     next_sequence,
     refresh_due,
+    wall_ms,
 )
 
 log = get_logger(__name__)
@@ -57,11 +68,16 @@ _FORM = "redis://[[user]:password@]host[:port][/db][?prefix=name] or rediss://..
 _SCAN_COUNT = 10_000
 _RESTORE_CHUNK = 10_000
 _LOST = "WARMERLOST"
+_FENCED = "WARMERFENCED"
 _BACKEND_ERRORS = (redis_errors.RedisError, OSError)
 
-# KEYS: the records hash, the token string, the writers hash. ARGV: the token, the number
-# of puts, the writer, the entry to write, the entry expected (see below), the puts as id,
-# record pairs, then the ids to delete. Tokens are compared as decimal strings: a Lua number
+# KEYS: the records hash, the token string, the writers hash, the owners hash. ARGV: the
+# token, the number of puts, the writer, the entry to write, the entry expected (see
+# below), the shard, the fence, the owner entry a restore writes, the puts as id, record
+# pairs, then the ids to delete. The fence: '' none (a store on its own); '=' and the
+# view's epoch (a commit): the shard's epoch must be exactly it, WARMERFENCED when above,
+# WARMERLOST when missing or below; '>' and the epoch (a restore): WARMERFENCED when above,
+# else the owner entry is written again. Tokens are compared as decimal strings: a Lua number
 # (a double) is exact only up to 2^53; sequences are milliseconds, well below it.
 #
 # An entry is the sequence of the writer's last commit, or 'r', the sequence the restore
@@ -71,7 +87,7 @@ _BACKEND_ERRORS = (redis_errors.RedisError, OSError)
 # ignored (0); an 'r' nonce: exactly it; a sequence: an entry at least as high. A commit
 # whose sequence is not above the entry is a late copy of one already made: ignored (0).
 _COMMIT = """
-local records, token_key, writers = KEYS[1], KEYS[2], KEYS[3]
+local records, token_key, writers, owners = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local kind = redis.call('TYPE', records)['ok']
 if kind ~= 'none' and kind ~= 'hash' then
   return redis.error_reply('WRONGTYPE ' .. records .. ' holds a ' .. kind .. ', not a hash')
@@ -89,6 +105,28 @@ if stored and not (stored == '0' or (string.match(stored, '^[1-9]%d*$')
     and (#stored < 19 or (#stored == 19 and stored <= '9223372036854775807')))) then
   return redis.error_reply('ERR ' .. token_key .. ' holds ' .. string.sub(stored, 1, 40)
     .. ', not a token')
+end
+local shard, fence = ARGV[6], ARGV[7]
+local retake = false
+if fence ~= '' then
+  kind = redis.call('TYPE', owners)['ok']
+  if kind ~= 'none' and kind ~= 'hash' then
+    return redis.error_reply('WRONGTYPE ' .. owners .. ' holds a ' .. kind .. ', not a hash')
+  end
+  local owner = redis.call('HGET', owners, shard)
+  local held = owner and tonumber(string.match(owner, '^(%d+) '))
+  local mine = tonumber(string.sub(fence, 2))
+  if held and held > mine then
+    return redis.error_reply('WARMERFENCED shard ' .. shard .. ' was taken at epoch '
+      .. string.format('%d', held) .. ', above ' .. string.format('%d', mine))
+  end
+  if held ~= mine then
+    if string.sub(fence, 1, 1) == '=' then
+      return redis.error_reply('WARMERLOST ' .. owners .. ' holds no epoch ' .. string.sub(fence, 2)
+        .. ' for shard ' .. shard)
+    end
+    retake = true
+  end
 end
 local writer, entry, expected = ARGV[3], ARGV[4], ARGV[5]
 local held = redis.call('HGET', writers, writer)
@@ -118,9 +156,12 @@ if sequence(held) and sequence(entry) and sequence(held) >= sequence(entry) then
   return 0
 end
 local token = ARGV[1]
-local first_delete = 6 + 2 * tonumber(ARGV[2])
+if retake then
+  redis.call('HSET', owners, shard, ARGV[8])
+end
+local first_delete = 9 + 2 * tonumber(ARGV[2])
 -- unpack() is bounded by the Lua stack: write in chunks (of whole pairs for HSET).
-for i = 6, first_delete - 1, 1000 do
+for i = 9, first_delete - 1, 1000 do
   redis.call('HSET', records, unpack(ARGV, i, math.min(i + 999, first_delete - 1)))
 end
 for i = first_delete, #ARGV, 1000 do
@@ -135,8 +176,57 @@ return 1
 """
 
 
+# KEYS: the owners hash. ARGV: the shard, the replica. Takes the shard: its epoch raised to
+# max(stored + 1, the server's clock in ms), returned.
+_TAKE = """
+local owners, shard = KEYS[1], ARGV[1]
+local kind = redis.call('TYPE', owners)['ok']
+if kind ~= 'none' and kind ~= 'hash' then
+  return redis.error_reply('WRONGTYPE ' .. owners .. ' holds a ' .. kind .. ', not a hash')
+end
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local owner = redis.call('HGET', owners, shard)
+local stored = owner and tonumber(string.match(owner, '^(%d+) ')) or 0
+local epoch = math.max(stored + 1, now)
+redis.call('HSET', owners, shard, string.format('%d %d 0 ', epoch, now) .. ARGV[2])
+return epoch
+"""
+
+# KEYS: the owners hash. ARGV: the shard, the epoch. Marks the shard released when its
+# epoch is still this one.
+_RELEASE = """
+local owner = redis.call('HGET', KEYS[1], ARGV[1])
+if not owner then return 0 end
+local epoch, since, replica = string.match(owner, '^(%d+) (%d+) %d (.*)$')
+if epoch ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], epoch .. ' ' .. since .. ' 1 ' .. replica)
+return 1
+"""
+
+
+@dataclass
+class RedisLink:
+    """The client a ``RedisShared`` opens, which its views borrow (None while closed)."""
+
+    client: Redis | None = None
+
+
+def records_key(prefix: str, shard: int) -> str:
+    """The hash of shard ``shard``'s records: shard 0's is the one a store had before
+    shards existed."""
+    if not 0 <= shard < MAX_SHARDS:
+        raise ValueError(f"shard {shard} is outside 0..{MAX_SHARDS - 1}")
+    return f"{prefix}:conversations" if shard == 0 else f"{prefix}:conversations:{shard}"
+
+
 class RedisStore:
-    """A Store in a Redis database, under a key prefix of its own."""
+    """A Store in a Redis database, under a key prefix of its own.
+
+    On its own (``RedisStore(url)``) it is shard 0, never fenced, with a client of its own;
+    ``RedisShared.shard`` gives views that borrow the shared client and take their shard
+    at ``open``.
+    """
 
     def __init__(
         self,
@@ -145,16 +235,26 @@ class RedisStore:
         connect_timeout: float = 2.0,
         timeout: float = 2.0,
         scan_count: int = _SCAN_COUNT,
+        link: RedisLink | None = None,
+        shard: int = 0,
+        replica: str | None = None,
     ) -> None:
         """Use the Redis ``url`` names; ValueError (never showing the password) when malformed.
 
         ``timeout``: how long a command may go unanswered before its outcome is unknown.
+        A view of a ``RedisShared`` borrows its ``link`` and takes ``shard`` for ``replica``.
         """
         # self.url is the URL with its password masked: safe to log and to show.
         self._connect_url, self.prefix, self.url, self._secrets = _parse(url)
-        self.records_key = f"{self.prefix}:conversations"
+        self.shard = shard
+        self.epoch = 0
+        self._link = link
+        self._replica = replica
+        """Who takes the shard at ``open``: None for a store on its own (never fenced)."""
+        self.records_key = records_key(self.prefix, shard)
         self.token_key = f"{self.prefix}:token"
         self.writers_key = f"{self.prefix}:writers"
+        self.owners_key = f"{self.prefix}:owners"
         self.writer = new_writer()
         """This store's entry in ``writers_key``."""
         self._connect_timeout = connect_timeout
@@ -171,33 +271,17 @@ class RedisStore:
         self._commits = asyncio.Lock()
 
     async def open(self) -> None:
-        """Connect, check that Redis answers, record this writer; StoreError if not."""
+        """Connect, check that Redis answers, record this writer; StoreError if not. A view
+        borrows the shared client and takes its shard first."""
         if self._client is not None:
             return
-        client = Redis.from_url(
-            self._connect_url,
-            decode_responses=False,
-            socket_connect_timeout=self._connect_timeout,
-            socket_timeout=self._timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
-        try:
-            await client.ping()
-            script = client.register_script(_COMMIT)
-            await client.script_load(script.script)
-        except _BACKEND_ERRORS as exc:
-            await client.aclose()
-            error = self._error("cannot reach", exc)
-            if _unreachable(exc):
-                raise StoreUnreachable(str(error)) from exc
-            raise error from exc
-        except BaseException:
-            await client.aclose()
-            raise
+        if self._link is not None:
+            await self._open_view(self._link)
+            return
+        client = await self.connect()
         self._client = client
-        self._script = script
+        self._script = client.register_script(_COMMIT)
         try:
-            await self._persistence()
             await self._forget_old_writers()
             async with self._commits:
                 await self._run({}, 0, entry=str(self._next()), expected="")
@@ -207,9 +291,57 @@ class RedisStore:
             raise
         log.info("store_opened", url=self.url, prefix=self.prefix, writer=self.writer)
 
-    async def _persistence(self) -> None:
+    async def connect(self) -> Redis:
+        """A new client, once Redis answered and its persistence was checked (a warning
+        when it keeps nothing); StoreUnreachable or StoreError if not. The caller closes it."""
+        client: Redis = Redis.from_url(
+            self._connect_url,
+            decode_responses=False,
+            socket_connect_timeout=self._connect_timeout,
+            socket_timeout=self._timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        try:
+            await client.ping()
+            await client.script_load(_COMMIT)
+        except _BACKEND_ERRORS as exc:
+            await client.aclose()
+            error = self._error("cannot reach", exc)
+            if _unreachable(exc):
+                raise StoreUnreachable(str(error)) from exc
+            raise error from exc
+        except BaseException:
+            await client.aclose()
+            raise
+        try:
+            await self._persistence(client)
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    async def _open_view(self, link: RedisLink) -> None:
+        if link.client is None:
+            raise StoreError(f"redis store {self.url} is not open")
+        self._client = link.client
+        self._script = link.client.register_script(_COMMIT)
+        try:
+            await self._forget_old_writers()
+            take = link.client.register_script(_TAKE)
+            try:
+                epoch = await take(keys=[self.owners_key], args=[self.shard, str(self._replica)])
+            except _BACKEND_ERRORS as exc:
+                raise self._error("cannot take the shard in", exc) from exc
+            self.epoch = int(epoch)
+            async with self._commits:
+                await self._run({}, 0, entry=str(self._next()), expected="")
+        except BaseException:
+            self._client = self._script = None
+            raise
+        log.info("store_shard_taken", url=self.url, shard=self.shard, epoch=self.epoch)
+
+    async def _persistence(self, client: Redis) -> None:
         """Warn when the server would come back empty, or lose the last second, on restart."""
-        client, _ = self._connection()
         try:
             found = await client.config_get("appendonly")
             found |= await client.config_get("appendfsync")
@@ -264,8 +396,14 @@ class RedisStore:
         try:
             # A late copy of a commit, finding no entry, is refused instead of landing.
             await client.hdel(self.writers_key, self.writer)  # type: ignore[misc]
+            if self._replica is not None:
+                release = client.register_script(_RELEASE)
+                await release(keys=[self.owners_key], args=[self.shard, self.epoch])
         except _BACKEND_ERRORS as exc:
             log.info("store_writer_not_forgotten", url=self.url, error=str(exc)[:200])
+        if self._link is not None:
+            log.info("store_shard_released", url=self.url, shard=self.shard, epoch=self.epoch)
+            return
         try:
             await client.aclose()
         except _BACKEND_ERRORS as exc:
@@ -338,11 +476,16 @@ class RedisStore:
                 self._seen = sequence
             return
         try:
-            held = await client.hget(self.writers_key, self.writer)  # type: ignore[misc]
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hget(self.writers_key, self.writer)
+                pipe.hget(self.owners_key, str(self.shard))
+                held, owner = await pipe.execute()
         except redis_errors.ResponseError as exc:
             raise self._error("cannot check", exc, key=self.writers_key) from exc
         except _BACKEND_ERRORS as exc:
             raise self._error("cannot check", exc) from exc
+        if self._replica is not None:
+            judge_epoch(_epoch(owner), self.epoch, restoring=False, where=self._where())
         if held is None or not held.isdigit() or int(held) < self._seen:
             shown = "no entry" if held is None else f"{held[:40]!r}"
             raise StoreLost(
@@ -369,11 +512,22 @@ class RedisStore:
                     token,
                     entry=str(final) if final else nonce,
                     expected=f"<{began}" if index == 0 else nonce,
+                    restoring=True,
                 )
                 if final:
                     self._seen = final
                 # Redis answers others between chunks.
                 await asyncio.sleep(0)
+
+    def _where(self) -> str:
+        return f"redis store {self.url} shard {self.shard} ({self.owners_key})"
+
+    def _fence(self, *, restoring: bool) -> list[str]:
+        """The fence and owner arguments of the commit script (see ``_COMMIT``)."""
+        if self._replica is None:
+            return ["", ""]
+        owner = f"{self.epoch} {wall_ms()} 0 {self._replica}"
+        return [f"{'>' if restoring else '='}{self.epoch}", owner]
 
     def _next(self) -> int:
         self._sent = next_sequence(self._sent)
@@ -387,6 +541,7 @@ class RedisStore:
         entry: str,
         expected: str,
         doing: str = "commit to",
+        restoring: bool = False,
     ) -> None:
         """One call of the commit script; the caller holds ``_commits``."""
         client, script = self._connection()
@@ -399,8 +554,18 @@ class RedisStore:
                 puts += (conversation_id, record)
         try:
             await script(
-                keys=[self.records_key, self.token_key, self.writers_key],
-                args=[token, len(puts) // 2, self.writer, entry, expected, *puts, *deletes],
+                keys=[self.records_key, self.token_key, self.writers_key, self.owners_key],
+                args=[
+                    token,
+                    len(puts) // 2,
+                    self.writer,
+                    entry,
+                    expected,
+                    self.shard,
+                    *self._fence(restoring=restoring),
+                    *puts,
+                    *deletes,
+                ],
                 client=client,
             )
         except _BACKEND_ERRORS as exc:
@@ -415,6 +580,8 @@ class RedisStore:
         for secret in self._secrets:
             reason = reason.replace(secret, "***")
         message = f"{doing} redis store {self.url}: {type(exc).__name__}: {reason}"
+        if isinstance(exc, redis_errors.ResponseError) and reason.startswith(_FENCED):
+            return StoreFenced(f"redis store {self.url}: {reason}")
         if isinstance(exc, redis_errors.ResponseError) and reason.startswith(_LOST):
             return StoreLost(f"redis store {self.url} lost writer {self.writer}'s data: {reason}")
         if _not_sent(exc):
@@ -432,6 +599,12 @@ def _not_sent(exc: BaseException) -> bool:
     return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError) and (
         "connecting to" in str(exc)
     )
+
+
+def _epoch(owner: bytes | None) -> int | None:
+    """The epoch in an owner entry (``epoch since_ms released replica``), None without one."""
+    epoch = (owner or b"").partition(b" ")[0]
+    return int(epoch) if epoch.isdigit() else None
 
 
 def _rank(entry: bytes) -> int:
@@ -488,4 +661,4 @@ def _unreachable(exc: BaseException) -> bool:
     return isinstance(exc, redis_errors.ConnectionError | redis_errors.TimeoutError | OSError)
 
 
-__all__ = ["DEFAULT_PREFIX", "RedisStore"]
+__all__ = ["DEFAULT_PREFIX", "RedisLink", "RedisStore", "records_key"]
