@@ -23,7 +23,7 @@ from tests.redis_server import HoldingProxy, redis_server
 from tests.sqlite_lock import Locker
 from tests.unit.test_hostile_store import WallClock
 from warmer.app import App, StartupError
-from warmer.store import RedisStore, StoreLost, StoreOutcomeUnknown
+from warmer.store import RedisShared, RedisStore, StoreLost, StoreOutcomeUnknown
 from warmer.store import redis as redis_store
 from warmer.store.base import WRITER_REFRESH_MS, WRITERS_KEPT
 
@@ -227,39 +227,41 @@ async def test_redis_back_from_an_older_snapshot_is_given_what_came_after(
         await read_back(probe, answered)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a killed worker's entry stays, so its commit held up in the network lands "
-    "whenever it arrives, over what the next worker committed since (decision 8 assumed "
-    "it only repeats the redelivered batch; later commands on the same conversation are "
-    "undone)",
-)
 async def test_a_killed_worker_s_commit_delivered_late_never_undoes_the_next_worker_s(
     tmp_path: Path,
 ) -> None:
+    # A killed worker's entry stays, so its commit held up in the network would land
+    # whenever it arrived, over what the next worker committed since. The next worker
+    # took the shard (a higher epoch): the late commit is fenced inside the script.
     async with redis_server(tmp_path) as server:
         proxy = HoldingProxy(server.port)
         await proxy.start()
-        first = RedisStore(proxy.url, timeout=0.3, connect_timeout=0.3)
-        second = RedisStore(server.url)
+        lost = RedisShared(proxy.url, timeout=0.3, connect_timeout=0.3)
+        here = RedisShared(server.url)
+        await lost.open()
+        await here.open()
+        first, second = lost.shard(0, "lost"), here.shard(0, "next")
         try:
             await first.open()
             await first.commit({"c": b"one"}, 1)
             proxy.hold()  # a network partition: the node and its worker are lost
             with pytest.raises(StoreOutcomeUnknown):
                 await first.commit({"c": b"two"}, 2)
-            # The worker is killed (its entry stays); the next one redelivers the command
-            # and answers two more ok.
+            # The worker is killed (its entry stays); the next one takes the shard,
+            # redelivers the command and answers two more ok.
             await second.open()
             await second.commit({"c": b"two"}, 2)
             await second.commit({"c": b"three"}, 3)
             await proxy.release()  # the partition heals: the kernel sends the bytes on
             assert (await second.load()).records == {"c": b"three"}
+            await second.check()
         finally:
             await second.close()
+            await here.close()
             await proxy.close()
-            if first._client is not None:
-                await first._client.aclose()
+            client = lost._link.client
+            if client is not None:
+                await client.aclose()
 
 
 async def test_stopped_while_a_write_s_outcome_is_unknown_the_command_is_answered_by_the_next(
