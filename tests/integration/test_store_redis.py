@@ -21,8 +21,10 @@ from structlog.testing import capture_logs
 from tests.redis_server import HoldingProxy, redis_server
 from warmer.store import (
     Loaded,
+    RedisShared,
     RedisStore,
     StoreError,
+    StoreFenced,
     StoreLost,
     StoreOutcomeUnknown,
     open_store,
@@ -429,3 +431,61 @@ async def test_a_commit_delivered_late_by_the_network_never_undoes_a_later_one(
         finally:
             await store.close()
             await proxy.close()
+
+
+async def test_shards_and_their_owners_are_keys_beside_shard_0_s(
+    redis_store_url: str, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    shared = RedisShared(redis_store_url)
+    await shared.open()
+    zero, three = shared.shard(0, "pod-a"), shared.shard(3, "pod b")
+    try:
+        await zero.open()
+        await three.open()
+        await zero.commit({"c-0": b"zero"}, 2)
+        await three.commit({"c-3": b"three"}, 5)
+        await shared.set_layout(4)
+        await shared.beat("pod-a", "host a", 60_000)
+        assert await awaitable(raw.hgetall(f"{redis_prefix}:conversations")) == {b"c-0": b"zero"}
+        assert await awaitable(raw.hgetall(f"{redis_prefix}:conversations:3")) == {b"c-3": b"three"}
+        assert await raw.get(f"{redis_prefix}:token") == b"5"
+        assert await raw.get(f"{redis_prefix}:layout") == b"4"
+        owner = await awaitable(raw.hget(f"{redis_prefix}:owners", "3"))
+        assert owner is not None
+        epoch, since, released, replica = owner.split(b" ", 3)
+        assert (int(epoch), released, replica) == (three.epoch, b"0", b"pod b")
+        assert abs(int(since) - time.time() * 1000) < 60_000
+        seen = await awaitable(raw.hget(f"{redis_prefix}:replicas", "pod-a"))
+        assert seen is not None and seen.endswith(b" host a")
+        keys = {key async for key in raw.scan_iter(match=f"{redis_prefix}*")}
+        names = ("conversations", "conversations:3", "token", "writers", "owners")
+        names += ("layout", "replicas")
+        assert keys == {f"{redis_prefix}:{name}".encode() for name in names}
+    finally:
+        await zero.close()
+        await three.close()
+        await shared.close()
+    owner = await awaitable(raw.hget(f"{redis_prefix}:owners", "3"))
+    assert owner is not None and owner.split(b" ")[2] == b"1"  # released, epoch kept
+
+
+async def test_a_fenced_commit_is_refused_inside_the_script_before_any_write(
+    redis_store_url: str, raw: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    shared = RedisShared(redis_store_url)
+    await shared.open()
+    first, second = shared.shard(1, "a"), shared.shard(1, "b")
+    try:
+        await first.open()
+        await second.open()
+        # Straight to the script: no check on this side of the wire decides it.
+        with pytest.raises(StoreFenced) as fenced:
+            async with first._commits:
+                await first._run({"c": b"late"}, 99, entry=str(first._next()), expected="")
+        assert_one_line(fenced.value, "WARMERFENCED", str(second.epoch))
+        assert await awaitable(raw.hgetall(f"{redis_prefix}:conversations:1")) == {}
+        assert await raw.get(f"{redis_prefix}:token") is None
+    finally:
+        await first.close()
+        await second.close()
+        await shared.close()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from warmer.store import Loaded, MemoryStore, RawSettings, Store, StoreError
+from warmer.store import (
+    Loaded,
+    MemoryShared,
+    MemoryStore,
+    RawSettings,
+    Store,
+    StoreError,
+    StoreLost,
+    StoreOutcomeUnknown,
+)
 
 
 def test_satisfies_the_store_protocol() -> None:
@@ -101,3 +110,28 @@ async def test_a_refused_commit_does_not_use_up_a_failure() -> None:
     with pytest.raises(ValueError):
         await store.commit({}, -1)
     assert store.fail_next == 1
+
+
+async def test_a_view_of_a_shared_store_has_the_same_switches() -> None:
+    shared = MemoryShared()
+    view = shared.shard(2, "a")
+    await view.open()
+    await view.commit({"c-1": b"one"}, 1)
+    view.fail_next = 1
+    with pytest.raises(StoreError):
+        await view.commit({"c-1": b"two"}, 2)
+    view.unknown_next, view.unknown_lands = 1, False
+    with pytest.raises(StoreOutcomeUnknown):
+        await view.commit({"c-1": b"three"}, 3)
+    assert await view.load() == Loaded(records={"c-1": b"one"}, settings={}, token=1)
+    assert shared.views == [view]
+    shared.lose()
+    with pytest.raises(StoreLost):
+        await view.check()
+
+
+async def test_legacy_settings_belong_to_shard_0() -> None:
+    store = MemoryStore({"old": {"enabled": True}})
+    assert (await store.load()).settings == {"old": {"enabled": True}}
+    other = MemoryStore(data=store._data, shard=1, replica="a")
+    assert (await other.load()).settings == {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.sqlite_lock import Locker
-from warmer.store import Loaded, SqliteStore, Store, StoreError
+from warmer.store import Loaded, SqliteShared, SqliteStore, Store, StoreError
 from warmer.store import sqlite as sqlite_module
 from warmer.store.base import WRITERS_KEPT
 from warmer.store.sqlite import SCHEMA_VERSION
@@ -592,3 +592,60 @@ async def test_the_writer_entries_are_bounded_and_a_closed_writer_leaves_none(
     finally:
         await store.close()
     assert side_query(db_path, f"SELECT 1 FROM meta WHERE key = 'writer:{store.writer}'") == []
+
+
+async def test_a_file_written_before_shards_opens_shared_with_nothing_lost(db_path: Path) -> None:
+    alone = await reopened(db_path)
+    await alone.commit({"c-1": b"one", "c-2": b"two"}, 8)
+    await alone.close()
+    shared = SqliteShared(db_path)
+    await shared.open()
+    zero, three = shared.shard(0, "a"), shared.shard(3, "a")
+    try:
+        await zero.open()
+        await three.open()
+        assert await shared.layout() == 1
+        loaded = await zero.load()
+        assert (loaded.records, loaded.token) == ({"c-1": b"one", "c-2": b"two"}, 8)
+        await three.commit({"c-3": b"three"}, 9)
+        assert (await three.load()).records == {"c-3": b"three"}
+    finally:
+        await zero.close()
+        await three.close()
+        await shared.close()
+    assert tables_in(db_path) == [
+        "conversations",
+        "conversations_3",
+        "meta",
+        "owners",
+        "replicas",
+    ]
+    assert side_query(db_path, "SELECT shard, released FROM owners") == [(0, 1), (3, 1)]
+    assert await load_once(db_path) == Loaded(
+        records={"c-1": b"one", "c-2": b"two"}, settings={}, token=9
+    )
+
+
+async def test_views_of_one_file_share_its_connection(db_path: Path) -> None:
+    shared = SqliteShared(db_path)
+    await shared.open()
+    views = [shared.shard(shard, "a") for shard in range(4)]
+    try:
+        for view in views:
+            await view.open()
+        await asyncio.gather(
+            *(
+                view.commit({f"c-{n}-{k}": b"x" for k in range(50)}, n)
+                for n, view in enumerate(views)
+            )
+        )
+        assert len({view._conn for view in views}) == 1
+        for n, view in enumerate(views):
+            loaded = await view.load()
+            assert sorted(loaded.records) == sorted(f"c-{n}-{k}" for k in range(50))
+            assert sorted(await shared.ids(n)) == sorted(loaded.records)
+            assert loaded.token == 3
+    finally:
+        for view in views:
+            await view.close()
+        await shared.close()

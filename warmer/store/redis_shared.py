@@ -72,10 +72,11 @@ class RedisShared:
         """Use the Redis ``url`` names (``RedisStore``'s forms); ValueError when malformed."""
         self._url = url
         self._timeouts = (connect_timeout, timeout)
-        # Parses (and checks) the URL once, and gives the keys and the masked URL.
-        self._keys = RedisStore(url, connect_timeout=connect_timeout, timeout=timeout)
-        self.url = self._keys.url
-        self.prefix = self._keys.prefix
+        # The store on its own at this URL (shard 0): it parses and checks the URL, names
+        # the keys, and connects (with its checks and its errors) for ``open``.
+        self._alone = RedisStore(url, connect_timeout=connect_timeout, timeout=timeout)
+        self.url = self._alone.url
+        self.prefix = self._alone.prefix
         self.layout_key = f"{self.prefix}:layout"
         self.replicas_key = f"{self.prefix}:replicas"
         self._link = RedisLink()
@@ -84,7 +85,7 @@ class RedisShared:
         """Connect and check that Redis answers (warning when it keeps nothing)."""
         if self._link.client is not None:
             return
-        self._link.client = await self._keys.connect()
+        self._link.client = await self._alone.connect()
 
     async def close(self) -> None:
         """Release the client; views must be closed first."""
@@ -119,7 +120,7 @@ class RedisShared:
             raw = await client.get(self.layout_key)
             if raw is not None:
                 return int(raw)
-            found = await client.exists(self._keys.records_key, self._keys.token_key)
+            found = await client.exists(self._alone.records_key, self._alone.token_key)
         except (redis_errors.RedisError, OSError, ValueError) as exc:
             raise StoreError(f"cannot read the layout of redis store {self.url}: {exc}") from exc
         return 1 if found else None
@@ -149,7 +150,7 @@ class RedisShared:
         """Every shard ever taken, by shard."""
         entries = await self._call(
             "cannot read the owners in",
-            self._client().hgetall(self._keys.owners_key),  # type: ignore[arg-type]
+            self._client().hgetall(self._alone.owners_key),  # type: ignore[arg-type]
         )
         owners = []
         for shard, value in entries.items():
@@ -183,16 +184,17 @@ class RedisShared:
         """Move records between shard hashes: where each is found first (the hashes that
         exist, scanned once), then ``ASSIGN_CHUNK`` moves a script call."""
         client = self._client()
-        shards = range(MAX_SHARDS)
-        exists = await self._call(
-            "cannot read the shards of",
-            client.exists(*[records_key(self.prefix, shard) for shard in shards]),
-        )
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                for shard in range(MAX_SHARDS):
+                    pipe.exists(records_key(self.prefix, shard))
+                found = await pipe.execute()
+        except (redis_errors.RedisError, OSError) as exc:
+            raise StoreError(f"cannot read the shards of redis store {self.url}: {exc}") from exc
         where: dict[str, int] = {}
-        if exists:
-            for shard in shards:
-                for conversation_id in await self.ids(shard):
-                    where[conversation_id] = shard
+        for shard in [shard for shard, exists in enumerate(found) if exists]:
+            for conversation_id in await self.ids(shard):
+                where[conversation_id] = shard
         triples = [
             (cid, where[cid], target)
             for cid, target in moves.items()
