@@ -28,6 +28,8 @@ from warmer.store import (
     StoreFenced,
     StoreLost,
     open_store,
+    redis_shared,
+    sqlite_shared,
 )
 
 
@@ -38,6 +40,7 @@ class Rig:
     """Empty the back end behind the stores' backs (a Redis restarted without its data)."""
     alone: Callable[[], Store] | None
     """A store on its own (``open_store``) on the same data; None for memory."""
+    shareable: bool
 
 
 async def memory_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
@@ -46,7 +49,7 @@ async def memory_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
     async def lose() -> None:
         shared.lose()
 
-    return Rig(shared=shared, lose=lose, alone=None)
+    return Rig(shared=shared, lose=lose, alone=None, shareable=True)
 
 
 async def sqlite_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
@@ -65,6 +68,7 @@ async def sqlite_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
         shared=SqliteShared(path, busy_timeout_ms=200),
         lose=lose,
         alone=lambda: open_store(f"sqlite:///{path}"),
+        shareable=False,
     )
 
 
@@ -81,7 +85,7 @@ async def redis_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
         finally:
             await client.aclose()
 
-    return Rig(shared=RedisShared(url), lose=lose, alone=lambda: open_store(url))
+    return Rig(shared=RedisShared(url), lose=lose, alone=lambda: open_store(url), shareable=True)
 
 
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Awaitable[Rig]]] = {
@@ -267,3 +271,21 @@ async def test_assign_moves_records_and_nothing_else(rig: Rig, views: View) -> N
     assert (await two.load()).records == {"c2": b"2"}
     zero = await views(0, "b")
     assert (await zero.load()).records == {"c3": b"3", "d1": b"d", MODEL_KEY: b"m0"}
+
+
+async def test_assign_moves_in_chunks(
+    rig: Rig, views: View, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for module in (sqlite_shared, redis_shared):
+        monkeypatch.setattr(module, "ASSIGN_CHUNK", 3)
+    zero = await views(0, "a")
+    await zero.commit({f"c{n}": bytes([n]) for n in range(8)}, 1)
+    await zero.close()
+    await rig.shared.assign({f"c{n}": n % 3 for n in range(8)})
+    for shard in range(3):
+        expected = sorted(f"c{n}" for n in range(8) if n % 3 == shard)
+        assert sorted(await rig.shared.ids(shard)) == expected
+
+
+async def test_only_a_store_other_hosts_reach_is_shareable(rig: Rig) -> None:
+    assert rig.shared.shareable is rig.shareable
