@@ -170,7 +170,10 @@ class SqliteFile:
             journal_mode = await self._prepare(conn)
         except BaseException as exc:
             await _close_quietly(conn)
-            raise self.opening_error(exc) from exc
+            error = self.opening_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         self.conn = conn
         if journal_mode != "wal":
             log.warning("store_wal_unavailable", path=str(self.path), journal_mode=journal_mode)
@@ -347,7 +350,10 @@ class SqliteStore:
         except BaseException as exc:
             if self._owns_file:
                 await self._file.disconnect()
-            raise self._file.opening_error(exc) from exc
+            error = self._file.opening_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
         self._registered = True
 
     async def _register(self, conn: aiosqlite.Connection) -> None:
