@@ -109,7 +109,7 @@ def open_shared(url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Shared:
         return MemoryShared()
     if scheme == "sqlite":
         return SqliteShared(_sqlite_path(rest), busy_timeout_ms=timeout_ms)
-    # postgresql:// goes here: warmer.store.postgres, imported only when named.
+    # postgresql:// and postgres:// go here: warmer.store.postgres, imported only when named.
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_FORMS}")
 
 
