@@ -98,7 +98,8 @@ class PostgresShared:
         try:
             pool = await asyncpg.create_pool(
                 **self._target.connect,
-                min_size=1,
+                # None held open: a pool that keeps a floor reconnects, and logs, on its own.
+                min_size=0,
                 max_size=self._pool_size,
                 timeout=self._timeout,
                 command_timeout=self._timeout,
@@ -137,13 +138,19 @@ class PostgresShared:
             )
 
     async def close(self) -> None:
-        """Close the connections (views first); twice is harmless."""
+        """Close the connections (views first), dropping those the server does not close
+        within the timeout; twice is harmless."""
         pool, self._pool = self._pool, None
         if pool is None:
             return
         try:
             await asyncio.wait_for(pool.close(), self._timeout)
-        except (*_BACKEND_ERRORS, asyncio.CancelledError):
+        except _BACKEND_ERRORS as exc:
+            # A server that does not see the connections out: they are dropped instead.
+            pool.terminate()
+            log.info("store_closed_abruptly", url=self.url, error=type(exc).__name__)
+            return
+        except BaseException:
             pool.terminate()
             raise
         log.info("store_closed", url=self.url)
@@ -327,7 +334,7 @@ class PostgresShared:
                 await conn.execute("COMMIT", timeout=self._timeout)
             except BaseException as exc:
                 if not isinstance(exc, asyncpg.PostgresError):  # no answer: what happened?
-                    conn.terminate()
+                    _drop(conn)
                 if isinstance(exc, _BACKEND_ERRORS):
                     unknown = writes and not isinstance(exc, asyncpg.PostgresError)
                     raise self.error(doing, exc, unknown=unknown) from exc
@@ -345,7 +352,7 @@ class PostgresShared:
                 return
             except _BACKEND_ERRORS:
                 pass
-        conn.terminate()
+        _drop(conn)
 
     def _opened(self) -> asyncpg.Pool[asyncpg.Record]:
         if self._pool is None:
@@ -378,6 +385,12 @@ class PostgresShared:
         if connecting and not isinstance(exc, _REFUSED):
             return StoreUnreachable(message)
         return StoreError(message)
+
+
+def _drop(conn: Connection) -> None:
+    """Close a connection at once (one already lost is taken back by the pool itself)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 __all__ = ["PostgresShared"]
