@@ -172,7 +172,8 @@ async def test_a_recovery_sized_commit_stays_well_within_the_timeout(
         started = time.monotonic()
         await view.commit(records, 10_000)
         took = time.monotonic() - started
-        assert took < shared.timeout_ms / 1000 / 2, took
+        # About 0.2 s here, idle; the margin is for a machine busy with other work.
+        assert took < shared.timeout_ms / 1000 * 0.75, took
         # A restore of more than one statement's worth, and a load of it in chunks.
         more = {f"c-{n}": n.to_bytes(3, "big") for n in range(25_000)}
         await view.restore(more, 3)

@@ -72,14 +72,8 @@ class PostgresView:
         log.info("store_shard_taken", shard=self.shard, epoch=self.epoch, writer=self.writer)
 
     async def _take(self, conn: Connection, sequence: int) -> int:
-        writers = self._table("writers")
-        # Keep the most recent entries, this one's included (killed workers leave theirs).
-        await conn.execute(
-            f"DELETE FROM {writers} WHERE writer IN (SELECT writer FROM {writers} "
-            "ORDER BY sequence DESC OFFSET $1)",
-            WRITERS_KEPT - 1,
-            timeout=self._timeout,
-        )
+        # The shard's row first: an old owner's commit holds it and then wants its own
+        # entry, which the forgetting below must not be holding meanwhile (a deadlock).
         epoch: int = await conn.fetchval(
             f"INSERT INTO {self._table('shards')} (shard, epoch, replica, since_ms) "
             f"VALUES ($1, {NOW_MS}, $2, {NOW_MS}) ON CONFLICT (shard) DO UPDATE SET "
@@ -87,6 +81,15 @@ class PostgresView:
             "since_ms = EXCLUDED.since_ms, released = false RETURNING epoch",
             self.shard,
             self.replica,
+            timeout=self._timeout,
+        )
+        # Keep the most recent entries, this one's to come included (killed workers leave
+        # theirs); one a commit is writing now is skipped, kept for this time.
+        writers = self._table("writers")
+        await conn.execute(
+            f"DELETE FROM {writers} WHERE writer IN (SELECT writer FROM {writers} "
+            "ORDER BY sequence DESC OFFSET $1 FOR UPDATE SKIP LOCKED)",
+            WRITERS_KEPT - 1,
             timeout=self._timeout,
         )
         await self._put_entry(conn, sequence)
