@@ -375,6 +375,58 @@ async def test_a_commit_left_unanswered_lands_late_and_never_beneath_a_later_one
         await shared.close()
 
 
+async def test_a_commit_never_delivered_ends_with_its_session_and_holds_the_shard_no_longer(
+    postgres_store_url: str, proxy: HoldingProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = PostgresShared(through(proxy.port, postgres_store_url), timeout_ms=300)
+    await shared.open()
+    view = shared.shard(0, "r1")
+    await view.open()
+    execute = asyncpg.connection.Connection.execute
+    armed = True
+
+    async def holding_the_commit(self: Any, query: str, *args: Any, **options: Any) -> Any:
+        nonlocal armed
+        if query == "COMMIT" and armed:
+            armed = False
+            proxy.hold()  # and never released
+        return await execute(self, query, *args, **options)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "execute", holding_the_commit)
+    try:
+        with pytest.raises(StoreOutcomeUnknown):
+            await view.commit({"c-1": b"lost"}, 1)
+        started = time.monotonic()
+        waits = 0
+        while True:
+            try:
+                await view.commit({"c-2": b"two"}, 2)
+                break
+            except StoreError as exc:
+                # Waiting for the shard's row: sent, refused, nothing written.
+                assert not exc.unknown, exc
+                waits += 1
+        # The server ended the silent session (3 timeouts idle in its transaction).
+        assert waits >= 1 and time.monotonic() - started < 3
+        assert await view.load() == Loaded(records={"c-2": b"two"}, settings={}, token=2)
+    finally:
+        await view.close()
+        await shared.close()
+
+
+async def test_check_raises_an_old_entry_to_now(
+    shared: PostgresShared, raw: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with opened(shared, 0, "r1") as view:
+        before = await raw.fetchval("SELECT sequence FROM writers")
+        await view.check()
+        assert await raw.fetchval("SELECT sequence FROM writers") == before
+        monkeypatch.setattr("warmer.store.postgres_view.refresh_due", lambda seen: True)
+        await view.check()
+        assert await raw.fetchval("SELECT sequence FROM writers") > before
+        await view.commit({"c-1": b"one"}, 1)
+
+
 async def test_cut_connections_are_known_not_to_have_written(
     postgres_store_url: str, proxy: HoldingProxy
 ) -> None:
