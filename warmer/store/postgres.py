@@ -52,6 +52,7 @@ POOL_SIZE = 4
 IDLE_TIMEOUTS = 3
 """Call timeouts after which the server ends a session idle inside a transaction."""
 INFO_CHARS = 1000
+"""What ``beat`` keeps of a replica's ``info``: a long host name must not fail a heartbeat."""
 
 _BACKEND_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 # Refused credentials or a database that does not exist: waiting does not change them.
