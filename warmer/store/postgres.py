@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import asyncpg
 
+from warmer.core.gaps import MODEL_KEY
 from warmer.observe.log import get_logger
 from warmer.store.base import (
     Owner,
@@ -253,10 +254,17 @@ class PostgresShared:
         return await self.run("cannot read the owners in", read, writes=False)
 
     async def ids(self, shard: int) -> list[str]:
-        """The conversation ids of shard ``shard``, in chunks of one snapshot."""
+        """The ids of shard ``shard``, in chunks of one snapshot: its conversations', and
+        ``MODEL_KEY`` when it has a gap model (what ``load`` gives, as the other back ends)."""
 
         async def read(conn: Connection) -> list[str]:
-            return [row[0] for row in await self.read_shard(conn, shard, "id")]
+            found = [row[0] for row in await self.read_shard(conn, shard, "id")]
+            model = await conn.fetchval(
+                f"SELECT EXISTS (SELECT 1 FROM {self.table('models')} WHERE shard = $1)",
+                shard,
+                timeout=self._timeout,
+            )
+            return [*found, MODEL_KEY] if model else found
 
         return await self.run("cannot read the ids in", read, writes=False)
 
