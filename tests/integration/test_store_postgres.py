@@ -29,7 +29,7 @@ from warmer.store.base import (
     StoreOutcomeUnknown,
     StoreUnreachable,
 )
-from warmer.store.postgres import PostgresShared
+from warmer.store.postgres import PostgresShared, PostgresStore
 
 TABLES = {"conversations", "models", "token", "shards", "writers", "replicas", "meta"}
 
@@ -498,6 +498,24 @@ async def test_a_database_that_does_not_exist_is_an_error_not_a_wait(postgres_ur
     assert not isinstance(raised.value, StoreUnreachable)
     assert_one_line(raised.value, "warmer_no_such_database", "postgres:***@")
     assert "s3cret" not in str(raised.value)
+
+
+async def test_a_store_on_its_own_is_shard_0_with_its_own_connections(
+    postgres_store_url: str, shared: PostgresShared
+) -> None:
+    alone = PostgresStore(postgres_store_url, replica="alone")
+    assert alone.epoch == 0 and alone.url == shared.url
+    await alone.open()
+    try:
+        await alone.commit({"before": b"shards"}, 6)
+        await alone.check()
+        assert alone.epoch > 0
+    finally:
+        await alone.close()
+    [owner] = await shared.owners()
+    assert (owner.shard, owner.replica, owner.released) == (0, "alone", True)
+    async with opened(shared, 0, "r1") as view:
+        assert await view.load() == Loaded(records={"before": b"shards"}, settings={}, token=6)
 
 
 # Presence, layout, reshard moves

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
@@ -31,6 +33,7 @@ import asyncpg
 from warmer.core.gaps import MODEL_KEY
 from warmer.observe.log import get_logger
 from warmer.store.base import (
+    Loaded,
     Owner,
     Replica,
     Store,
@@ -396,10 +399,57 @@ class PostgresShared:
         return StoreError(message)
 
 
+class PostgresStore:
+    """Shard 0 of a ``PostgresShared`` of its own: the ``Store`` ``open_store`` gives for a
+    PostgreSQL URL (one replica, one shard), opening and closing its connections too."""
+
+    def __init__(self, url: str, *, timeout_ms: int = 2000, replica: str = "") -> None:
+        """As ``PostgresShared``; ``replica`` names the owner (host name:pid by default)."""
+        self._shared = PostgresShared(url, timeout_ms=timeout_ms)
+        self.url = self._shared.url
+        self._view = self._shared.shard(0, replica or f"{socket.gethostname()}:{os.getpid()}")
+        self.shard = 0
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the view took: 0 before ``open``."""
+        return self._view.epoch
+
+    async def open(self) -> None:
+        """Connect, then take shard 0."""
+        await self._shared.open()
+        try:
+            await self._view.open()
+        except BaseException:
+            await self._shared.close()
+            raise
+
+    async def close(self) -> None:
+        """Release shard 0, then the connections."""
+        await self._view.close()
+        await self._shared.close()
+
+    async def load(self) -> Loaded:
+        """Everything in shard 0."""
+        return await self._view.load()
+
+    async def commit(self, changes: Mapping[str, bytes | None], token: int) -> None:
+        """As ``Store.commit``."""
+        await self._view.commit(changes, token)
+
+    async def check(self) -> None:
+        """As ``Store.check``."""
+        await self._view.check()
+
+    async def restore(self, records: Mapping[str, bytes], token: int) -> None:
+        """As ``Store.restore``."""
+        await self._view.restore(records, token)
+
+
 def _drop(conn: Connection) -> None:
     """Close a connection at once (one already lost is taken back by the pool itself)."""
     with contextlib.suppress(asyncpg.InterfaceError):
         conn.terminate()
 
 
-__all__ = ["PostgresShared"]
+__all__ = ["PostgresShared", "PostgresStore"]
