@@ -186,3 +186,12 @@ def test_shard_queues_name_both_streams_of_a_shard() -> None:
 def test_shards_are_1_to_256(shards: int) -> None:
     with pytest.raises(ValueError, match="1 to 256"):
         Names.of("ns", shards)
+
+
+def test_shard_locks_are_named_per_shard_and_not_declared() -> None:
+    names = Names.of("ns", 16)
+    assert names.lock(0) == "ns.lock.000" and names.lock(15) == "ns.lock.015"
+    assert Names.of("ns").lock(0) == "ns.lock.000"
+    with pytest.raises(ValueError, match="shard must be"):
+        names.lock(16)
+    assert "ns.lock" not in json.dumps(definitions("ns", 16))

@@ -40,6 +40,7 @@ HASH_PLUGIN: Final = "rabbitmq_consistent_hash_exchange"
 class Names(Struct, frozen=True, kw_only=True):
     """Every exchange and queue name, prefixed by the namespace, for ``shards`` shards."""
 
+    namespace: str
     lifecycle: str
     commands: str
     warm: str
@@ -54,6 +55,7 @@ class Names(Struct, frozen=True, kw_only=True):
         if not 1 <= shards <= MAX_SHARDS:
             raise ValueError(f"shards must be 1 to {MAX_SHARDS}, got {shards}")
         return cls(
+            namespace=namespace,
             lifecycle=f"{namespace}.lifecycle",
             commands=f"{namespace}.commands",
             warm=f"{namespace}.warm",
@@ -86,6 +88,12 @@ class Names(Struct, frozen=True, kw_only=True):
             return self.lifecycle, self.commands
         # Zero-padded: sorted names are shard order (see the module's docstring).
         return f"{self.lifecycle}.shard.{shard:03d}", f"{self.commands}.shard.{shard:03d}"
+
+    def lock(self, shard: int) -> str:
+        """The exclusive queue whose declaring connection owns shard ``shard``
+        (``warmer.bus.lock``); made by the owner, not part of the declared topology."""
+        self.shard_queues(shard)  # the same range check
+        return f"{self.namespace}.lock.{shard:03d}"
 
     def exchanges(self) -> list[tuple[str, ExchangeType]]:
         """Every exchange with its type."""
