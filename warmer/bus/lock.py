@@ -5,13 +5,14 @@ A replica owns shard k while its connection holds the exclusive queue ``{ns}.loc
 (``ShardHeld``: try later); the broker deletes the queue when the owner's connection
 ends, so a dead replica's shards are free as soon as the broker sees its connection gone
 (its heartbeat), at the moment its consumers die too. Not an exclusive *consumer*: RabbitMQ
-3.10's quorum queues accept a second one (docs in /work/notes/topology.md).
+3.10's quorum queues accept a second one (tests/integration/test_shard_consumer.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Final
 
 import aiormq
 from aio_pika.abc import AbstractConnection
@@ -19,6 +20,8 @@ from aiormq.abc import AbstractChannel
 
 from warmer.bus.consumer import close_quietly, own_channel
 from warmer.bus.port import ChannelGone, ShardHeld
+
+_QUEUE_TYPE: Final = "classic"
 
 
 class ShardLock:
@@ -49,7 +52,14 @@ class ShardLock:
             raise RuntimeError(f"{self._queue}: already held")
         underlay = await own_channel(self._connection)
         try:
-            await underlay.queue_declare(self._queue, exclusive=True, auto_delete=False)
+            # Classic whatever the vhost's default queue type: a quorum queue cannot be
+            # exclusive, and this one holds nothing.
+            await underlay.queue_declare(
+                self._queue,
+                exclusive=True,
+                auto_delete=False,
+                arguments={"x-queue-type": _QUEUE_TYPE},
+            )
         except aiormq.exceptions.ChannelLockedResource as exc:
             raise ShardHeld(f"{self._queue} is held by another connection") from exc
         except BaseException:
