@@ -4,13 +4,19 @@ The broker: ``WARMER_TEST_AMQP_URL`` if set, else the local broker on 127.0.0.1:
 else a ``rabbitmq:3.10`` container when a Docker daemon answers. With none, the tests
 fail when ``WARMER_REQUIRE_BROKER=1`` (CI sets it) and are skipped, with the reason,
 otherwise. Every test gets its own namespace and deletes what it declared.
+
+Sharded tests need the consistent-hash exchange: the fixture enables its plugin on the
+local broker and in the container (idempotent); a broker given by ``WARMER_TEST_AMQP_URL``
+must have it, else those tests fail with the error naming it (``PluginMissing``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,12 +28,15 @@ import pytest
 
 from tests.integration.probe import Probe
 from warmer.app import App
-from warmer.bus.topology import Names, delete
+from warmer.bus.port import PluginMissing
+from warmer.bus.topology import HASH_PLUGIN, Names, declare_exchange, delete
 from warmer.clock import Clock
 from warmer.config import Config
 
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RABBITMQ_IMAGE = "rabbitmq:3.10"
+ENABLE_PLUGIN = ("rabbitmq-plugins", "enable", HASH_PLUGIN)
+ENABLE_TIMEOUT_S = 120
 
 
 def _answers(url: str) -> bool:
@@ -57,12 +66,15 @@ def amqp_url() -> Iterator[str]:
         yield given
         return
     if _answers(LOCAL_URL):
+        if not asyncio.run(_has_hash_exchange(LOCAL_URL)) and shutil.which(ENABLE_PLUGIN[0]):
+            subprocess.run(ENABLE_PLUGIN, check=True, capture_output=True, timeout=ENABLE_TIMEOUT_S)
         yield LOCAL_URL
         return
     if _docker_answers():
         from testcontainers.rabbitmq import RabbitMqContainer
 
         with RabbitMqContainer(RABBITMQ_IMAGE) as container:
+            container.exec(list(ENABLE_PLUGIN))
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/"
         return
@@ -73,6 +85,22 @@ def amqp_url() -> Iterator[str]:
     if os.environ.get("WARMER_REQUIRE_BROKER") == "1":
         pytest.fail(reason)
     pytest.skip(reason)
+
+
+async def _has_hash_exchange(url: str) -> bool:
+    """True when the broker knows the consistent-hash exchange type (a throwaway one)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        try:
+            channel = await connection.channel()
+            name = f"wt-probe-{uuid.uuid4().hex[:10]}"
+            exchange = await declare_exchange(
+                channel, name, aio_pika.ExchangeType.X_CONSISTENT_HASH
+            )
+        except PluginMissing:
+            return False
+        await exchange.delete()
+        return True
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from warmer.bus.topology import definitions
+from warmer.bus.topology import Names, definitions
 
 DEFINITIONS_FILE = Path(__file__).parents[2] / "deploy" / "definitions.json"
 
@@ -114,3 +114,84 @@ def test_another_vhost() -> None:
     document = definitions("warmer", vhost="prod")
     for section in ("exchanges", "queues", "bindings"):
         assert {item["vhost"] for item in document[section]} == {"prod"}
+
+
+# -- S > 1: the sharded topology (deploy/definitions-16-shards.json) -----------------------
+
+SHARDED_FILE = Path(__file__).parents[2] / "deploy" / "definitions-16-shards.json"
+SHARDS = 16
+
+
+def test_the_sharded_example_is_what_the_code_renders() -> None:
+    expected = json.dumps(definitions("warmer", SHARDS), indent=2) + "\n"
+    assert SHARDED_FILE.read_text(encoding="utf-8") == expected
+
+
+def test_one_shard_is_the_unsharded_topology() -> None:
+    assert definitions("warmer", 1) == definitions("warmer")
+    assert Names.of("warmer", 1).shard_queues(0) == ("warmer.lifecycle", "warmer.commands")
+
+
+def test_sharded_exchanges_hash_the_conversation_id_header() -> None:
+    exchanges = {e["name"]: e for e in definitions("warmer", 4)["exchanges"]}
+    assert {name: e["type"] for name, e in exchanges.items()} == {
+        **EXCHANGES,
+        "warmer.lifecycle.shards": "x-consistent-hash",
+        "warmer.commands.shards": "x-consistent-hash",
+    }
+    for name in ("warmer.lifecycle.shards", "warmer.commands.shards"):
+        assert exchanges[name]["arguments"] == {"hash-header": "conversation-id"}
+    for name in EXCHANGES:
+        assert exchanges[name]["arguments"] == {}
+
+
+def test_sharded_queues_are_zero_padded_inbound_queues_and_no_unsharded_one() -> None:
+    queues = {q["name"]: q["arguments"] for q in definitions("warmer", 4)["queues"]}
+    expected = {
+        **{f"warmer.lifecycle.shard.{k:03d}": INBOUND_ARGUMENTS for k in range(4)},
+        **{f"warmer.commands.shard.{k:03d}": INBOUND_ARGUMENTS for k in range(4)},
+        "warmer.dead": {"x-queue-type": "quorum"},
+    }
+    assert queues == expected
+
+
+def test_sharded_bindings_forward_from_the_publishers_exchanges_in_shard_order() -> None:
+    bindings = [
+        (b["source"], b["destination"], b["destination_type"], b["routing_key"])
+        for b in definitions("warmer", 12)["bindings"]
+    ]
+    assert bindings[:2] == [
+        ("warmer.lifecycle", "warmer.lifecycle.shards", "exchange", "#"),
+        ("warmer.commands", "warmer.commands.shards", "exchange", "command"),
+    ]
+    for stream in ("lifecycle", "commands"):
+        shards = [b for b in bindings if b[0] == f"warmer.{stream}.shards"]
+        # Creation order is sorted order: what RabbitMQ 3.10 rebuilds the ring from at boot.
+        assert [b[1] for b in shards] == [f"warmer.{stream}.shard.{k:03d}" for k in range(12)]
+        assert [b[1] for b in shards] == sorted(b[1] for b in shards)
+        assert {(b[2], b[3]) for b in shards} == {("queue", "1")}
+    assert bindings[-1] == ("warmer.dlx", "warmer.dead", "queue", "")
+
+
+def test_shard_queues_name_both_streams_of_a_shard() -> None:
+    names = Names.of("ns", 256)
+    assert names.shard_queues(0) == ("ns.lifecycle.shard.000", "ns.commands.shard.000")
+    assert names.shard_queues(255) == ("ns.lifecycle.shard.255", "ns.commands.shard.255")
+    for shard in (-1, 256):
+        with pytest.raises(ValueError, match="shard must be"):
+            names.shard_queues(shard)
+
+
+@pytest.mark.parametrize("shards", [0, 257])
+def test_shards_are_1_to_256(shards: int) -> None:
+    with pytest.raises(ValueError, match="1 to 256"):
+        Names.of("ns", shards)
+
+
+def test_shard_locks_are_named_per_shard_and_not_declared() -> None:
+    names = Names.of("ns", 16)
+    assert names.lock(0) == "ns.lock.000" and names.lock(15) == "ns.lock.015"
+    assert Names.of("ns").lock(0) == "ns.lock.000"
+    with pytest.raises(ValueError, match="shard must be"):
+        names.lock(16)
+    assert "ns.lock" not in json.dumps(definitions("ns", 16))

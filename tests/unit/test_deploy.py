@@ -761,3 +761,19 @@ def test_a_missing_checker_fails_where_every_check_must_run(
     monkeypatch.delenv(REQUIRE_TOOLS)
     with pytest.raises(pytest.skip.Exception):
         _without("promtool not found")
+
+
+def test_compose_enables_the_consistent_hash_plugin_beside_the_images_own(
+    compose: dict[str, Any],
+) -> None:
+    mounts = _mounts(compose["services"]["rabbitmq"])
+    source = mounts["/etc/rabbitmq/enabled_plugins"]
+    text = (DEPLOY / source).read_text(encoding="utf-8").strip()
+    # An Erlang list term, ended by a full stop: what rabbitmq-plugins writes.
+    assert text.startswith("[") and text.endswith("].")
+    plugins = {name.strip() for name in text[1:-2].split(",")}
+    assert plugins == {
+        "rabbitmq_consistent_hash_exchange",
+        "rabbitmq_management",  # the -management image's own
+        "rabbitmq_prometheus",  # the image's own
+    }

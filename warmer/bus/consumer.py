@@ -7,15 +7,21 @@ aiormq already makes; on the pipeline's hot path that was a sixth of the worker'
 ``AmqpDelivery``; since aio-pika's robust channel does not know this consumer, it consumes
 again itself each time the channel is reopened (after a reconnection, or a channel the
 broker closed), the queue and the prefetch being restored by the robust channel first.
+
+``ShardConsumer`` is the other kind, for a shard's owner: never consumed again behind the
+owner's back; losing it is reported, and consuming again is the owner's decision.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
-from aio_pika.abc import AbstractRobustChannel
+import aiormq
+from aio_pika.abc import AbstractConnection, AbstractRobustChannel
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands as spec
 
@@ -40,6 +46,7 @@ class AmqpDelivery:
         "headers",
         "message_id",
         "priority",
+        "properties",
         "reply_to",
         "routing_key",
         "timestamp",
@@ -49,6 +56,8 @@ class AmqpDelivery:
 
     def __init__(self, message: DeliveredMessage) -> None:
         properties = message.header.properties
+        self.properties: spec.Basic.Properties = properties
+        """As decoded, for a re-publish that keeps them (``warmer.bus.reroute``)."""
         self._channel: AbstractChannel = message.channel
         self.body: bytes = message.body
         self.headers: dict[str, Any] = properties.headers or {}
@@ -149,4 +158,124 @@ class Consumer:
         await self._deliver(AmqpDelivery(message))
 
 
-__all__ = ["AmqpDelivery", "Consumer"]
+class ShardConsumer:
+    """One queue of an owned shard consumed on a channel of its own, never restored.
+
+    Opened on the connection's current underlying connection and unknown to aio-pika, so
+    it is not consumed again behind the owner's back after a reconnection: the owner takes
+    its shard again in its own steps (the lock, the store's epoch, then this). ``lost(why)``
+    is called once when consuming ends without ``cancel``, ``close`` or ``abort`` (the
+    broker cancelled the consumer, the channel or the connection closed): the shard is lost.
+    Not a lock: RabbitMQ 3.10's quorum queues accept a second ``exclusive`` consumer
+    (``warmer.bus.lock`` is the lock).
+    """
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        queue: str,
+        deliver: Callable[[Delivery], Awaitable[None]],
+        lost: Callable[[str], None],
+        prefetch: int,
+    ) -> None:
+        self._connection = connection
+        self._queue = queue
+        self._deliver = deliver
+        self._lost = lost
+        self._prefetch = prefetch
+        self._underlay: AbstractChannel | None = None
+        self._tag: str | None = None
+        self._watch: asyncio.Future[object] | None = None
+
+    @property
+    def consuming(self) -> bool:
+        """True while consuming (started, not yet cancelled, closed, aborted nor lost)."""
+        return self._tag is not None
+
+    async def start(self) -> None:
+        """Consume; ChannelGone when not connected."""
+        if self._underlay is not None:
+            raise RuntimeError(f"{self._queue}: already started")
+        underlay = await own_channel(self._connection)
+        try:
+            await underlay.basic_qos(prefetch_count=self._prefetch)
+            ok = await underlay.basic_consume(self._queue, self._on_message, no_ack=False)
+        except BaseException:
+            await close_quietly(underlay)
+            raise
+        self._underlay, self._tag = underlay, ok.consumer_tag
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        self._watch = underlay.closing
+        self._watch.add_done_callback(self._on_closed)
+
+    async def cancel(self) -> None:
+        """Stop consuming (basic.cancel); deliveries already made stay to be settled."""
+        tag, underlay = self._forget()
+        if tag is not None and underlay is not None and not underlay.is_closed:
+            try:
+                await underlay.basic_cancel(tag)
+            except aiormq.exceptions.AMQPError as exc:
+                raise ChannelGone(f"cancel failed: {exc!r}"[:300]) from exc
+
+    async def close(self) -> None:
+        """Close the channel: what is unacknowledged goes back to the queue."""
+        self._forget()
+        underlay, self._underlay = self._underlay, None
+        if underlay is not None:
+            await close_quietly(underlay)
+
+    def abort(self) -> None:
+        """Forget the consumer without a word to the broker: its connection is gone."""
+        self._forget()
+        self._underlay = None
+
+    def _forget(self) -> tuple[str | None, AbstractChannel | None]:
+        """Stop watching (so no ``lost`` follows); the tag and channel it had."""
+        tag, self._tag = self._tag, None
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.remove_done_callback(self._on_closed)
+            watch.cancel()
+        if self._underlay is not None:
+            self._underlay.on_consumer_cancel_callbacks.discard(self._on_broker_cancel)
+        return tag, self._underlay
+
+    def _on_broker_cancel(self, frame: spec.Basic.Cancel) -> None:
+        if frame.consumer_tag is not None and frame.consumer_tag == self._tag:
+            self._forget()
+            self._lost(f"{self._queue}: consumer cancelled by the broker")
+
+    def _on_closed(self, closing: asyncio.Future[object]) -> None:
+        if self._tag is None:
+            return
+        self._forget()
+        self._underlay = None
+        error = None if closing.cancelled() else closing.exception()
+        why = "closed" if error is None else repr(error)
+        self._lost(f"{self._queue}: channel lost: {why}"[:300])
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        await self._deliver(AmqpDelivery(message))
+
+
+async def own_channel(connection: AbstractConnection) -> AbstractChannel:
+    """A channel on the connection's current underlying connection, which aio-pika does
+    not know and so never reopens; ChannelGone when not connected."""
+    transport = connection.transport
+    if transport is None or transport.connection.is_closed:
+        raise ChannelGone("not connected")
+    try:
+        return await transport.connection.channel()
+    except (aiormq.exceptions.AMQPConnectionError, RuntimeError) as exc:
+        raise ChannelGone(f"not connected: {exc!r}"[:300]) from exc
+
+
+async def close_quietly(underlay: AbstractChannel) -> None:
+    """Close a channel; one already gone (with its connection) is fine."""
+    if underlay.is_closed:
+        return
+    with contextlib.suppress(aiormq.exceptions.AMQPError, ConnectionError, RuntimeError):
+        await underlay.close()
+
+
+__all__ = ["AmqpDelivery", "Consumer", "ShardConsumer", "close_quietly", "own_channel"]

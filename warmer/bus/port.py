@@ -43,6 +43,14 @@ class ChannelGone(Exception):
     """The channel a delivery came on is closed: the broker delivers it again."""
 
 
+class PluginMissing(Exception):
+    """The broker lacks an exchange type the topology needs (a plugin not enabled)."""
+
+
+class ShardHeld(Exception):
+    """Another connection holds the exclusive consumer of a shard's queue: try later."""
+
+
 class Delivery(Protocol):
     """One message delivered by a consumer, until it is acknowledged or rejected."""
 
@@ -113,6 +121,8 @@ __all__ = [
     "DeadLetterRefused",
     "Delivery",
     "Outbound",
+    "PluginMissing",
     "PublishFailed",
     "PublishWithdrawn",
+    "ShardHeld",
 ]
