@@ -119,13 +119,20 @@ class Fleet:
         self.replicas = [r for r in self.replicas if r.name != replica.name] + [replica]
         return replica
 
-    async def wait_owned(self, replicas: list[Replica], timeout: float = 30) -> float:
-        """Until ``replicas`` hold every shard between them, each shard once; how long it took."""
+    async def wait_owned(
+        self, replicas: list[Replica], timeout: float = 30, *, least: int = 0
+    ) -> float:
+        """Until ``replicas`` hold every shard between them, each shard once, and each at
+        least ``least`` shards; how long it took, in s."""
         started = time.monotonic()
         while True:
             held = [r.owned() for r in replicas]
             union = set().union(*held)
-            if union == set(range(self.shards)) and sum(map(len, held)) == self.shards:
+            if (
+                union == set(range(self.shards))
+                and sum(map(len, held)) == self.shards
+                and min(map(len, held)) >= least
+            ):
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 shown = {r.name: sorted(h) for r, h in zip(replicas, held, strict=True)}
@@ -223,7 +230,7 @@ def postgres_store_url() -> Iterator[str]:
 async def wait_warmed(
     orchestrator: Orchestrator, conversations: list[str], after_ms: float, timeout: float
 ) -> float:
-    """Until each conversation has a warm received after ``after_ms``; how long it took, in s.
+    """Until each conversation has a warm published after ``after_ms``; how long it took, in s.
 
     Fails with how many are still missing, and the orchestrator's own failure first.
     """

@@ -115,7 +115,9 @@ class Requester:
             assert reply.get("ok") is True, (cid, reply)
         return {cid: reply["state"] for cid, reply in zip(ids, replies, strict=True)}
 
-    async def opt_in(self, conversations: Iterable[str], interval_ms: int) -> None:
+    async def opt_in(
+        self, conversations: Iterable[str], interval_ms: int, *, headers: bool = True
+    ) -> None:
         """Make each conversation warm every ``interval_ms``, idle after a turn.
 
         The interval first, then the enable (which arms), then a turn that starts and
@@ -124,23 +126,30 @@ class Requester:
         """
         ids = list(conversations)
         intervals = await self.commands(
-            {"type": "set_interval", "conversationId": cid, "intervalMs": interval_ms}
-            for cid in ids
+            (
+                {"type": "set_interval", "conversationId": cid, "intervalMs": interval_ms}
+                for cid in ids
+            ),
+            headers=headers,
         )
         enables = await self.commands(
-            {"type": "set_enabled", "conversationId": cid, "enabled": True} for cid in ids
+            ({"type": "set_enabled", "conversationId": cid, "enabled": True} for cid in ids),
+            headers=headers,
         )
         for reply in intervals + enables:
             assert reply.get("ok") is True, reply
             assert reply["settings"]["intervalMs"] == interval_ms, reply
         assert all(reply["settings"]["enabled"] is True for reply in enables), enables
         await self.events(
-            event
-            for cid in ids
-            for event in (
-                {"type": "turn.started", "conversationId": cid, "seq": 1},
-                {"type": "turn.settled", "conversationId": cid, "seq": 2},
-            )
+            (
+                event
+                for cid in ids
+                for event in (
+                    {"type": "turn.started", "conversationId": cid, "seq": 1},
+                    {"type": "turn.settled", "conversationId": cid, "seq": 2},
+                )
+            ),
+            headers=headers,
         )
 
     async def close(self) -> None:

@@ -74,10 +74,14 @@ def between(warms: Iterable[Warm], start_ms: float, end_ms: float) -> list[Warm]
 def first_warms_after(
     warms: Iterable[Warm], conversations: Iterable[str], after_ms: float
 ) -> dict[str, Warm]:
-    """Each conversation's first warm received after ``after_ms`` (absent: none came)."""
+    """Each conversation's first warm published after ``after_ms`` (absent: none was).
+
+    Published, by its ``requestedAt``: a request a killed replica sent just before it died
+    may arrive after its death, and is not a warm of the replica that took over.
+    """
     wanted = set(conversations)
     first: dict[str, Warm] = {}
-    for warm in sorted(warms, key=lambda w: w.received_ms):
-        if warm.received_ms > after_ms and warm.conversation in wanted:
+    for warm in sorted(warms, key=lambda w: w.requested_at):
+        if warm.requested_at > after_ms and warm.conversation in wanted:
             first.setdefault(warm.conversation, warm)
     return first

@@ -37,11 +37,13 @@ async def test_a_killed_worker_restarted_warms_every_schedule_again_once(
     fleet.restart(worker)
     await wait_warmed(orchestrator, CONVERSATIONS, killed, timeout=20)
     after = first_warms_after(orchestrator.warms, CONVERSATIONS, killed)
-    worst = max(w.received_ms for w in after.values()) - killed
+    delays = sorted(w.received_ms - killed for w in after.values())
+    worst = delays[-1]
     rate = len(between(orchestrator.warms, steady, killed)) / (killed - steady) * 1000
     print(
-        f"\nfirst warms {first:.1f} s after opt-in; {rate:.0f} warms/s steady; "
-        f"after SIGKILL + restart every conversation warmed again within {worst / 1000:.1f} s"
+        f"\nfirst warms {first:.1f} s after opt-in; {rate:.0f} warms/s steady; after SIGKILL "
+        f"and a restart at once, warmed again after {delays[0] / 1000:.1f} s (first), "
+        f"{delays[len(delays) // 2] / 1000:.1f} s (median), {worst / 1000:.1f} s (worst)"
     )
     assert worst <= 15_000
 
