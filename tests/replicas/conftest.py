@@ -10,13 +10,17 @@ topology included), the Redis keys and the schema are deleted.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -31,8 +35,9 @@ from tests.reliability.conftest import (  # noqa: F401  (fixtures, used by name)
 )
 from tests.replicas.orchestrator import Orchestrator
 from tests.replicas.requester import Requester
-from tests.replicas.schedules import first_warms_after
+from tests.replicas.schedules import Tenure, first_warms_after
 from warmer.bus.topology import Names
+from warmer.store.base import Owner
 
 INTERVAL_MS = 1000
 LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -45,16 +50,43 @@ class Replica:
         self.name = name
         self.settings = settings
         self.process = process
+        self.ended_ms: float | None = None
+        """When the test killed it (wall-clock ms): what it held, it held until then."""
 
     def owned(self) -> set[int]:
         """The shards this replica holds now, by its ``shard_gained``/``shard_lost`` lines."""
-        held: set[int] = set()
+        return {tenure.shard for tenure in self.tenures() if tenure.end_ms == math.inf}
+
+    def tenures(self) -> list[Tenure]:
+        """Each time it held a shard, from its ``shard_gained`` line to its ``shard_lost``
+        (or its kill; still open: to infinity)."""
+        opened: dict[int, float] = {}
+        found = []
         for event in self.process.events():
-            if event.get("event") == "shard_gained":
-                held.add(int(event["shard"]))
-            elif event.get("event") == "shard_lost":
-                held.discard(int(event["shard"]))
-        return held
+            if event.get("event") not in ("shard_gained", "shard_lost"):
+                continue
+            shard, at = int(event["shard"]), _epoch_ms(event["timestamp"])
+            start = opened.pop(shard, None)
+            if event["event"] == "shard_gained":
+                opened[shard] = at
+            elif start is not None:
+                found.append(Tenure(self.name, shard, start, at))
+        end = math.inf if self.ended_ms is None else self.ended_ms
+        found.extend(Tenure(self.name, shard, start, end) for shard, start in opened.items())
+        return found
+
+    def kill(self) -> None:
+        """SIGKILL, noting when."""
+        self.process.kill()
+        self.ended_ms = time.time() * 1000
+
+    def pause(self) -> None:
+        """SIGSTOP: the process stands still (a long GC pause, a frozen VM)."""
+        os.kill(self.process.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after ``pause``."""
+        os.kill(self.process.process.pid, signal.SIGCONT)
 
     def alive(self) -> bool:
         return self.process.process.poll() is None
@@ -89,6 +121,9 @@ class Fleet:
         self.directory = directory
         self._spawn = spawn
         self.replicas: list[Replica] = []
+        """The current process of each replica."""
+        self.history: list[Replica] = []
+        """Every process started, killed ones too."""
         self.shards = 1
 
     def start(self, name: str, store: str, shards: int | None = None, **more: str) -> Replica:
@@ -114,10 +149,16 @@ class Fleet:
     def restart(self, replica: Replica) -> Replica:
         """The same replica again (same settings) in a new process, replacing the old one."""
         if replica in self.replicas:
-            replica.process.kill()
+            if replica.ended_ms is None:
+                replica.kill()
             replica = Replica(replica.name, replica.settings, self._spawn(**replica.settings))
         self.replicas = [r for r in self.replicas if r.name != replica.name] + [replica]
+        self.history.append(replica)
         return replica
+
+    def tenures(self) -> list[Tenure]:
+        """Every shard tenure of every process started so far."""
+        return [tenure for replica in self.history for tenure in replica.tenures()]
 
     async def wait_owned(
         self, replicas: list[Replica], timeout: float = 30, *, least: int = 0
@@ -140,8 +181,8 @@ class Fleet:
             await asyncio.sleep(0.2)
 
     def kill_all(self) -> None:
-        for replica in self.replicas:
-            replica.process.kill()
+        for replica in self.history:
+            replica.process.kill()  # SIGKILL ends a stopped (paused) process too
 
     async def delete_topology(self) -> None:
         """Every queue and exchange the namespace may have: today's and the sharded ones."""
@@ -159,6 +200,50 @@ class Fleet:
                 await channel.queue_delete(queue)
             for exchange in exchanges:
                 await channel.exchange_delete(exchange)
+
+
+async def store_owners(url: str) -> dict[int, Owner]:
+    """Who the store says took each shard last."""
+    shared = await _open_shared(url)
+    try:
+        return {owner.shard: owner for owner in await shared.owners()}
+    finally:
+        await shared.close()
+
+
+async def shard_map(url: str, shards: int) -> dict[str, int]:
+    """Conversation -> the shard the store keeps its record in."""
+    shared = await _open_shared(url)
+    try:
+        return {cid: shard for shard in range(shards) for cid in await shared.ids(shard)}
+    finally:
+        await shared.close()
+
+
+async def _open_shared(url: str) -> Any:
+    # Imported here: open_shared lands with the sharded worker, and the replica tests must
+    # still be collected (and skipped) before it does.
+    from warmer.store import open_shared  # type: ignore[attr-defined,unused-ignore]
+
+    shared = open_shared(url, timeout_ms=2000)
+    await shared.open()
+    return shared
+
+
+def latest_gains(replicas: list[Replica]) -> dict[int, tuple[str, int]]:
+    """Shard -> (replica, epoch) of the ``shard_gained`` line with the highest epoch."""
+    latest: dict[int, tuple[str, int]] = {}
+    for replica in replicas:
+        for event in replica.process.named("shard_gained"):
+            shard, epoch = int(event["shard"]), int(event["epoch"])
+            if shard not in latest or epoch > latest[shard][1]:
+                latest[shard] = (replica.name, epoch)
+    return latest
+
+
+def _epoch_ms(timestamp: str) -> float:
+    """A log line's ISO 8601 UTC ``timestamp`` as wall-clock ms."""
+    return datetime.fromisoformat(timestamp).timestamp() * 1000
 
 
 @pytest.fixture

@@ -85,3 +85,38 @@ def first_warms_after(
         if warm.requested_at > after_ms and warm.conversation in wanted:
             first.setdefault(warm.conversation, warm)
     return first
+
+
+class Tenure(msgspec.Struct, frozen=True):
+    """A time one replica held one shard: from ``start_ms`` to ``end_ms`` (wall clock)."""
+
+    replica: str
+    shard: int
+    start_ms: float
+    end_ms: float
+
+
+def outside_tenures(
+    warms: Iterable[Warm], tenures: Iterable[Tenure], shard_of: dict[str, int], slack_ms: float
+) -> list[Warm]:
+    """The warms published by a replica that did not hold the conversation's shard then.
+
+    ``slack_ms`` either side of a tenure: a replica logs ``shard_gained`` once the shard's
+    timers are armed and ``shard_lost`` once they are dropped, so its warms fall inside, up
+    to the time two log lines and a publish take. A warm without a replica header, or of a
+    conversation ``shard_of`` does not place, is not judged.
+    """
+    held: dict[tuple[str, int], list[Tenure]] = defaultdict(list)
+    for tenure in tenures:
+        held[tenure.replica, tenure.shard].append(tenure)
+    outside = []
+    for warm in warms:
+        shard = shard_of.get(warm.conversation)
+        if warm.replica is None or shard is None:
+            continue
+        if not any(
+            t.start_ms - slack_ms <= warm.requested_at <= t.end_ms + slack_ms
+            for t in held[warm.replica, shard]
+        ):
+            outside.append(warm)
+    return outside

@@ -16,16 +16,31 @@ import time
 
 import pytest
 
-from tests.replicas.conftest import INTERVAL_MS, Fleet, Replica, wait_warmed
+from tests.replicas.conftest import (
+    INTERVAL_MS,
+    Fleet,
+    Replica,
+    latest_gains,
+    shard_map,
+    store_owners,
+    wait_warmed,
+)
 from tests.replicas.orchestrator import Orchestrator
 from tests.replicas.requester import Requester
-from tests.replicas.schedules import between, doubles, first_warms_after, owners
+from tests.replicas.schedules import (
+    between,
+    doubles,
+    first_warms_after,
+    outside_tenures,
+    owners,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.skip(reason="needs the sharded worker")]
 
 SHARDS = 6
 NAMES = ("r1", "r2", "r3")
 TAKEOVER_BOUND_MS = 10_000
+TENURE_SLACK_MS = 250
 
 
 async def start_replicas(fleet: Fleet, store: str) -> list[Replica]:
@@ -68,7 +83,7 @@ async def a_killed_replica_is_taken_over(
     """(b) SIGKILL the last replica: the others hold every shard, and each of its
     conversations is warmed by another within the bound. The worst delay, in ms."""
     victim, survivors = replicas[-1], replicas[:-1]
-    victim.process.kill()
+    victim.kill()
     killed = time.time() * 1000
     taken = await fleet.wait_owned(survivors, timeout=20)
     await wait_warmed(orchestrator, list(victim_cids), killed, timeout=20)
@@ -96,6 +111,20 @@ async def nothing_twice_nothing_lost(
     assert {(s["enabled"], s["intervalMs"]) for s in states.values()} == {(True, INTERVAL_MS)}
     statuses = {s["status"] for s in states.values()}
     assert statuses <= {"armed", "warming"}, statuses
+
+
+async def the_store_agrees(
+    fleet: Fleet, store: str, orchestrator: Orchestrator, conversations: list[str]
+) -> None:
+    """Each shard's owner in the store is the replica that logged the highest epoch for
+    it, and every warm came from a replica holding the conversation's shard then."""
+    latest = latest_gains(fleet.history)
+    owners_now = await store_owners(store)
+    assert {k: (o.replica, o.epoch) for k, o in owners_now.items()} == latest
+    shard_of = await shard_map(store, SHARDS)
+    assert set(conversations) <= set(shard_of)
+    outside = outside_tenures(orchestrator.warms, fleet.tenures(), shard_of, TENURE_SLACK_MS)
+    assert outside == []
 
 
 async def a_restarted_replica_rebalances(
@@ -127,6 +156,7 @@ async def test_redis_three_replicas_share_fail_over_and_rebalance(
     await nothing_twice_nothing_lost(orchestrator, requester, conversations)
     await a_restarted_replica_rebalances(fleet, replicas, orchestrator, conversations)
     await nothing_twice_nothing_lost(orchestrator, requester, conversations)
+    await the_store_agrees(fleet, redis_store_url, orchestrator, conversations)
 
 
 async def test_postgresql_three_replicas_share_and_fail_over(
@@ -139,3 +169,4 @@ async def test_postgresql_three_replicas_share_and_fail_over(
         fleet, replicas, orchestrator, conversations, shares[replicas[-1].name]
     )
     await nothing_twice_nothing_lost(orchestrator, requester, conversations)
+    await the_store_agrees(fleet, postgres_store_url, orchestrator, conversations)

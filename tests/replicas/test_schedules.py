@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from tests.replicas.orchestrator import Warm
-from tests.replicas.schedules import doubles, first_warms_after, owners
+from tests.replicas.schedules import Tenure, doubles, first_warms_after, outside_tenures, owners
 
 
 def warm(token: int, at: int, replica: str = "r1", cid: str = "c") -> Warm:
@@ -36,3 +38,13 @@ def test_first_warm_after_a_moment_and_who_warmed_what() -> None:
     in_flight = Warm("c", 1, "r1", requested_at=400, received_ms=600)
     assert first_warms_after([in_flight], ["c"], 500) == {}
     assert owners(warms) == {"c": {"r1", "r2", "r3"}, "d": {"r1"}}
+
+
+def test_a_warm_outside_every_tenure_of_its_publisher_on_that_shard_is_found() -> None:
+    tenures = [Tenure("r1", 0, 0, 5000), Tenure("r2", 0, 5000, math.inf), Tenure("r2", 1, 0, 9)]
+    shard_of = {"c": 0}
+    inside = [warm(1, 100), warm(2, 5100, "r2"), warm(3, 5200, "r1"), warm(4, 9000, "r2")]
+    stray = warm(5, 7000, "r1")
+    unjudged = [Warm("c", 6, None, 7000, 7005), warm(7, 7000, "r1", cid="unplaced")]
+    found = outside_tenures([*inside, stray, *unjudged], tenures, shard_of, slack_ms=250)
+    assert found == [stray]

@@ -32,7 +32,7 @@ async def test_a_killed_worker_restarted_warms_every_schedule_again_once(
     steady = time.time() * 1000
     await wait_warmed(orchestrator, CONVERSATIONS, steady + INTERVAL_MS, timeout=10)
 
-    worker.process.kill()
+    worker.kill()
     killed = time.time() * 1000
     fleet.restart(worker)
     await wait_warmed(orchestrator, CONVERSATIONS, killed, timeout=20)
