@@ -120,3 +120,17 @@ def outside_tenures(
         ):
             outside.append(warm)
     return outside
+
+
+def overlaps(tenures: Iterable[Tenure], slack_ms: float) -> list[tuple[Tenure, Tenure]]:
+    """Pairs of tenures of one shard by two replicas that overlap by more than ``slack_ms``:
+    two owners at once, by their own lines (a fence makes that safe, not right)."""
+    by_shard: dict[int, list[Tenure]] = defaultdict(list)
+    for tenure in tenures:
+        by_shard[tenure.shard].append(tenure)
+    found = []
+    for each in by_shard.values():
+        for a, b in itertools.combinations(sorted(each, key=lambda t: t.start_ms), 2):
+            if min(a.end_ms, b.end_ms) - b.start_ms > slack_ms:
+                found.append((a, b))
+    return found

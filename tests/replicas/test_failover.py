@@ -32,6 +32,7 @@ from tests.replicas.schedules import (
     doubles,
     first_warms_after,
     outside_tenures,
+    overlaps,
     owners,
 )
 
@@ -117,7 +118,9 @@ async def the_store_agrees(
     fleet: Fleet, store: str, orchestrator: Orchestrator, conversations: list[str]
 ) -> None:
     """Each shard's owner in the store is the replica that logged the highest epoch for
-    it, and every warm came from a replica holding the conversation's shard then."""
+    it, no shard had two holders at once, and every warm came from a replica holding the
+    conversation's shard then."""
+    assert overlaps(fleet.tenures(), TENURE_SLACK_MS) == []
     latest = latest_gains(fleet.history)
     owners_now = await store_owners(store)
     assert {k: (o.replica, o.epoch) for k, o in owners_now.items()} == latest

@@ -5,7 +5,14 @@ from __future__ import annotations
 import math
 
 from tests.replicas.orchestrator import Warm
-from tests.replicas.schedules import Tenure, doubles, first_warms_after, outside_tenures, owners
+from tests.replicas.schedules import (
+    Tenure,
+    doubles,
+    first_warms_after,
+    outside_tenures,
+    overlaps,
+    owners,
+)
 
 
 def warm(token: int, at: int, replica: str = "r1", cid: str = "c") -> Warm:
@@ -48,3 +55,10 @@ def test_a_warm_outside_every_tenure_of_its_publisher_on_that_shard_is_found() -
     unjudged = [Warm("c", 6, None, 7000, 7005), warm(7, 7000, "r1", cid="unplaced")]
     found = outside_tenures([*inside, stray, *unjudged], tenures, shard_of, slack_ms=250)
     assert found == [stray]
+
+
+def test_two_holders_of_one_shard_at_once_are_found() -> None:
+    handed = [Tenure("r1", 0, 0, 5000), Tenure("r2", 0, 5100, math.inf), Tenure("r3", 1, 0, 1)]
+    assert overlaps(handed, slack_ms=250) == []
+    both = Tenure("r3", 0, 4000, 6000)
+    assert overlaps([*handed, both], slack_ms=250) == [(handed[0], both), (both, handed[1])]
