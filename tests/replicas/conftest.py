@@ -10,6 +10,8 @@ topology included), the Redis keys and the schema are deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
 import os
 import shutil
@@ -52,6 +54,8 @@ class Replica:
         self.process = process
         self.ended_ms: float | None = None
         """When the test killed it (wall-clock ms): what it held, it held until then."""
+        self._read = 0
+        self._shard_lines: list[dict[str, Any]] = []
 
     def owned(self) -> set[int]:
         """The shards this replica holds now, by its ``shard_gained``/``shard_lost`` lines."""
@@ -62,9 +66,7 @@ class Replica:
         (or its kill; still open: to infinity)."""
         opened: dict[int, float] = {}
         found = []
-        for event in self.process.events():
-            if event.get("event") not in ("shard_gained", "shard_lost"):
-                continue
+        for event in self.shard_lines():
             shard, at = int(event["shard"]), _epoch_ms(event["timestamp"])
             start = opened.pop(shard, None)
             if event["event"] == "shard_gained":
@@ -74,6 +76,19 @@ class Replica:
         end = math.inf if self.ended_ms is None else self.ended_ms
         found.extend(Tenure(self.name, shard, start, end) for shard, start in opened.items())
         return found
+
+    def shard_lines(self) -> list[dict[str, Any]]:
+        """Its ``shard_gained`` and ``shard_lost`` lines so far, decoded once each: a replica
+        writes a line per warm, and these are read several times a second."""
+        lines = self.process.lines
+        for line in lines[self._read : len(lines)]:
+            if '"shard_' in line:
+                with contextlib.suppress(ValueError):
+                    event = json.loads(line)
+                    if event.get("event") in ("shard_gained", "shard_lost"):
+                        self._shard_lines.append(event)
+            self._read += 1
+        return self._shard_lines
 
     def kill(self) -> None:
         """SIGKILL, noting when."""
@@ -234,7 +249,9 @@ def latest_gains(replicas: list[Replica]) -> dict[int, tuple[str, int]]:
     """Shard -> (replica, epoch) of the ``shard_gained`` line with the highest epoch."""
     latest: dict[int, tuple[str, int]] = {}
     for replica in replicas:
-        for event in replica.process.named("shard_gained"):
+        for event in replica.shard_lines():
+            if event["event"] != "shard_gained":
+                continue
             shard, epoch = int(event["shard"]), int(event["epoch"])
             if shard not in latest or epoch > latest[shard][1]:
                 latest[shard] = (replica.name, epoch)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 from msgspec.structs import replace
@@ -54,7 +55,13 @@ async def owners_fence(store: str, shards: set[int], epochs: dict[int, int], cut
 
 def epochs_held(replica: Replica) -> dict[int, int]:
     """Shard -> the epoch of ``replica``'s last ``shard_gained`` for it."""
-    return {int(e["shard"]): int(e["epoch"]) for e in replica.process.named("shard_gained")}
+    gained = (e for e in replica.shard_lines() if e["event"] == "shard_gained")
+    return {int(e["shard"]): int(e["epoch"]) for e in gained}
+
+
+def lost(replica: Replica) -> list[dict[str, Any]]:
+    """Its ``shard_lost`` lines so far."""
+    return [e for e in replica.shard_lines() if e["event"] == "shard_lost"]
 
 
 async def let_go(replica: Replica, since_ms: float, within_s: float) -> None:
@@ -99,7 +106,7 @@ async def test_a_replica_cut_from_the_broker_lands_nothing_after_the_takeover(
     print(
         f"\npartition: r3's shards {sorted(held)} held by r1 and r2 "
         f"{(takeover - cut) / 1000:.1f} s after the cut; r3 let go: "
-        f"{[(e['shard'], e['reason']) for e in r3.process.named('shard_lost')]}"
+        f"{[(e['shard'], e['reason']) for e in lost(r3)]}"
     )
     proxy.restore()
     restored = time.time() * 1000
@@ -107,7 +114,7 @@ async def test_a_replica_cut_from_the_broker_lands_nothing_after_the_takeover(
 
     # 2. r3 paused past the takeover, then woken with the path healed.
     held, epochs = r3.owned(), epochs_held(r3)
-    lost_before = len(r3.process.named("shard_lost"))
+    lost_before = len(lost(r3))
     proxy.blackhole()
     r3.pause()
     paused = time.time() * 1000
@@ -118,7 +125,7 @@ async def test_a_replica_cut_from_the_broker_lands_nothing_after_the_takeover(
     r3.resume()
     await fleet.wait_owned([r1, r2, r3], timeout=30, least=1)
     await wait_warmed(orchestrator, conversations, time.time() * 1000, timeout=10)
-    woke = [(e["shard"], e["reason"]) for e in r3.process.named("shard_lost")[lost_before:]]
+    woke = [(e["shard"], e["reason"]) for e in lost(r3)[lost_before:]]
     print(
         f"pause: r3's shards {sorted(held)} held by r1 and r2 "
         f"{(takeover - paused) / 1000:.1f} s after SIGSTOP; woken, r3 let go: {woke}"
