@@ -12,7 +12,6 @@ that API on their own branch (h-stores) and have their own contract tests.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
@@ -22,6 +21,7 @@ import msgspec
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+import warmer.bus.reshard
 from warmer.bus.deadletter import REASON
 from warmer.bus.reshard import CONVERSATION_HEADER, MAX_SHARDS, Refused, streams
 from warmer.bus.topology import COMMAND_ROUTING_KEY, Names, declare, delete
@@ -229,20 +229,83 @@ async def test_running_it_again_moves_nothing_and_shrinking_empties_the_top_shar
     assert set(records.shard_of.values()) == {0, 1}
 
 
-async def test_a_worker_still_consuming_is_refused_and_nothing_moves(
+async def test_back_to_one_shard_puts_everything_on_the_single_queues(
     amqp_url: str, namespace: str, connection: AbstractConnection, channel: AbstractChannel
 ) -> None:
+    sent = await _queued(channel, namespace)
+    records = Records(dict.fromkeys(CONVERSATIONS, 0), layout=None)
+    shared = cast(Shared, records)
+    await reshard(amqp_url, namespace, SHARDS, shared, say=_say([]))
+
+    one = await reshard(amqp_url, namespace, 1, shared, say=_say([]))
+
+    assert sum(one.moved.values()) == len(sent)
+    lifecycle, commands = streams(namespace)
+    for stream in (lifecycle, commands):
+        for shard in range(SHARDS):
+            assert not await _exists(connection, stream.shard_queue(shard))
+    found = [
+        (kind, msgspec.json.decode(message.body))
+        for kind in ("lifecycle", "commands")
+        for message in await _drained(channel, f"{namespace}.{kind}")
+    ]
+    key = msgspec.json.encode
+    assert Counter(key(item) for item in found) == Counter(key(item) for item in sent)
+    assert set(records.shard_of.values()) == {0} and records.laid_out == 1
+    # Publishers reach the single queue again, not a `.shards` exchange.
+    await _event(channel, namespace, {"type": "turn.started", "conversationId": "c"}, {})
+    (late,) = await _drained(channel, f"{namespace}.lifecycle")
+    assert msgspec.json.decode(late.body)["conversationId"] == "c"
+
+
+async def test_a_reshard_stopped_half_way_finishes_when_run_again(
+    amqp_url: str,
+    namespace: str,
+    channel: AbstractChannel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent = await _queued(channel, namespace)
+    records = Records(dict.fromkeys(CONVERSATIONS, 0), layout=1)
+    shared = cast(Shared, records)
+    monkeypatch.setattr(warmer.bus.reshard, "_BATCH", 10)
+
+    def crash(line: str) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C would, after the first 10 moved
+
+    with pytest.raises(KeyboardInterrupt):
+        await reshard(amqp_url, namespace, SHARDS, shared, say=crash, every_s=0.0)
+    assert records.laid_out == 1 and records.assigned == []
+
+    again = await reshard(amqp_url, namespace, SHARDS, shared, say=_say([]))
+
+    # The rest of the single queue, then (the ring having changed since the store's
+    # layout) the shards again, those 10 included: moved twice, held once.
+    assert again.moved[f"{namespace}.lifecycle"] == len(CONVERSATIONS) + 1 - 10
+    found: list[dict[str, Any]] = []
+    for stream in streams(namespace):
+        for shard in range(SHARDS):
+            for message in await _drained(channel, stream.shard_queue(shard)):
+                body = msgspec.json.decode(message.body)
+                assert records.shard_of[body["conversationId"]] == shard
+                found.append(body)
+    key = msgspec.json.encode
+    assert Counter(key(body) for body in found) == Counter(key(body) for _, body in sent)
+    assert records.laid_out == SHARDS
+
+
+async def test_a_worker_still_consuming_is_refused_and_nothing_moves(
+    amqp_url: str,
+    namespace: str,
+    connection: AbstractConnection,
+    channel: AbstractChannel,
+    start_worker: Any,
+) -> None:
     await _queued(channel, namespace)
-    queue = await channel.declare_queue(f"{namespace}.commands", passive=True)
-    consumed: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-    tag = await queue.consume(consumed.put, no_ack=False)
+    await start_worker()
     records = Records(dict.fromkeys(CONVERSATIONS, 0), layout=1)
 
-    with pytest.raises(Refused, match=rf"{namespace}\.commands \(1\)"):
+    with pytest.raises(Refused, match=rf"{namespace}\.lifecycle \(1\)"):
         await reshard(amqp_url, namespace, SHARDS, cast(Shared, records), say=_say([]))
 
-    await queue.cancel(tag)
     assert records.laid_out == 1 and records.assigned == []
-    lifecycle = await channel.declare_queue(f"{namespace}.lifecycle", passive=True)
-    assert lifecycle.declaration_result.message_count == len(CONVERSATIONS) + 1
     assert not await _exists(connection, streams(namespace)[0].shard_queue(0))

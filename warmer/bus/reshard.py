@@ -152,12 +152,22 @@ class Broker:
         return found
 
     async def _counts(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+        # A passive declare of a missing queue closes its channel: a new one only then.
         found: dict[str, tuple[int, int]] = {}
-        for name in names:
-            queue = await self.queue(name)
-            if queue is not None:
+        channel = await self._connection.channel()
+        try:
+            for name in names:
+                if channel.is_closed:
+                    channel = await self._connection.channel()
+                try:
+                    queue = await channel.declare_queue(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    continue
                 result = queue.declaration_result
                 found[name] = (result.message_count or 0, result.consumer_count or 0)
+        finally:
+            with suppress(aiormq.exceptions.AMQPError):
+                await channel.close()
         return found
 
     async def declare_shards(self, stream: Stream, shards: int, dlx: str) -> AbstractExchange:
