@@ -9,8 +9,11 @@ does it again, and a message is acknowledged only once its copy is confirmed. Th
    bound to the ``.shards`` exchanges (or, for S = 1, the single queues bound again), the
    old queues unbound, shards beyond S removed from the ring, highest first;
 2. drain every old queue (the single queues, the shards beyond S, and the kept shards
-   too when the ring changed): each message republished with its ``conversation-id``
-   header, confirmed, then acknowledged; one without a readable id dead-lettered;
+   too whenever the store's layout is not S yet): each message republished with its
+   ``conversation-id`` header, confirmed, then acknowledged; one without a readable id
+   dead-lettered. Kept shards are drained too because a larger ring moves some of their
+   conversations to the new shards, and a run stopped half-way may have left messages
+   routed by a ring of another size; republished, each lands where the ring of S puts it;
 3. delete the emptied old queues;
 4. give every stored conversation the shard the broker routes it to, found by probing
    (``warmer.bus.reshard``), then record the layout: the last step, so a crash before
@@ -24,6 +27,7 @@ order: what is moved goes behind what publishers sent meanwhile.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
@@ -36,6 +40,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from warmer.bus import lenient
 from warmer.bus.reshard import MAX_SHARDS, Broker, Moved, Refused, Stream, streams
+from warmer.bus.topology import Names
 from warmer.store.base import Shared
 
 __all__ = ["PROGRESS_EVERY_S", "Summary", "reshard"]
@@ -102,8 +107,10 @@ async def reshard(
     try:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         broker = Broker(connection, channel)
-        dlx = f"{namespace}.dlx"
+        names = Names.of(namespace)
+        dlx = names.dlx
         before = await _idle(broker, namespace)
+        await broker.declare_dead(names.dlx, names.dead)
         previous = await shared.layout()
         moved: dict[str, int] = {}
         dead = 0
@@ -120,7 +127,7 @@ async def reshard(
                 moved[queue], dead = done.moved, dead + done.dead
             deleted += await _delete_old(broker, stream, shards, before)
         await _idle(broker, namespace)  # a worker started meanwhile must not see the moves
-        records, reassigned = await _assign(broker, shared, streams(namespace)[0], shards, say)
+        records, reassigned = await _assign(broker, shared, namespace, shards, say, progress)
         await shared.set_layout(shards)
     finally:
         with suppress(aiormq.exceptions.AMQPError, OSError):
@@ -223,7 +230,12 @@ async def _delete_old(
 
 
 async def _assign(
-    broker: Broker, shared: Shared, stream: Stream, shards: int, say: Callable[[str], None]
+    broker: Broker,
+    shared: Shared,
+    namespace: str,
+    shards: int,
+    say: Callable[[str], None],
+    progress: _Progress,
 ) -> tuple[list[int], int]:
     """Step 4: every record on the shard the broker routes its conversation to.
 
@@ -233,13 +245,18 @@ async def _assign(
     held: dict[str, int] = {}
     for shard in range(MAX_SHARDS):
         held.update(dict.fromkeys(await shared.ids(shard), shard))
+        progress(lambda: f"reading the stored conversations: {len(held)} so far")
     ids = sorted(held)
     if shards == 1:
         routed = dict.fromkeys(ids, 0)
     else:
         say(f"probing the shard of {len(ids)} stored conversations")
-        ring = [stream.shard_queue(k) for k in range(shards)]
-        routed = await broker.probe(ring, ids)
+        name = f"{namespace}.reshard.probe.{uuid.uuid4().hex[:12]}"
+
+        def probed(count: int) -> None:
+            progress(lambda: f"probed {count} of {len(ids)} stored conversations")
+
+        routed = await broker.probe(name, shards, ids, probed)
     moves = {id_: routed[id_] for id_ in ids if routed[id_] != held[id_]}
     if moves:
         say(f"assigning {len(moves)} records to their new shards")

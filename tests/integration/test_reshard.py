@@ -309,3 +309,21 @@ async def test_a_worker_still_consuming_is_refused_and_nothing_moves(
 
     assert records.laid_out == 1 and records.assigned == []
     assert not await _exists(connection, streams(namespace)[0].shard_queue(0))
+
+
+async def test_the_probe_leaves_nothing_behind(
+    namespace: str, connection: AbstractConnection, channel: AbstractChannel
+) -> None:
+    broker = warmer.bus.reshard.Broker(connection, channel)
+    name = f"{namespace}.reshard.probe.test"
+    counts: list[int] = []
+
+    routed = await broker.probe(name, SHARDS, CONVERSATIONS, counts.append)
+
+    assert set(routed) == set(CONVERSATIONS) and set(routed.values()) <= set(range(SHARDS))
+    assert counts == [len(CONVERSATIONS)]
+    for shard in range(SHARDS):
+        assert not await _exists(connection, f"{name}.{shard:03d}")
+    probe = await connection.channel()
+    with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+        await probe.get_exchange(name, ensure=True)

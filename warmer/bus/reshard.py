@@ -18,7 +18,6 @@ id exactly as the real exchange would.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from typing import Any, Final
@@ -196,6 +195,16 @@ class Broker:
         await exchange.bind(publishers, stream.routing_key)
         return exchange
 
+    async def declare_dead(self, dlx: str, dead: str) -> None:
+        """The dead-letter exchange and queue (docs/contract.md), where a message with no
+        readable id goes: present before any worker ran in a namespace that publishers
+        declared alone."""
+        exchange = await self._channel.declare_exchange(dlx, ExchangeType.FANOUT, durable=True)
+        queue = await self._channel.declare_queue(
+            dead, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await queue.bind(exchange, "")
+
     async def declare_single(self, stream: Stream, dlx: str) -> AbstractQueue:
         """The S = 1 queue of ``stream``, bound to the publishers' exchange."""
         publishers = await self._channel.declare_exchange(
@@ -317,17 +326,25 @@ class Broker:
             return
         await exchange.publish(letter, message.routing_key or "")
 
-    async def probe(self, ring: Sequence[str], ids: Sequence[str]) -> dict[str, int]:
-        """Each id of ``ids`` -> the index in ``ring`` of the queue the real ``.shards``
-        exchange routes it to, ``ring`` being its bindings in order (weight "1" each).
+    async def probe(
+        self,
+        name: str,
+        shards: int,
+        ids: Sequence[str],
+        progress: Callable[[int], None],
+    ) -> dict[str, int]:
+        """Each id of ``ids`` -> the shard the real ``.shards`` exchange of ``shards``
+        bindings routes it to; ``progress`` gets the count probed after each batch.
 
-        The twin exchange and its queues are temporary and deleted on the way out.
+        The twin exchange ``name`` and its queues ``name.NNN`` are bound like the real
+        one (same hash header, weight "1" each, in shard order) and go away with the
+        channel: the queues auto-delete with their consumers, the exchange with its last
+        binding.
         """
-        token = uuid.uuid4().hex[:12]
         channel = await self._connection.channel(publisher_confirms=True)
         try:
             exchange = await channel.declare_exchange(
-                f"warmer.reshard.probe.{token}",
+                name,
                 ExchangeType.X_CONSISTENT_HASH,
                 auto_delete=True,
                 arguments=shards_exchange_arguments(),
@@ -344,9 +361,9 @@ class Broker:
 
                 return on_message
 
-            for shard, _ in enumerate(ring):
+            for shard in range(shards):
                 queue = await channel.declare_queue(
-                    f"warmer.reshard.probe.{token}.{shard:03d}", exclusive=True, auto_delete=True
+                    f"{name}.{shard:03d}", exclusive=True, auto_delete=True
                 )
                 await queue.bind(exchange, SHARD_WEIGHT)
                 await queue.consume(catch(shard), no_ack=True)
@@ -369,10 +386,11 @@ class Broker:
                 )
                 if len(shard_of) < expected:
                     await asyncio.wait_for(arrived.wait(), _PROBE_WAIT_S)
+                progress(expected)
             return shard_of
         finally:
             with suppress(aiormq.exceptions.AMQPError):
-                await channel.close()  # the exclusive queues and the exchange go with it
+                await channel.close()
 
 
 def conversation_of(message: AbstractIncomingMessage, *, commands: bool) -> str | Rejection:
