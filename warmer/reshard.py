@@ -147,7 +147,8 @@ async def reshard(
 
 async def _idle(broker: Broker, namespace: str) -> dict[str, tuple[int, int]]:
     """Every inbound queue of the namespace -> (ready, consumers); Refused when one has a
-    consumer (a worker runs)."""
+    consumer or a shard's lock (the exclusive queue ``<ns>.lock.NNN`` its owner holds) is
+    held: a worker runs."""
     names = [
         name
         for stream in streams(namespace)
@@ -155,9 +156,12 @@ async def _idle(broker: Broker, namespace: str) -> dict[str, tuple[int, int]]:
     ]
     found = await broker.existing(names)
     busy = [f"{name} ({consumers})" for name, (_, consumers) in found.items() if consumers]
-    if busy:
+    locks = await broker.held([f"{namespace}.lock.{k:03d}" for k in range(MAX_SHARDS)])
+    if busy or locks:
+        what = [f"consumers on {', '.join(busy)}"] if busy else []
+        what += [f"shard locks held: {', '.join(locks)}"] if locks else []
         raise Refused(
-            f"queues of namespace {namespace!r} have consumers: {', '.join(busy)}; stop every "
+            f"a worker of namespace {namespace!r} runs ({'; '.join(what)}): stop every "
             "worker of the namespace first (reshard runs while none does)"
         )
     return found

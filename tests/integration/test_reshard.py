@@ -304,11 +304,26 @@ async def test_a_worker_still_consuming_is_refused_and_nothing_moves(
     await start_worker()
     records = Records(dict.fromkeys(CONVERSATIONS, 0), layout=1)
 
-    with pytest.raises(Refused, match=rf"{namespace}\.lifecycle \(1\)"):
+    with pytest.raises(Refused, match=rf"consumers on {namespace}\.lifecycle \(1\)"):
         await reshard(amqp_url, namespace, SHARDS, cast(Shared, records), say=_say([]))
 
     assert records.laid_out == 1 and records.assigned == []
     assert not await _exists(connection, streams(namespace)[0].shard_queue(0))
+
+
+async def test_a_shard_lock_held_by_another_connection_is_refused(
+    amqp_url: str, namespace: str, connection: AbstractConnection, channel: AbstractChannel
+) -> None:
+    # The owner of a shard holds the exclusive queue <ns>.lock.NNN (h-topology's lock),
+    # also between its consumers: a reshard must see it.
+    lock = await channel.declare_queue(f"{namespace}.lock.002", exclusive=True)
+    records = Records({}, layout=1)
+    try:
+        with pytest.raises(Refused, match=rf"shard locks held: {namespace}\.lock\.002"):
+            await reshard(amqp_url, namespace, SHARDS, cast(Shared, records), say=_say([]))
+    finally:
+        await lock.delete()
+    assert records.laid_out == 1
 
 
 async def test_the_probe_leaves_nothing_behind(

@@ -711,7 +711,9 @@ def test_reshard_refused_while_a_worker_consumes_exits_1(
 ) -> None:
     from warmer.bus.reshard import PluginMissing, Refused
 
-    resharded["outcome"] = Refused("queues of namespace 'ops' have consumers: ops.commands (1)")
+    resharded["outcome"] = Refused(
+        "a worker of namespace 'ops' runs (consumers on ops.commands (1))"
+    )
     assert main(["reshard", "--shards", "4"]) == 1
     assert "ops.commands (1)" in capsys.readouterr().err
 

@@ -47,7 +47,7 @@ KUBERNETES: Final = DEPLOY / "kubernetes" / "warmer-sidecar.yaml"
 REPLICATED: Final = DEPLOY / "kubernetes" / "warmer-replicated.yaml"
 RESHARD_JOB: Final = DEPLOY / "kubernetes" / "warmer-reshard-job.yaml"
 COMPOSE_REPLICATED: Final = DEPLOY / "compose.replicated.yaml"
-ENABLED_PLUGINS: Final = DEPLOY / "enabled_plugins"
+ENABLED_PLUGINS: Final = DEPLOY / "rabbitmq-enabled-plugins"
 PLUGIN: Final = "rabbitmq_consistent_hash_exchange"
 PROMETHEUS: Final = DEPLOY / "prometheus.yaml"
 DASHBOARD: Final = DEPLOY / "grafana-dashboard.json"
@@ -693,7 +693,7 @@ def test_the_broker_of_either_compose_file_has_the_plugin() -> None:
     assert "rabbitmq_management" in plugins, "the management image's own, kept"
     for path in (COMPOSE, COMPOSE_REPLICATED):
         mounts = _mounts(_yaml(path)["services"]["rabbitmq"])
-        assert mounts["/etc/rabbitmq/enabled_plugins"] == "./enabled_plugins", path.name
+        assert mounts["/etc/rabbitmq/enabled_plugins"] == "./rabbitmq-enabled-plugins", path.name
 
 
 def test_the_replicated_compose_runs_three_workers_on_a_shared_redis() -> None:

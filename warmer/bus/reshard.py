@@ -150,6 +150,27 @@ class Broker:
             found |= await self._counts(busy)
         return found
 
+    async def held(self, names: Sequence[str]) -> list[str]:
+        """The exclusive queues of ``names`` that exist: another connection's answers a
+        passive declare with RESOURCE_LOCKED, which closes the channel too."""
+        found: list[str] = []
+        channel = await self._connection.channel()
+        try:
+            for name in names:
+                if channel.is_closed:
+                    channel = await self._connection.channel()
+                try:
+                    await channel.declare_queue(name, passive=True)
+                except aiormq.exceptions.ChannelNotFoundEntity:
+                    continue
+                except aiormq.exceptions.ChannelLockedResource:
+                    pass
+                found.append(name)
+        finally:
+            with suppress(aiormq.exceptions.AMQPError):
+                await channel.close()
+        return found
+
     async def _counts(self, names: Sequence[str]) -> dict[str, tuple[int, int]]:
         # A passive declare of a missing queue closes its channel: a new one only then.
         found: dict[str, tuple[int, int]] = {}
