@@ -454,16 +454,19 @@ def _reshard(args: argparse.Namespace) -> int:
         print(f"warmer: the store failed: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     print(_json(summary) if args.json else _reshard_text(summary))
+    if config.shards != summary.shards:
+        say(f"WARMER_SHARDS is {config.shards} here: give the workers {summary.shards}")
     return EXIT_OK
 
 
 def _reshard_text(summary: Summary) -> str:
     moved = sum(summary.moved.values())
-    before = "never laid out" if summary.previous is None else f"{summary.previous}"
+    previous = summary.previous
+    before = "none" if previous is None else f"{previous} shard{'s' * (previous != 1)}"
     per_shard = ", ".join(f"{k}: {n}" for k, n in enumerate(summary.records))
     lines = [
-        f"namespace {summary.namespace}: {summary.shards} shards (the store had {before}), "
-        f"in {summary.seconds:g} s",
+        f"namespace {summary.namespace}: {summary.shards} shards (the store's layout was "
+        f"{before}), in {summary.seconds:g} s",
         f"messages moved: {moved}, dead-lettered (no readable id): {summary.dead}",
         *(f"  {queue}: {count}" for queue, count in summary.moved.items()),
         f"old queues deleted: {', '.join(summary.deleted) or 'none'}",

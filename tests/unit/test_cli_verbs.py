@@ -691,19 +691,26 @@ def test_reshard_prints_a_summary_and_progress(
     captured = capsys.readouterr()
     assert resharded["shards"] == 4 and resharded["namespace"] == "ops"
     assert resharded["shared"].opened and resharded["shared"].closed
-    assert captured.err == "reshard: moving ops.lifecycle: 3 moved, 0 dead-lettered\n"
+    assert captured.err.splitlines() == [
+        "reshard: moving ops.lifecycle: 3 moved, 0 dead-lettered",
+        "reshard: WARMER_SHARDS is 1 here: give the workers 4",
+    ]
+    assert "4 shards (the store's layout was 1 shard)" in captured.out
     assert "messages moved: 4, dead-lettered (no readable id): 1" in captured.out
     assert "per shard: 0: 2, 1: 0, 2: 1, 3: 1" in captured.out
     assert captured.out.rstrip().endswith("WARMER_SHARDS=4")
 
 
 def test_reshard_json_is_the_summary(
-    resharded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+    resharded: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("WARMER_SHARDS", "4")
     assert main(["reshard", "--shards", "4", "--json"]) == 0
 
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert summary["records"] == [2, 0, 1, 1] and summary["dead"] == 1
+    assert "WARMER_SHARDS" not in captured.err, "the settings already say 4"
 
 
 def test_reshard_refused_while_a_worker_consumes_exits_1(
