@@ -41,6 +41,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from warmer.bus import lenient
 from warmer.bus.reshard import MAX_SHARDS, Broker, Moved, Refused, Stream, streams
 from warmer.bus.topology import Names
+from warmer.core.gaps import MODEL_KEY
 from warmer.store.base import Shared
 
 __all__ = ["PROGRESS_EVERY_S", "Summary", "reshard"]
@@ -244,11 +245,13 @@ async def _assign(
     """Step 4: every record on the shard the broker routes its conversation to.
 
     Every shard the store may hold is read (not only the old layout's): a run that
-    crashed after moving records to shards of another S finds them too.
+    crashed after moving records to shards of another S finds them too. The gap model
+    each shard keeps under ``MODEL_KEY`` stays where it is: a new shard learns its own.
     """
     held: dict[str, int] = {}
     for shard in range(MAX_SHARDS):
         held.update(dict.fromkeys(await shared.ids(shard), shard))
+        held.pop(MODEL_KEY, None)  # each shard's own gap model, never moved
         progress(lambda: f"reading the stored conversations: {len(held)} so far")
     ids = sorted(held)
     if shards == 1:

@@ -25,6 +25,7 @@ import warmer.bus.reshard
 from warmer.bus.deadletter import REASON
 from warmer.bus.reshard import CONVERSATION_HEADER, MAX_SHARDS, Refused, streams
 from warmer.bus.topology import COMMAND_ROUTING_KEY, Names, declare, delete
+from warmer.core.gaps import MODEL_KEY
 from warmer.reshard import reshard
 from warmer.store.base import Shared
 
@@ -41,6 +42,8 @@ class Records:
         self.shard_of = dict(shard_of)
         self.laid_out = layout
         self.assigned: list[dict[str, int]] = []
+        self.models: set[int] = set()
+        """Shards holding a gap model: ``ids`` lists its key among theirs, as stores do."""
 
     async def layout(self) -> int | None:
         return self.laid_out
@@ -49,9 +52,11 @@ class Records:
         self.laid_out = shards
 
     async def ids(self, shard: int) -> list[str]:
-        return [c for c, s in self.shard_of.items() if s == shard]
+        model = [MODEL_KEY] if shard in self.models else []
+        return [c for c, s in self.shard_of.items() if s == shard] + model
 
     async def assign(self, moves: Mapping[str, int]) -> None:
+        assert MODEL_KEY not in moves, "the gap model is never moved"
         self.assigned.append(dict(moves))
         self.shard_of.update({c: s for c, s in moves.items() if c in self.shard_of})
 
@@ -166,6 +171,7 @@ async def test_a_reshard_to_four_loses_nothing_and_puts_each_message_on_its_shar
     sent = await _queued(channel, namespace)
     await _event(channel, namespace, b"not json at all", {CONVERSATION_HEADER: "x"})
     records = Records(dict.fromkeys(CONVERSATIONS, 0), layout=1)
+    records.models = {0}
     lines: list[str] = []
 
     summary = await reshard(
