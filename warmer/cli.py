@@ -415,6 +415,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _reshard(args: argparse.Namespace) -> int:
     """`warmer reshard`: the broker and the store moved to ``--shards`` shards."""
     config = _config()
+    configure_logging(config.log_format, "warning")  # the store's warnings, as the worker's
     _quiet_client_logs()
     import aiormq  # the broker client and the store: imported only by the verbs that use them
 
