@@ -56,8 +56,8 @@ _PROBE_BATCH: Final = 2000
 _PROBE_WAIT_S: Final = 30.0
 _SETTLE_S: Final = 2.0
 _SETTLE_POLL_S: Final = 0.05
-# Added by the broker or by the worker when a message was delivered or dead-lettered:
-# a moved message is a new one, its delivery count starts again.
+# The quorum queue's count of deliveries, set by the broker: a moved message is a new
+# one, its count starts again (the queue dead-letters at DELIVERY_LIMIT).
 _DROPPED_HEADERS: Final = ("x-delivery-count",)
 
 
