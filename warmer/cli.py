@@ -37,6 +37,7 @@ from warmer.observe.log import configure_logging, get_logger
 
 if TYPE_CHECKING:
     from warmer.control import Control, DeadLetter, DeadLetters, Replay
+    from warmer.reshard import Summary
 
 __all__ = ["main", "parse_interval"]
 
@@ -50,6 +51,7 @@ _EXIT_CODES: Final = (
     "  69 broker unreachable or namespace not declared; 75 no worker answered in time"
 )
 _DEFAULT_TIMEOUT_S: Final = 10.0
+_MAX_SHARDS: Final = 256
 _BODY_SHOWN: Final = 120
 _UNIT_MS: Final = {"ms": 1, "s": 1000, "m": 60_000}
 _INTERVAL: Final = re.compile(r"(?P<amount>[0-9]{1,16}(?:\.[0-9]{1,6})?)(?P<unit>ms|s|m)")
@@ -132,6 +134,12 @@ def _conversation(text: str) -> str:
             f"{raw!r} is not UTF-8: a conversation id is UTF-8 text"
         ) from None
     return text
+
+
+def _shards(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= _MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of shards from 1 to 256")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -322,6 +330,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--trace", metavar="FILE", help="replay the gaps of this file instead")
     simulate.set_defaults(command=_simulate, usage=simulate.error)
+    reshard = verb(
+        "reshard",
+        "move the namespace to another number of shards",
+        "Move the namespace's queues and stored conversations to S shards, losing nothing "
+        "queued: from today's single queues (S = 1) to S shards, from S shards to another "
+        "number, or back to one. Run it while no worker of the namespace runs (it refuses "
+        "when a queue has a consumer), then start the workers with WARMER_SHARDS=S. It "
+        "declares the queues of S shards and routes new messages to them, moves every "
+        "queued message to its shard (a message with no readable conversation id goes to "
+        "<namespace>.dead, as the worker would send it), deletes the emptied old queues, "
+        "then records each stored conversation's shard, found by asking the broker. Safe to "
+        "run again after it stopped half-way. Needs the broker plugin "
+        "rabbitmq_consistent_hash_exchange for S > 1. Shows progress every 10 s and a "
+        "summary at the end. Choose S a multiple of the replicas you expect (16 for up to "
+        "8); deploy/README.md says more.",
+        "  warmer reshard --shards 16\n  WARMER_NAMESPACE=staging warmer reshard --shards 4 --json",
+        asks=False,
+    )
+    reshard.add_argument(
+        "--shards",
+        type=_shards,
+        required=True,
+        metavar="S",
+        help=f"the number of shards, 1 to {_MAX_SHARDS}",
+    )
+    reshard.set_defaults(command=_reshard)
     return parser
 
 
@@ -376,6 +410,72 @@ def _simulate(args: argparse.Namespace) -> int:
     else:
         print(text(tables, prefix_tokens=prefix))
     return EXIT_OK
+
+
+def _reshard(args: argparse.Namespace) -> int:
+    """`warmer reshard`: the broker and the store moved to ``--shards`` shards."""
+    config = _config()
+    configure_logging(config.log_format, "warning")  # the store's warnings, as the worker's
+    _quiet_client_logs()
+    import aiormq  # the broker client and the store: imported only by the verbs that use them
+
+    from warmer.bus.reshard import PLUGIN, PluginMissing, Refused
+    from warmer.reshard import reshard
+    from warmer.store import StoreError, open_shared  # type: ignore[attr-defined]
+
+    def say(line: str) -> None:
+        print(f"reshard: {line}", file=sys.stderr, flush=True)
+
+    async def run() -> Summary:
+        shared = open_shared(config.store, timeout_ms=config.store_timeout_ms)
+        await shared.open()
+        try:
+            return await reshard(config.amqp_url, config.namespace, args.shards, shared, say=say)
+        finally:
+            await shared.close()
+
+    try:
+        summary = asyncio.run(run())
+    except KeyboardInterrupt:
+        print("warmer: reshard interrupted: run it again to finish", file=sys.stderr)
+        return 130
+    except Refused as refused:
+        print(f"warmer: {refused}", file=sys.stderr)
+        return EXIT_REFUSED
+    except PluginMissing:
+        print(
+            f"warmer: the broker lacks the plugin {PLUGIN}: rabbitmq-plugins enable {PLUGIN}",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
+    except (OSError, aiormq.exceptions.AMQPError) as exc:
+        print(f"warmer: the broker failed: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except StoreError as exc:
+        print(f"warmer: the store failed: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(_json(summary) if args.json else _reshard_text(summary))
+    if config.shards != summary.shards:
+        say(f"WARMER_SHARDS is {config.shards} here: give the workers {summary.shards}")
+    return EXIT_OK
+
+
+def _reshard_text(summary: Summary) -> str:
+    moved = sum(summary.moved.values())
+    previous = summary.previous
+    before = "none" if previous is None else f"{previous} shard{'s' * (previous != 1)}"
+    per_shard = ", ".join(f"{k}: {n}" for k, n in enumerate(summary.records))
+    lines = [
+        f"namespace {summary.namespace}: {summary.shards} shards (the store's layout was "
+        f"{before}), in {summary.seconds:g} s",
+        f"messages moved: {moved}, dead-lettered (no readable id): {summary.dead}",
+        *(f"  {queue}: {count}" for queue, count in summary.moved.items()),
+        f"old queues deleted: {', '.join(summary.deleted) or 'none'}",
+        f"records: {sum(summary.records)}, {summary.reassigned} moved to another shard; "
+        f"per shard: {per_shard}",
+        f"start the workers with WARMER_SHARDS={summary.shards}",
+    ]
+    return "\n".join(lines)
 
 
 # -- `warmer run` -------------------------------------------------------------------
@@ -550,11 +650,7 @@ def _on_bus(operation: Callable[[Control], Awaitable[T]]) -> T:
     config = _config()
     from warmer import control  # the broker client: imported only by the verbs that use it
 
-    for name in ("aiormq", "aio_pika"):
-        # Python would print their warnings (a failed connect) beside our own line on it.
-        client_log = logging.getLogger(name)
-        if not client_log.handlers:
-            client_log.addHandler(logging.NullHandler())
+    _quiet_client_logs()
 
     async def session() -> T:
         connected: Control = await control.Control.connect(config.amqp_url, config.namespace)
@@ -573,6 +669,14 @@ def _on_bus(operation: Callable[[Control], Awaitable[T]]) -> T:
     except control.ControlError as exc:
         print(f"warmer: {exc}", file=sys.stderr)
         raise _Exit(EXIT_UNAVAILABLE) from None
+
+
+def _quiet_client_logs() -> None:
+    """Python would print the broker client's warnings (a failed connect) beside our line."""
+    for name in ("aiormq", "aio_pika"):
+        client_log = logging.getLogger(name)
+        if not client_log.handlers:
+            client_log.addHandler(logging.NullHandler())
 
 
 # -- output -------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from warmer.contract import LifecycleEvent
 from warmer.control import DeadLetter, DeadLetters, Kept, Replay
 
 CLOSED_PORT_URL = "amqp://guest:s3cr3t@127.0.0.1:1/"
-VERBS = ["state", "enable", "disable", "interval", "policy", "send", "dead"]
+VERBS = ["state", "enable", "disable", "interval", "policy", "send", "dead", "reshard"]
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +210,10 @@ def test_each_verb_has_help_with_an_example(verb: str, capsys: pytest.CaptureFix
         ["dead", "--replay", "2", "--all"],
         ["dead", "--replay", "--purge"],
         ["dead", "--limit", "-1"],
+        ["reshard"],
+        ["reshard", "--shards", "0"],
+        ["reshard", "--shards", "257"],
+        ["reshard", "--shards", "four"],
     ],
 )
 def test_usage_errors_exit_2_before_connecting(
@@ -631,3 +635,96 @@ def test_state_shows_the_cost_fields_of_the_panel_after_its_own(
         "not warming:        the cache expired",
         f"savings:            {savings}",
     ]
+
+
+# -- reshard ---------------------------------------------------------------------------
+
+
+class FakeShared:
+    """A store that opens and closes; the reshard itself is faked."""
+
+    def __init__(self) -> None:
+        self.opened = self.closed = False
+
+    async def open(self) -> None:
+        self.opened = True
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def resharded(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """`warmer reshard` with a fake store and a fake reshard: what it was given."""
+    import warmer.reshard
+    import warmer.store
+
+    given: dict[str, Any] = {"shared": FakeShared(), "outcome": None}
+
+    async def fake_reshard(url: str, ns: str, shards: int, shared: object, **kw: Any) -> object:
+        given.update(url=url, namespace=ns, shards=shards)
+        kw["say"]("moving ops.lifecycle: 3 moved, 0 dead-lettered")
+        if isinstance(given["outcome"], Exception):
+            raise given["outcome"]
+        return warmer.reshard.Summary(
+            namespace=ns,
+            shards=shards,
+            previous=1,
+            moved={"ops.lifecycle": 3, "ops.commands": 1},
+            dead=1,
+            deleted=["ops.lifecycle", "ops.commands"],
+            records=[2, 0, 1, 1],
+            reassigned=3,
+            seconds=1.5,
+        )
+
+    monkeypatch.setattr(warmer.reshard, "reshard", fake_reshard)
+    monkeypatch.setattr(warmer.store, "open_shared", lambda url, **kw: given["shared"], False)
+    yield given
+
+
+def test_reshard_prints_a_summary_and_progress(
+    resharded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["reshard", "--shards", "4"]) == 0
+
+    captured = capsys.readouterr()
+    assert resharded["shards"] == 4 and resharded["namespace"] == "ops"
+    assert resharded["shared"].opened and resharded["shared"].closed
+    assert captured.err.splitlines() == [
+        "reshard: moving ops.lifecycle: 3 moved, 0 dead-lettered",
+        "reshard: WARMER_SHARDS is 1 here: give the workers 4",
+    ]
+    assert "4 shards (the store's layout was 1 shard)" in captured.out
+    assert "messages moved: 4, dead-lettered (no readable id): 1" in captured.out
+    assert "per shard: 0: 2, 1: 0, 2: 1, 3: 1" in captured.out
+    assert captured.out.rstrip().endswith("WARMER_SHARDS=4")
+
+
+def test_reshard_json_is_the_summary(
+    resharded: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARMER_SHARDS", "4")
+    assert main(["reshard", "--shards", "4", "--json"]) == 0
+
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert summary["records"] == [2, 0, 1, 1] and summary["dead"] == 1
+    assert "WARMER_SHARDS" not in captured.err, "the settings already say 4"
+
+
+def test_reshard_refused_while_a_worker_consumes_exits_1(
+    resharded: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from warmer.bus.reshard import PluginMissing, Refused
+
+    resharded["outcome"] = Refused(
+        "a worker of namespace 'ops' runs (consumers on ops.commands (1))"
+    )
+    assert main(["reshard", "--shards", "4"]) == 1
+    assert "ops.commands (1)" in capsys.readouterr().err
+
+    resharded["outcome"] = PluginMissing("unknown exchange type")
+    assert main(["reshard", "--shards", "4"]) == 69
+    assert "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange" in capsys.readouterr().err
+    assert resharded["shared"].closed

