@@ -65,6 +65,7 @@ DEFAULT_TIMEOUT_MS = 2000
 _FORMS = (
     "sqlite:///relative/path.db, sqlite:////absolute/path.db, "
     "redis://[[user]:password@]host[:port][/db][?prefix=name], rediss://... (TLS), "
+    "postgresql://user[:password]@host[:port]/db[?schema=name] (also postgres://), "
     "or memory:// (tests only)"
 )
 
@@ -88,6 +89,10 @@ def open_store(url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Store:
         return MemoryStore()
     if scheme == "sqlite":
         return SqliteStore(_sqlite_path(rest), busy_timeout_ms=timeout_ms)
+    if scheme in ("postgresql", "postgres"):
+        from warmer.store.postgres import PostgresStore  # asyncpg, only when named
+
+        return PostgresStore(url, timeout_ms=timeout_ms)
     # The URL itself may carry credentials: name only its scheme.
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_FORMS}")
 
@@ -109,7 +114,10 @@ def open_shared(url: str, *, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Shared:
         return MemoryShared()
     if scheme == "sqlite":
         return SqliteShared(_sqlite_path(rest), busy_timeout_ms=timeout_ms)
-    # postgresql:// and postgres:// go here: warmer.store.postgres, imported only when named.
+    if scheme in ("postgresql", "postgres"):
+        from warmer.store.postgres import PostgresShared  # asyncpg, only when named
+
+        return PostgresShared(url, timeout_ms=timeout_ms)
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_FORMS}")
 
 

@@ -86,8 +86,15 @@ class Store(Protocol):
     back end without shards).
     """
 
-    shard: int
-    epoch: int
+    @property
+    def shard(self) -> int:
+        """The shard this view is of (0 for a store without shards)."""
+        ...
+
+    @property
+    def epoch(self) -> int:
+        """The ownership epoch ``open`` took (0 before, and for a store without shards)."""
+        ...
 
     async def open(self) -> None:
         """Connect and prepare the schema; raises StoreError when the store is unusable."""
