@@ -421,7 +421,7 @@ def _reshard(args: argparse.Namespace) -> int:
 
     from warmer.bus.reshard import PLUGIN, PluginMissing, Refused
     from warmer.reshard import reshard
-    from warmer.store import StoreError, open_shared  # type: ignore[attr-defined]
+    from warmer.store import StoreError, open_shared
 
     def say(line: str) -> None:
         print(f"reshard: {line}", file=sys.stderr, flush=True)
