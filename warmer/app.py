@@ -26,11 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import re
 import signal
+import socket
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Final, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import aio_pika
 import aiormq
@@ -41,14 +44,16 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
+from warmer.balance import assign
 from warmer.bus import flow, lenient
 from warmer.bus.consumer import Consumer
-from warmer.bus.port import Delivery
+from warmer.bus.port import ShardHeld
 from warmer.bus.publisher import Publisher
 from warmer.bus.topology import Names, Topology, declare
-from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep
+from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep, within
 from warmer.config import Config, mask_password
-from warmer.core import Arm, GapModel, GapModelError, Record, Warmer, parse_settings
+from warmer.core import Arm, GapModel, GapModelError, Record, Status, Warmer, parse_settings
+from warmer.core.economy import Economy
 from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
@@ -60,20 +65,23 @@ from warmer.observe.metrics import CostGauges, Metrics, StateGauges
 from warmer.observe.stall import Watchdog
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
+from warmer.shard import TOKEN_STRIDE, Runner
 from warmer.store import (
     Store,
     StoreError,
     StoreLost,
     StoreOutcomeUnknown,
     StoreUnreachable,
-    open_store,
+    open_shared,
 )
+from warmer.store.base import Shared
 from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker, held_records
 
 log = get_logger(__name__)
 
 _T = TypeVar("_T")
 _Channels = tuple[AbstractRobustChannel, Topology, AbstractRobustChannel, AbstractExchange]
+_Lane = tuple[int, int]
 """What the start-up's set-up gives the publisher: its channel, the topology, the
 dead-letter channel and exchange."""
 
@@ -94,6 +102,12 @@ PRUNE_EVERY_MS: Final = 60_000
 RESTORE_AT_START_ATTEMPTS: Final = 10  # a store lost while starting: about 30 s at most
 RESTORE_AT_START_PAUSE_MS: Final = 1_000
 STORE_CHECK_MS: Final = 5_000  # how soon a store that lost its data is noticed when idle
+BALANCE_EVERY_MS: Final = 1_000
+"""How often a replica beats its presence and takes or hands over shards."""
+PRESENCE_TTL_MS: Final = 3_000
+"""How long a replica that stopped beating counts as alive (three beats)."""
+COMMANDS_LOCK_WAIT_MS: Final = 5_000
+"""How long a new owner waits for the old one to let go of a shard's command queue."""
 EXIT_OK: Final = 0
 EXIT_USAGE: Final = 2  # a setting the worker cannot use
 EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE: the broker or the store cannot be reached
@@ -118,10 +132,15 @@ class App:
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._retry_ms = retry_ms
+        self.replica = config.replica_id or f"{socket.gethostname()[:60]}:{os.getpid()}"
+        """This replica's id: in logs, /readyz, the store's owners and what it publishes."""
         try:
-            self.store: Store = open_store(config.store, timeout_ms=config.store_timeout_ms)
+            self.shared: Shared = open_shared(config.store, timeout_ms=config.store_timeout_ms)
         except ValueError as exc:
             raise StartupError(f"WARMER_STORE: {exc}") from exc
+        self.store: Store = self.shared.shard(0, self.replica)
+        """Shard 0's view (the whole store with one shard), until it is taken again."""
+        self._store_fresh = True
         try:
             self._http_address = config.http_address
         except ValueError as exc:
@@ -130,17 +149,19 @@ class App:
             self._url = _amqp_url(config.amqp_url, config.heartbeat_s)
         except ValueError as exc:
             raise StartupError(f"WARMER_AMQP_URL: {exc}") from exc
-        self.names = Names.of(config.namespace)
+        self.shards = config.shards
+        self.names = Names.of(config.namespace, config.shards)
         self.metrics = Metrics()
         """The worker's metrics, in a registry of this app's own."""
         self.health = Health()
         """What keeps the pipeline from making progress (``/readyz``)."""
-        self.worker: Worker | None = None
+        self._runners: dict[int, Runner] = {}
+        self._wanted: frozenset[int] = frozenset()
+        self._nudge = asyncio.Event()
         self._http: HttpEndpoint | None = None
         self._publisher: Publisher | None = None
         self._recovery_arms: list[Arm] = []
         self._connection: AbstractRobustConnection | None = None
-        self._consumers: list[Consumer] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._store_open = False
         self._consuming = False
@@ -159,8 +180,24 @@ class App:
         """The port health and metrics are served on (once started), None when off."""
         return None if self._http is None else self._http.port
 
+    @property
+    def worker(self) -> Worker | None:
+        """Shard 0's pipeline while this replica owns it (the only one with one shard)."""
+        runner = self._runners.get(0)
+        return None if runner is None else runner.worker
+
+    @property
+    def owned(self) -> list[int]:
+        """The shards this replica owns now, in order."""
+        return sorted(k for k, runner in self._runners.items() if runner.running)
+
     def readiness(self) -> str | None:
-        """None when ready to do the work, else why not (what ``/readyz`` answers)."""
+        """None when ready to do the work, else why not (what ``/readyz`` answers).
+
+        A replica that owns no shard (a standby, or one whose shards went to others) is
+        ready: it does its part by standing by. One assigned a shard it has not taken yet
+        is not, until it holds it.
+        """
         if self._stopping:
             return "stopping"
         if self._store_waiting:
@@ -173,81 +210,72 @@ class App:
             return "store closed"
         if self._connection is None or not self._connection.connected.is_set():
             return "broker connection lost"
-        if not self._consuming or not all(c.consuming for c in self._consumers):
+        if not self._consuming:
             return "consumers not restored"
         # Any of them ended is a part that no longer works (a bug, logged as task_failed
-        # once): the pipeline, a store never checked again, a timer never fired again.
+        # once): the shards no longer balanced, the clock no longer watched.
         for task in self._tasks:
             if task.done():
                 return f"{task.get_name()} stopped"
-        if self.worker is not None and not self.worker.scheduler.running:
-            return "scheduler stopped"
+        for shard, runner in sorted(self._runners.items()):
+            trouble = runner.trouble()
+            if trouble is not None:
+                return trouble if self.shards == 1 else f"shard {shard}: {trouble}"
+        missing = sorted(self._wanted - set(self.owned))
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            return f"taking shard {missing[0]}{more}"
         reasons = self.health.reasons()
         return "; ".join(reasons) if reasons else None
 
     async def start(self) -> None:
-        """Load and recover state, connect, declare and consume; StartupError with advice."""
+        """Open the store, connect, declare, take this replica's shards; StartupError with
+        advice. Returns once the shards assigned to it are taken (or held by another: a
+        standby)."""
         # Served first: /healthz answers while the store and the broker are waited for.
         await self._serve_http()
         try:
-            core = await self._recovered_core()
-            inputs = Inputs()
-            scheduler = Scheduler(
-                self.clock, inputs.fired, lateness=self.metrics.timer_lateness.observe
-            )
-            self.metrics.registry.register(StateGauges(core.statuses, scheduler.__len__))
-            self.metrics.registry.register(CostGauges(core.economy, core.savings))
-            await self._start(core, inputs, scheduler)
+            await self._open_shared()
+            await self._start()
         except BaseException:
             await self._stop_http()
             raise
-        log.info("worker_started", namespace=self.config.namespace)
-
-    async def _start(self, core: Warmer, inputs: Inputs, scheduler: Scheduler) -> None:
-        publish_channel, topology, dead_channel, dlx = await self._connect(
-            lambda: self._set_up(inputs)
+        log.info(
+            "worker_started",
+            namespace=self.config.namespace,
+            replica=self.replica,
+            shards=self.shards,
+            owned=self.owned,
         )
-        publisher = Publisher(
+
+    async def _start(self) -> None:
+        publish_channel, topology, dead_channel, dlx = await self._connect(self._set_up)
+        self._publisher = Publisher(
             publish_channel,
             topology,
             dead_channel,
             dlx,
             self.clock,
             confirm_timeout_ms=self.config.confirm_timeout_ms,
+            replica=self.replica,
         )
-        self._publisher = publisher
-        worker = Worker(
-            core,
-            scheduler,
-            self.store,
-            self.clock,
-            publisher,
-            inputs,
-            self.metrics,
-            retry_ms=self._retry_ms,
-            health=self.health,
-            confirm_ms=self.config.confirm_timeout_ms,
-        )
-        self.worker = worker
-        for arm in self._recovery_arms:
-            scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
-        scheduler.start()
+        await self._check_layout()
+        self.metrics.registry.register(StateGauges(self._statuses, self._timers))
+        self.metrics.registry.register(CostGauges(self._economy, self._savings))
+        await self._balance(first=True)
         loop = asyncio.get_running_loop()
         self._tasks = [
-            watch(loop.create_task(worker.run(), name="pipeline")),
-            watch(loop.create_task(self._prune_forever(inputs), name="prune")),
+            watch(loop.create_task(self._balance_forever(), name="balance")),
             watch(loop.create_task(self._watch_clock_forever(), name="clock")),
-            watch(loop.create_task(self._watchdog(inputs).run(), name="stall watchdog")),
-            watch(loop.create_task(worker.watch_store(STORE_CHECK_MS), name="store-check")),
         ]
         self._consuming = True
 
-    async def _set_up(self, inputs: Inputs) -> _Channels:
-        """Declare the topology, open the publishing channels, consume into ``inputs``.
+    async def _set_up(self) -> _Channels:
+        """Declare the topology, open the publishing channels, make sure no replica with
+        an embedded store shares the namespace.
 
         Part of each start-up attempt: a connection lost in the middle of it is tried
-        again like one that could not be made. Deliveries wait in ``inputs`` until the
-        pipeline runs.
+        again like one that could not be made.
         """
         assert self._connection is not None
         publish_channel = await self._connection.channel(publisher_confirms=True)
@@ -257,13 +285,254 @@ class App:
         dlx = await dead_channel.declare_exchange(
             self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        await self._consume(self.names.lifecycle, inputs.lifecycle)
-        await self._consume(self.names.commands, inputs.command)
+        await self._check_alone()
         return publish_channel, topology, dead_channel, dlx
 
-    def _watchdog(self, inputs: Inputs) -> Watchdog:
+    async def _check_alone(self) -> None:
+        """An embedded store (SQLite) cannot be shared: its replica holds the exclusive
+        queue ``{namespace}.embedded`` for as long as its connection lives, and any other
+        replica of the namespace, whatever its store, is refused while it is held."""
+        assert self._connection is not None
+        name = f"{self.config.namespace}.embedded"
+        channel = await self._connection.channel()
+        try:
+            if self.shared.shareable:
+                await channel.declare_queue(name, passive=True)
+            else:
+                await channel.declare_queue(name, exclusive=True, auto_delete=True)
+                return  # held with the connection; the channel stays open
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return  # no replica with an embedded store runs here
+        except aiormq.exceptions.ChannelLockedResource as exc:
+            raise StartupError(
+                f"another worker runs in namespace {self.config.namespace!r} with an "
+                "embedded store (SQLite), which cannot be shared between replicas: stop it, "
+                "or give every replica one shared WARMER_STORE (redis:// or postgresql://)"
+            ) from exc
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+    async def _check_layout(self) -> None:
+        """The store's records are laid out for WARMER_SHARDS shards (set on first use)."""
+        try:
+            layout = await self.shared.layout()
+            if layout is None:
+                await self.shared.set_layout(self.shards)
+                return
+        except StoreError as exc:
+            raise StartupError(f"cannot read the store {self.shared.url}: {exc}") from exc
+        if layout != self.shards:
+            raise StartupError(
+                f"the store {self.shared.url} is laid out for {layout} shard(s), not "
+                f"WARMER_SHARDS={self.shards}: stop every replica and run "
+                f"`warmer reshard --shards {self.shards}` (nothing is lost), or set "
+                f"WARMER_SHARDS={layout}"
+            )
+
+    def _watchdog(self, runner: Runner) -> Watchdog:
         after_ms = self.config.stall_s * 1000
-        return Watchdog(self.clock, self.health, inputs, after_ms, self.metrics.stalls.inc)
+        return Watchdog(self.clock, runner.health, runner.inputs, after_ms, self.metrics.stalls.inc)
+
+    # -- shards -----------------------------------------------------------------------
+
+    async def _balance_forever(self) -> None:
+        """Every second (or at once when nudged): beat, then take or hand over shards."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await within(self.clock, BALANCE_EVERY_MS, self._nudge.wait())
+            self._nudge.clear()
+            await self._balance(first=False)
+
+    async def _balance(self, *, first: bool) -> None:
+        """Beat this replica's presence; hand over the shards assigned to others and take
+        the ones assigned to it that nobody holds. At start (``first``), a store that
+        cannot be read is a StartupError; later it is logged and the shards held kept."""
+        if self._connection is None or not self._connection.connected.is_set():
+            return
+        try:
+            live = await self.shared.beat(self.replica, self._info(), PRESENCE_TTL_MS)
+        except StoreError as exc:
+            if first:
+                raise StartupError(f"cannot reach the store {self.shared.url}: {exc}") from exc
+            log.warning("presence_beat_failed", error=str(exc)[:300])
+            return
+        replicas = [r.id for r in live]
+        if self.replica not in replicas:
+            replicas.append(self.replica)
+        self._wanted = assign(self.shards, replicas).get(self.replica, frozenset())
+        for shard in sorted(set(self._runners) - self._wanted):
+            await self._lose(shard, "handover", graceful=True)
+        for shard in sorted(self._wanted - set(self._runners)):
+            try:
+                await self._take(shard)
+            except (StoreError, StartupError) as exc:
+                if first:
+                    raise
+                log.warning("shard_take_failed", shard=shard, error=str(exc)[:300])
+
+    def _info(self) -> str:
+        return f"pid {os.getpid()} on {socket.gethostname()[:60]}, owns {self.owned}"
+
+    async def _take(self, shard: int) -> bool:
+        """Take ``shard``: its lock, then its store view (fencing the previous owner), its
+        conversations recovered, its command queue, its pipeline and timers. False when
+        another replica holds it; StartupError or StoreError when its state cannot be
+        read or written."""
+        assert self._connection is not None and self._publisher is not None
+        started = time.perf_counter()  # a duration, not a wait: not the Clock's
+        lifecycle, commands = self.names.shard_queues(shard)
+        runner = Runner(shard, self.health if self.shards == 1 else Health())
+        if not await self._consume(runner, lifecycle, runner.inputs.lifecycle):
+            await runner.drop()
+            return False
+        self._runners[shard] = runner  # from here a lost connection drops it
+        try:
+            view = runner.view = self._view(shard)
+            lane = (TOKEN_STRIDE, shard) if self.shards > 1 else (1, 0)
+            core = await self._recovered_core(view, lane)
+            arms, self._recovery_arms = self._recovery_arms, []
+            deadline = self.clock.now_ms() + COMMANDS_LOCK_WAIT_MS
+            while not await self._consume(runner, commands, runner.inputs.command):
+                if self.clock.now_ms() >= deadline or runner.lost is not None:
+                    raise StoreError(f"the command queue {commands} stayed held by another replica")
+                await sleep(self.clock, 100)
+        except BaseException:
+            await self._lose(shard, "take failed", graceful=False)
+            raise
+        if runner.lost is not None:  # the connection went meanwhile
+            return False
+        scheduler = Scheduler(
+            self.clock, runner.inputs.fired, lateness=self.metrics.timer_lateness.observe
+        )
+        worker = Worker(
+            core,
+            scheduler,
+            view,
+            self.clock,
+            self._publisher,
+            runner.inputs,
+            self.metrics,
+            retry_ms=self._retry_ms,
+            health=runner.health,
+            confirm_ms=self.config.confirm_timeout_ms,
+            on_fenced=lambda _: self._lose_soon(shard, "fenced"),
+        )
+        runner.worker = worker
+        for arm in arms:
+            scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
+        scheduler.start()
+        loop = asyncio.get_running_loop()
+        runner.tasks = [
+            watch(loop.create_task(worker.run(), name="pipeline")),
+            watch(loop.create_task(self._prune_forever(runner.inputs), name="prune")),
+            watch(loop.create_task(self._watchdog(runner).run(), name="stall watchdog")),
+            watch(loop.create_task(worker.watch_store(STORE_CHECK_MS), name="store-check")),
+        ]
+        took = time.perf_counter() - started
+        self.metrics.takeovers.inc()
+        self.metrics.takeover_seconds.observe(took)
+        self.metrics.shards_owned.set(len(self.owned))
+        log.info(
+            "shard_gained",
+            shard=shard,
+            epoch=view.epoch,
+            conversations=len(core),
+            armed=len(arms),
+            took_ms=round(took * 1000),
+        )
+        return True
+
+    def _view(self, shard: int) -> Store:
+        """Shard ``shard``'s store view: ``self.store`` the first time shard 0 is taken
+        (a test may have set it), a new one every other time."""
+        if shard == 0 and self._store_fresh:
+            self._store_fresh = False
+            return self.store
+        view = self.shared.shard(shard, self.replica)
+        if shard == 0:
+            self.store = view
+        return view
+
+    def _lose_soon(self, shard: int, reason: str) -> None:
+        """``_lose`` from a callback (the store fenced it, the broker cancelled its lock)."""
+        runner = self._runners.get(shard)
+        if runner is None or runner.lost is not None:
+            return
+        loop = asyncio.get_running_loop()
+        watch(loop.create_task(self._lose(shard, reason, graceful=False), name="shard-lost"))
+
+    async def _lose(self, shard: int, reason: str, *, graceful: bool) -> None:
+        """Stop owning ``shard``: handed over gracefully, or dropped at once."""
+        runner = self._runners.get(shard)
+        if runner is None or runner.lost is not None:
+            return
+        runner.lost = reason
+        started = time.perf_counter()
+        try:
+            if graceful:
+                await runner.release(STOP_GRACE_S)
+            else:
+                await runner.drop()
+        finally:
+            if self._runners.get(shard) is runner:
+                del self._runners[shard]
+            self.metrics.shards_lost.labels(reason=reason.split(" ")[0]).inc()
+            self.metrics.shards_owned.set(len(self.owned))
+            log.info(
+                "shard_lost",
+                shard=shard,
+                reason=reason,
+                took_ms=round((time.perf_counter() - started) * 1000),
+            )
+        self._nudge.set()  # another may be taken now
+
+    async def _consume(
+        self, runner: Runner, queue: str, deliver: Callable[[Any], Awaitable[None]]
+    ) -> bool:
+        """Consume ``queue`` exclusively for ``runner``; False when another replica does."""
+        assert self._connection is not None
+        channel: AbstractRobustChannel = await self._connection.channel()
+        runner.channels.append(channel)
+        await channel.set_qos(prefetch_count=self.config.prefetch)
+        consumer = Consumer(
+            channel,
+            queue,
+            deliver,
+            exclusive=True,
+            on_lost=lambda why: self._lose_soon(runner.shard, f"connection ({why})"),
+        )
+        try:
+            await consumer.start()
+        except ShardHeld:
+            return False
+        runner.consumers.append(consumer)
+        return True
+
+    def _statuses(self) -> Counter[Status]:
+        total: Counter[Status] = Counter()
+        for runner in list(self._runners.values()):
+            if runner.worker is not None:
+                total.update(runner.worker.core.statuses())
+        return total
+
+    def _timers(self) -> int:
+        return sum(
+            len(r.worker.scheduler) for r in list(self._runners.values()) if r.worker is not None
+        )
+
+    def _economy(self) -> Economy:
+        cores = [r.worker.core for r in list(self._runners.values()) if r.worker is not None]
+        if not cores:
+            return Economy(self.config.policy(), None)
+        return max(cores, key=lambda core: core.economy.model.seen).economy
+
+    def _savings(self) -> tuple[int, int, int]:
+        spent = avoided = missed = 0
+        for runner in list(self._runners.values()):
+            if runner.worker is not None:
+                s, a, m = runner.worker.core.savings()
+                spent, avoided, missed = spent + s, avoided + a, missed + m
+        return spent, avoided, missed
 
     async def _serve_http(self) -> None:
         if self._http_address is None:
@@ -284,8 +553,17 @@ class App:
         if self._http is not None:
             await self._http.stop()
 
-    async def _open_store(self) -> None:
-        """Open the store; while it cannot be reached (a Redis starting beside the worker,
+    async def _open_shared(self) -> None:
+        """Open the shared store (connect, prepare the schema), waiting while it cannot be
+        reached; StartupError when it cannot be used."""
+        try:
+            await self._open_store(self.shared.open)
+        except StoreError as exc:
+            raise StartupError(f"cannot open the store {self.shared.url}: {exc}") from exc
+        self._store_open = True
+
+    async def _open_store(self, opening: Callable[[], Awaitable[None]]) -> None:
+        """``opening()`` the store; while it cannot be reached (a Redis starting beside the worker,
         an SQLite file an old process still holds), again with backoff (1, 2, 4 .. 30 s)
         for ``WARMER_STARTUP_WAIT_S``, as the broker is waited for. Anything else fails at
         once (refused credentials, a missing directory, a file that is no database)."""
@@ -295,7 +573,7 @@ class App:
             attempt = 1
             while True:
                 try:
-                    await self.store.open()
+                    await opening()
                     break
                 except StoreUnreachable as exc:
                     left_ms = deadline_ms - self.clock.now_ms()
@@ -315,13 +593,16 @@ class App:
         if attempt > 1:
             log.info("store_reached", attempts=attempt)
 
-    async def _recovered_core(self) -> Warmer:
-        """The core with every persisted conversation, its schedules recovered and committed."""
+    async def _recovered_core(self, view: Store | None = None, lane: _Lane = (1, 0)) -> Warmer:
+        """The core with every conversation of ``view``'s shard (``self.store`` by
+        default), its schedules recovered and committed; opening the view takes the shard.
+        ``lane``: the core's token lane (``Warmer``)."""
+        view = view or self.store
         store_name = mask_password(self.config.store)
         try:
-            await self._open_store()
+            await self._open_store(view.open)
             self._store_open = True
-            loaded = await self.store.load()
+            loaded = await view.load()
         except StoreError as exc:
             raise StartupError(f"cannot open the store {store_name}: {exc}") from exc
         model = self._gap_model(loaded.records.pop(MODEL_KEY, None))
@@ -342,17 +623,18 @@ class App:
             settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
             token_start=token_start(loaded.token, now),
             model=model,
+            token_lane=lane,
         )
         core.begin()
         recovery = core.recover(now)
         changes = encode_changes(core.touched(), core.touched_model())
         try:
             try:
-                await self._commit_recovery(changes, core.last_token)
+                await self._commit_recovery(view, changes, core.last_token)
             except StoreLost as exc:  # lost since it was loaded: give it all again
                 log.error("store_data_lost", error=str(exc)[:300], conversations=len(core))
                 self.metrics.store_data_lost.inc()
-                await self._restore_at_start(core)
+                await self._restore_at_start(view, core)
         except StoreError as exc:
             core.rollback()
             raise StartupError(f"cannot write the store {store_name}: {exc}") from exc
@@ -361,6 +643,7 @@ class App:
         self._recovery_arms = recovery.arms
         log.info(
             "state_recovered",
+            shard=view.shard,
             loaded=recovery.loaded,
             rearmed=recovery.rearmed,
             awaited=recovery.awaited,
@@ -373,7 +656,9 @@ class App:
         )
         return core
 
-    async def _commit_recovery(self, changes: dict[str, bytes | None], token: int) -> None:
+    async def _commit_recovery(
+        self, view: Store, changes: dict[str, bytes | None], token: int
+    ) -> None:
         """Commit what recovery changed, ``RECOVERY_CHUNK`` records at a time.
 
         After a long pause recovery touches every record (a million, decision 83): in one
@@ -386,18 +671,18 @@ class App:
         for first in range(0, max(len(items), 1), RECOVERY_CHUNK):
             chunk = dict(items[first : first + RECOVERY_CHUNK])
             await self._persist_at_start(
-                functools.partial(self.store.commit, chunk, token),
+                functools.partial(view.commit, chunk, token),
                 StoreOutcomeUnknown,
                 "recovery_commit_retrying",
             )
 
-    async def _restore_at_start(self, core: Warmer) -> None:
+    async def _restore_at_start(self, view: Store, core: Warmer) -> None:
         """Write what was read back into a store that lost it since; tried again while it
         fails (lost again, not answering: a Redis restarted twice): this worker alone holds
         it now, and giving up would lose it. StoreError after the last attempt."""
         held = await held_records(core)
         await self._persist_at_start(
-            functools.partial(self.store.restore, held, core.last_token),
+            functools.partial(view.restore, held, core.last_token),
             StoreError,
             "store_restore_retrying",
         )
@@ -563,6 +848,8 @@ class App:
             self._blocked_underlay = None
         if self._stopping:
             return
+        for shard in list(self._runners):  # their locks went with the connection
+            self._lose_soon(shard, "connection lost")
         if self._lost_at is not None:
             self._failed_attempts += 1
             return
@@ -575,8 +862,9 @@ class App:
         log.warning("broker_connection_lost", url=self.config.amqp_url_masked, error=error)
 
     def _on_reconnect(self, *_: object) -> None:
-        # Called once the channels are restored, the consumers consuming again with them.
-        self._consuming = bool(self._consumers)
+        # Called once the channels are restored; the shards are taken again from here.
+        self._consuming = True
+        self._nudge.set()
         self.reconnections += 1
         self.metrics.reconnections.inc()
         lost_for = 0.0 if self._lost_at is None else time.monotonic() - self._lost_at
@@ -588,18 +876,6 @@ class App:
         )
         self._lost_at = None
         self._failed_attempts = 0
-
-    async def _consume(
-        self, queue_name: str, deliver: Callable[[Delivery], Awaitable[None]]
-    ) -> None:
-        assert self._connection is not None
-        channel: AbstractRobustChannel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=self.config.prefetch)
-        arguments = dict(next(args for name, args in self.names.queues() if name == queue_name))
-        await channel.declare_queue(queue_name, durable=True, arguments=arguments)
-        consumer = Consumer(channel, queue_name, deliver)
-        await consumer.start()
-        self._consumers.append(consumer)
 
     async def stop(self) -> None:
         """Stop consuming, apply and acknowledge what was delivered, stop timers, close.
@@ -613,20 +889,26 @@ class App:
         connected = self._connection is not None and self._connection.connected.is_set()
         if self._publisher is not None and not connected:
             self._publisher.close()
-        try:
-            await asyncio.wait_for(self._finish(connected), STOP_GRACE_S)
-        except TimeoutError:
-            log.warning("stop_grace_expired", grace_s=STOP_GRACE_S)
-        if self.worker is not None:
-            self.worker.abandon()
-            await self.worker.scheduler.stop()
-        if self._publisher is not None:
-            self._publisher.close()
-        for task in self._tasks:
+        for task in self._tasks:  # no shard taken or handed over from here
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.worker is not None and self._store_open:
-            await self.worker.check_before_close()
+        shards = list(self._runners)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(self._lose(k, "stopping", graceful=connected) for k in shards)),
+                STOP_GRACE_S,
+            )
+        except TimeoutError:
+            log.warning("stop_grace_expired", grace_s=STOP_GRACE_S)
+        for shard in list(self._runners):
+            await self._lose(shard, "stopping", graceful=False)
+        if self._publisher is not None:
+            self._publisher.close()
+        if self._store_open:
+            try:
+                await asyncio.wait_for(self.shared.leave(self.replica), CLOSE_TIMEOUT_S)
+            except (StoreError, TimeoutError) as exc:
+                log.warning("presence_leave_failed", error=str(exc)[:300])
         if self._connection is not None:
             try:
                 await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT_S)
@@ -635,23 +917,10 @@ class App:
         if self._unsubscribe is not None:
             self._unsubscribe()
         await self.store.close()
+        await self.shared.close()
         self._store_open = False
         await self._stop_http()
         log.info("worker_stopped")
-
-    async def _finish(self, connected: bool) -> None:
-        """The graceful part of stopping: no new deliveries, the delivered ones applied."""
-        if connected:
-            for consumer in self._consumers:
-                try:
-                    await asyncio.wait_for(consumer.cancel(), CLOSE_TIMEOUT_S)
-                except Exception as exc:
-                    log.warning("consumer_cancel_failed", error=repr(exc)[:300])
-        if self.worker is not None:
-            await self.worker.scheduler.stop()
-            self.worker.inputs.close()
-            await asyncio.wait([self._tasks[0]])  # the pipeline drains what was delivered
-            await self.worker.settled()
 
 
 def _amqp_url(url: str, heartbeat_s: int) -> URL:

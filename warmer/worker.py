@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Final, assert_never
 
 from warmer.batch import Applied, Applier, Effect, Step
@@ -68,6 +68,7 @@ from warmer.observe.metrics import Metrics
 from warmer.observe.tasks import watch
 from warmer.scheduler import Scheduler
 from warmer.store import Store, StoreError, StoreLost
+from warmer.store.base import StoreFenced
 
 log = get_logger(__name__)
 
@@ -92,10 +93,13 @@ class Worker:
         retry_ms: tuple[int, int] = (RETRY_FIRST_MS, RETRY_MAX_MS),
         health: Health | None = None,
         confirm_ms: int = CONFIRM_TIMEOUT_MS,
+        on_fenced: Callable[[str], None] | None = None,
     ) -> None:
         """``retry_ms``: the first and the longest pause between retries of a failed step;
         ``health``: where the pipeline says what keeps it from making progress;
-        ``confirm_ms``: how long a batch's publishes may wait for their confirms."""
+        ``confirm_ms``: how long a batch's publishes may wait for their confirms;
+        ``on_fenced``: called once when the store refuses a commit because another replica
+        took the shard (the pipeline has stopped)."""
         self.core = core
         self.scheduler = scheduler
         self.store = store
@@ -122,6 +126,9 @@ class Worker:
         self._answering: set[asyncio.Task[None]] = set()
         self._failure = ""
         """The last store error of the batch being retried, for the commands refused."""
+        self._on_fenced = on_fenced
+        self.fenced: str | None = None
+        """Why the store refused this shard's commits (another replica took it), if it did."""
         self._lost: str | None = None
         """Why the store is known to have lost what was committed, until it is restored."""
 
@@ -345,6 +352,10 @@ class Worker:
                             await self._commit(changes, self.core.last_token)
                             self.health.cleared("store")
                         break
+                    except StoreFenced as exc:  # the shard is another replica's now
+                        self.core.rollback()
+                        self._fenced_by(exc)
+                        return None
                     except StoreError as exc:
                         metrics.store_errors.inc()
                         outage_began = self.health.reason("store") is None
@@ -471,6 +482,23 @@ class Worker:
 
     # -- a store that lost its data ---------------------------------------------------
 
+    def _fenced_by(self, exc: StoreFenced) -> None:
+        """Another replica took the shard: stop at once, nothing more committed or
+        published; what was delivered is left unacknowledged for the broker to give to
+        the new owner (its channels are closed by the shard's runner, ``on_fenced``)."""
+        if self.fenced is not None:
+            return
+        self.fenced = str(exc)[:300]
+        self.metrics.fenced_commits.inc()
+        log.error(
+            "store_fenced",
+            error=self.fenced,
+            action="another replica owns the shard now: it stops here",
+        )
+        self.abandon()
+        if self._on_fenced is not None:
+            self._on_fenced(self.fenced)
+
     def _store_lost(self, exc: StoreLost) -> None:
         """Say once that the store lost what was committed: logged, counted, not ready."""
         if self._lost is not None:
@@ -521,6 +549,9 @@ class Worker:
                 continue
             try:
                 await self._check_store()
+            except StoreFenced as exc:
+                self._fenced_by(exc)
+                return
             except StoreError as exc:
                 self.health.trouble("store", f"check failed: {exc}")
                 continue

@@ -73,11 +73,15 @@ class Publisher:
         dead_letters: AbstractExchange,
         clock: Clock,
         confirm_timeout_ms: int = CONFIRM_TIMEOUT_MS,
+        replica: str = "",
     ) -> None:
         """Publish on ``channel``; dead letters to ``dead_letters`` on ``dead_channel``;
         ``confirm_timeout_ms``: how long a warm request or a dead letter waits for its
-        confirm (the pipeline bounds the others with one deadline per batch)."""
+        confirm (the pipeline bounds the others with one deadline per batch); ``replica``:
+        this replica's id, in the header ``x-warmer-replica`` of warm requests and surface
+        updates (none when empty)."""
         self._channel = channel
+        self._replica = replica
         self._told_waiting = False
         self._names = topology.names
         self._warm = topology.exchanges[topology.names.warm]
@@ -96,6 +100,11 @@ class Publisher:
         self._closing = False
         self._closed = asyncio.Event()
         self._resets: set[asyncio.Task[None]] = set()
+
+    def _headers(self, conversation_id: str) -> dict[str, str]:
+        if self._replica:
+            return {"conversation-id": conversation_id, "x-warmer-replica": self._replica}
+        return {"conversation-id": conversation_id}
 
     def close(self) -> None:
         """Stop retrying publishes cut by a lost connection."""
@@ -158,7 +167,7 @@ class Publisher:
                 content_type=JSON,
                 delivery_mode=DeliveryMode.PERSISTENT,
                 message_id=f"{request.conversation_id}:{request.token}",
-                headers={"conversation-id": request.conversation_id},
+                headers=self._headers(request.conversation_id),
                 timestamp=now / 1000,
                 expiration=timedelta(milliseconds=left),
             )
@@ -176,7 +185,7 @@ class Publisher:
         properties = aiormq.spec.Basic.Properties(
             content_type=JSON,
             delivery_mode=1,
-            headers={"conversation-id": update.conversation_id},
+            headers=self._headers(update.conversation_id),
             message_id=self._next_id(),
         )
         await self._send(self._names.surface, SURFACE_ROUTING_KEY, encode(update), properties)

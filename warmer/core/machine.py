@@ -100,6 +100,7 @@ class Warmer:
         records: Mapping[str, Record] | None = None,
         model: GapModel | None = None,
         adopt: bool = False,
+        token_lane: tuple[int, int] = (1, 0),
     ) -> None:
         """Start empty, or from what the store holds.
 
@@ -108,13 +109,16 @@ class Warmer:
         they are with ``adopt`` (records decoded for this core alone: at a million, the
         copy costs a second and a copy of every state). The token counter starts at
         ``token_start``, and never below a stored token. ``model``: the stored gap model
-        (the prior when None).
+        (the prior when None). ``token_lane`` = (stride, lane): every token issued is
+        ``lane`` modulo ``stride``, so cores of different shards, which never share a
+        conversation, never issue the same token (docs/decisions.md).
         """
         self.policy = policy or Policy()
         self.economy = Economy(self.policy, model)
         self._settings: dict[str, Settings] = dict(settings or {})
         self._conversations: dict[str, Conversation] = {}
         self._token = token_start
+        self._stride, self._lane = token_lane
         self._journal = Journal(self._conversations, self._settings)
         self._retention = Retention(self.policy.retention_ms)
         shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
@@ -570,7 +574,7 @@ class Warmer:
         if hold is not Hold.NONE:
             self._hold(cid, conv, hold, effects, _HELD.get(hold, Status.IDLE))
             return
-        self._token += 1
+        self._token += 1 + (self._lane - self._token - 1) % self._stride
         conv.token = self._token
         conv.phase = Status.RETRYING if retry else Status.ARMED
         conv.next_warm_at = due

@@ -115,10 +115,16 @@ NAMES: Final = (
     "warmer_savings_tokens",
     "warmer_clock_steps_total",
     "warmer_clock_offset_seconds",
+    "warmer_shards_owned",
+    "warmer_shard_takeovers_total",
+    "warmer_shards_lost_total",
+    "warmer_fenced_commits_total",
+    "warmer_shard_takeover_seconds",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
 _LATENESS_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TAKEOVER_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _COMMIT_BUCKETS: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
@@ -274,6 +280,34 @@ class Metrics:
             "Times the broker connection was lost and made again.",
             registry=r,
         )
+        self.shards_owned: Final = Gauge(
+            "warmer_shards_owned",
+            "Shards this replica owns now (their timers armed here, their queues consumed).",
+            registry=r,
+        )
+        self.takeovers: Final = Counter(
+            "warmer_shard_takeovers_total",
+            "Shards this replica took (at start, from a replica gone, or handed over).",
+            registry=r,
+        )
+        self.shards_lost: Final = Counter(
+            "warmer_shards_lost_total",
+            "Shards this replica stopped owning, by reason: handover, connection, fenced, "
+            "stopping.",
+            ["reason"],
+            registry=r,
+        )
+        self.fenced_commits: Final = Counter(
+            "warmer_fenced_commits_total",
+            "Commits the store refused because another replica took the shard meanwhile.",
+            registry=r,
+        )
+        self.takeover_seconds: Final = Histogram(
+            "warmer_shard_takeover_seconds",
+            "From holding a shard's lock to its timers armed: load, recover, commit.",
+            buckets=_TAKEOVER_BUCKETS,
+            registry=r,
+        )
         self.connection_resets: Final = Counter(
             "warmer_connection_resets_total",
             "Times the worker dropped the broker connection because confirms were overdue.",
@@ -398,10 +432,17 @@ class CostGauges:
     the core as they change, as the statuses are).
     """
 
-    def __init__(self, economy: Economy, savings: Callable[[], tuple[int, int, int]]) -> None:
-        """``economy``: the core's (``Warmer.economy``); ``savings``: the accounts summed,
-        (spent, avoided, missed) (``Warmer.savings``)."""
-        self._economy = economy
+    def __init__(
+        self,
+        economy: Economy | Callable[[], Economy],
+        savings: Callable[[], tuple[int, int, int]],
+    ) -> None:
+        """``economy``: the core's (``Warmer.economy``), or what gives the one to show now
+        (a replica with several shards shows the one that learned most); ``savings``: the
+        accounts summed, (spent, avoided, missed) (``Warmer.savings``)."""
+        self._economy: Callable[[], Economy] = (
+            economy if not isinstance(economy, Economy) else lambda: economy
+        )
         self._savings = savings
 
     def describe(self) -> Iterable[Metric]:
@@ -416,14 +457,15 @@ class CostGauges:
 
     def collect(self) -> Iterable[Metric]:
         """The metrics, read now."""
-        model = self._economy.model  # read now: a rollback replaces it
+        economy = self._economy()
+        model = economy.model  # read now: a rollback replaces it
         families: list[Metric] = [
             GaugeMetricFamily("warmer_idle_gaps_learned", _GAPS_LEARNED, value=model.seen),
             GaugeMetricFamily(
                 "warmer_idle_gaps_abandoned_ratio", _GAPS_ABANDONED, value=model.abandoned_share
             ),
         ]
-        advice = self._economy.advice()
+        advice = economy.advice()
         if advice is not None:
             per_gap = _cost_per_gap()
             for way, cost in zip(
