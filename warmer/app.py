@@ -33,7 +33,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, Literal, TypeVar
+from typing import Final, Literal, TypeVar
 
 import aio_pika
 import aiormq
@@ -46,9 +46,11 @@ from yarl import URL
 
 from warmer.balance import assign
 from warmer.bus import flow, lenient
-from warmer.bus.consumer import Consumer
-from warmer.bus.port import ShardHeld
+from warmer.bus.consumer import AmqpDelivery, ShardConsumer
+from warmer.bus.lock import ShardLock
+from warmer.bus.port import ChannelGone, Delivery, PluginMissing, PublishFailed, ShardHeld
 from warmer.bus.publisher import Publisher
+from warmer.bus.reroute import needs_reroute, reroute
 from warmer.bus.topology import Names, Topology, declare
 from warmer.clock import STEP_CHECK_EVERY_MS, Clock, StepWatch, SystemClock, sleep, within
 from warmer.config import Config, mask_password
@@ -156,6 +158,7 @@ class App:
         self.health = Health()
         """What keeps the pipeline from making progress (``/readyz``)."""
         self._runners: dict[int, Runner] = {}
+        self._reroute_channel: AbstractRobustChannel | None = None
         self._wanted: frozenset[int] = frozenset()
         self._nudge = asyncio.Event()
         self._http: HttpEndpoint | None = None
@@ -279,12 +282,17 @@ class App:
         """
         assert self._connection is not None
         publish_channel = await self._connection.channel(publisher_confirms=True)
-        topology = await declare(publish_channel, self.names)
+        try:
+            topology = await declare(publish_channel, self.names)
+        except PluginMissing as exc:
+            raise StartupError(str(exc)) from exc
         # Dead letters on a channel of their own: one the broker refuses closes only it.
         dead_channel = await self._connection.channel(publisher_confirms=True)
         dlx = await dead_channel.declare_exchange(
             self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
         )
+        if self.shards > 1:  # re-publishes what reached a shard without its header
+            self._reroute_channel = await self._connection.channel(publisher_confirms=True)
         await self._check_alone()
         return publish_channel, topology, dead_channel, dlx
 
@@ -370,6 +378,9 @@ class App:
                     raise
                 log.warning("shard_take_failed", shard=shard, error=str(exc)[:300])
 
+    def _connected(self) -> bool:
+        return self._connection is not None and self._connection.connected.is_set()
+
     def _info(self) -> str:
         return f"pid {os.getpid()} on {socket.gethostname()[:60]}, owns {self.owned}"
 
@@ -380,22 +391,40 @@ class App:
         read or written."""
         assert self._connection is not None and self._publisher is not None
         started = time.perf_counter()  # a duration, not a wait: not the Clock's
-        lifecycle, commands = self.names.shard_queues(shard)
         runner = Runner(shard, self.health if self.shards == 1 else Health())
-        if not await self._consume(runner, lifecycle, runner.inputs.lifecycle):
-            await runner.drop()
+        lock = ShardLock(
+            self._connection,
+            self.names.lock(shard),
+            lambda why: self._lose_soon(shard, f"connection lost ({why})"),
+        )
+        try:
+            await lock.take()
+        except (ShardHeld, ChannelGone):
             return False
+        runner.lock = lock
         self._runners[shard] = runner  # from here a lost connection drops it
         try:
             view = runner.view = self._view(shard)
             lane = (TOKEN_STRIDE, shard) if self.shards > 1 else (1, 0)
             core = await self._recovered_core(view, lane)
             arms, self._recovery_arms = self._recovery_arms, []
-            deadline = self.clock.now_ms() + COMMANDS_LOCK_WAIT_MS
-            while not await self._consume(runner, commands, runner.inputs.command):
-                if self.clock.now_ms() >= deadline or runner.lost is not None:
-                    raise StoreError(f"the command queue {commands} stayed held by another replica")
-                await sleep(self.clock, 100)
+            for queue, deliver in zip(
+                self.names.shard_queues(shard),
+                (self._deliverer(runner, "lifecycle"), self._deliverer(runner, "commands")),
+                strict=True,
+            ):
+                consumer = ShardConsumer(
+                    self._connection,
+                    queue,
+                    deliver,
+                    lambda why: self._lose_soon(shard, f"connection lost ({why})"),
+                    self.config.prefetch,
+                )
+                await consumer.start()
+                runner.consumers.append(consumer)
+        except ChannelGone:
+            await self._lose(shard, "connection lost", graceful=False)
+            return False
         except BaseException:
             await self._lose(shard, "take failed", graceful=False)
             raise
@@ -472,7 +501,9 @@ class App:
             if graceful:
                 await runner.release(STOP_GRACE_S)
             else:
-                await runner.drop()
+                await runner.drop(
+                    self._connection is not None and self._connection.connected.is_set()
+                )
         finally:
             if self._runners.get(shard) is runner:
                 del self._runners[shard]
@@ -486,27 +517,51 @@ class App:
             )
         self._nudge.set()  # another may be taken now
 
-    async def _consume(
-        self, runner: Runner, queue: str, deliver: Callable[[Any], Awaitable[None]]
-    ) -> bool:
-        """Consume ``queue`` exclusively for ``runner``; False when another replica does."""
-        assert self._connection is not None
-        channel: AbstractRobustChannel = await self._connection.channel()
-        runner.channels.append(channel)
-        await channel.set_qos(prefetch_count=self.config.prefetch)
-        consumer = Consumer(
-            channel,
-            queue,
-            deliver,
-            exclusive=True,
-            on_lost=lambda why: self._lose_soon(runner.shard, f"connection ({why})"),
+    def _deliverer(
+        self, runner: Runner, queue: Literal["lifecycle", "commands"]
+    ) -> Callable[[Delivery], Awaitable[None]]:
+        """What a shard's consumer hands its deliveries to: the shard's inputs, or (with
+        shards) its right shard again when the conversation-id header does not say the
+        body's conversation (``warmer.bus.reroute``), one at a time in delivery order."""
+        put = runner.inputs.lifecycle if queue == "lifecycle" else runner.inputs.command
+        if self.shards == 1:
+            return put
+        exchange = (
+            self.names.lifecycle_shards if queue == "lifecycle" else self.names.commands_shards
         )
+        one_at_a_time = asyncio.Lock()
+
+        async def deliver(delivery: Delivery) -> None:
+            conversation_id = needs_reroute(delivery)
+            if conversation_id is None or not isinstance(delivery, AmqpDelivery):
+                await put(delivery)
+                return
+            async with one_at_a_time:
+                await self._reroute(delivery, exchange, conversation_id)
+
+        return deliver
+
+    async def _reroute(self, delivery: AmqpDelivery, exchange: str, conversation_id: str) -> None:
+        """Publish a delivery again to its shard, confirmed, then acknowledge it; when that
+        fails it goes back to its queue (tried again, by whoever owns the shard then)."""
+        assert self._reroute_channel is not None
         try:
-            await consumer.start()
-        except ShardHeld:
-            return False
-        runner.consumers.append(consumer)
-        return True
+            underlay = await self._reroute_channel.get_underlay_channel()
+            routed = await reroute(
+                delivery,
+                underlay,
+                exchange,
+                conversation_id,
+                self.clock,
+                self.config.confirm_timeout_ms,
+            )
+        except (ChannelGone, PublishFailed, aiormq.exceptions.AMQPError, RuntimeError) as exc:
+            log.warning("reroute_failed", conversation_id=conversation_id, error=repr(exc)[:300])
+            with contextlib.suppress(ChannelGone, aiormq.exceptions.AMQPError, RuntimeError):
+                await delivery.reject(requeue=True)
+            return
+        if routed:
+            self.metrics.rerouted.inc()
 
     def _statuses(self) -> Counter[Status]:
         total: Counter[Status] = Counter()
@@ -818,7 +873,6 @@ class App:
         except BaseException:
             self._unsubscribe()
             self._connection = self._unsubscribe = None
-            self._consumers = []
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
             raise

@@ -1,12 +1,13 @@
 """One shard a replica owns: its store view, core, timers, pipeline and consumers.
 
 A replica runs a ``Runner`` per shard it owns; they share the broker connection and the
-publisher, nothing else. The runner holds the shard's lock (an exclusive consumer on its
-lifecycle queue, ``warmer.bus.consumer``) from before its store view is opened (which
-fences the previous owner) until after the view is closed, so two runners of one shard
-never hold state at once. ``release`` hands a shard over gracefully (no new deliveries,
-what was delivered applied and acknowledged, timers dropped, view closed, lock released);
-``drop`` gives it up at once when the connection is gone or the store fenced it.
+publisher, nothing else. The runner holds the shard's lock (an exclusive queue,
+``warmer.bus.lock``) from before its store view is opened (which fences the previous
+owner) until after the view is closed and its consumers' channels with it, so two
+runners of one shard never hold state at once. ``release`` hands a shard over gracefully
+(no new deliveries, what was delivered applied and acknowledged, timers dropped, view
+closed, lock released); ``drop`` gives it up at once when the connection is gone or the
+store fenced it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ import asyncio
 import contextlib
 from typing import Final
 
-from aio_pika.abc import AbstractRobustChannel
-
-from warmer.bus.consumer import Consumer
+from warmer.bus.consumer import ShardConsumer
+from warmer.bus.lock import ShardLock
 from warmer.inputs import Inputs
 from warmer.observe.health import Health
 from warmer.observe.log import get_logger
@@ -40,8 +40,8 @@ class Runner:
         self.inputs = Inputs()
         self.view: Store | None = None
         self.worker: Worker | None = None
-        self.consumers: list[Consumer] = []
-        self.channels: list[AbstractRobustChannel] = []
+        self.lock: ShardLock | None = None
+        self.consumers: list[ShardConsumer] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.lost: str | None = None
         """Why the shard is no longer this replica's (None while it is)."""
@@ -65,7 +65,7 @@ class Runner:
 
     async def release(self, grace_s: float) -> None:
         """Hand the shard over: consume no more, apply and acknowledge what was delivered
-        (within ``grace_s``), drop the timers, release the view, close the channels."""
+        (within ``grace_s``), drop the timers, release the view, then the lock."""
         for consumer in self.consumers:
             try:
                 await asyncio.wait_for(consumer.cancel(), CLOSE_TIMEOUT_S)
@@ -88,10 +88,15 @@ class Runner:
             await asyncio.wait([self.tasks[0]])  # the pipeline applies what was delivered
         await worker.settled()
 
-    async def drop(self) -> None:
-        """Give the shard up at once: nothing more applied, committed or published here."""
-        for consumer in self.consumers:
-            consumer.abort()
+    async def drop(self, connected: bool) -> None:
+        """Give the shard up at once: nothing more applied, committed or published here.
+        What was delivered and not acknowledged goes back to the queue with the channels
+        (``connected``), or with the connection that is gone."""
+        if not connected:
+            for consumer in self.consumers:
+                consumer.abort()
+            if self.lock is not None:
+                self.lock.abort()
         await self._close()
 
     async def _close(self) -> None:
@@ -105,9 +110,12 @@ class Runner:
         if self.view is not None:
             with contextlib.suppress(Exception):
                 await self.view.close()
-        for channel in self.channels:  # the lock goes with them: the broker requeues
-            with contextlib.suppress(Exception):  # what was left unacknowledged
-                await asyncio.wait_for(channel.close(), CLOSE_TIMEOUT_S)
+        for consumer in self.consumers:  # the broker requeues what is unacknowledged
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.close(), CLOSE_TIMEOUT_S)
+        if self.lock is not None and self.lock.held:  # last: the shard is free now
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.lock.release(), CLOSE_TIMEOUT_S)
 
 
 __all__ = ["TOKEN_STRIDE", "Runner"]

@@ -24,7 +24,12 @@ from typing import Final
 import aiormq
 import msgspec
 from aio_pika import DeliveryMode, Message
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustChannel
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    FieldValue,
+)
 from aiormq.abc import DeliveredMessage
 
 from warmer.bus import deadletter
@@ -101,7 +106,7 @@ class Publisher:
         self._closed = asyncio.Event()
         self._resets: set[asyncio.Task[None]] = set()
 
-    def _headers(self, conversation_id: str) -> dict[str, str]:
+    def _headers(self, conversation_id: str) -> dict[str, FieldValue]:
         if self._replica:
             return {"conversation-id": conversation_id, "x-warmer-replica": self._replica}
         return {"conversation-id": conversation_id}

@@ -120,6 +120,7 @@ NAMES: Final = (
     "warmer_shards_lost_total",
     "warmer_fenced_commits_total",
     "warmer_shard_takeover_seconds",
+    "warmer_messages_rerouted_total",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
@@ -300,6 +301,12 @@ class Metrics:
         self.fenced_commits: Final = Counter(
             "warmer_fenced_commits_total",
             "Commits the store refused because another replica took the shard meanwhile.",
+            registry=r,
+        )
+        self.rerouted: Final = Counter(
+            "warmer_messages_rerouted_total",
+            "Messages that reached a shard without the conversation-id header of their "
+            "body's conversation, published again to their own shard (with more shards).",
             registry=r,
         )
         self.takeover_seconds: Final = Histogram(
