@@ -359,6 +359,7 @@ class App:
             return
         try:
             live = await self.shared.beat(self.replica, self._info(), PRESENCE_TTL_MS)
+            owners = await self.shared.owners()
         except StoreError as exc:
             if first:
                 raise StartupError(f"cannot reach the store {self.shared.url}: {exc}") from exc
@@ -367,7 +368,12 @@ class App:
         replicas = [r.id for r in live]
         if self.replica not in replicas:
             replicas.append(self.replica)
-        self._wanted = assign(self.shards, replicas).get(self.replica, frozenset())
+        current = {o.shard: o.replica for o in owners if not o.released}
+        for shard, runner in self._runners.items():
+            if runner.running:
+                current[shard] = self.replica
+        assignment = assign(self.shards, replicas, current)
+        self._wanted = assignment.get(self.replica, frozenset())
         for shard in sorted(set(self._runners) - self._wanted):
             await self._lose(shard, "handover", graceful=True)
         for shard in sorted(self._wanted - set(self._runners)):
@@ -931,6 +937,12 @@ class App:
         self._lost_at = None
         self._failed_attempts = 0
 
+    async def close_store(self) -> None:
+        """Close shard 0's view and the shared store (a start that failed); harmless twice."""
+        await self.store.close()
+        await self.shared.close()
+        self._store_open = False
+
     async def stop(self) -> None:
         """Stop consuming, apply and acknowledge what was delivered, stop timers, close.
 
@@ -1088,7 +1100,7 @@ async def run(config: Config) -> int:
     elif isinstance(starting.exception(), StartupError):
         stopped.cancel()
         log.error("startup_failed", error=str(starting.exception()))
-        await app.store.close()
+        await app.close_store()
         return EXIT_UNAVAILABLE
     else:
         starting.result()  # anything else is a bug: raise it

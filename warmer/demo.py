@@ -220,7 +220,7 @@ async def _run(
         await app.start()
     except StartupError as exc:
         print(f"warmer demo: {exc}", file=sys.stderr)
-        await app.store.close()
+        await app.close_store()
         return EXIT_UNAVAILABLE
     view = asyncio.create_task(
         watch(config, console=console, until=stop, board=board), name="demo-view"

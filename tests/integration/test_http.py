@@ -141,7 +141,7 @@ async def test_a_port_in_use_stops_start_up_with_one_line(
             with pytest.raises(StartupError) as raised:
                 await app.start()
         finally:
-            await app.store.close()
+            await app.close_store()
     text = str(raised.value)
     assert f"cannot serve HTTP on 127.0.0.1:{port}" in text and "WARMER_HTTP" in text
     assert "\n" not in text

@@ -31,7 +31,7 @@ async def start_with(url: str, namespace: str, tmp_path: Path, **overrides: obje
         with pytest.raises(StartupError) as raised:
             await app.start()
     finally:
-        await app.store.close()
+        await app.close_store()
     assert time.monotonic() - started < 5
     text = str(raised.value)
     assert "\n" not in text

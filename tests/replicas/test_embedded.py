@@ -11,7 +11,7 @@ import pytest
 
 from tests.replicas.conftest import Fleet, Replica
 
-pytestmark = [pytest.mark.broker, pytest.mark.skip(reason="needs the sharded worker")]
+pytestmark = [pytest.mark.broker]
 
 LEVELS = ("error", "critical")
 

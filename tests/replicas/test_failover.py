@@ -36,7 +36,7 @@ from tests.replicas.schedules import (
     owners,
 )
 
-pytestmark = [pytest.mark.broker, pytest.mark.skip(reason="needs the sharded worker")]
+pytestmark = [pytest.mark.broker]
 
 SHARDS = 6
 NAMES = ("r1", "r2", "r3")

@@ -37,7 +37,7 @@ from tests.replicas.orchestrator import Orchestrator
 from tests.replicas.requester import Requester
 from tests.replicas.schedules import doubles, outside_tenures
 
-pytestmark = [pytest.mark.broker, pytest.mark.skip(reason="needs the sharded worker")]
+pytestmark = [pytest.mark.broker]
 
 SHARDS = 6
 TENURE_SLACK_MS = 250

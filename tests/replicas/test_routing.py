@@ -19,7 +19,7 @@ from tests.replicas.orchestrator import Orchestrator
 from tests.replicas.requester import Requester
 from tests.replicas.schedules import between, doubles, owners
 
-pytestmark = [pytest.mark.broker, pytest.mark.skip(reason="needs the sharded worker")]
+pytestmark = [pytest.mark.broker]
 
 SHARDS = 6
 

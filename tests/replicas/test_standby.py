@@ -13,7 +13,7 @@ from tests.replicas.orchestrator import Orchestrator
 from tests.replicas.requester import Requester
 from tests.replicas.schedules import doubles, first_warms_after, overlaps
 
-pytestmark = [pytest.mark.broker, pytest.mark.skip(reason="needs the sharded worker")]
+pytestmark = [pytest.mark.broker]
 
 TAKEOVER_BOUND_MS = 10_000
 

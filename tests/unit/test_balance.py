@@ -43,3 +43,33 @@ def test_a_replica_joining_takes_about_its_share_and_moves_little_else() -> None
 
 def test_no_replica_no_assignment() -> None:
     assert assign(4, []) == {}
+
+
+@given(st.integers(1, 64), names, st.dictionaries(st.integers(0, 70), st.sampled_from("abcxyz")))
+def test_with_current_holders_still_total_and_balanced(
+    shards: int, replicas: list[str], current: dict[int, str]
+) -> None:
+    result = assign(shards, replicas, current)
+    owned = [shard for held in result.values() for shard in held]
+    assert sorted(owned) == list(range(shards))
+    counts = [len(held) for held in result.values()]
+    assert max(counts) - min(counts) <= 1
+
+
+def test_a_replica_joining_a_lone_shard_stands_by() -> None:
+    for holder, joiner in (("a", "b"), ("b", "a"), ("x", "standby")):
+        assert assign(1, [holder, joiner], {0: holder})[holder] == {0}
+
+
+def test_live_holders_keep_their_shards_and_a_joiner_takes_only_its_share() -> None:
+    before = assign(12, ["a", "b", "c"])
+    current = {shard: r for r, held in before.items() for shard in held}
+    after = assign(12, ["a", "b", "c", "d"], current)
+    assert len(after["d"]) == 3
+    for replica in ("a", "b", "c"):
+        assert after[replica] <= before[replica] and len(after[replica]) == 3
+
+
+def test_a_dead_holders_shards_go_to_the_live() -> None:
+    after = assign(6, ["a", "b"], {0: "gone", 1: "gone", 2: "a", 3: "a", 4: "b", 5: "b"})
+    assert {2, 3} <= after["a"] and {4, 5} <= after["b"]
