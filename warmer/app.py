@@ -414,6 +414,22 @@ class App:
             lane = (TOKEN_STRIDE, shard) if self.shards > 1 else (1, 0)
             core = await self._recovered_core(view, lane)
             arms, self._recovery_arms = self._recovery_arms, []
+            scheduler = Scheduler(
+                self.clock, runner.inputs.fired, lateness=self.metrics.timer_lateness.observe
+            )
+            worker = runner.worker = Worker(
+                core,
+                scheduler,
+                view,
+                self.clock,
+                self._publisher,
+                runner.inputs,
+                self.metrics,
+                retry_ms=self._retry_ms,
+                health=runner.health,
+                confirm_ms=self.config.confirm_timeout_ms,
+                on_fenced=lambda _: self._lose_soon(shard, "fenced"),
+            )
             for queue, deliver in zip(
                 self.names.shard_queues(shard),
                 (self._deliverer(runner, "lifecycle"), self._deliverer(runner, "commands")),
@@ -436,23 +452,6 @@ class App:
             raise
         if runner.lost is not None:  # the connection went meanwhile
             return False
-        scheduler = Scheduler(
-            self.clock, runner.inputs.fired, lateness=self.metrics.timer_lateness.observe
-        )
-        worker = Worker(
-            core,
-            scheduler,
-            view,
-            self.clock,
-            self._publisher,
-            runner.inputs,
-            self.metrics,
-            retry_ms=self._retry_ms,
-            health=runner.health,
-            confirm_ms=self.config.confirm_timeout_ms,
-            on_fenced=lambda _: self._lose_soon(shard, "fenced"),
-        )
-        runner.worker = worker
         for arm in arms:
             scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
         scheduler.start()
@@ -542,8 +541,14 @@ class App:
             if conversation_id is None or not isinstance(delivery, AmqpDelivery):
                 await put(delivery)
                 return
-            async with one_at_a_time:
-                await self._reroute(delivery, exchange, conversation_id)
+            worker = runner.worker
+            assert worker is not None  # built before its consumers start
+            worker.settling_outside(delivery)
+            try:
+                async with one_at_a_time:
+                    await self._reroute(delivery, exchange, conversation_id)
+            finally:
+                worker.settled_outside(delivery)
 
         return deliver
 

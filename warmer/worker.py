@@ -121,6 +121,9 @@ class Worker:
         # Per open channel (by id, the delivery kept holds the channel so the id stays its
         # own): a delivery on it and the lowest delivery tag left unsettled there.
         self._holes: dict[int, tuple[Delivery, int]] = {}
+        # Per channel: tags of deliveries being settled outside the pipeline (rerouted to
+        # their shard), which no ``multiple`` acknowledgement may cover either.
+        self._outside: dict[int, set[int]] = {}
         # Held from a batch's apply to its commit: a restore writes only what was committed.
         self._committing = asyncio.Lock()
         self._answering: set[asyncio.Task[None]] = set()
@@ -643,13 +646,37 @@ class Worker:
             self.metrics.redeliveries.inc(redelivered)
         self._leave(left)
         for channel, deliveries in acks.items():
-            hole = self._holes.get(channel)
-            below = deliveries if hole is None else [d for d in deliveries if _tag(d) < hole[1]]
+            floor = self._floor(channel)
+            below = deliveries if floor is None else [d for d in deliveries if _tag(d) < floor]
             if below:
                 await _ack(max(below, key=_tag), multiple=True)
             for delivery in deliveries:
-                if hole is not None and _tag(delivery) >= hole[1]:
+                if floor is not None and _tag(delivery) >= floor:
                     await _ack(delivery, multiple=False)
+
+    def _floor(self, channel: int) -> int | None:
+        """The lowest tag on ``channel`` a ``multiple`` acknowledgement must not reach."""
+        hole = self._holes.get(channel)
+        outside = self._outside.get(channel)
+        tags = ([hole[1]] if hole is not None else []) + ([min(outside)] if outside else [])
+        return min(tags) if tags else None
+
+    def settling_outside(self, delivery: Delivery) -> None:
+        """``delivery`` is settled by someone else (a reroute): until ``settled_outside``,
+        no ``multiple`` acknowledgement of the pipeline covers it. Call it as it arrives,
+        before anything is awaited."""
+        try:
+            channel = id(delivery.channel)
+        except ChannelGone:
+            return
+        self._outside.setdefault(channel, set()).add(_tag(delivery))
+
+    def settled_outside(self, delivery: Delivery) -> None:
+        """``delivery``, given to ``settling_outside``, is settled."""
+        for channel, tags in list(self._outside.items()):
+            tags.discard(_tag(delivery))
+            if not tags:
+                del self._outside[channel]
 
     def _leave(self, deliveries: Iterable[Delivery]) -> None:
         """Remember deliveries left unsettled on open channels: no ``multiple`` covers them."""
