@@ -356,6 +356,17 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the number of shards, 1 to {_MAX_SHARDS}",
     )
     reshard.set_defaults(command=_reshard)
+
+    shards = verb(
+        "shards",
+        "list the shards and their owners",
+        "Read the store's record of who owns each shard of the namespace (the epoch taken, "
+        "since when, released or not) and which replicas are alive (their last beat). "
+        "Reads the store only: works while the broker is down.",
+        "  warmer shards\n  WARMER_STORE=redis://cache:6379/0 warmer shards --json",
+        asks=False,
+    )
+    shards.set_defaults(command=_shards_verb)
     return parser
 
 
@@ -458,6 +469,54 @@ def _reshard(args: argparse.Namespace) -> int:
     if config.shards != summary.shards:
         say(f"WARMER_SHARDS is {config.shards} here: give the workers {summary.shards}")
     return EXIT_OK
+
+
+def _shards_verb(args: argparse.Namespace) -> int:
+    """`warmer shards`: each shard's owner and the live replicas, from the store."""
+    config = _config()
+    configure_logging(config.log_format, "warning")
+    from warmer.store import StoreError, open_shared
+    from warmer.store.base import Owner, Replica
+
+    async def read() -> tuple[int | None, list[Owner], list[Replica]]:
+        shared = open_shared(config.store, timeout_ms=config.store_timeout_ms)
+        await shared.open()
+        try:
+            # A zero ttl would expire everyone: read the live ones without beating.
+            return await shared.layout(), await shared.owners(), await shared.replicas()
+        finally:
+            await shared.close()
+
+    try:
+        layout, owners, live = asyncio.run(read())
+    except StoreError as exc:
+        print(f"warmer: the store failed: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.json:
+        print(_json({"ok": True, "layout": layout, "owners": owners, "replicas": live}))
+    else:
+        print(_shards_text(layout, owners, live, time.time_ns() // 1_000_000))
+    return EXIT_OK
+
+
+def _shards_text(layout: int | None, owners: list[Any], live: list[Any], now_ms: int) -> str:
+    """The shards' owners for people: one line a shard, then the live replicas."""
+    alive = {replica.id for replica in live}
+    lines = [f"{layout or 0} shard(s) in the store's layout"]
+    held = {owner.shard: owner for owner in owners}
+    for shard in range(max([layout or 0, *(k + 1 for k in held)])):
+        owner = held.get(shard)
+        if owner is None:
+            lines.append(f"  shard {shard:3d}: never taken")
+            continue
+        state = "released" if owner.released else ("held" if owner.replica in alive else "gone")
+        age = max(0, now_ms - owner.since_ms) // 1000
+        lines.append(
+            f"  shard {shard:3d}: {owner.replica} ({state}, epoch {owner.epoch}, for {age} s)"
+        )
+    lines.append(f"{len(live)} replica(s) alive:")
+    lines += [f"  {r.id}: {r.info} (beat {max(0, now_ms - r.seen_ms)} ms ago)" for r in live]
+    return "\n".join(lines)
 
 
 def _reshard_text(summary: Summary) -> str:

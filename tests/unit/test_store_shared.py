@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pytest
 import redis.asyncio
 
@@ -28,9 +29,11 @@ from warmer.store import (
     StoreFenced,
     StoreLost,
     open_store,
+    postgres,
     redis_shared,
     sqlite_shared,
 )
+from warmer.store.postgres import PostgresShared, PostgresStore
 
 
 @dataclass
@@ -88,10 +91,35 @@ async def redis_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
     return Rig(shared=RedisShared(url), lose=lose, alone=lambda: open_store(url), shareable=True)
 
 
+async def postgres_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
+    url: str = request.getfixturevalue("postgres_url")
+    schema: str = request.getfixturevalue("postgres_schema")
+    store_url: str = request.getfixturevalue("postgres_store_url")
+
+    async def lose() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            names = ("conversations", "models", "token", "shards", "writers", "replicas")
+            await conn.execute(
+                f"TRUNCATE {', '.join(f'{schema!r}.{n}' for n in names)}".replace("'", '"')
+            )
+            await conn.execute(f"DELETE FROM \"{schema}\".meta WHERE key <> 'schema_version'")
+        finally:
+            await conn.close()
+
+    return Rig(
+        shared=PostgresShared(store_url),
+        lose=lose,
+        alone=lambda: PostgresStore(store_url),
+        shareable=True,
+    )
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Awaitable[Rig]]] = {
     "memory": memory_rig,
     "sqlite": sqlite_rig,
     "redis": redis_rig,
+    "postgres": postgres_rig,
 }
 
 
@@ -252,7 +280,9 @@ async def test_presence_lists_the_live_replicas_and_forgets_the_expired(rig: Rig
     assert [(r.id, r.info) for r in live] == [("a", "host a, pid 7")]
     live = await rig.shared.beat("c", "x" * 5000, 60_000)
     assert [r.id for r in live] == ["a", "c"] and len(live[1].info) == 1000
+    assert [r.id for r in await rig.shared.replicas()] == ["a", "c"]  # read, not beaten
     await rig.shared.leave("a")
+    assert [r.id for r in await rig.shared.replicas()] == ["c"]
     assert [r.id for r in await rig.shared.beat("c", "", 60_000)] == ["c"]
 
 
@@ -278,6 +308,7 @@ async def test_assign_moves_in_chunks(
 ) -> None:
     for module in (sqlite_shared, redis_shared):
         monkeypatch.setattr(module, "ASSIGN_CHUNK", 3)
+    monkeypatch.setattr(postgres, "CHUNK", 3)
     zero = await views(0, "a")
     await zero.commit({f"c{n}": bytes([n]) for n in range(8)}, 1)
     await zero.close()

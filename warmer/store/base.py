@@ -290,6 +290,10 @@ class Shared(Protocol):
         """Remove ``replica``'s presence (a clean stop)."""
         ...
 
+    async def replicas(self) -> list[Replica]:
+        """Every replica alive now, sorted by id, read without beating (``warmer shards``)."""
+        ...
+
     async def owners(self) -> list[Owner]:
         """Every shard ever taken, by shard."""
         ...

@@ -314,6 +314,12 @@ class MemoryShared:
         """Remove ``replica``'s presence."""
         self._data.replicas.pop(replica, None)
 
+    async def replicas(self) -> list[Replica]:
+        """Every live replica, by id."""
+        now = wall_ms()
+        live = self._data.replicas
+        return [live[key][0] for key in sorted(live) if live[key][1] >= now]
+
     async def owners(self) -> list[Owner]:
         """Every shard ever taken, by shard."""
         return [self._data.owners[shard] for shard in sorted(self._data.owners)]

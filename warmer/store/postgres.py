@@ -229,6 +229,18 @@ class PostgresShared:
 
         return await self.run("cannot beat in", beat)
 
+    async def replicas(self) -> list[Replica]:
+        """Every live replica (by the server's clock), by id."""
+        rows = await self.run(
+            "cannot read the replicas in",
+            lambda conn: conn.fetch(
+                f"SELECT id, info, seen_ms FROM {self.table('replicas')} "
+                f"WHERE expires_ms >= {NOW_MS} ORDER BY id",
+                timeout=self._timeout,
+            ),
+        )
+        return [Replica(id=row[0], info=row[1], seen_ms=row[2]) for row in rows]
+
     async def leave(self, replica: str) -> None:
         """Remove ``replica``'s presence."""
         await self.run(

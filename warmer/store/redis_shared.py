@@ -142,6 +142,22 @@ class RedisShared:
         ]
         return sorted(replicas, key=lambda seen: seen.id)
 
+    async def replicas(self) -> list[Replica]:
+        """Every live replica (by the server's clock), by id."""
+        client = self._client()
+        seconds, micros = await self._call("cannot read the time of", client.time())
+        now = seconds * 1000 + micros // 1000
+        entries = await self._call(
+            "cannot read the replicas in",
+            client.hgetall(self.replicas_key),  # type: ignore[arg-type]
+        )
+        live = []
+        for replica, value in entries.items():
+            seen, expires, info = value.decode().split(" ", 2)
+            if int(expires) >= now:
+                live.append(Replica(id=replica.decode(), info=info, seen_ms=int(seen)))
+        return sorted(live, key=lambda seen: seen.id)
+
     async def leave(self, replica: str) -> None:
         """Remove ``replica``'s presence."""
         await self._call("cannot leave", self._client().hdel(self.replicas_key, replica))  # type: ignore[arg-type]

@@ -43,6 +43,7 @@ _PUT_REPLICA = (
     "expires_ms = excluded.expires_ms"
 )
 _FORGET_REPLICAS = "DELETE FROM replicas WHERE expires_ms < ?"
+_SELECT_LIVE = "SELECT replica, info, seen_ms FROM replicas WHERE expires_ms >= ? ORDER BY replica"
 _SELECT_REPLICAS = "SELECT replica, info, seen_ms FROM replicas ORDER BY replica"
 _SELECT_OWNERS = "SELECT shard, epoch, replica, since_ms, released FROM owners ORDER BY shard"
 _IDS = "SELECT value FROM json_each(?)"
@@ -95,6 +96,11 @@ class SqliteShared:
     async def leave(self, replica: str) -> None:
         """Remove ``replica``'s presence."""
         await self._write([("DELETE FROM replicas WHERE replica = ?", (replica,))])
+
+    async def replicas(self) -> list[Replica]:
+        """Every live replica, by id."""
+        rows = await self._read(_SELECT_LIVE, (wall_ms(),))
+        return [Replica(id=str(r[0]), info=str(r[1]), seen_ms=int(r[2])) for r in rows]
 
     async def owners(self) -> list[Owner]:
         """Every shard ever taken, by shard."""
@@ -164,11 +170,11 @@ class SqliteShared:
             except BACKEND_ERRORS as exc:
                 raise self._file.error("cannot move records in store", exc) from exc
 
-    async def _read(self, sql: str) -> list[tuple[Any, ...]]:
+    async def _read(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         conn = self._file.connection()
         async with self._file.transaction:
             try:
-                return [tuple(row) for row in await conn.execute_fetchall(sql)]
+                return [tuple(row) for row in await conn.execute_fetchall(sql, parameters)]
             except BACKEND_ERRORS as exc:
                 raise self._file.error("cannot read store", exc) from exc
 
