@@ -194,6 +194,10 @@ class App:
         """The shards this replica owns now, in order."""
         return sorted(k for k, runner in self._runners.items() if runner.running)
 
+    def about(self) -> str:
+        """Which shards this replica owns (``/readyz``'s second line)."""
+        return f"replica {self.replica} owns shards {self.owned} of {self.shards}"
+
     def readiness(self) -> str | None:
         """None when ready to do the work, else why not (what ``/readyz`` answers).
 
@@ -510,6 +514,8 @@ class App:
                     self._connection is not None and self._connection.connected.is_set()
                 )
         finally:
+            if graceful:
+                self.metrics.handover_seconds.observe(time.perf_counter() - started)
             if self._runners.get(shard) is runner:
                 del self._runners[shard]
             self.metrics.shards_lost.labels(reason=reason.split(" ")[0]).inc()
@@ -604,7 +610,7 @@ class App:
         if self._http_address is None:
             return
         host, port = self._http_address
-        http = HttpEndpoint(host, port, self.readiness, self.metrics.registry)
+        http = HttpEndpoint(host, port, self.readiness, self.metrics.registry, self.about)
         try:
             await http.start()
         except OSError as exc:

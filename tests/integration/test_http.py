@@ -70,7 +70,9 @@ async def test_healthz_and_readyz_answer_when_running(
     app = await start_worker(http="127.0.0.1:0")
     assert app.http_port
     assert await get(http, app, "/healthz") == (200, "ok", "text/plain; charset=utf-8")
-    assert await get(http, app, "/readyz") == (200, "ready", "text/plain; charset=utf-8")
+    status, text, kind = await get(http, app, "/readyz")
+    assert (status, kind) == (200, "text/plain; charset=utf-8")
+    assert text == f"ready\nreplica {app.replica} owns shards [0] of 1"
     status, _, _ = await get(http, app, "/nothing-here")
     assert status == 404
 

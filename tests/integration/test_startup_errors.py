@@ -87,7 +87,7 @@ async def test_start_up_waits_for_a_broker_that_appears_late(
             async with session.get(f"{base}/healthz") as response:
                 assert response.status == 200  # alive while waiting
             async with session.get(f"{base}/readyz") as response:
-                assert (response.status, await response.text()) == (
+                assert (response.status, (await response.text()).split("\n")[0]) == (
                     503,
                     "connecting to the broker",
                 )
@@ -96,7 +96,7 @@ async def test_start_up_waits_for_a_broker_that_appears_late(
             await broker.start(port)  # the broker appears
             await asyncio.wait_for(starting, 10)  # within the next pause (2 s)
             async with session.get(f"{base}/readyz") as response:
-                assert (response.status, await response.text()) == (200, "ready")
+                assert (response.status, (await response.text()).split("\n")[0]) == (200, "ready")
             assert broker.accepted == 1
             reply = await probe.command({"type": "get_state", "conversationId": "late"})
             assert reply["ok"] is True

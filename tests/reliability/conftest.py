@@ -195,9 +195,9 @@ def completed(token: int, read: int, cid: str) -> dict[str, Any]:
 
 
 async def ready(session: aiohttp.ClientSession, app: App) -> tuple[int, str]:
-    """What ``/readyz`` answers: (status, text)."""
+    """What ``/readyz`` answers: (status, first line: ready or why not)."""
     async with session.get(f"http://127.0.0.1:{app.http_port}/readyz") as response:
-        return response.status, await response.text()
+        return response.status, (await response.text()).split("\n", 1)[0]
 
 
 async def until(

@@ -34,9 +34,9 @@ def absent(namespace: str, tmp_path: Path, **more: str) -> dict[str, str]:
 def get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status, response.read().decode()
+            return response.status, response.read().decode().split("\n", 1)[0]
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        return error.code, error.read().decode().split("\n", 1)[0]
 
 
 async def test_start_up_tries_with_backoff_then_exits_69(

@@ -202,6 +202,7 @@ class Publisher:
             correlation_id=correlation_id,
             delivery_mode=1,
             message_id=self._next_id(),
+            headers={"x-warmer-replica": self._replica} if self._replica else None,
         )
         await self._send("", reply_to, encode(reply), properties)
 

@@ -4,7 +4,8 @@
   answer proves the process and its loop are alive; a loop stuck in a long computation
   answers late or not at all.
 - ``/readyz``: 200 ``ready``, or 503 with the reason as text (``starting``, ``broker
-  connection lost``, ...), as ``ready()`` says.
+  connection lost``, ...), as ``ready()`` says; then, on a second line, which shards this
+  replica owns (``replica r1 owns shards [0, 3] of 6``).
 - ``/metrics``: the Prometheus text format of one registry (``warmer.observe.metrics``),
   rendered at most once per ``METRICS_FRESH_S``: scrapes within that time share one
   rendering, so a flood of them costs the loop little more than the HTTP itself.
@@ -37,8 +38,17 @@ or so: a lone scraper always gets a fresh one)."""
 class HttpEndpoint:
     """``/healthz``, ``/readyz`` and ``/metrics`` on one host and port."""
 
-    def __init__(self, host: str, port: int, ready: Readiness, registry: CollectorRegistry) -> None:
-        """``port`` 0 takes any free port (``port`` tells which, once started)."""
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Readiness,
+        registry: CollectorRegistry,
+        about: Callable[[], str] | None = None,
+    ) -> None:
+        """``port`` 0 takes any free port (``port`` tells which, once started); ``about``:
+        a second line for ``/readyz`` (which shards this replica owns)."""
+        self._about = about
         self._host = host
         self._port = port
         self._ready = ready
@@ -80,9 +90,10 @@ class HttpEndpoint:
 
     async def _readyz(self, _: web.Request) -> web.Response:
         reason = self._ready()
+        about = "" if self._about is None else f"\n{self._about()}"
         if reason is None:
-            return web.Response(text="ready", content_type=_TEXT)
-        return web.Response(status=503, text=reason, content_type=_TEXT)
+            return web.Response(text=f"ready{about}", content_type=_TEXT)
+        return web.Response(status=503, text=f"{reason}{about}", content_type=_TEXT)
 
     async def _metrics(self, _: web.Request) -> web.Response:
         # On the loop, not in a thread: the gauges read the core, which only the loop may

@@ -120,6 +120,7 @@ NAMES: Final = (
     "warmer_shards_lost_total",
     "warmer_fenced_commits_total",
     "warmer_shard_takeover_seconds",
+    "warmer_shard_handover_seconds",
     "warmer_messages_rerouted_total",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
@@ -301,6 +302,13 @@ class Metrics:
         self.fenced_commits: Final = Counter(
             "warmer_fenced_commits_total",
             "Commits the store refused because another replica took the shard meanwhile.",
+            registry=r,
+        )
+        self.handover_seconds: Final = Histogram(
+            "warmer_shard_handover_seconds",
+            "From deciding to hand a shard over to its lock released: consumers cancelled, "
+            "what was delivered applied and acknowledged, timers dropped, view closed.",
+            buckets=_TAKEOVER_BUCKETS,
             registry=r,
         )
         self.rerouted: Final = Counter(
