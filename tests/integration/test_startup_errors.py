@@ -19,6 +19,7 @@ from tests.integration.conftest import make_config
 from tests.integration.probe import Probe
 from tests.reliability.tcp_proxy import TcpProxy
 from warmer.app import App, StartupError
+from warmer.store import SqliteStore
 
 pytestmark = pytest.mark.broker
 
@@ -106,3 +107,22 @@ async def test_start_up_waits_for_a_broker_that_appears_late(
         await asyncio.gather(starting, return_exceptions=True)
         await app.stop()
         await broker.close()
+
+
+async def test_an_unreadable_record_stops_start_up_naming_the_conversation(
+    amqp_url: str, namespace: str, tmp_path: Path
+) -> None:
+    # Read when its shard is taken, so with the broker there (the lock is the broker's).
+    path = tmp_path / "unreadable.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    await store.commit({"conv-7": b"\xc1 not msgpack"}, 5)
+    await store.close()
+    text = await start_with(amqp_url, namespace, tmp_path, store=f"sqlite:///{path}")
+    assert "conv-7" in text and "unreadable record" in text
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        assert (await store.load()).records["conv-7"] == b"\xc1 not msgpack"  # left as it was
+    finally:
+        await store.close()

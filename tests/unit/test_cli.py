@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -16,7 +15,6 @@ import structlog
 
 from warmer.cli import main
 from warmer.config import SETTINGS, Config
-from warmer.store import SqliteStore
 
 
 @pytest.fixture(autouse=True)
@@ -195,34 +193,3 @@ def test_a_corrupted_store_file_stops_start_up_naming_it(
     assert str(path) in str(failure["error"])
     assert "\n" not in str(failure["error"])
     assert path.read_bytes() == garbage  # no silent reset
-
-
-def test_an_unreadable_record_stops_start_up_naming_the_conversation(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    path = tmp_path / "warmer.db"
-
-    async def write() -> None:
-        store = SqliteStore(path)
-        await store.open()
-        await store.commit({"conv-7": b"\xc1 not msgpack"}, 5)
-        await store.close()
-
-    asyncio.run(write())
-    monkeypatch.setenv("WARMER_STORE", f"sqlite:///{path}")
-    monkeypatch.setenv("WARMER_LOG_FORMAT", "json")
-    monkeypatch.setenv("WARMER_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")
-
-    assert main(["run"]) == 69
-    failure = _startup_failure(capsys)
-    assert "conv-7" in str(failure["error"]) and "unreadable record" in str(failure["error"])
-
-    async def read() -> bytes:
-        store = SqliteStore(path)
-        await store.open()
-        try:
-            return (await store.load()).records["conv-7"]
-        finally:
-            await store.close()
-
-    assert asyncio.run(read()) == b"\xc1 not msgpack"  # left as it was
