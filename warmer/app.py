@@ -518,7 +518,7 @@ class App:
                 self.metrics.handover_seconds.observe(time.perf_counter() - started)
             if self._runners.get(shard) is runner:
                 del self._runners[shard]
-            self.metrics.shards_lost.labels(reason=reason.split(" ")[0]).inc()
+            self.metrics.shards_lost[reason.split(" ")[0]].inc()
             self.metrics.shards_owned.set(len(self.owned))
             log.info(
                 "shard_lost",

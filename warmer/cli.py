@@ -363,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
         "Read the store's record of who owns each shard of the namespace (the epoch taken, "
         "since when, released or not) and which replicas are alive (their last beat). "
         "Reads the store only: works while the broker is down.",
-        "  warmer shards\n  WARMER_STORE=redis://cache:6379/0 warmer shards --json",
+        "  warmer shards \n  WARMER_STORE=redis://cache:6379/0 warmer shards --json",
         asks=False,
     )
     shards.set_defaults(command=_shards_verb)

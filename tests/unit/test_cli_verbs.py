@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from warmer import control
 from warmer.cli import main, parse_interval
@@ -24,18 +25,20 @@ from warmer.contract import LifecycleEvent
 from warmer.control import DeadLetter, DeadLetters, Kept, Replay
 
 CLOSED_PORT_URL = "amqp://guest:s3cr3t@127.0.0.1:1/"
-VERBS = ["state", "enable", "disable", "interval", "policy", "send", "dead", "reshard"]
+VERBS = ["state", "enable", "disable", "interval", "policy", "send", "dead", "reshard", "shards"]
 
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No WARMER_* from the outer environment; the broker is a port nobody listens on."""
+    """No WARMER_* from the outer environment; the broker is a port nobody listens on;
+    the logging a verb set up is undone (a later test's captured info lines vanished)."""
     for name in list(os.environ):
         if name.startswith("WARMER_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("WARMER_AMQP_URL", CLOSED_PORT_URL)
     monkeypatch.setenv("WARMER_NAMESPACE", "ops")
     yield
+    structlog.reset_defaults()
 
 
 class FakeControl:

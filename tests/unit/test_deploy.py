@@ -103,6 +103,14 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     # Wall-clock steps the worker saw, and how far its time is from the wall (warmer.clock).
     "warmer_clock_steps_total": ("counter", frozenset()),
     "warmer_clock_offset_seconds": ("gauge", frozenset()),
+    # Replicas (issue 16): the shards a replica owns, taken, lost and fenced.
+    "warmer_shards_owned": ("gauge", frozenset()),
+    "warmer_shard_takeovers_total": ("counter", frozenset()),
+    "warmer_shards_lost_total": ("counter", frozenset({"reason"})),
+    "warmer_fenced_commits_total": ("counter", frozenset()),
+    "warmer_shard_takeover_seconds": ("histogram", frozenset()),
+    "warmer_shard_handover_seconds": ("histogram", frozenset()),
+    "warmer_messages_rerouted_total": ("counter", frozenset()),
 }
 HISTOGRAM_SERIES: Final = ("_bucket", "_sum", "_count")
 

@@ -101,6 +101,8 @@ HISTOGRAMS = {
     "warmer_batch_size",
     "warmer_commit_seconds",
     "warmer_warm_cache_ratio",
+    "warmer_shard_takeover_seconds",
+    "warmer_shard_handover_seconds",
 }
 GAUGES = {
     "warmer_conversations",
@@ -111,6 +113,7 @@ GAUGES = {
     "warmer_ttl_1h_cheaper",
     "warmer_savings_tokens",
     "warmer_clock_offset_seconds",
+    "warmer_shards_owned",
 }
 ADVICE = {"warmer_cache_cost_per_gap", "warmer_ttl_1h_cheaper"}
 

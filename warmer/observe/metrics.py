@@ -48,6 +48,7 @@ __all__ = [
     "ERROR_CODES",
     "EVENT_TYPES",
     "FAILURE_CAUSES",
+    "LOSS_REASONS",
     "NAMES",
     "SAVINGS_KINDS",
     "SKIP_REASONS",
@@ -126,6 +127,8 @@ NAMES: Final = (
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
 _LATENESS_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+LOSS_REASONS: Final = ("handover", "connection", "fenced", "stopping", "take")
+"""Why a replica stops owning a shard (``warmer_shards_lost_total``'s label)."""
 _TAKEOVER_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _COMMIT_BUCKETS: Final = (
@@ -292,13 +295,14 @@ class Metrics:
             "Shards this replica took (at start, from a replica gone, or handed over).",
             registry=r,
         )
-        self.shards_lost: Final = Counter(
+        lost = Counter(
             "warmer_shards_lost_total",
             "Shards this replica stopped owning, by reason: handover, connection, fenced, "
-            "stopping.",
+            "stopping, take (a take that failed half-way).",
             ["reason"],
             registry=r,
         )
+        self.shards_lost: Final = {reason: lost.labels(reason) for reason in LOSS_REASONS}
         self.fenced_commits: Final = Counter(
             "warmer_fenced_commits_total",
             "Commits the store refused because another replica took the shard meanwhile.",
