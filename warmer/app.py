@@ -969,16 +969,10 @@ class App:
         for task in self._tasks:  # no shard taken or handed over from here
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Each shard's release is bounded: its pipeline gets STOP_GRACE_S to drain, then
+        # the store check and the closes have their own timeouts.
         shards = list(self._runners)
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(self._lose(k, "stopping", graceful=connected) for k in shards)),
-                STOP_GRACE_S,
-            )
-        except TimeoutError:
-            log.warning("stop_grace_expired", grace_s=STOP_GRACE_S)
-        for shard in list(self._runners):
-            await self._lose(shard, "stopping", graceful=False)
+        await asyncio.gather(*(self._lose(k, "stopping", graceful=connected) for k in shards))
         if self._publisher is not None:
             self._publisher.close()
         if self._store_open:

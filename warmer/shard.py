@@ -79,9 +79,7 @@ class Runner:
                 await asyncio.wait_for(self._drained(worker), grace_s)
             except TimeoutError:
                 log.warning("shard_release_grace_expired", shard=self.shard, grace_s=grace_s)
-            else:  # a store that lost its data is given it back before the view goes
-                await worker.check_before_close()
-        await self._close()
+        await self._close(check=True)
 
     async def _drained(self, worker: Worker) -> None:
         if self.tasks:
@@ -99,7 +97,10 @@ class Runner:
                 self.lock.abort()
         await self._close()
 
-    async def _close(self) -> None:
+    async def _close(self, *, check: bool = False) -> None:
+        """Stop the pipeline and timers, close the view, the consumers, the lock; with
+        ``check``, first give a store that lost its data what the pipeline committed
+        (nothing else would: the next owner starts from what the store holds)."""
         worker = self.worker
         if worker is not None:
             worker.abandon()
@@ -107,6 +108,8 @@ class Runner:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if check and worker is not None and worker.fenced is None:
+            await worker.check_before_close()
         if self.view is not None:
             with contextlib.suppress(Exception):
                 await self.view.close()

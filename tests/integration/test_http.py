@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,8 @@ HISTOGRAMS = frozenset(
         "warmer_batch_size",
         "warmer_commit_seconds",
         "warmer_warm_cache_ratio",
+        "warmer_shard_takeover_seconds",
+        "warmer_shard_handover_seconds",
     }
 )
 # Shown once the gap model has seen 100 idle gaps (``Economy.advice``): not on a new worker.
@@ -118,10 +121,12 @@ async def test_metrics_show_every_metric_and_move_with_events_and_commands(
 async def test_http_is_off_by_default_and_stops_with_the_worker(
     start_worker: Any, amqp_url: str, namespace: str, tmp_path: Path
 ) -> None:
-    off = await start_worker()
+    off = await start_worker(store="memory://")
     assert off.http_port is None
 
-    app = App(make_config(amqp_url, namespace, tmp_path / "second", http="127.0.0.1:0"))
+    # A second replica of the namespace (a standby: the first holds the only shard).
+    config = make_config(amqp_url, namespace, tmp_path / "second", http="127.0.0.1:0")
+    app = App(msgspec.structs.replace(config, store="memory://"))
     (tmp_path / "second").mkdir()
     await app.start()
     port = app.http_port

@@ -137,6 +137,10 @@ async def test_rabbitmqctl_shows_quorum_queues_with_the_arguments(
         for queue in listed
         if queue["name"].startswith(f"{namespace}.")
     }
+    # Beside the topology, what the worker holds while it runs: the shard's lock and (on
+    # SQLite) the embedded store's, both classic and exclusive, holding nothing.
+    assert held.pop(f"{namespace}.lock.000") == ("classic", {"x-queue-type": "classic"})
+    assert held.pop(f"{namespace}.embedded") == ("classic", {})
     expected = {
         queue["name"]: ("quorum", queue["arguments"]) for queue in definitions(namespace)["queues"]
     }
@@ -170,14 +174,16 @@ async def test_a_second_worker_on_the_same_namespace_starts(
     namespace: str,
     tmp_path: Path,
 ) -> None:
-    await start_worker()
-    await start_worker(store=f"sqlite:///{tmp_path / 'second.db'}")
+    # On a shareable store (an embedded one runs alone): the second stands by, the first
+    # holds the only shard and consumes.
+    await start_worker(store="memory://")
+    await start_worker(store="memory://")
     await _redeclare(connection, definitions(namespace))
     names = Names.of(namespace)
     channel = await connection.channel()
     for name in (names.lifecycle, names.commands):
         queue = await channel.declare_queue(name, passive=True)
-        assert queue.declaration_result.consumer_count == 2
+        assert queue.declaration_result.consumer_count == 1
     reply = await probe.command({"type": "get_state", "conversationId": "c-1"})
     assert reply["ok"] is True
 
