@@ -195,3 +195,21 @@ def test_shard_locks_are_named_per_shard_and_not_declared() -> None:
     with pytest.raises(ValueError, match="shard must be"):
         names.lock(16)
     assert "ns.lock" not in json.dumps(definitions("ns", 16))
+
+
+def test_reshard_names_the_queues_and_exchanges_the_worker_consumes() -> None:
+    # warmer reshard builds its names itself (it must also name a layout no worker runs):
+    # they must be the worker's, or a reshard would fill queues nobody consumes.
+    from warmer.bus.reshard import shards_exchange_arguments, streams
+
+    for shards in (2, 4, 16, 256):
+        names = Names.of("ns", shards)
+        lifecycle, commands = streams("ns")
+        assert lifecycle.exchange == names.lifecycle and commands.exchange == names.commands
+        assert lifecycle.shards_exchange == names.lifecycle_shards
+        assert commands.shards_exchange == names.commands_shards
+        for shard in (0, 1, shards - 1):
+            assert (lifecycle.shard_queue(shard), commands.shard_queue(shard)) == (
+                names.shard_queues(shard)
+            )
+        assert shards_exchange_arguments() == names.exchange_arguments(names.lifecycle_shards)
