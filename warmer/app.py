@@ -76,7 +76,7 @@ from warmer.store import (
     StoreUnreachable,
     open_shared,
 )
-from warmer.store.base import Shared
+from warmer.store.base import Shared, StoreFenced
 from warmer.worker import RETRY_FIRST_MS, RETRY_MAX_MS, Worker, held_records
 
 log = get_logger(__name__)
@@ -107,7 +107,12 @@ STORE_CHECK_MS: Final = 5_000  # how soon a store that lost its data is noticed 
 BALANCE_EVERY_MS: Final = 1_000
 """How often a replica beats its presence and takes or hands over shards."""
 PRESENCE_TTL_MS: Final = 3_000
-"""How long a replica that stopped beating counts as alive (three beats)."""
+"""How long a replica that stopped beating stays listed (three beats)."""
+PRESENCE_FRESH_MS: Final = 2_000
+"""How recent a replica's beat must be for shards to be assigned to it (two beats)."""
+SETTLE_MS: Final = 4_000
+"""How long start-up waits for the shards assigned to it that another replica still
+holds (handing them over), before it goes on without them."""
 COMMANDS_LOCK_WAIT_MS: Final = 5_000
 """How long a new owner waits for the old one to let go of a shard's command queue."""
 EXIT_OK: Final = 0
@@ -270,6 +275,15 @@ class App:
         self.metrics.registry.register(StateGauges(self._statuses, self._timers))
         self.metrics.registry.register(CostGauges(self._economy, self._savings))
         await self._balance(first=True)
+        # A shard whose lock is free has no live holder, whatever the store says (a killed
+        # predecessor's beat is still fresh): taken now, not after the beat ages out.
+        for shard in range(self.shards):
+            if shard not in self._runners:
+                await self._take(shard)
+        deadline = self.clock.now_ms() + SETTLE_MS
+        while self._wanted - set(self.owned) and self.clock.now_ms() < deadline:
+            await sleep(self.clock, BALANCE_EVERY_MS // 4)
+            await self._balance(first=False)
         loop = asyncio.get_running_loop()
         self._tasks = [
             watch(loop.create_task(self._balance_forever(), name="balance")),
@@ -353,7 +367,11 @@ class App:
             with contextlib.suppress(TimeoutError):
                 await within(self.clock, BALANCE_EVERY_MS, self._nudge.wait())
             self._nudge.clear()
-            await self._balance(first=False)
+            try:
+                await self._balance(first=False)
+            except Exception as exc:  # a connection cut mid-round (aiormq raises even bare
+                # Exceptions): the next round, a second from now, tries again
+                log.warning("balance_round_failed", error=repr(exc)[:300], owned=self.owned)
 
     async def _balance(self, *, first: bool) -> None:
         """Beat this replica's presence; hand over the shards assigned to others and take
@@ -369,7 +387,10 @@ class App:
                 raise StartupError(f"cannot reach the store {self.shared.url}: {exc}") from exc
             log.warning("presence_beat_failed", error=str(exc)[:300])
             return
-        replicas = [r.id for r in live]
+        # The store's clock: this beat's own time. A replica that missed two beats is left
+        # out (its shards' locks are tried: free if it died, held if it is only slow).
+        now = max((r.seen_ms for r in live if r.id == self.replica), default=0)
+        replicas = [r.id for r in live if now - r.seen_ms <= PRESENCE_FRESH_MS]
         if self.replica not in replicas:
             replicas.append(self.replica)
         current = {o.shard: o.replica for o in owners if not o.released}
@@ -380,6 +401,8 @@ class App:
         self._wanted = assignment.get(self.replica, frozenset())
         for shard in sorted(set(self._runners) - self._wanted):
             await self._lose(shard, "handover", graceful=True)
+        for shard in sorted(k for k, r in self._runners.items() if r.suspended):
+            await self._resume(shard)
         for shard in sorted(self._wanted - set(self._runners)):
             try:
                 await self._take(shard)
@@ -402,14 +425,8 @@ class App:
         assert self._connection is not None and self._publisher is not None
         started = time.perf_counter()  # a duration, not a wait: not the Clock's
         runner = Runner(shard, self.health if self.shards == 1 else Health())
-        lock = ShardLock(
-            self._connection,
-            self.names.lock(shard),
-            lambda why: self._lose_soon(shard, f"connection lost ({why})"),
-        )
-        try:
-            await lock.take()
-        except (ShardHeld, ChannelGone):
+        lock = await self._lock(shard)
+        if lock is None:
             return False
         runner.lock = lock
         self._runners[shard] = runner  # from here a lost connection drops it
@@ -434,20 +451,7 @@ class App:
                 confirm_ms=self.config.confirm_timeout_ms,
                 on_fenced=lambda _: self._lose_soon(shard, "fenced"),
             )
-            for queue, deliver in zip(
-                self.names.shard_queues(shard),
-                (self._deliverer(runner, "lifecycle"), self._deliverer(runner, "commands")),
-                strict=True,
-            ):
-                consumer = ShardConsumer(
-                    self._connection,
-                    queue,
-                    deliver,
-                    lambda why: self._lose_soon(shard, f"connection lost ({why})"),
-                    self.config.prefetch,
-                )
-                await consumer.start()
-                runner.consumers.append(consumer)
+            await self._consume(runner)
         except ChannelGone:
             await self._lose(shard, "connection lost", graceful=False)
             return False
@@ -479,6 +483,77 @@ class App:
             took_ms=round(took * 1000),
         )
         return True
+
+    async def _lock(self, shard: int) -> ShardLock | None:
+        """``shard``'s lock, taken; None when another replica holds it or the connection
+        is down."""
+        assert self._connection is not None
+        lock = ShardLock(
+            self._connection,
+            self.names.lock(shard),
+            lambda why: self._suspend(shard, f"lock lost: {why}"),
+        )
+        try:
+            await lock.take()
+        except (ShardHeld, ChannelGone):
+            return None
+        return lock
+
+    async def _consume(self, runner: Runner) -> None:
+        """Consume the shard's two queues into its runner; ChannelGone when not connected."""
+        assert self._connection is not None
+        shard = runner.shard
+        for queue, deliver in zip(
+            self.names.shard_queues(shard),
+            (self._deliverer(runner, "lifecycle"), self._deliverer(runner, "commands")),
+            strict=True,
+        ):
+            consumer = ShardConsumer(
+                self._connection,
+                queue,
+                deliver,
+                lambda why: self._suspend(shard, f"consumer lost: {why}"),
+                self.config.prefetch,
+            )
+            await consumer.start()
+            runner.consumers.append(consumer)
+
+    def _suspend(self, shard: int, why: str) -> None:
+        """The shard's lock or a consumer went (the connection, or a channel): stop
+        consuming, keep the pipeline and timers (what they commit is fenced if another
+        replica takes the shard meanwhile), and try to resume at the next balance."""
+        runner = self._runners.get(shard)
+        if runner is None or runner.lost is not None or runner.suspended:
+            return
+        runner.suspend()
+        log.info("shard_suspended", shard=shard, why=why[:300])
+        self._nudge.set()
+
+    async def _resume(self, shard: int) -> None:
+        """Take a suspended shard's lock again and consume again, if nobody took it in
+        between (its lock free, its epoch still this view's); else it is lost."""
+        runner = self._runners[shard]
+        lock = await self._lock(shard)
+        if lock is None:
+            if self._connected():  # held by another replica now
+                await self._lose(shard, "connection lost, taken meanwhile", graceful=False)
+            return
+        runner.lock = lock
+        if runner.view is not None:
+            try:
+                await runner.view.check()
+            except StoreFenced:
+                await self._lose(shard, "fenced", graceful=False)
+                return
+            except StoreError as exc:  # the pipeline finds out by itself; consume meanwhile
+                log.warning("shard_resume_unchecked", shard=shard, error=str(exc)[:300])
+        try:
+            await self._consume(runner)
+        except ChannelGone:
+            runner.suspend()
+            return
+        runner.suspended = False
+        log.info("shard_resumed", shard=shard)
 
     def _view(self, shard: int) -> Store:
         """Shard ``shard``'s store view: ``self.store`` the first time shard 0 is taken
@@ -920,7 +995,7 @@ class App:
         if self._stopping:
             return
         for shard in list(self._runners):  # their locks went with the connection
-            self._lose_soon(shard, "connection lost")
+            self._suspend(shard, "connection lost")
         if self._lost_at is not None:
             self._failed_attempts += 1
             return

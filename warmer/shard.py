@@ -45,14 +45,30 @@ class Runner:
         self.tasks: list[asyncio.Task[None]] = []
         self.lost: str | None = None
         """Why the shard is no longer this replica's (None while it is)."""
+        self.suspended = False
+        """Its lock or a consumer went (the connection): consuming nothing until resumed."""
 
     @property
     def running(self) -> bool:
         """Taken and not lost: its pipeline and timers are this replica's to run."""
         return self.lost is None and self.worker is not None
 
+    def suspend(self) -> None:
+        """Forget the lock and the consumers (their channels are gone or going): the
+        pipeline and timers go on, the broker gives what was unacknowledged to whoever
+        consumes next."""
+        self.suspended = True
+        for consumer in self.consumers:
+            consumer.abort()
+        self.consumers = []
+        if self.lock is not None:
+            self.lock.abort()
+            self.lock = None
+
     def trouble(self) -> str | None:
         """Why the shard does not make progress now, None when it does."""
+        if self.suspended:
+            return "consumers not restored"
         if any(not c.consuming for c in self.consumers):
             return "consumers not restored"
         for task in self.tasks:

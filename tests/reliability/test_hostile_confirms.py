@@ -40,7 +40,8 @@ async def app(start_worker: Any) -> Any:
 
 
 def assert_no_task_failed(logs: Sequence[Mapping[str, Any]], unretrieved: list[Any]) -> None:
-    assert "task_failed" not in [entry["event"] for entry in logs], logs
+    failed = [entry for entry in logs if entry["event"] == "task_failed"]
+    assert failed == [], failed
     assert unretrieved == []
 
 

@@ -87,6 +87,7 @@ class Workers:
     async def restart(self) -> dict[str, Any]:
         """Start the next process; its ``state_recovered`` log line."""
         worker = await self.start()
+        assert len(worker.named("state_recovered")) == 1, worker.log()
         [recovered] = worker.named("state_recovered")
         return recovered
 
