@@ -566,7 +566,19 @@ def _app_run() -> AppRun:
 
 def _state(args: argparse.Namespace) -> int:
     body = {"type": "get_state", "conversationId": args.conversation}
-    return _command(args, body, lambda reply: _state_block(args.conversation, reply), expire=False)
+    answered: list[str | None] = []
+
+    async def ask(control: Control) -> dict[str, Any]:
+        reply = await control.command(body, timeout=args.timeout, expire=False)
+        answered.append(control.answered_by)
+        return reply
+
+    def shown(reply: dict[str, Any]) -> str:
+        block = _state_block(args.conversation, reply)
+        by = answered[0] if answered else None
+        return block if by is None else f"{block}\n{'answered by:':<14}replica {by}"
+
+    return _command(args, body, shown, ask=ask)
 
 
 def _set_enabled(args: argparse.Namespace) -> int:
@@ -610,9 +622,12 @@ def _command(
     shown: Callable[[dict[str, Any]], str],
     *,
     expire: bool = True,
+    ask: Callable[[Control], Awaitable[dict[str, Any]]] | None = None,
 ) -> int:
     """Send ``body``, print the reply; 0 when the worker applied it, 1 when it refused."""
-    reply = _on_bus(lambda control: control.command(body, timeout=args.timeout, expire=expire))
+    reply = _on_bus(
+        ask or (lambda control: control.command(body, timeout=args.timeout, expire=expire))
+    )
     ok = reply.get("ok") is True
     if args.json:
         print(_json(reply))

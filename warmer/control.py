@@ -188,6 +188,9 @@ class Control:
             raise
         return cls(connection, channel, namespace, shown)
 
+    answered_by: str | None = None
+    """The replica that answered the last command (its ``x-warmer-replica``), if it said."""
+
     async def close(self) -> None:
         """Close the connection; what was read and not settled goes back to its queue."""
         with suppress(aiormq.exceptions.AMQPError, OSError):
@@ -211,6 +214,8 @@ class Control:
             async def on_reply(message: AbstractIncomingMessage) -> None:
                 # Replies are at least once: keep the first one that is ours.
                 if message.correlation_id == correlation_id and not answer.done():
+                    replica = (message.headers or {}).get("x-warmer-replica")
+                    self.answered_by = replica if isinstance(replica, str) else None
                     answer.set_result(message.body)
 
             await replies.consume(on_reply, no_ack=True)

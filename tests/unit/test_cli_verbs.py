@@ -54,6 +54,7 @@ class FakeControl:
         self.replay_result = Replay(queue="ops.dead", replayed=[], kept=[])
         self.count = 0
         self.closed = False
+        self.answered_by: str | None = None
 
     def _call(self, name: str, argument: object) -> None:
         self.calls.append((name, argument))
@@ -731,3 +732,12 @@ def test_reshard_refused_while_a_worker_consumes_exits_1(
     assert main(["reshard", "--shards", "4"]) == 69
     assert "rabbitmq-plugins enable rabbitmq_consistent_hash_exchange" in capsys.readouterr().err
     assert resharded["shared"].closed
+
+
+def test_state_says_which_replica_answered(
+    bus: FakeControl, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus.reply = {"ok": True, "state": {"enabled": True, "status": "armed"}}
+    bus.answered_by = "warmer-2"
+    assert main(["state", "c-1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "answered by:  replica warmer-2"
