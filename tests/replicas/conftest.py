@@ -14,12 +14,9 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
-import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,7 +39,6 @@ from warmer.bus.topology import Names
 from warmer.store.base import Owner
 
 INTERVAL_MS = 1000
-LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class Replica:
@@ -297,36 +293,6 @@ async def requester(amqp_url: str, namespace: str) -> AsyncIterator[Requester]: 
         yield requester
     finally:
         await requester.close()
-
-
-def _psql(url: str, sql: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["psql", url, "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-
-
-@pytest.fixture
-def postgres_store_url() -> Iterator[str]:
-    """A PostgreSQL store URL with a schema of this test's own, dropped afterwards.
-
-    The server: ``WARMER_TEST_POSTGRES_URL`` if set, else the local one; ``psql`` drops the
-    schema (no Python driver needed by the tests themselves).
-    """
-    url = os.environ.get("WARMER_TEST_POSTGRES_URL") or LOCAL_POSTGRES_URL
-    answer = _psql(url, "select 1") if shutil.which("psql") else None
-    if answer is None or answer.returncode != 0:
-        reason = f"no PostgreSQL reachable with psql at {url}: set WARMER_TEST_POSTGRES_URL"
-        if os.environ.get("WARMER_REQUIRE_BROKER") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    schema = f"warmer_test_{uuid.uuid4().hex[:12]}"
-    yield f"{url}?schema={schema}"
-    dropped = _psql(url, f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    assert dropped.returncode == 0, dropped.stderr
 
 
 async def wait_warmed(
