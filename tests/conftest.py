@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -85,7 +86,15 @@ def postgres_schema(postgres_url: str) -> Iterator[str]:
     """A schema of this test's own, dropped (with all it holds) afterwards."""
     schema = f"warmer_test_{uuid.uuid4().hex[:12]}"
     yield schema
-    _in_thread(lambda: _postgres(postgres_url, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    drop = f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'
+    for attempt in range(10):  # a worker process still committing can deadlock the drop
+        try:
+            _in_thread(lambda: _postgres(postgres_url, drop))
+            return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == 9:
+                raise
+            time.sleep(0.3)
 
 
 @pytest.fixture

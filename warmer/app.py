@@ -104,6 +104,13 @@ PRUNE_EVERY_MS: Final = 60_000
 RESTORE_AT_START_ATTEMPTS: Final = 10  # a store lost while starting: about 30 s at most
 RESTORE_AT_START_PAUSE_MS: Final = 1_000
 STORE_CHECK_MS: Final = 5_000  # how soon a store that lost its data is noticed when idle
+_CUT: Final = (
+    ChannelGone,
+    ConnectionError,
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+)
+"""What a connection lost in the middle of taking a shard raises."""
 BALANCE_EVERY_MS: Final = 1_000
 """How often a replica beats its presence and takes or hands over shards."""
 PRESENCE_TTL_MS: Final = 3_000
@@ -452,7 +459,7 @@ class App:
                 on_fenced=lambda _: self._lose_soon(shard, "fenced"),
             )
             await self._consume(runner)
-        except ChannelGone:
+        except _CUT:  # the connection went: taken again once it is back
             await self._lose(shard, "connection lost", graceful=False)
             return False
         except BaseException:
@@ -495,7 +502,7 @@ class App:
         )
         try:
             await lock.take()
-        except (ShardHeld, ChannelGone):
+        except (ShardHeld, *_CUT):
             return None
         return lock
 
@@ -549,7 +556,7 @@ class App:
                 log.warning("shard_resume_unchecked", shard=shard, error=str(exc)[:300])
         try:
             await self._consume(runner)
-        except ChannelGone:
+        except _CUT:
             runner.suspend()
             return
         runner.suspended = False
