@@ -261,6 +261,10 @@ class App:
         )
 
     async def _start(self) -> None:
+        # Before the topology is declared: a replica with more shards than the store's
+        # layout would bind its extra shard queues into the hash ring, moving conversations
+        # to queues nobody consumes once it is refused.
+        await self._check_layout()
         publish_channel, topology, dead_channel, dlx = await self._connect(self._set_up)
         self._publisher = Publisher(
             publish_channel,
@@ -271,7 +275,6 @@ class App:
             confirm_timeout_ms=self.config.confirm_timeout_ms,
             replica=self.replica,
         )
-        await self._check_layout()
         self.metrics.registry.register(StateGauges(self._statuses, self._timers))
         self.metrics.registry.register(CostGauges(self._economy, self._savings))
         await self._balance(first=True)
