@@ -365,8 +365,9 @@ class App:
     # -- shards -----------------------------------------------------------------------
 
     async def _balance_forever(self) -> None:
-        """Every second (or at once when nudged): beat, then take or hand over shards."""
-        while True:
+        """Every second (or at once when nudged): beat, then take or hand over shards;
+        until the worker stops (``stop`` lets a hand-over under way finish first)."""
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await within(self.clock, BALANCE_EVERY_MS, self._nudge.wait())
             self._nudge.clear()
@@ -380,7 +381,7 @@ class App:
         """Beat this replica's presence; hand over the shards assigned to others and take
         the ones assigned to it that nobody holds. At start (``first``), a store that
         cannot be read is a StartupError; later it is logged and the shards held kept."""
-        if self._connection is None or not self._connection.connected.is_set():
+        if self._stopping or not self._connected():
             return
         try:
             live = await self.shared.beat(self.replica, self._info(), PRESENCE_TTL_MS)
@@ -407,6 +408,8 @@ class App:
         for shard in sorted(k for k, r in self._runners.items() if r.suspended):
             await self._resume(shard)
         for shard in sorted(self._wanted - set(self._runners)):
+            if self._stopping:
+                return
             try:
                 await self._take(shard)
             except (StoreError, StartupError) as exc:
@@ -1044,7 +1047,14 @@ class App:
         connected = self._connection is not None and self._connection.connected.is_set()
         if self._publisher is not None and not connected:
             self._publisher.close()
-        for task in self._tasks:  # no shard taken or handed over from here
+        # No shard taken or handed over from here. A hand-over under way is let finish:
+        # cancelled, its shard was gone from the runners before its deliveries were
+        # acknowledged, and the next owner answered its commands again.
+        self._nudge.set()
+        balancing = [t for t in self._tasks if t.get_name() == "balance"]
+        if balancing:
+            await asyncio.wait(balancing, timeout=STOP_GRACE_S)
+        for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Each shard's release is bounded: its pipeline gets STOP_GRACE_S to drain, then
