@@ -13,20 +13,33 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import msgspec
 import pytest
 
-from tests.replicas.conftest import INTERVAL_MS, Fleet, Replica, wait_warmed
+from tests.redis_server import redis_server
+from tests.replicas.conftest import (
+    INTERVAL_MS,
+    Fleet,
+    Replica,
+    latest_gains,
+    shard_map,
+    store_owners,
+    wait_warmed,
+)
 from tests.replicas.orchestrator import Orchestrator
 from tests.replicas.requester import Body, Requester
 from tests.replicas.schedules import doubles
 from warmer.bus.topology import Names
+from warmer.core.gaps import MODEL_KEY
 
 pytestmark = [pytest.mark.broker]
 
+STORE_CHECK_S = 5
+"""How often an owner asks the store whether it still holds its shard (app.STORE_CHECK_MS)."""
 FAILED_TASK_MARKS = ("Task exception was never retrieved", '"task_failed"', "Traceback")
 
 
@@ -47,25 +60,34 @@ class CountingRequester(Requester):
     def __init__(self, connection: aio_pika.abc.AbstractConnection) -> None:
         super().__init__(connection)
         self.replies: Counter[str] = Counter()
+        self.log: list[tuple[float, str, str]] = []
+        """Each reply: when it came (wall-clock ms), its correlation id, its message id."""
+        self.bare: set[str] = set()
+        """The correlation ids of the commands sent without the header."""
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self.replies[message.correlation_id or ""] += 1
+        cid = message.correlation_id or ""
+        self.replies[cid] += 1
+        self.log.append((time.time() * 1000, cid, message.message_id or ""))
         await super()._on_reply(message)
 
-    async def send(self, bodies: list[Body]) -> list[str]:
-        """Publish commands, not waiting for their replies; their correlation ids."""
+    async def send(self, bodies: list[Body], *, headers: bool = True) -> list[str]:
+        """Publish commands, not waiting for their replies; their correlation ids.
+        ``headers=False``: without ``conversation-id`` (the replicas reroute them)."""
         assert self._commands is not None
         ids = []
         publishes = []
         for body in bodies:
             correlation_id = f"{body['conversationId']}-{time.monotonic_ns()}"
             ids.append(correlation_id)
+            if not headers:
+                self.bare.add(correlation_id)
             message = aio_pika.Message(
                 msgspec.json.encode(body),
                 content_type="application/json",
                 reply_to=self._reply_to,
                 correlation_id=correlation_id,
-                headers={"conversation-id": body["conversationId"]},
+                headers={"conversation-id": body["conversationId"]} if headers else {},
             )
             publishes.append(self._commands.publish(message, "command"))
         await asyncio.gather(*publishes)
@@ -83,6 +105,14 @@ async def counting(amqp_url: str, namespace: str) -> AsyncIterator[CountingReque
         await requester.close()
 
 
+async def refused_for_its_shards(replica: Replica) -> None:
+    """``replica`` exits nonzero within 20 s, its error line naming WARMER_SHARDS."""
+    code = await replica.process.wait_exit(20)
+    assert code not in (None, 0), replica.process.log()
+    refusal = [e for e in replica.process.events() if e.get("level") == "error"]
+    assert any("WARMER_SHARDS" in str(e) for e in refusal), replica.process.log()
+
+
 # -- WARMER_SHARDS mismatch -----------------------------------------------------------------
 
 
@@ -92,10 +122,7 @@ async def test_a_replica_with_more_shards_is_refused_before_it_changes_the_ring(
     r1 = fleet.start("r1", store=redis_store_url, shards=2)
     await fleet.wait_owned([r1], timeout=30)
     wrong = fleet.start("wrong", store=redis_store_url, shards=4)
-    code = await wrong.process.wait_exit(20)
-    assert code not in (None, 0), wrong.process.log()
-    refusal = [e for e in wrong.process.events() if e.get("level") == "error"]
-    assert any("WARMER_SHARDS" in str(e) for e in refusal), wrong.process.log()
+    await refused_for_its_shards(wrong)
 
     # The refused replica is gone; r1 must still get every conversation's messages.
     conversations = [f"c-{n:03d}" for n in range(60)]
@@ -260,7 +287,8 @@ async def test_a_rebalance_storm_answers_every_command_once_and_loses_no_schedul
                 else {"type": "get_state", "conversationId": cid}
                 for cid in conversations[n % 4 :: 4]
             ]
-            sent.extend(await counting.send(bodies))
+            # Every third round without the header: rerouted, during handovers too.
+            sent.extend(await counting.send(bodies, headers=n % 3 != 2))
             n += 1
             await asyncio.sleep(0.2)
 
@@ -286,7 +314,10 @@ async def test_a_rebalance_storm_answers_every_command_once_and_loses_no_schedul
     twice = {cid: n for cid, n in counting.replies.items() if n > 1}
     print(f"\n{len(sent)} commands in the storm: {len(unanswered)} unanswered, {len(twice)} twice")
     assert unanswered == []
-    assert twice == {}
+    assert twice == {}, [
+        (cid, cid in counting.bare, [at for at, each, _ in counting.log if each == cid])
+        for cid in twice
+    ]
     await wait_warmed(orchestrator, conversations, calm, timeout=15)
     assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
     no_failed_tasks(fleet)
@@ -321,3 +352,103 @@ async def test_a_second_process_with_a_live_replica_id_says_so(
     assert twin.owned() == set()
     await fleet.wait_owned([r1, r2], timeout=5, least=1)
     no_failed_tasks(fleet)
+
+
+# -- a paused replica wakes after the takeover ---------------------------------------------
+
+
+async def test_a_replica_paused_past_the_takeover_answers_nothing_on_waking(
+    fleet: Fleet,
+    redis_store_url: str,
+    orchestrator: Orchestrator,
+    requester: Requester,
+    counting: CountingRequester,
+) -> None:
+    shards = 4
+    r1 = fleet.start("r1", store=redis_store_url, shards=shards)
+    r2 = fleet.start("r2", store=redis_store_url, shards=shards)
+    r3 = fleet.start("r3", store=redis_store_url, shards=shards, WARMER_HEARTBEAT_S="2")
+    await fleet.wait_owned([r1, r2, r3], timeout=30, least=1)
+    conversations = [f"c-{n:03d}" for n in range(80)]
+    opted = time.time() * 1000
+    await requester.opt_in(conversations, INTERVAL_MS)
+    await wait_warmed(orchestrator, conversations, opted, timeout=10)
+    shard_of = await shard_map(redis_store_url, shards)
+    held = r3.owned()
+    theirs = [cid for cid in conversations if shard_of[cid] in held]
+    assert theirs
+
+    # Paused (a long GC pause, a frozen VM): the broker goes on delivering its shards'
+    # commands into its socket until it misses r3's heartbeats and closes the connection.
+    r3.pause()
+    paused = time.time() * 1000
+    asked = await counting.send([{"type": "get_state", "conversationId": c} for c in theirs])
+    await fleet.wait_owned([r1, r2], timeout=25)
+    await wait_answered(counting, asked, timeout=10)
+    # The new owners answered; they are told something the paused replica does not know.
+    disabled = await requester.commands(
+        {"type": "set_enabled", "conversationId": c, "enabled": False} for c in theirs
+    )
+    assert all(reply["settings"]["enabled"] is False for reply in disabled), disabled
+    r3.resume()
+    await fleet.wait_owned([r1, r2, r3], timeout=20, least=1)
+    await asyncio.sleep(2)
+    twice = {cid: n for cid, n in counting.replies.items() if n > 1}
+    print(f"\nr3 paused with {len(theirs)} of its conversations asked: {len(twice)} answered twice")
+    assert twice == {}, "the woken replica answered what the new owners had answered"
+    late = [
+        w
+        for w in orchestrator.warms
+        if w.replica == "r3" and w.requested_at > paused and shard_of[w.conversation] in held
+    ]
+    assert late == []
+    no_failed_tasks(fleet)
+
+
+async def wait_answered(counting: CountingRequester, ids: list[str], timeout: float) -> None:
+    """Until every command of ``ids`` has a reply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = [cid for cid in ids if not counting.replies[cid]]
+        if not missing:
+            return
+        assert time.monotonic() < deadline, f"{len(missing)} of {len(ids)} unanswered"
+        await asyncio.sleep(0.1)
+
+
+# -- the shared store restarts empty under a working fleet -----------------------------------
+
+
+async def test_a_store_restarted_empty_is_given_everything_again_by_the_owners(
+    fleet: Fleet,
+    tmp_path: Path,
+    orchestrator: Orchestrator,
+    requester: Requester,
+) -> None:
+    shards = 4
+    async with redis_server(tmp_path) as server:
+        store = f"{server.url}?prefix=hostile"
+        replicas = [fleet.start(name, store=store, shards=shards) for name in ("r1", "r2", "r3")]
+        await fleet.wait_owned(replicas, timeout=30, least=1)
+        conversations = [f"c-{n:03d}" for n in range(90)]
+        opted = time.time() * 1000
+        await requester.opt_in(conversations, INTERVAL_MS)
+        await wait_warmed(orchestrator, conversations, opted, timeout=10)
+
+        await server.restart()  # empty: owners, epochs, presence, layout, records
+        emptied = time.time() * 1000
+        await asyncio.sleep(STORE_CHECK_S + 1)  # every owner's check finds it empty
+        await wait_warmed(orchestrator, conversations, emptied, timeout=15)
+        await fleet.wait_owned(replicas, timeout=10, least=1)
+        states = await requester.states(conversations)
+        assert {(s["enabled"], s["intervalMs"]) for s in states.values()} == {(True, INTERVAL_MS)}
+        shard_of = await shard_map(store, shards)
+        restored = sorted(cid for cid in shard_of if cid != MODEL_KEY)
+        assert restored == conversations, "records the store was not given again"
+        owners = await store_owners(store)
+        assert {k: (o.replica, o.epoch) for k, o in owners.items()} == latest_gains(fleet.history)
+        # A replica with another shard count is still refused: the layout was given back.
+        wrong = fleet.start("wrong", store=store, shards=shards + 2)
+        await refused_for_its_shards(wrong)
+        assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
+        no_failed_tasks(fleet)
