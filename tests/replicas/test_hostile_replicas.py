@@ -64,10 +64,13 @@ class CountingRequester(Requester):
         """Each reply: when it came (wall-clock ms), its correlation id, its message id."""
         self.bare: set[str] = set()
         """The correlation ids of the commands sent without the header."""
+        self.first: dict[str, Body] = {}
+        """The first reply to each command, by correlation id."""
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         cid = message.correlation_id or ""
         self.replies[cid] += 1
+        self.first.setdefault(cid, msgspec.json.decode(message.body))
         self.log.append((time.time() * 1000, cid, message.message_id or ""))
         await super()._on_reply(message)
 
@@ -450,5 +453,52 @@ async def test_a_store_restarted_empty_is_given_everything_again_by_the_owners(
         # A replica with another shard count is still refused: the layout was given back.
         wrong = fleet.start("wrong", store=store, shards=shards + 2)
         await refused_for_its_shards(wrong)
+        assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
+        no_failed_tasks(fleet)
+
+
+# -- the shared store freezes while a replica dies -------------------------------------------
+
+
+async def test_a_store_frozen_through_a_takeover_loses_nothing_it_acknowledged(
+    fleet: Fleet,
+    tmp_path: Path,
+    orchestrator: Orchestrator,
+    requester: Requester,
+    counting: CountingRequester,
+) -> None:
+    shards = 4
+    async with redis_server(tmp_path) as server:
+        store = f"{server.url}?prefix=hostile"
+        r1, r2, r3 = (fleet.start(name, store=store, shards=shards) for name in ("r1", "r2", "r3"))
+        await fleet.wait_owned([r1, r2, r3], timeout=30, least=1)
+        conversations = [f"c-{n:03d}" for n in range(90)]
+        opted = time.time() * 1000
+        await requester.opt_in(conversations, INTERVAL_MS)
+        await wait_warmed(orchestrator, conversations, opted, timeout=10)
+
+        # Frozen (a Redis stalled by a fork, a full disk, a paused VM): commands keep coming,
+        # and r3 dies; its shards cannot be taken until the store answers again.
+        server.freeze()
+        asked = await counting.send(
+            [
+                {"type": "set_interval", "conversationId": c, "intervalMs": 2000}
+                for c in conversations
+            ]
+        )
+        await asyncio.sleep(1)
+        r3.kill()
+        await asyncio.sleep(5)
+        server.thaw()
+        thawed = time.time() * 1000
+        await fleet.wait_owned([r1, r2], timeout=20)
+        await wait_answered(counting, asked, timeout=20)
+        await wait_warmed(orchestrator, conversations, thawed, timeout=15)
+
+        said_ok = {cid.rsplit("-", 1)[0] for cid in asked if counting.first[cid].get("ok")}
+        states = await requester.states(conversations)
+        kept = {cid for cid, state in states.items() if state["intervalMs"] == 2000}
+        print(f"\nstore frozen 6 s: {len(said_ok)} set_interval answered ok, {len(kept)} kept")
+        assert said_ok <= kept, f"acknowledged and lost: {sorted(said_ok - kept)}"
         assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
         no_failed_tasks(fleet)
