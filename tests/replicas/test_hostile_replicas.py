@@ -21,6 +21,7 @@ import msgspec
 import pytest
 
 from tests.redis_server import redis_server
+from tests.reliability.tcp_proxy import TcpProxy
 from tests.replicas.conftest import (
     INTERVAL_MS,
     Fleet,
@@ -253,6 +254,58 @@ async def test_a_replica_cut_from_the_store_hands_its_shards_to_those_that_reach
 # -- a rebalance storm with commands in flight -----------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def pumping(
+    counting: CountingRequester, conversations: list[str]
+) -> AsyncIterator[list[str]]:
+    """Commands to a quarter of ``conversations`` every 0.2 s (get_state and set_interval
+    to the interval they have, one round in three without the header: rerouted) until the
+    block ends; yields the correlation ids sent, growing."""
+    sent: list[str] = []
+    going = asyncio.Event()
+    going.set()
+
+    async def pump() -> None:
+        n = 0
+        while going.is_set():
+            bodies: list[Body] = [
+                {"type": "set_interval", "conversationId": cid, "intervalMs": INTERVAL_MS}
+                if n % 2
+                else {"type": "get_state", "conversationId": cid}
+                for cid in conversations[n % 4 :: 4]
+            ]
+            sent.extend(await counting.send(bodies, headers=n % 3 != 2))
+            n += 1
+            await asyncio.sleep(0.2)
+
+    task = asyncio.create_task(pump())
+    try:
+        yield sent
+    finally:
+        going.clear()
+        await task
+
+
+async def answered(
+    counting: CountingRequester, sent: list[str], timeout: float, *, once: bool = True
+) -> None:
+    """Every command of ``sent`` answered within ``timeout`` s; ``once``: none twice (a
+    command redelivered after a connection cut may be, docs/contract.md)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(counting.replies[cid] for cid in sent):
+            break
+        await asyncio.sleep(0.2)
+    unanswered = [cid for cid in sent if counting.replies[cid] == 0]
+    twice = {cid: n for cid, n in counting.replies.items() if n > 1}
+    print(f"\n{len(sent)} commands: {len(unanswered)} unanswered, {len(twice)} twice")
+    assert unanswered == []
+    assert not once or twice == {}, [
+        (cid, cid in counting.bare, [at for at, each, _ in counting.log if each == cid])
+        for cid in twice
+    ]
+
+
 async def stop(fleet: Fleet, replica: Replica) -> None:
     """SIGTERM, and wait for a clean exit (what a rolling deploy does)."""
     replica.process.sigterm()
@@ -278,49 +331,16 @@ async def test_a_rebalance_storm_answers_every_command_once_and_loses_no_schedul
     await requester.opt_in(conversations, INTERVAL_MS)
     await wait_warmed(orchestrator, conversations, opted, timeout=10)
 
-    sent: list[str] = []
-    storming = True
-
-    async def pump() -> None:
-        n = 0
-        while storming:
-            bodies: list[Body] = [
-                {"type": "set_interval", "conversationId": cid, "intervalMs": INTERVAL_MS}
-                if n % 2
-                else {"type": "get_state", "conversationId": cid}
-                for cid in conversations[n % 4 :: 4]
-            ]
-            # Every third round without the header: rerouted, during handovers too.
-            sent.extend(await counting.send(bodies, headers=n % 3 != 2))
-            n += 1
-            await asyncio.sleep(0.2)
-
-    pumping = asyncio.create_task(pump())
-    try:
+    async with pumping(counting, conversations) as sent:
         # A rolling restart, twice over, each replica stopped as the last one started.
         for name in ("r3", "r2", "r1", "r3", "r2", "r1"):
             replica = next(r for r in fleet.replicas if r.name == name)
             await stop(fleet, replica)
             fleet.restart(replica)
             await asyncio.sleep(1.0)
-    finally:
-        storming = False
-        await pumping
     calm = time.time() * 1000
     await fleet.wait_owned(fleet.replicas, timeout=20, least=1)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if all(counting.replies[cid] for cid in sent):
-            break
-        await asyncio.sleep(0.2)
-    unanswered = [cid for cid in sent if counting.replies[cid] == 0]
-    twice = {cid: n for cid, n in counting.replies.items() if n > 1}
-    print(f"\n{len(sent)} commands in the storm: {len(unanswered)} unanswered, {len(twice)} twice")
-    assert unanswered == []
-    assert twice == {}, [
-        (cid, cid in counting.bare, [at for at, each, _ in counting.log if each == cid])
-        for cid in twice
-    ]
+    await answered(counting, sent, timeout=20)
     await wait_warmed(orchestrator, conversations, calm, timeout=15)
     assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
     no_failed_tasks(fleet)
@@ -502,3 +522,38 @@ async def test_a_store_frozen_through_a_takeover_loses_nothing_it_acknowledged(
         assert said_ok <= kept, f"acknowledged and lost: {sorted(said_ok - kept)}"
         assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
         no_failed_tasks(fleet)
+
+
+# -- a replica's broker connection cut again and again ----------------------------------------
+
+
+async def test_a_replica_whose_broker_connection_blips_answers_every_command(
+    fleet: Fleet,
+    redis_store_url: str,
+    proxy: TcpProxy,
+    orchestrator: Orchestrator,
+    requester: Requester,
+    counting: CountingRequester,
+) -> None:
+    shards = 6
+    r1 = fleet.start("r1", store=redis_store_url, shards=shards)
+    r2 = fleet.start("r2", store=redis_store_url, shards=shards)
+    r3 = fleet.start(
+        "r3", store=redis_store_url, shards=shards, WARMER_AMQP_URL=proxy.url(fleet.broker)
+    )
+    await fleet.wait_owned([r1, r2, r3], timeout=30, least=1)
+    conversations = [f"c-{n:03d}" for n in range(120)]
+    opted = time.time() * 1000
+    await requester.opt_in(conversations, INTERVAL_MS)
+    await wait_warmed(orchestrator, conversations, opted, timeout=10)
+
+    async with pumping(counting, conversations) as sent:
+        for _ in range(4):  # a flapping link: reset, back at once, again 1.5 s later
+            proxy.cut()
+            await asyncio.sleep(1.5)
+    calm = time.time() * 1000
+    await fleet.wait_owned([r1, r2, r3], timeout=20, least=1)
+    await answered(counting, sent, timeout=20, once=False)
+    await wait_warmed(orchestrator, conversations, calm, timeout=15)
+    assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
+    no_failed_tasks(fleet)
