@@ -314,13 +314,27 @@ async def stop(fleet: Fleet, replica: Replica) -> None:
     assert code == 0, f"{replica.name} exit {code}:\n{replica.process.log()}"
 
 
+@pytest.fixture(params=[True, False], ids=["completions-with-header", "completions-without"])
+async def storm_orchestrator(
+    request: pytest.FixtureRequest, amqp_url: str, namespace: str
+) -> AsyncIterator[Orchestrator]:
+    """The orchestrator, its completions with the header or without (each one rerouted,
+    from whichever shard the broker hashed them to)."""
+    orchestrator = await Orchestrator.start(amqp_url, namespace, headers=request.param)
+    try:
+        yield orchestrator
+    finally:
+        await orchestrator.close()
+
+
 async def test_a_rebalance_storm_answers_every_command_once_and_loses_no_schedule(
     fleet: Fleet,
     redis_store_url: str,
-    orchestrator: Orchestrator,
+    storm_orchestrator: Orchestrator,
     requester: Requester,
     counting: CountingRequester,
 ) -> None:
+    orchestrator = storm_orchestrator
     shards = 6
     replicas = [
         fleet.start(name, store=redis_store_url, shards=shards) for name in ("r1", "r2", "r3")
