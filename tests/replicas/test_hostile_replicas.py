@@ -571,3 +571,50 @@ async def test_a_replica_whose_broker_connection_blips_answers_every_command(
     await wait_warmed(orchestrator, conversations, calm, timeout=15)
     assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
     no_failed_tasks(fleet)
+
+
+# -- a stray unsharded worker in a sharded namespace -----------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="app.py:App._set_up: a worker with WARMER_SHARDS unset and a store of its own is "
+    "not refused in a sharded namespace: it binds {ns}.lifecycle and {ns}.commands, which "
+    "get a copy of every message for good, and waits on lock.000 to consume that backlog",
+)
+async def test_an_unsharded_worker_is_refused_in_a_sharded_namespace(
+    fleet: Fleet,
+    redis_store_url: str,
+    orchestrator: Orchestrator,
+    requester: Requester,
+) -> None:
+    shards = 4
+    r1 = fleet.start("r1", store=redis_store_url, shards=shards)
+    r2 = fleet.start("r2", store=redis_store_url, shards=shards)
+    await fleet.wait_owned([r1, r2], timeout=30, least=1)
+    conversations = [f"c-{n:03d}" for n in range(40)]
+    # A pod of the same deployment whose WARMER_SHARDS and WARMER_STORE were left out.
+    stray = fleet.start("stray", store=f"sqlite:///{fleet.directory / 'stray.db'}")
+    code = await stray.process.wait_exit(15)
+    try:
+        assert code not in (None, 0), "the unsharded worker runs beside the sharded fleet"
+    finally:
+        opted = time.time() * 1000
+        await requester.opt_in(conversations, INTERVAL_MS)
+        await wait_warmed(orchestrator, conversations, opted, timeout=10)
+        copies = await queue_depth(fleet, f"{fleet.namespace}.commands")
+        print(f"\n{copies} copies of the fleet's commands wait in the stray's queue")
+    assert copies == 0
+    no_failed_tasks(fleet)
+
+
+async def queue_depth(fleet: Fleet, queue: str) -> int:
+    """The messages ready in ``queue`` (0 when it does not exist)."""
+    connection = await aio_pika.connect(fleet.broker)
+    async with connection:
+        channel = await connection.channel()
+        try:
+            declared = await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return 0
+        return declared.declaration_result.message_count or 0
