@@ -41,6 +41,9 @@ pytestmark = [pytest.mark.broker]
 
 STORE_CHECK_S = 5
 """How often an owner asks the store whether it still holds its shard (app.STORE_CHECK_MS)."""
+STORE_CUT_TAKEOVER_S = 12
+"""A replica cut from the store: its presence runs out (3 s), a tick (1 s), the others'
+takeover and the overdue warms spread (5 s at most)."""
 FAILED_TASK_MARKS = ("Task exception was never retrieved", '"task_failed"', "Traceback")
 
 
@@ -237,11 +240,11 @@ async def test_a_replica_cut_from_the_store_hands_its_shards_to_those_that_reach
     # (3 s); the two replicas that reach the store are all the live set, and must warm
     # r3's conversations again.
     try:
-        await wait_warmed(orchestrator, conversations, cut, timeout=20)
+        await wait_warmed(orchestrator, conversations, cut, timeout=STORE_CUT_TAKEOVER_S)
     finally:
         print(
-            f"\nr3 held {sorted(held)}; after 20 s of cut store path: r1 {r1.owned()} "
-            f"r2 {r2.owned()} r3 {r3.owned()}"
+            f"\nr3 held {sorted(held)}; {STORE_CUT_TAKEOVER_S} s into the cut: "
+            f"r1 {r1.owned()} r2 {r2.owned()} r3 {r3.owned()}"
         )
     assert r3.alive()
     assert not (r3.owned() & (r1.owned() | r2.owned()))
@@ -376,7 +379,7 @@ async def test_a_second_process_with_a_live_replica_id_says_so(
     r2 = fleet.start("r2", store=redis_store_url, shards=shards)
     await fleet.wait_owned([r1, r2], timeout=30, least=1)
     twin = fleet.start("twin", store=redis_store_url, shards=shards, WARMER_REPLICA_ID="r1")
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 8
     said = []
     while not said and time.monotonic() < deadline and twin.alive():
         said = [
@@ -385,7 +388,7 @@ async def test_a_second_process_with_a_live_replica_id_says_so(
             if e.get("level") in ("error", "critical") and "r1" in str(e)
         ]
         await asyncio.sleep(0.2)
-    assert said, f"the twin said nothing of its id within 15 s:\n{twin.process.log()}"
+    assert said, f"the twin said nothing of its id within 8 s:\n{twin.process.log()}"
     assert twin.owned() == set()
     await fleet.wait_owned([r1, r2], timeout=5, least=1)
     no_failed_tasks(fleet)
@@ -595,7 +598,7 @@ async def test_an_unsharded_worker_is_refused_in_a_sharded_namespace(
     conversations = [f"c-{n:03d}" for n in range(40)]
     # A pod of the same deployment whose WARMER_SHARDS and WARMER_STORE were left out.
     stray = fleet.start("stray", store=f"sqlite:///{fleet.directory / 'stray.db'}")
-    code = await stray.process.wait_exit(15)
+    code = await stray.process.wait_exit(8)
     try:
         assert code not in (None, 0), "the unsharded worker runs beside the sharded fleet"
     finally:
@@ -618,3 +621,39 @@ async def queue_depth(fleet: Fleet, queue: str) -> int:
         except aio_pika.exceptions.ChannelClosed:
             return 0
         return declared.declaration_result.message_count or 0
+
+
+# -- a crash loop: replicas SIGKILLed one after another --------------------------------------
+
+
+async def test_a_crash_loop_loses_no_command_and_warms_no_schedule_twice(
+    fleet: Fleet,
+    redis_store_url: str,
+    orchestrator: Orchestrator,
+    requester: Requester,
+    counting: CountingRequester,
+) -> None:
+    shards = 6
+    replicas = [
+        fleet.start(name, store=redis_store_url, shards=shards) for name in ("r1", "r2", "r3")
+    ]
+    await fleet.wait_owned(replicas, timeout=30, least=1)
+    conversations = [f"c-{n:03d}" for n in range(120)]
+    opted = time.time() * 1000
+    await requester.opt_in(conversations, INTERVAL_MS)
+    await wait_warmed(orchestrator, conversations, opted, timeout=10)
+
+    async with pumping(counting, conversations) as sent:
+        # OOM-killed and restarted, one after another, before the fleet has settled.
+        for name in ("r3", "r1", "r2", "r3"):
+            replica = next(r for r in fleet.replicas if r.name == name)
+            fleet.restart(replica)  # SIGKILL, then the same replica again
+            await asyncio.sleep(1.5)
+    calm = time.time() * 1000
+    await fleet.wait_owned(fleet.replicas, timeout=20, least=1)
+    await answered(counting, sent, timeout=20, once=False)
+    await wait_warmed(orchestrator, conversations, calm, timeout=15)
+    assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
+    states = await requester.states(conversations)
+    assert {(s["enabled"], s["intervalMs"]) for s in states.values()} == {(True, INTERVAL_MS)}
+    no_failed_tasks(fleet)
