@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -380,7 +381,7 @@ async def test_a_second_process_with_a_live_replica_id_says_so(
     await fleet.wait_owned([r1, r2], timeout=30, least=1)
     twin = fleet.start("twin", store=redis_store_url, shards=shards, WARMER_REPLICA_ID="r1")
     deadline = time.monotonic() + 8
-    said = []
+    said: list[dict[str, Any]] = []
     while not said and time.monotonic() < deadline and twin.alive():
         said = [
             e
