@@ -32,7 +32,7 @@ from tests.replicas.conftest import (
     store_owners,
     wait_warmed,
 )
-from tests.replicas.orchestrator import Orchestrator
+from tests.replicas.orchestrator import Orchestrator, Warm
 from tests.replicas.requester import Body, Requester
 from tests.replicas.schedules import doubles
 from warmer.bus.topology import Names
@@ -310,6 +310,16 @@ async def answered(
     ]
 
 
+def two_schedules(warms: list[Warm]) -> list[str]:
+    """The doubles (schedules.py) whose second warm has a token of its own."""
+    return [str(d) for d in doubles(warms, INTERVAL_MS) if d.second.token != d.first.token]
+
+
+def one_token_twice(warms: list[Warm]) -> list[str]:
+    """The doubles that are one warm request published twice (same token)."""
+    return [str(d) for d in doubles(warms, INTERVAL_MS) if d.second.token == d.first.token]
+
+
 async def stop(fleet: Fleet, replica: Replica) -> None:
     """SIGTERM, and wait for a clean exit (what a rolling deploy does)."""
     replica.process.sigterm()
@@ -573,7 +583,9 @@ async def test_a_replica_whose_broker_connection_blips_answers_every_command(
     await fleet.wait_owned([r1, r2, r3], timeout=20, least=1)
     await answered(counting, sent, timeout=20, once=False)
     await wait_warmed(orchestrator, conversations, calm, timeout=15)
-    assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
+    # A warm cut in flight may come twice with its token (the next test); two tokens
+    # too close together are one schedule warmed by two timers.
+    assert two_schedules(orchestrator.warms) == []
     no_failed_tasks(fleet)
 
 
@@ -657,4 +669,45 @@ async def test_a_crash_loop_loses_no_command_and_warms_no_schedule_twice(
     assert [str(d) for d in doubles(orchestrator.warms, INTERVAL_MS)] == []
     states = await requester.states(conversations)
     assert {(s["enabled"], s["intervalMs"]) for s in states.values()} == {(True, INTERVAL_MS)}
+    no_failed_tasks(fleet)
+
+
+# -- a warm cut in flight by a connection loss ------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="publisher.py:Publisher.warm publishes a warm cut in flight again after the "
+    "reconnection though its shard was dropped meanwhile (worker.py:_send_warm's "
+    "still_wanted asks the abandoned core): one token warmed twice; or the contract says "
+    "orchestrators drop a repeated message_id, and this test goes",
+)
+async def test_a_warm_cut_in_flight_is_not_sent_again_for_a_dropped_shard(
+    fleet: Fleet,
+    redis_store_url: str,
+    proxy: TcpProxy,
+    orchestrator: Orchestrator,
+    requester: Requester,
+) -> None:
+    r1 = fleet.start("r1", store=redis_store_url, shards=2, WARMER_AMQP_URL=proxy.url(fleet.broker))
+    await fleet.wait_owned([r1], timeout=30)
+    conversations = [f"c-{n:03d}" for n in range(150)]
+    opted = time.time() * 1000
+    await requester.opt_in(conversations, INTERVAL_MS)
+    await wait_warmed(orchestrator, conversations, opted, timeout=10)
+    # Each cut drops both shards, which the replica takes back at once; a cut catches a
+    # warm between its publish and its confirm about one time in four: up to 24 cuts,
+    # stopping at the first token warmed twice.
+    for _ in range(24):
+        proxy.cut()
+        await asyncio.sleep(1.0)
+        if one_token_twice(orchestrator.warms):
+            break
+    calm = time.time() * 1000
+    await fleet.wait_owned([r1], timeout=20)
+    await wait_warmed(orchestrator, conversations, calm, timeout=15)
+    assert two_schedules(orchestrator.warms) == []
+    twice = one_token_twice(orchestrator.warms)
+    print(f"\n{len(twice)} tokens warmed twice")
+    assert twice == []
     no_failed_tasks(fleet)
