@@ -360,8 +360,8 @@ async def test_a_rebalance_storm_answers_every_command_once_and_loses_no_schedul
     await wait_warmed(orchestrator, conversations, opted, timeout=10)
 
     async with pumping(counting, conversations) as sent:
-        # A rolling restart, twice over, each replica stopped as the last one started.
-        for name in ("r3", "r2", "r1", "r3", "r2", "r1"):
+        # A rolling restart and a bit, each replica stopped as the last one started.
+        for name in ("r3", "r2", "r1", "r3"):
             replica = next(r for r in fleet.replicas if r.name == name)
             await stop(fleet, replica)
             fleet.restart(replica)
