@@ -268,6 +268,10 @@ class App:
         )
 
     async def _start(self) -> None:
+        # Before the topology is declared: a replica with more shards than the store's
+        # layout would bind its extra shard queues into the hash ring, moving conversations
+        # to queues nobody consumes once it is refused.
+        await self._check_layout()
         publish_channel, topology, dead_channel, dlx = await self._connect(self._set_up)
         self._publisher = Publisher(
             publish_channel,
@@ -278,7 +282,6 @@ class App:
             confirm_timeout_ms=self.config.confirm_timeout_ms,
             replica=self.replica,
         )
-        await self._check_layout()
         self.metrics.registry.register(StateGauges(self._statuses, self._timers))
         self.metrics.registry.register(CostGauges(self._economy, self._savings))
         await self._balance(first=True)
@@ -369,8 +372,9 @@ class App:
     # -- shards -----------------------------------------------------------------------
 
     async def _balance_forever(self) -> None:
-        """Every second (or at once when nudged): beat, then take or hand over shards."""
-        while True:
+        """Every second (or at once when nudged): beat, then take or hand over shards;
+        until the worker stops (``stop`` lets a hand-over under way finish first)."""
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await within(self.clock, BALANCE_EVERY_MS, self._nudge.wait())
             self._nudge.clear()
@@ -384,7 +388,7 @@ class App:
         """Beat this replica's presence; hand over the shards assigned to others and take
         the ones assigned to it that nobody holds. At start (``first``), a store that
         cannot be read is a StartupError; later it is logged and the shards held kept."""
-        if self._connection is None or not self._connection.connected.is_set():
+        if self._stopping or not self._connected():
             return
         try:
             live = await self.shared.beat(self.replica, self._info(), PRESENCE_TTL_MS)
@@ -411,6 +415,8 @@ class App:
         for shard in sorted(k for k, r in self._runners.items() if r.suspended):
             await self._resume(shard)
         for shard in sorted(self._wanted - set(self._runners)):
+            if self._stopping:
+                return
             try:
                 await self._take(shard)
             except (StoreError, StartupError) as exc:
@@ -1048,7 +1054,14 @@ class App:
         connected = self._connection is not None and self._connection.connected.is_set()
         if self._publisher is not None and not connected:
             self._publisher.close()
-        for task in self._tasks:  # no shard taken or handed over from here
+        # No shard taken or handed over from here. A hand-over under way is let finish:
+        # cancelled, its shard was gone from the runners before its deliveries were
+        # acknowledged, and the next owner answered its commands again.
+        self._nudge.set()
+        balancing = [t for t in self._tasks if t.get_name() == "balance"]
+        if balancing:
+            await asyncio.wait(balancing, timeout=STOP_GRACE_S)
+        for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         # Each shard's release is bounded: its pipeline gets STOP_GRACE_S to drain, then

@@ -122,8 +122,13 @@ class Worker:
         # own): a delivery on it and the lowest delivery tag left unsettled there.
         self._holes: dict[int, tuple[Delivery, int]] = {}
         # Per channel: tags of deliveries being settled outside the pipeline (rerouted to
-        # their shard), which no ``multiple`` acknowledgement may cover either.
+        # their shard), which no ``multiple`` acknowledgement may cover either; and each
+        # such delivery's channel (tags count per channel: a tag settled on one leaves the
+        # same tag of another covered), kept until settled, so a hand-over waits for them.
         self._outside: dict[int, set[int]] = {}
+        self._outside_of: dict[Delivery, int] = {}
+        self._outside_done = asyncio.Event()
+        self._outside_done.set()
         # Held from a batch's apply to its commit: a restore writes only what was committed.
         self._committing = asyncio.Lock()
         self._answering: set[asyncio.Task[None]] = set()
@@ -167,9 +172,14 @@ class Worker:
         self.inputs.close()
 
     async def settled(self) -> None:
-        """Wait for the warm requests under way."""
-        while self._warms:
-            await asyncio.gather(*list(self._warms), return_exceptions=True)
+        """Wait for the warm requests under way, and the deliveries being settled outside
+        the pipeline (a reroute cut by the shard's channels closing leaves its original
+        unacknowledged: delivered again, rerouted again, answered twice)."""
+        while self._warms or self._outside_of:
+            if self._warms:
+                await asyncio.gather(*list(self._warms), return_exceptions=True)
+            else:
+                await self._outside_done.wait()
 
     async def run_batch(self, items: list[Input]) -> None:
         """One batch, from decoding to acknowledgement."""
@@ -670,13 +680,20 @@ class Worker:
         except ChannelGone:
             return
         self._outside.setdefault(channel, set()).add(_tag(delivery))
+        self._outside_of[delivery] = channel
+        self._outside_done.clear()
 
     def settled_outside(self, delivery: Delivery) -> None:
         """``delivery``, given to ``settling_outside``, is settled."""
-        for channel, tags in list(self._outside.items()):
-            tags.discard(_tag(delivery))
-            if not tags:
-                del self._outside[channel]
+        channel = self._outside_of.pop(delivery, None)
+        if not self._outside_of:
+            self._outside_done.set()
+        if channel is None or channel not in self._outside:
+            return
+        tags = self._outside[channel]
+        tags.discard(_tag(delivery))
+        if not tags:
+            del self._outside[channel]
 
     def _leave(self, deliveries: Iterable[Delivery]) -> None:
         """Remember deliveries left unsettled on open channels: no ``multiple`` covers them."""

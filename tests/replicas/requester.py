@@ -82,7 +82,8 @@ class Requester:
         try:
             return list(await asyncio.wait_for(asyncio.gather(*futures), timeout))
         except TimeoutError:
-            missing = sum(1 for f in futures if not f.done())
+            # wait_for cancelled the gather, and with it every future not yet answered.
+            missing = sum(1 for f in futures if f.cancelled() or not f.done())
             raise AssertionError(f"{missing} of {len(futures)} commands unanswered") from None
 
     async def events(self, bodies: Iterable[Body], *, headers: bool = True) -> None:

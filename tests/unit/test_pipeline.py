@@ -374,3 +374,32 @@ async def test_a_rolled_back_timer_fire_is_put_back(rig: Rig) -> None:
     assert rig.core.get("c").phase.value == "armed"  # type: ignore[union-attr]
     assert rig.outbound.warms == []
     assert await rig.inputs.take() == [fire]
+
+
+# -- deliveries settled outside the pipeline (rerouted to their shard) --------------------
+
+
+async def test_a_reroute_settled_on_one_channel_leaves_the_same_tag_of_another_covered(
+    rig: Rig,
+) -> None:
+    # Tags count per channel: lifecycle tag 1 and commands tag 1 are two deliveries.
+    rerouting = rig.lifecycle.deliver(settled("c0", seq=1))
+    command = rig.commands.deliver(enable("c1"))
+    rig.worker.settling_outside(rerouting)
+    rig.worker.settling_outside(command)
+    rig.worker.settled_outside(command)
+    items = [rig.event(settled(f"c{i}", seq=1)) for i in range(2, 5)]
+    await rig.batch(*items)
+    assert rig.lifecycle.outcome(rerouting) is None, rig.lifecycle.frames
+    assert [outcome(i) for i in items] == ["ack"] * 3
+    rig.worker.settled_outside(rerouting)
+
+
+async def test_settled_waits_for_the_reroutes_under_way(rig: Rig) -> None:
+    rerouting = rig.commands.deliver(enable("c1"))
+    rig.worker.settling_outside(rerouting)
+    waiting = asyncio.get_running_loop().create_task(rig.worker.settled())
+    await rig.settle_down()
+    assert not waiting.done(), "a shard handed over while its reroute is under way"
+    rig.worker.settled_outside(rerouting)
+    await asyncio.wait_for(waiting, 1)
