@@ -46,7 +46,7 @@ from yarl import URL
 
 from warmer.balance import assign
 from warmer.bus import flow, lenient
-from warmer.bus.consumer import AmqpDelivery, ShardConsumer
+from warmer.bus.consumer import AmqpDelivery, ShardConsumer, close_quietly, own_channel
 from warmer.bus.lock import ShardLock
 from warmer.bus.port import ChannelGone, Delivery, PluginMissing, PublishFailed, ShardHeld
 from warmer.bus.publisher import Publisher
@@ -172,6 +172,10 @@ class App:
         self._runners: dict[int, Runner] = {}
         self._reroute_channel: AbstractRobustChannel | None = None
         self._wanted: frozenset[int] = frozenset()
+        self._beaten_at = 0
+        """When this replica's presence was last beaten (the Clock's ms)."""
+        self._others: set[str] = set()
+        """The other replicas alive at the last beat."""
         self._nudge = asyncio.Event()
         self._http: HttpEndpoint | None = None
         self._publisher: Publisher | None = None
@@ -272,6 +276,7 @@ class App:
         # layout would bind its extra shard queues into the hash ring, moving conversations
         # to queues nobody consumes once it is refused.
         await self._check_layout()
+        await self._check_replica_id()
         publish_channel, topology, dead_channel, dlx = await self._connect(self._set_up)
         self._publisher = Publisher(
             publish_channel,
@@ -309,6 +314,7 @@ class App:
         again like one that could not be made.
         """
         assert self._connection is not None
+        await self._check_topology()
         publish_channel = await self._connection.channel(publisher_confirms=True)
         try:
             topology = await declare(publish_channel, self.names)
@@ -323,6 +329,60 @@ class App:
             self._reroute_channel = await self._connection.channel(publisher_confirms=True)
         await self._check_alone()
         return publish_channel, topology, dead_channel, dlx
+
+    async def _check_topology(self) -> None:
+        """The namespace's topology on the broker has this replica's number of shards:
+        a worker with one shard beside sharded ones would bind the single queues, which
+        then get a copy of every message (answered later from another store), and one
+        with shards beside the single queues would leave them to fill. Refused instead."""
+        assert self._connection is not None
+        ns = self.config.namespace
+        underlay = await own_channel(self._connection)
+        try:
+            if self.shards == 1:
+                await underlay.exchange_declare(f"{ns}.lifecycle.shards", passive=True)
+                advice = (
+                    f"the namespace {ns!r} is sharded on the broker ({ns}.lifecycle.shards "
+                    "exists): give this worker WARMER_SHARDS and WARMER_STORE as its other "
+                    "replicas have them"
+                )
+            else:
+                await underlay.queue_declare(self.names.lifecycle, passive=True)
+                advice = (
+                    f"the namespace {ns!r} still has the single-queue topology (the queue "
+                    f"{self.names.lifecycle} exists): stop its worker and run `warmer "
+                    f"reshard --shards {self.shards}`, which moves what is queued"
+                )
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return  # as expected
+        finally:
+            await close_quietly(underlay)
+        raise StartupError(advice)
+
+    async def _check_replica_id(self) -> None:
+        """No other live process beats with this replica id: two would count each other's
+        shards as their own, and a stop would remove the other's presence. A restarted
+        process of the same name waits for its predecessor's beat to age out first."""
+        me = self._identity()
+        deadline = self.clock.now_ms() + PRESENCE_TTL_MS + BALANCE_EVERY_MS
+        while True:
+            try:
+                live = await self.shared.replicas()
+            except StoreError as exc:
+                raise StartupError(f"cannot read the store {self.shared.url}: {exc}") from exc
+            twin = next((r for r in live if r.id == self.replica), None)
+            if twin is None or twin.info.split(",")[0] == me:
+                return
+            if self.clock.now_ms() >= deadline:
+                raise StartupError(
+                    f"another live process uses WARMER_REPLICA_ID={self.replica!r} "
+                    f"({twin.info.split(',')[0][:200]}): give each replica its own id, or "
+                    "leave it empty (host name and process id)"
+                )
+            await sleep(self.clock, BALANCE_EVERY_MS // 2)
+
+    def _identity(self) -> str:
+        return f"pid {os.getpid()} on {socket.gethostname()[:60]}"
 
     async def _check_alone(self) -> None:
         """An embedded store (SQLite) cannot be shared: its replica holds the exclusive
@@ -397,7 +457,10 @@ class App:
             if first:
                 raise StartupError(f"cannot reach the store {self.shared.url}: {exc}") from exc
             log.warning("presence_beat_failed", error=str(exc)[:300])
+            await self._let_go_unless_alone()
             return
+        self._beaten_at = self.clock.now_ms()
+        self._others = {r.id for r in live} - {self.replica}
         # The store's clock: this beat's own time. A replica that missed two beats is left
         # out (its shards' locks are tried: free if it died, held if it is only slow).
         now = max((r.seen_ms for r in live if r.id == self.replica), default=0)
@@ -424,11 +487,30 @@ class App:
                     raise
                 log.warning("shard_take_failed", shard=shard, error=str(exc)[:300])
 
+    async def _let_go_unless_alone(self) -> None:
+        """Beats failing for longer than the presence lasts: this replica cannot commit
+        either, and the others, which no longer see it, are assigned its shards but meet
+        its locks. With others alive at the last beat, it lets its shards go (their
+        pipelines could not commit; what was delivered goes back) and takes none until a
+        beat succeeds; alone, it keeps them (nobody else could do better, and commands are
+        still answered ``store_error``)."""
+        if not self._others or not self._runners:
+            return
+        if self.clock.now_ms() - self._beaten_at < PRESENCE_TTL_MS:
+            return
+        log.error(
+            "store_unreachable_shards_released",
+            shards=self.owned,
+            action="the replicas that reach the store take them; taken again once it answers",
+        )
+        for shard in list(self._runners):
+            await self._lose(shard, "store unreachable", graceful=False)
+
     def _connected(self) -> bool:
         return self._connection is not None and self._connection.connected.is_set()
 
     def _info(self) -> str:
-        return f"pid {os.getpid()} on {socket.gethostname()[:60]}, owns {self.owned}"
+        return f"{self._identity()}, owns {self.owned}"
 
     async def _take(self, shard: int) -> bool:
         """Take ``shard``: its lock, then its store view (fencing the previous owner), its

@@ -52,6 +52,8 @@ def doubles(warms: Iterable[Warm], interval_ms: int) -> list[Double]:
     found = []
     for each in by_conversation(warms).values():
         for first, second in itertools.pairwise(each):
+            if second.token == first.token and second.replica == first.replica:
+                continue  # one request its publisher sent again: at least once
             too_close = second.requested_at - first.requested_at < interval_ms / 2
             if too_close or second.token <= first.token:
                 found.append(Double(first, second))

@@ -34,6 +34,12 @@ def test_a_token_not_above_the_last_is_a_double_however_late() -> None:
     assert [(d.first.token, d.second.token) for d in doubles(warms, 1000)] == [(5, 5), (5, 4)]
 
 
+def test_one_request_its_publisher_sent_again_is_no_double() -> None:
+    # A publish cut before its confirm goes out again (at least once, docs/contract.md).
+    warms = [warm(5, 0), warm(5, 120), warm(6, 1000)]
+    assert doubles(warms, 1000) == []
+
+
 def test_the_order_is_the_publishers_requested_at_not_arrival() -> None:
     late = Warm("c", 2, "r2", requested_at=1000, received_ms=99_000)
     assert doubles([late, warm(1, 0)], 1000) == []

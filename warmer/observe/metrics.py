@@ -127,7 +127,7 @@ NAMES: Final = (
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
 _LATENESS_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-LOSS_REASONS: Final = ("handover", "connection", "fenced", "stopping", "take")
+LOSS_REASONS: Final = ("handover", "connection", "fenced", "stopping", "take", "store")
 """Why a replica stops owning a shard (``warmer_shards_lost_total``'s label)."""
 _TAKEOVER_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BATCH_BUCKETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -298,7 +298,8 @@ class Metrics:
         lost = Counter(
             "warmer_shards_lost_total",
             "Shards this replica stopped owning, by reason: handover, connection, fenced, "
-            "stopping, take (a take that failed half-way).",
+            "stopping, take (a take that failed half-way), store (unreachable while others "
+            "reach it).",
             ["reason"],
             registry=r,
         )
