@@ -197,11 +197,12 @@ async def test_state_shows_why_the_cost_rules_stop_warming(
     await eventually(held)
     lines = (await warmer("state", CID)).out.splitlines()
     assert "status:             idle" in lines
-    assert lines[-3:] == [
+    assert lines[-4:-1] == [
         "cache lifetime:     10 min",
         "effective interval: 9 min (for the 10 min cache)",
         "not warming:        the prefix (100 tokens) is below the 1024 the provider caches",
     ]
+    assert lines[-1].startswith("answered by:  replica ")  # the reply's x-warmer-replica
 
 
 async def test_disable(start_worker: Any, warmer: Warmer) -> None:
