@@ -43,6 +43,9 @@ def spawn_watch(amqp_url: str, namespace: str) -> Iterator[Callable[[], pexpect.
             "WARMER_AMQP_URL": amqp_url,
             "WARMER_NAMESPACE": namespace,
             "TERM": "xterm-256color",
+            # The pty's size, also where a runner exported its own (pytest-xdist workers).
+            "COLUMNS": "160",
+            "LINES": "40",
         }
         child = pexpect.spawn(
             sys.executable,
