@@ -149,17 +149,19 @@ def _machine_busy_s() -> float:
     return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def _pids_named(name: str) -> list[int]:
-    """Processes whose command is ``name`` (the broker, Redis): read, never touched."""
-    found = []
+def _service_pid(name: str) -> list[int]:
+    """The oldest process whose command is ``name`` (the shared broker, the shared Redis):
+    read, never touched. Other jobs' short-lived instances are younger."""
+    found: list[tuple[int, int]] = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 if (entry / "comm").read_text().strip() == name:
-                    found.append(int(entry.name))
-            except OSError:
+                    started = int((entry / "stat").read_text().rpartition(")")[2].split()[19])
+                    found.append((started, int(entry.name)))
+            except (OSError, ValueError, IndexError):
                 continue
-    return found
+    return [min(found)[1]] if found else []
 
 
 class Orchestrator:
@@ -366,8 +368,8 @@ async def case(k: int, count: int, run: int, directory: Path) -> Case:
                 "replicas": [r.process.pid for r in replicas],
                 "orchestrator": [orchestrator.process.pid],
                 "requester": [os.getpid()],
-                "broker": _pids_named("beam.smp"),
-                "redis": _pids_named("redis-server"),
+                "broker": _service_pid("beam.smp"),
+                "redis": _service_pid("redis-server"),
             }
         )
         before = await _scrape(replicas)
