@@ -26,7 +26,9 @@ the cases): its ceiling, to be well above the cases' rates.
 the order run, K, R; each figure is the median over the runs. The conversation ids come
 from a fixed seed per run. K stops at 2,000 by default: on two shared cores one replica no
 longer follows K at 1,000, and at 2,000 most warms already time out (the warm timeout is
-clamped to the 1 s interval), so a larger K only measures that collapse.
+clamped to the 1 s interval), so a larger K only measures that collapse. With
+``BENCH_PY_SPY=/tmp/replicas`` each replica is sampled by py-spy over the window (CPU
+samples only, not stopping it) into ``/tmp/replicas-<namespace>-<replica>.txt``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import itertools
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -267,6 +270,14 @@ class Replica:
             raise RuntimeError(f"{self.name} exited with {code}: {self.log.read_text()[-2000:]}")
 
 
+def _py_spy(pid: int, output: str) -> subprocess.Popen[bytes]:
+    """Sample ``pid`` over the window (py-spy's raw stacks, CPU only, not stopping it)."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    argv = [py_spy, "record", "--pid", str(pid), "--output", output, "--format", "raw"]
+    argv += ["--rate", "100", "--nonblocking", "--duration", str(int(WINDOW_S))]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 async def _balanced(replicas: list[Replica]) -> None:
     """Until every replica is ready and they hold the shards between them, evenly."""
     deadline = time.monotonic() + _DEADLINE_S
@@ -374,9 +385,16 @@ async def case(k: int, count: int, run: int, directory: Path) -> Case:
         )
         before = await _scrape(replicas)
         start_ms = time.time() * 1000
+        profile = os.environ.get("BENCH_PY_SPY")
+        spies = [
+            _py_spy(r.process.pid, f"{profile}-{namespace}-{r.name}.txt")
+            for r in (replicas if profile else [])
+        ]
         await asyncio.sleep(WINDOW_S)
         end_ms = time.time() * 1000
         used = cpu.pct(WINDOW_S)
+        for spy in spies:
+            await asyncio.to_thread(spy.wait, 30)
         inside = _inside(before, await _scrape(replicas))
         await asyncio.sleep(1.0)  # what was requested in the window has arrived
         _, records = await orchestrator.stop()
