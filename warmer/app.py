@@ -314,6 +314,7 @@ class App:
         again like one that could not be made.
         """
         assert self._connection is not None
+        await self._check_alone()  # first: the clearest reason a second replica is refused
         await self._check_topology()
         publish_channel = await self._connection.channel(publisher_confirms=True)
         try:
@@ -327,7 +328,6 @@ class App:
         )
         if self.shards > 1:  # re-publishes what reached a shard without its header
             self._reroute_channel = await self._connection.channel(publisher_confirms=True)
-        await self._check_alone()
         return publish_channel, topology, dead_channel, dlx
 
     async def _check_topology(self) -> None:
@@ -623,6 +623,24 @@ class App:
         runner.suspend()
         log.info("shard_suspended", shard=shard, why=why[:300])
         self._nudge.set()
+        loop = asyncio.get_running_loop()
+        watch(loop.create_task(self._watch_suspended(runner), name="suspended"))
+
+    async def _watch_suspended(self, runner: Runner) -> None:
+        """While a shard is suspended, ask the store every second whether another replica
+        took it: its pipeline may sit waiting for the connection and commit nothing that
+        the fence could refuse, and its timers must not outlive the takeover for long."""
+        while runner.suspended and runner.lost is None and not self._stopping:
+            await sleep(self.clock, BALANCE_EVERY_MS)
+            if runner.view is None or not runner.suspended:
+                return
+            try:
+                await runner.view.check()
+            except StoreFenced:
+                await self._lose(runner.shard, "fenced", graceful=False)
+                return
+            except StoreError:
+                continue  # the store is out too: the pipeline and the next beats say so
 
     async def _resume(self, shard: int) -> None:
         """Take a suspended shard's lock again and consume again, if nobody took it in
