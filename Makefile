@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(BIN)/warmer run
 
+# Two runs of parallel workers (pytest-xdist), a test file to a worker: the broker tests
+# mostly wait. The reliability and replica tests time failovers and stalls, so they get
+# two workers, the rest four; all together about 6 minutes on two cores.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadfile tests/unit tests/integration
+	$(BIN)/pytest -q -n 2 --dist loadfile tests/reliability tests/replicas
 
 lint: install
 	$(BIN)/ruff check warmer tests bench
