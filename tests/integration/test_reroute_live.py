@@ -244,4 +244,4 @@ async def test_a_reroute_returned_unroutable_gives_the_original_back(
             assert again.properties.headers.get("x-delivery-count") == 1  # requeued once
         finally:
             await consumer.close()
-            await (await connection.channel()).queue_delete(queue)
+            await channel.queue_delete(queue)  # an open channel: no new channel number

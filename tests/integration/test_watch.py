@@ -55,6 +55,7 @@ def spawn_watch(amqp_url: str, namespace: str) -> Iterator[Callable[[], pexpect.
             encoding="utf-8",
             codec_errors="replace",  # the tty echoes ^C, maybe inside a multi-byte character
             timeout=WAIT_S,
+            use_poll=True,  # select() fails past fd 1024, reached in a long-lived xdist worker
         )
         children.append(child)
         return child
@@ -125,7 +126,12 @@ async def test_the_view_shows_the_status_expired_and_why_it_is_not_warming(
 async def test_without_a_broker_the_view_exits_69_and_says_why() -> None:
     env = {**os.environ, "WARMER_AMQP_URL": "amqp://guest:secret@127.0.0.1:1/"}
     child = pexpect.spawn(
-        sys.executable, ["-m", "warmer.watch"], env=env, encoding="utf-8", timeout=WAIT_S
+        sys.executable,
+        ["-m", "warmer.watch"],
+        env=env,
+        encoding="utf-8",
+        timeout=WAIT_S,
+        use_poll=True,
     )
     await asyncio.to_thread(child.expect, pexpect.EOF)
     child.close()

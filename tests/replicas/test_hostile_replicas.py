@@ -389,12 +389,15 @@ async def test_a_second_process_with_a_live_replica_id_says_so(
     twin = fleet.start("twin", store=redis_store_url, shards=shards, WARMER_REPLICA_ID="r1")
     deadline = time.monotonic() + 8
     said: list[dict[str, Any]] = []
-    while not said and time.monotonic() < deadline and twin.alive():
+    while not said and time.monotonic() < deadline:
+        alive = twin.alive()  # read once more after it exits: its last line may be new
         said = [
             e
             for e in twin.process.events()
             if e.get("level") in ("error", "critical") and "r1" in str(e)
         ]
+        if not alive:
+            break
         await asyncio.sleep(0.2)
     assert said, f"the twin said nothing of its id within 8 s:\n{twin.process.log()}"
     assert twin.owned() == set()
