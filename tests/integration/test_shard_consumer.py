@@ -55,7 +55,9 @@ async def queue(amqp_url: str, namespace: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def connections(amqp_url: str) -> AsyncIterator[list[AbstractRobustConnection]]:
     """Two robust connections, as two replicas have."""
-    opened = [await aio_pika.connect_robust(amqp_url) for _ in range(2)]
+    opened: list[AbstractRobustConnection] = [
+        await aio_pika.connect_robust(amqp_url) for _ in range(2)
+    ]
     yield opened
     for connection in opened:
         await connection.close()

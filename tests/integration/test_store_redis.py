@@ -450,22 +450,22 @@ async def test_shards_and_their_owners_are_keys_beside_shard_0_s(
         assert await awaitable(raw.hgetall(f"{redis_prefix}:conversations:3")) == {b"c-3": b"three"}
         assert await raw.get(f"{redis_prefix}:token") == b"5"
         assert await raw.get(f"{redis_prefix}:layout") == b"4"
-        owner = await awaitable(raw.hget(f"{redis_prefix}:owners", "3"))
+        owner = cast(bytes | None, await awaitable(raw.hget(f"{redis_prefix}:owners", "3")))
         assert owner is not None
         epoch, since, released, replica = owner.split(b" ", 3)
         assert (int(epoch), released, replica) == (three.epoch, b"0", b"pod b")
         assert abs(int(since) - time.time() * 1000) < 60_000
-        seen = await awaitable(raw.hget(f"{redis_prefix}:replicas", "pod-a"))
+        seen = cast(bytes | None, await awaitable(raw.hget(f"{redis_prefix}:replicas", "pod-a")))
         assert seen is not None and seen.endswith(b" host a")
         keys = {key async for key in raw.scan_iter(match=f"{redis_prefix}*")}
-        names = ("conversations", "conversations:3", "token", "writers", "owners")
+        names: tuple[str, ...] = ("conversations", "conversations:3", "token", "writers", "owners")
         names += ("layout", "replicas")
         assert keys == {f"{redis_prefix}:{name}".encode() for name in names}
     finally:
         await zero.close()
         await three.close()
         await shared.close()
-    owner = await awaitable(raw.hget(f"{redis_prefix}:owners", "3"))
+    owner = cast(bytes | None, await awaitable(raw.hget(f"{redis_prefix}:owners", "3")))
     assert owner is not None and owner.split(b" ")[2] == b"1"  # released, epoch kept
 
 

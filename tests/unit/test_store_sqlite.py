@@ -14,6 +14,7 @@ import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +40,7 @@ async def store(db_path: Path) -> AsyncIterator[SqliteStore]:
     await opened.close()
 
 
-async def reopened(path: Path, **options: int) -> SqliteStore:
+async def reopened(path: Path, **options: Any) -> SqliteStore:
     fresh = SqliteStore(path, **options)
     await fresh.open()
     return fresh
