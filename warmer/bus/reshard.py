@@ -38,7 +38,14 @@ from aio_pika.exceptions import DeliveryError, PublishError
 from warmer.bus import deadletter
 from warmer.bus.deadletter import republished
 from warmer.bus.lenient import Undecodable, unreadable
-from warmer.bus.topology import COMMAND_ROUTING_KEY, inbound_queue_arguments
+from warmer.bus.port import PluginMissing
+from warmer.bus.topology import (
+    COMMAND_ROUTING_KEY,
+    HASH_PLUGIN,
+    MAX_SHARDS,
+    SHARD_HEADER,
+    inbound_queue_arguments,
+)
 from warmer.contract import (
     MAX_ERROR_CHARS,
     Rejection,
@@ -47,10 +54,9 @@ from warmer.contract import (
     decode_event,
 )
 
-MAX_SHARDS: Final = 256
-CONVERSATION_HEADER: Final = "conversation-id"
+CONVERSATION_HEADER: Final = SHARD_HEADER
 SHARD_WEIGHT: Final = "1"
-PLUGIN: Final = "rabbitmq_consistent_hash_exchange"
+PLUGIN: Final = HASH_PLUGIN
 _BATCH: Final = 200  # messages moved per round of confirms
 _PROBE_BATCH: Final = 2000
 _PROBE_WAIT_S: Final = 30.0
@@ -59,10 +65,6 @@ _SETTLE_POLL_S: Final = 0.05
 # The quorum queue's count of deliveries, set by the broker: a moved message is a new
 # one, its count starts again (the queue dead-letters at DELIVERY_LIMIT).
 _DROPPED_HEADERS: Final = ("x-delivery-count",)
-
-
-class PluginMissing(Exception):
-    """The broker does not know the ``x-consistent-hash`` exchange type."""
 
 
 class Refused(Exception):
