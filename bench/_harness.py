@@ -432,3 +432,68 @@ class Client:
 
     async def close(self) -> None:
         await self._connection.close()
+
+
+class Deployment:
+    """An orchestrator, ``count`` replicas holding the shards, and a client, in a namespace
+    and Redis prefix of their own; ``async with`` cleans every one of them up."""
+
+    def __init__(
+        self,
+        namespace: str,
+        directory: Path,
+        *,
+        count: int = 1,
+        interval_ms: int = 1000,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self._directory = directory
+        self._count = count
+        self._interval_ms = interval_ms
+        self._env = env
+        self.replicas: list[Replica] = []
+
+    async def __aenter__(self) -> Deployment:
+        self.orchestrator = Orchestrator(
+            self.namespace, self._directory, interval_ms=self._interval_ms
+        )
+        try:
+            await self.orchestrator.ready()
+            store = f"{REDIS_URL}?prefix={self.namespace}"
+            self.replicas = [
+                Replica(f"r{n}", self.namespace, store, self._directory, env=self._env)
+                for n in range(1, self._count + 1)
+            ]
+            await balanced(self.replicas)
+            self.client = await Client.connect(self.namespace)
+        except BaseException:
+            await self._down()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.client.close()
+        await self._down()
+
+    async def _down(self) -> None:
+        self.orchestrator.kill()
+        failed = None
+        for replica in self.replicas:
+            try:
+                replica.stop()
+            except RuntimeError as err:
+                failed = err
+        await clean(self.namespace)
+        if failed is not None:
+            raise failed
+
+    def parties(self) -> dict[str, list[int]]:
+        """The processes whose CPU a benchmark reports, by name."""
+        return {
+            "worker": [r.process.pid for r in self.replicas],
+            "orchestrator": [self.orchestrator.process.pid],
+            "requester": [os.getpid()],
+            "broker": service_pid("beam.smp"),
+            "redis": service_pid("redis-server"),
+        }

@@ -12,8 +12,8 @@ they hold the four shards between them K conversations are opted in at a short i
 (1 s: ``set_interval``, ``set_enabled``, replies awaited, then ``turn.started`` +
 ``turn.settled``, in ten slices spread over the interval so that the schedules spread).
 After a warm-up, a window is measured; if the worker kept up, K is multiplied by the step
-(the conversations added to the running replicas, the same way), until the first K at
-which it **falls behind** (``bench.stats.behind``): in the window, p99 lateness > 250 ms,
+(1.25; the conversations added to the running replicas, the same way), until the first K
+at which it **falls behind** (``bench.stats.behind``): in the window, p99 lateness > 250 ms,
 or completions applied < 95% of warms requested, or failed warms > 1% of them.
 
 - **lateness** of a ``warm.requested``: its ``requestedAt`` minus (the time the orchestrator
@@ -29,8 +29,11 @@ or completions applied < 95% of warms requested, or failed warms > 1% of them.
 - CPU of each party over the window in % of one core: the replicas, the orchestrator,
   this process (the requester), the broker (``beam.smp``), Redis, the machine.
 
-Run 1 starts at ``--start-k``; a later run starts one step below the last K the previous
-run (same R) kept up at, so each run measures about two steps. The conversation ids come
+The search goes down instead (conversations disabled, a new turn for the rest, a double
+warm-up) while every K so far fell behind, at most three times, and stops at the first K
+that keeps up then (``bench.stats.search_next``). Run 1 starts at ``--start-k``; a later
+run starts at the highest K the previous run (same R) kept up at, so it measures about two
+windows: that K and the next one up. The conversation ids come
 from a fixed seed per run. With ``BENCH_PY_SPY=/tmp/replicas`` each replica is sampled by
 py-spy over every window into ``/tmp/replicas-<namespace>-<replica>-<K>.txt``.
 """
@@ -67,7 +70,7 @@ from bench._harness import (
     service_pid,
     total,
 )
-from bench.stats import Window, behind, first_k, next_k, percentile
+from bench.stats import Window, behind, first_k, percentile, search_next
 from warmer.bus.topology import WARM_ROUTING_KEY, Names, declare, delete
 
 INTERVAL_MS: Final = 1_000
@@ -85,6 +88,7 @@ ESTIMATE_S: Final = 330.0
 """About what ``run()`` takes with the defaults (for ``python -m bench``'s budget)."""
 _SEED: Final = 16
 _DEADLINE_S: Final = 60.0
+_DOWN_STEPS: Final = 3
 
 
 class Step(NamedTuple):
@@ -191,17 +195,29 @@ async def search(
         await balanced(replicas)
         client = await Client.connect(namespace)
         try:
-            added, k = 0, min(start_k, settings.max_k)
+            added, k, turn = 0, min(start_k, settings.max_k), 0
             while True:
-                await client.opt_in(ids[added:k], settings.interval_ms)
+                warm_up = settings.warm_up_s
+                if k > added:
+                    await client.opt_in(ids[added:k], settings.interval_ms)
+                else:  # down after falling behind: fewer, and a new turn for the rest
+                    await client.commands(
+                        {"type": "set_enabled", "conversationId": cid, "enabled": False}
+                        for cid in ids[k:added]
+                    )
+                    turn += 1
+                    await client.turns(ids[:k], settings.interval_ms, turn)
+                    warm_up *= 2  # the backlog drained too
                 added = k
-                await asyncio.sleep(settings.warm_up_s)
+                await asyncio.sleep(warm_up)
                 step = await measure_window(orchestrator, replicas, k, settings.window_s, namespace)
                 steps.append(step)
                 print(f"run {run} R {count} {_line(step)}", file=sys.stderr, flush=True)
-                if step.behind is not None or k >= settings.max_k:
+                history = [(s.k, s.behind is None) for s in steps]
+                following = search_next(history, settings.step, settings.max_k, _DOWN_STEPS)
+                if following is None:
                     break
-                k = min(settings.max_k, next_k(k, settings.step))
+                k = following
         finally:
             await client.close()
         await orchestrator.stop()
@@ -333,15 +349,13 @@ async def measure(
             figures["orchestrator_ceiling_warms_per_s"] = statistics.median(ceilings)
             shown = ", ".join(f"{c:.0f}" for c in ceilings)
             print(f"orchestrator ceiling {shown} warms/s", file=sys.stderr, flush=True)
-        good: dict[int, int | None] = dict.fromkeys(counts)
+        previous: dict[int, list[tuple[int, bool]]] = {count: [] for count in counts}
         for run in range(1, runs + 1):
             for count in counts:
-                start = first_k(good[count], start_k, settings.step)
+                start = first_k(previous[count], start_k, settings.step)
                 steps = await search(count, run, start, settings, directory)
                 searches[count].append(steps)
-                kept = [s.k for s in steps if s.behind is None]
-                # A run that fell behind at its first K starts the next one lower.
-                good[count] = max(kept) if kept else max(1, int(steps[0].k / settings.step))
+                previous[count] = [(s.k, s.behind is None) for s in steps]
     figures |= summarize(searches)
     figures["runs"] = float(runs)
     figures["interval_ms"] = float(settings.interval_ms)

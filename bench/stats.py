@@ -69,10 +69,34 @@ def next_k(k: int, step: float) -> int:
     return max(k + 1, math.ceil(k * step))
 
 
-def first_k(previous_good: int | None, start: int, step: float) -> int:
-    """Where a run's search starts: ``start`` for the first run; one step below the last K
-    the previous run kept up at for the next ones (two steps measured at least, fewer
-    wasted on Ks far below the capacity)."""
-    if previous_good is None:
+def search_next(
+    history: Sequence[tuple[int, bool]], step: float, max_k: int, down_steps: int = 3
+) -> int | None:
+    """The next K of a capacity search, or None when it is over, from the ``(K, kept up)``
+    of its windows so far: up by ``step`` while every K kept up (at most ``max_k``); down
+    by ``step`` while every K fell behind (at most ``down_steps`` times); over at the first
+    K that falls behind after one that kept up, or the first that keeps up after coming
+    down, or at ``max_k``."""
+    if not history:
+        raise ValueError("no window measured yet")
+    k, kept = history[-1]
+    any_kept = any(ok for _, ok in history)
+    if kept:
+        if not all(ok for _, ok in history) or k >= max_k:
+            return None
+        return min(max_k, next_k(k, step))
+    if any_kept or len(history) > down_steps or k <= 1:
+        return None
+    return max(1, math.floor(k / step))
+
+
+def first_k(previous: Sequence[tuple[int, bool]] | None, start: int, step: float) -> int:
+    """Where a run's search starts: ``start`` for the first run; for the next ones, the
+    highest K the previous run kept up at (so it measures about two windows: that K and
+    the next), or one step below its lowest if it kept up at none."""
+    if not previous:
         return start
-    return max(1, math.floor(previous_good / step))
+    kept = [k for k, ok in previous if ok]
+    if kept:
+        return max(kept)
+    return max(1, math.floor(min(k for k, _ in previous) / step))
