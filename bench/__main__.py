@@ -62,7 +62,7 @@ def discover(selected: Sequence[str] = ()) -> dict[str, Benchmark]:
 
 def estimate_s(name: str) -> float:
     """The seconds module ``name`` is expected to take."""
-    module = sys.modules[f"bench.{name}"]
+    module = sys.modules.get(f"bench.{name}")
     value: Any = getattr(module, "ESTIMATE_S", None)
     return float(value) if value is not None else ESTIMATES_S.get(name, _UNKNOWN_S)
 

@@ -129,6 +129,25 @@ class Frames:
         )
 
 
+def write(
+    channel: aiormq.Channel, frames: Frames, messages: list[tuple[str, bytes]]
+) -> list[asyncio.Future[object]]:
+    """Publish ``(conversationId, body)`` messages on ``channel`` (publisher confirms on)
+    with one socket write; their confirmations, to await."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[object]] = []
+    for _ in messages:
+        channel.delivery_tag += 1
+        future: asyncio.Future[object] = loop.create_future()
+        channel.confirmations[channel.delivery_tag] = future
+        futures.append(future)
+    payload = b"".join(frames.publish(cid, body) for cid, body in messages)
+    channel.connection.write_queue.put_nowait(
+        aiormq.abc.ChannelFrame(payload=payload, should_close=False)
+    )
+    return futures
+
+
 class Answerer:
     """Consumes warms, records them, publishes their completions in confirmed batches."""
 
@@ -183,28 +202,19 @@ class Answerer:
     async def send_forever(self) -> None:
         """Write every waiting completion at once, await their confirms together, again."""
         channel = self._publish
-        connection = channel.connection
         frames = self._frames
-        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch, self._outbox = self._outbox, []
-            futures: list[asyncio.Future[object]] = []
-            payload: list[bytes] = []
             now = time.time() * 1000
             sent = self._sent_ms
             for warm in batch:
-                payload.append(
-                    frames.publish(warm.conversationId, completion(warm.conversationId, warm.token))
-                )
-                channel.delivery_tag += 1
-                future: asyncio.Future[object] = loop.create_future()
-                channel.confirmations[channel.delivery_tag] = future
-                futures.append(future)
                 sent[warm.conversationId] = now
-            connection.write_queue.put_nowait(
-                aiormq.abc.ChannelFrame(payload=b"".join(payload), should_close=False)
+            futures = write(
+                channel,
+                frames,
+                [(w.conversationId, completion(w.conversationId, w.token)) for w in batch],
             )
             # The next batch goes out while this one's confirms are on their way.
             confirming = asyncio.ensure_future(self._confirmed(futures))

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Final, NamedTuple
 
 import aio_pika
+import aiormq
 import msgspec
 
 from bench._harness import (
@@ -66,10 +67,12 @@ from bench._harness import (
     balanced,
     clean,
     conversation_ids,
+    cpu_s,
     scrape,
     service_pid,
     total,
 )
+from bench.orchestrator import Frames, write
 from bench.stats import Window, behind, first_k, percentile, search_next
 from warmer.bus.topology import WARM_ROUTING_KEY, Names, declare, delete
 
@@ -77,7 +80,7 @@ INTERVAL_MS: Final = 1_000
 DEFAULT_INTERVAL_S: Final = 240
 REPLICAS: Final = (1, 2)
 RUNS: Final = 3
-START_K: Final = 500
+START_K: Final = 800
 STEP: Final = 1.25
 MAX_K: Final = 20_000
 WARM_UP_S: Final = 4.0
@@ -245,37 +248,42 @@ def _line(step: Step) -> str:
     )
 
 
-async def ceiling(directory: Path, warms: int = CEILING_WARMS) -> float:
-    """Completions per second the orchestrator alone answers, from a full queue."""
+async def ceiling(directory: Path, warms: int = CEILING_WARMS) -> tuple[float, float]:
+    """Completions per second the orchestrator alone answers, from a full queue, and the
+    CPU it used per warm (ms)."""
     namespace = f"bench-replicas-{os.getpid()}-ceiling"
     names = Names.of(namespace)
     orchestrator = Orchestrator(namespace, directory, held=True)
     connection = await aio_pika.connect(AMQP_URL)
     channel = await connection.channel()
     try:
-        topology = await declare(channel, names)  # completions land in {ns}.lifecycle
+        await declare(channel, names)  # completions land in {ns}.lifecycle
         await orchestrator.ready()
-        warm = topology.exchanges[names.warm]
-        now = int(time.time() * 1000)
-        for start in range(0, warms, 500):
-            await asyncio.gather(
-                *(
-                    warm.publish(
-                        aio_pika.Message(
-                            msgspec.json.encode(
-                                {
-                                    "type": "warm.requested",
-                                    "conversationId": f"c-{n:06d}",
-                                    "token": n + 1,
-                                    "requestedAt": now,
-                                }
-                            )
+        publisher = await aiormq.connect(AMQP_URL)
+        try:
+            out = await publisher.channel(publisher_confirms=True)
+            assert isinstance(out, aiormq.Channel)
+            frames = Frames(out.number, names.warm, WARM_ROUTING_KEY)
+            now = int(time.time() * 1000)
+            for start in range(0, warms, 2000):
+                batch = [
+                    (
+                        f"c-{n:06d}",
+                        msgspec.json.encode(
+                            {
+                                "type": "warm.requested",
+                                "conversationId": f"c-{n:06d}",
+                                "token": n + 1,
+                                "requestedAt": now,
+                            }
                         ),
-                        WARM_ROUTING_KEY,
                     )
-                    for n in range(start, min(start + 500, warms))
-                )
-            )
+                    for n in range(start, min(start + 2000, warms))
+                ]
+                await asyncio.gather(*write(out, frames, batch))
+        finally:
+            await publisher.close()
+        used = cpu_s(orchestrator.process.pid)
         orchestrator.tell("go")
         deadline = time.monotonic() + _DEADLINE_S
         while True:
@@ -285,8 +293,10 @@ async def ceiling(directory: Path, warms: int = CEILING_WARMS) -> float:
             if time.monotonic() > deadline:
                 raise RuntimeError("the orchestrator did not answer every warm in time")
             await asyncio.sleep(0.05)
+        used = cpu_s(orchestrator.process.pid) - used
         summary, _ = await orchestrator.stop()
-        return summary.completed / (summary.last_completed_ms - summary.first_received_ms) * 1000
+        rate = summary.completed / (summary.last_completed_ms - summary.first_received_ms) * 1000
+        return rate, used * 1000 / summary.completed
     finally:
         orchestrator.kill()
         await delete(channel, names)
@@ -346,8 +356,11 @@ async def measure(
         directory = Path(name)
         if ceiling_runs:
             ceilings = [await ceiling(directory) for _ in range(ceiling_runs)]
-            figures["orchestrator_ceiling_warms_per_s"] = statistics.median(ceilings)
-            shown = ", ".join(f"{c:.0f}" for c in ceilings)
+            figures["orchestrator_ceiling_warms_per_s"] = statistics.median(c for c, _ in ceilings)
+            figures["orchestrator_ceiling_cpu_ms_per_warm"] = statistics.median(
+                ms for _, ms in ceilings
+            )
+            shown = ", ".join(f"{c:.0f} ({ms:.2f} ms CPU each)" for c, ms in ceilings)
             print(f"orchestrator ceiling {shown} warms/s", file=sys.stderr, flush=True)
         previous: dict[int, list[tuple[int, bool]]] = {count: [] for count in counts}
         for run in range(1, runs + 1):
