@@ -1,7 +1,8 @@
 """Run every benchmark module in bench/ (or those named) and print one table.
 
-Usage: ``python -m bench [module ...]`` (``--list``: the modules and their estimated
-times, nothing run). A module takes part when it exposes ``run() -> dict[str, float]``;
+Usage: ``python -m bench [--list] [module ...]`` (``--list``: the modules and their
+estimated times, nothing run; ``python -m bench.<module> --help`` for a module's
+options). A module takes part when it exposes ``run() -> dict[str, float]``;
 one that fails is reported and the others still run. A ``run`` with a ``previous``
 parameter is given the figures measured so far, as ``{"module.metric": value}`` (so
 ``overload`` and ``commands`` load the worker to twice what ``replicas`` found it
@@ -78,6 +79,9 @@ def _minutes(seconds: float) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run the benchmarks, print the table, return the exit status."""
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     listing = "--list" in argv
     found = discover([name for name in argv if name != "--list"])
     estimates = {name: estimate_s(name) for name in found}
