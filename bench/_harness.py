@@ -234,6 +234,18 @@ class Replica:
                 counts[level] = counts.get(level, 0) + 1
         return counts
 
+    def lines(self, level: str, limit: int = 3) -> list[str]:
+        """The first ``limit`` lines of its log at ``level``."""
+        found: list[str] = []
+        with self.log.open("rb") as log:
+            for line in log:
+                match = _LEVEL.search(line)
+                if match and match.group(1).decode() == level:
+                    found.append(line.decode(errors="replace").rstrip())
+                    if len(found) >= limit:
+                        break
+        return found
+
     def stop(self) -> None:
         """SIGTERM and a graceful exit expected; the log's tail in the error otherwise."""
         if self.process.poll() is None:

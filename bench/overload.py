@@ -103,6 +103,9 @@ async def measure(capacity: float, duration: float, rate: float) -> dict[str, fl
             await sampler
             after = await scrape(deployment.replicas)
             final = worker.log_levels()
+            for level in ("error", "warning"):
+                for line in worker.lines(level):
+                    print(f"worker {level}: {line[:300]}", file=sys.stderr)
             records = await deployment.orchestrator.dump()
 
     inside = [r for r in records if began <= r[2] < ended]
