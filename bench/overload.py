@@ -20,7 +20,8 @@ opt-in, for ``--duration`` seconds (default 60 in ``make bench``; the issue's fi
 - the worker's RSS, sampled every second (max and at the end), and its CPU, the
   broker's, the orchestrator's and the machine's, in % of one core;
 - lateness of the warms the orchestrator received (as in ``bench.replicas``: against the
-  previous completion + the interval), p50/p99/max, and the warms/s it received.
+  previous completion + the interval), p50/p99/max, their delivery (received minus
+  ``requestedAt``) p50/p99, and the warms/s it received.
 
 One run (a long one); the conversation ids and the command mix come from fixed seeds.
 """
@@ -110,6 +111,7 @@ async def measure(capacity: float, duration: float, rate: float) -> dict[str, fl
 
     inside = [r for r in records if began <= r[2] < ended]
     late = [r[3] for r in inside if r[3] is not None]
+    delivery = [r[2] - r[1] for r in inside]
     seconds = (ended - began) / 1000
     figures["duration_s"] = seconds
     figures["warms_per_s"] = len(inside) / seconds
@@ -138,6 +140,8 @@ async def measure(capacity: float, duration: float, rate: float) -> dict[str, fl
     figures["late_p50_ms"] = percentile(late, 0.5)
     figures["late_p99_ms"] = percentile(late, 0.99)
     figures["late_max_ms"] = percentile(late, 1.0)
+    figures["delivery_p50_ms"] = percentile(delivery, 0.5)
+    figures["delivery_p99_ms"] = percentile(delivery, 0.99)
     figures["worker_rss_max_mb"] = max(rss, default=0.0)
     figures["worker_rss_end_mb"] = rss[-1] if rss else 0.0
     for who in ("worker", "broker", "orchestrator", "machine"):

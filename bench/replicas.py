@@ -22,7 +22,10 @@ or completions applied < 95% of warms requested, or failed warms > 1% of them.
   orchestrator's side (an upper bound: the worker applies it after it was written);
   p50, p99 and max over the warms the orchestrator received in the window;
 - **warms/s**: the ``warm.requested`` the orchestrator received in the window, per second;
-  completed/s and failed from the replicas' ``/metrics`` around the window;
+  **delivery**: a warm's way out, received by the orchestrator minus ``requestedAt``
+  (p50, p99); completed/s, failed, and the mean lateness of the worker's timers (fire minus due, its
+  own view of the same lateness without the publish) from the replicas' ``/metrics``
+  around the window;
 - the **sustained** rate of a run: the warms/s of the highest K that kept up; the figure
   is the median over the runs, with its K, its lateness and its CPU; times 240 s, the
   conversations one worker carries at the default interval;
@@ -104,6 +107,11 @@ class Step(NamedTuple):
     late_p50_ms: float
     late_p99_ms: float
     late_max_ms: float
+    delivery_p50_ms: float
+    delivery_p99_ms: float
+    """A warm's way to the orchestrator: received minus ``requestedAt``."""
+    timer_late_ms: float
+    """The worker's own mean lateness of its timers (fire minus due = ``nextWarmAt``)."""
     cpu_pct: dict[str, float]
     behind: str | None
 
@@ -160,6 +168,7 @@ async def measure_window(
     records = await orchestrator.dump()
     inside = [r for r in records if start_ms <= r[2] < end_ms]
     late = [r[3] for r in inside if r[3] is not None]
+    delivery = [r[2] - r[1] for r in inside]
     requested = total(after, "warmer_warms_requested_total") - total(
         before, "warmer_warms_requested_total"
     )
@@ -168,6 +177,12 @@ async def measure_window(
     )
     failed = total(after, "warmer_warms_failed_total") - total(before, "warmer_warms_failed_total")
     p99 = percentile(late, 0.99)
+    timers = total(after, "warmer_timer_lateness_seconds_count") - total(
+        before, "warmer_timer_lateness_seconds_count"
+    )
+    timer_s = total(after, "warmer_timer_lateness_seconds_sum") - total(
+        before, "warmer_timer_lateness_seconds_sum"
+    )
     why = behind(Window(requested, completed, failed, p99))
     return Step(
         k=k,
@@ -177,6 +192,9 @@ async def measure_window(
         late_p50_ms=percentile(late, 0.5),
         late_p99_ms=p99,
         late_max_ms=percentile(late, 1.0),
+        delivery_p50_ms=percentile(delivery, 0.5),
+        delivery_p99_ms=percentile(delivery, 0.99),
+        timer_late_ms=timer_s / timers * 1000 if timers else float("nan"),
         cpu_pct=used,
         behind=why,
     )
@@ -243,7 +261,9 @@ def _line(step: Step) -> str:
     return (
         f"K {step.k}: {step.warms_per_s:.0f} warms/s, {step.completed_per_s:.0f} completed/s, "
         f"{step.failed:.0f} failed, late p50/p99/max {step.late_p50_ms:.0f}/"
-        f"{step.late_p99_ms:.0f}/{step.late_max_ms:.0f} ms; CPU {cpu}; "
+        f"{step.late_p99_ms:.0f}/{step.late_max_ms:.0f} ms (timers {step.timer_late_ms:.0f} "
+        f"ms late on average, delivery p50/p99 {step.delivery_p50_ms:.0f}/"
+        f"{step.delivery_p99_ms:.0f} ms); CPU {cpu}; "
         f"{step.behind or 'kept up'}"
     )
 
@@ -330,6 +350,10 @@ def summarize(searches: dict[int, list[list[Step]]]) -> dict[str, float]:
         figures[f"{tag}_late_p50_ms"] = statistics.median(s.late_p50_ms for s in best)
         figures[f"{tag}_late_p99_ms"] = statistics.median(s.late_p99_ms for s in best)
         figures[f"{tag}_late_max_ms"] = statistics.median(s.late_max_ms for s in best)
+        figures[f"{tag}_delivery_p50_ms"] = statistics.median(s.delivery_p50_ms for s in best)
+        figures[f"{tag}_delivery_p99_ms"] = statistics.median(s.delivery_p99_ms for s in best)
+        figures[f"{tag}_timer_late_mean_ms"] = statistics.median(s.timer_late_ms for s in best)
+        figures[f"{tag}_runs_kept_up"] = float(len(best))
         figures[f"{tag}_conversations_at_{DEFAULT_INTERVAL_S}s"] = rate * DEFAULT_INTERVAL_S
         for who in ("replicas", "broker", "orchestrator", "redis", "machine"):
             figures[f"{tag}_cpu_{who}_pct"] = middle.cpu_pct[who]
