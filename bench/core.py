@@ -21,6 +21,7 @@ Target (the issue): 200,000 core events/s on one core.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -206,7 +207,13 @@ def run(seconds: float = 3.0, conversations: int = CONVERSATIONS) -> dict[str, f
 
 
 def _main(argv: list[str]) -> None:
-    seconds = float(argv[0]) if argv else 3.0
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.core", description="Core events per second, on one core."
+    )
+    parser.add_argument(
+        "seconds", nargs="?", type=float, default=3.0, help="timed seconds per mode (3)"
+    )
+    seconds = parser.parse_args(argv).seconds
     width = max(len(name) for name in MODES) + len(".warm_completed_us")
     for name, value in run(seconds).items():
         print(f"{name:<{width}}  {value:>12,.2f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import time
 import tracemalloc
@@ -68,3 +69,12 @@ def run() -> dict[str, float]:
     figures["bytes_per_armed"] = _bytes_per_armed(keys, churn=False)
     figures["bytes_per_armed_after_rearm_all"] = _bytes_per_armed(keys, churn=True)
     return figures
+
+
+if __name__ == "__main__":
+    argparse.ArgumentParser(
+        prog="python -m bench.scheduler",
+        description=f"Scheduler throughput and memory at {N:,} armed conversations.",
+    ).parse_args()
+    for name, value in run().items():
+        print(f"{name:32} {value:14,.2f}")

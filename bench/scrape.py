@@ -17,6 +17,7 @@ disabled), their gauges registered as ``App.start`` does. Figures:
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import subprocess
@@ -158,6 +159,10 @@ def run(size: int = CONVERSATIONS) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    result = run(int(sys.argv[1]) if len(sys.argv) > 1 else CONVERSATIONS)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scrape", description="/metrics: a scrape's cost, and commands."
+    )
+    parser.add_argument("size", nargs="?", type=int, default=CONVERSATIONS, help="conversations")
+    result = run(parser.parse_args().size)
     for name, value in result.items():
         print(f"{name:28} {value:12,.2f}")
