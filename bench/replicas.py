@@ -36,8 +36,9 @@ The search goes down instead (conversations disabled, a new turn for the rest, a
 warm-up) while every K so far fell behind, at most three times, and stops at the first K
 that keeps up then (``bench.stats.search_next``). Run 1 starts at ``--start-k``; a later
 run starts at the highest K the previous run (same R) kept up at, so it measures about two
-windows: that K and the next one up. The conversation ids come
-from a fixed seed per run. With ``BENCH_PY_SPY=/tmp/replicas`` each replica is sampled by
+windows: that K and the next one up. ``--ks 1000,2000`` measures exactly those Ks instead
+(ascending, in one deployment, whether it keeps up or not). The conversation ids come from
+a fixed seed per run. With ``BENCH_PY_SPY=/tmp/replicas`` each replica is sampled by
 py-spy over every window into ``/tmp/replicas-<namespace>-<replica>-<K>.txt``.
 """
 
@@ -124,6 +125,8 @@ class Settings(NamedTuple):
     max_k: int = MAX_K
     warm_up_s: float = WARM_UP_S
     window_s: float = WINDOW_S
+    ks: tuple[int, ...] = ()
+    """Instead of a search: exactly these Ks, ascending, whether the worker keeps up or not."""
 
 
 def _py_spy(pid: int, output: str, seconds: float) -> subprocess.Popen[bytes]:
@@ -235,7 +238,11 @@ async def search(
                 steps.append(step)
                 print(f"run {run} R {count} {_line(step)}", file=sys.stderr, flush=True)
                 history = [(s.k, s.behind is None) for s in steps]
-                following = search_next(history, settings.step, settings.max_k, _DOWN_STEPS)
+                if settings.ks:
+                    later = [n for n in settings.ks if n > k]
+                    following = later[0] if later else None
+                else:
+                    following = search_next(history, settings.step, settings.max_k, _DOWN_STEPS)
                 if following is None:
                     break
                 k = following
@@ -389,7 +396,11 @@ async def measure(
         previous: dict[int, list[tuple[int, bool]]] = {count: [] for count in counts}
         for run in range(1, runs + 1):
             for count in counts:
-                start = first_k(previous[count], start_k, settings.step)
+                start = (
+                    min(settings.ks)
+                    if settings.ks
+                    else first_k(previous[count], start_k, settings.step)
+                )
                 steps = await search(count, run, start, settings, directory)
                 searches[count].append(steps)
                 previous[count] = [(s.k, s.behind is None) for s in steps]
@@ -428,9 +439,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--interval-ms", type=int, default=INTERVAL_MS)
     parser.add_argument("--warm-up", type=float, default=WARM_UP_S, help="seconds")
     parser.add_argument("--window", type=float, default=WINDOW_S, help="seconds")
+    parser.add_argument(
+        "--ks", type=_ints, default=[], help="e.g. 1000,2000: exactly these Ks, no search"
+    )
     parser.add_argument("--ceiling-runs", type=int, default=CEILING_RUNS, help="0: none")
     args = parser.parse_args(argv)
-    settings = Settings(args.interval_ms, args.step, args.max_k, args.warm_up, args.window)
+    settings = Settings(
+        args.interval_ms, args.step, args.max_k, args.warm_up, args.window, tuple(sorted(args.ks))
+    )
     figures = run(args.runs, args.replicas, args.start_k, settings, args.ceiling_runs)
     for metric, value in figures.items():
         print(f"{metric:<44} {value:>12,.2f}")
