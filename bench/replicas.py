@@ -34,9 +34,10 @@ or completions applied < 95% of warms requested, or failed warms > 1% of them.
 
 The search goes down instead (conversations disabled, a new turn for the rest, a double
 warm-up) while every K so far fell behind, at most three times, and stops at the first K
-that keeps up then (``bench.stats.search_next``). Run 1 starts at ``--start-k``; a later
-run starts at the highest K the previous run (same R) kept up at, so it measures about two
-windows: that K and the next one up. ``--ks 1000,2000`` measures exactly those Ks instead
+that keeps up then (``bench.stats.search_next``). Run 1 of R = 1 starts at ``--start-k``; every
+other search starts at the highest K the previous search (the previous run of the same R,
+or for R = 2's first run, R = 1's) kept up at, so it measures about two windows: that K
+and the next one up. ``--ks 1000,2000`` measures exactly those Ks instead
 (ascending, in one deployment, whether it keeps up or not). The conversation ids come from
 a fixed seed per run. With ``BENCH_PY_SPY=/tmp/replicas`` each replica is sampled by
 py-spy over every window into ``/tmp/replicas-<namespace>-<replica>-<K>.txt``.
@@ -394,16 +395,18 @@ async def measure(
             shown = ", ".join(f"{c:.0f} ({ms:.2f} ms CPU each)" for c, ms in ceilings)
             print(f"orchestrator ceiling {shown} warms/s", file=sys.stderr, flush=True)
         previous: dict[int, list[tuple[int, bool]]] = {count: [] for count in counts}
+        latest: list[tuple[int, bool]] = []
         for run in range(1, runs + 1):
             for count in counts:
+                # R = 2's first search starts where R = 1's ended: on shared cores the
+                # second replica moves the capacity little (issue 16), so steps are saved.
+                history = previous[count] or latest
                 start = (
-                    min(settings.ks)
-                    if settings.ks
-                    else first_k(previous[count], start_k, settings.step)
+                    min(settings.ks) if settings.ks else first_k(history, start_k, settings.step)
                 )
                 steps = await search(count, run, start, settings, directory)
                 searches[count].append(steps)
-                previous[count] = [(s.k, s.behind is None) for s in steps]
+                previous[count] = latest = [(s.k, s.behind is None) for s in steps]
     figures |= summarize(searches)
     figures["runs"] = float(runs)
     figures["interval_ms"] = float(settings.interval_ms)
