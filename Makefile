@@ -32,8 +32,10 @@ lint: install
 demo: install
 	$(BIN)/warmer demo
 
+# Every benchmark module, a table at the end (about 12 minutes: `python -m bench --list`).
+# make bench BENCH_ARGS="--markdown /tmp/bench.md" also writes the machine and the table.
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

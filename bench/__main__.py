@@ -1,8 +1,9 @@
 """Run every benchmark module in bench/ (or those named) and print one table.
 
-Usage: ``python -m bench [--list] [module ...]`` (``--list``: the modules and their
-estimated times, nothing run; ``python -m bench.<module> --help`` for a module's
-options). A module takes part when it exposes ``run() -> dict[str, float]``;
+Usage: ``python -m bench [--list] [--markdown FILE] [module ...]`` (``--list``: the
+modules and their estimated times, nothing run; ``--markdown``: the machine, versions,
+load, command and table written to FILE as well; ``python -m bench.<module> --help`` for
+a module's options). A module takes part when it exposes ``run() -> dict[str, float]``;
 one that fails is reported and the others still run. A ``run`` with a ``previous``
 parameter is given the figures measured so far, as ``{"module.metric": value}`` (so
 ``overload`` and ``commands`` load the worker to twice what ``replicas`` found it
@@ -13,6 +14,7 @@ the table below) and their total; at the end each module's ``wall_s`` and the to
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import pkgutil
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import bench
+from bench import _machine
 
 Benchmark = Callable[..., dict[str, float]]
 
@@ -79,11 +82,19 @@ def _minutes(seconds: float) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """Run the benchmarks, print the table, return the exit status."""
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        return 0
-    listing = "--list" in argv
-    found = discover([name for name in argv if name != "--list"])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("modules", nargs="*", help="the modules to run (all by default)")
+    parser.add_argument("--list", action="store_true", help="the estimates only, nothing run")
+    parser.add_argument(
+        "--markdown",
+        metavar="FILE",
+        help="also write the machine, the command and the table to FILE (Markdown)",
+    )
+    args = parser.parse_args(argv)
+    listing = args.list
+    found = discover(args.modules)
     estimates = {name: estimate_s(name) for name in found}
     for name, seconds in estimates.items():
         print(f"bench.{name}: about {_minutes(seconds)}", file=sys.stderr)
@@ -94,6 +105,7 @@ def main(argv: Sequence[str]) -> int:
     failed = 0
     rows: list[tuple[str, str, str]] = []
     measured: dict[str, float] = {}
+    before = _machine.describe() if args.markdown else ""
     began = time.perf_counter()
     for name, run in found.items():
         print(f"running bench.{name} ...", file=sys.stderr, flush=True)
@@ -121,7 +133,23 @@ def main(argv: Sequence[str]) -> int:
     print(line.format(*("-" * width for width in widths)))
     for row in rows:
         print(line.format(*row))
-    print(f"total: {_minutes(time.perf_counter() - began)}", file=sys.stderr)
+    spent = time.perf_counter() - began
+    print(f"total: {_minutes(spent)}", file=sys.stderr)
+    if args.markdown:
+        command = " ".join(["python -m bench", *argv])
+        text = [
+            f"`{command}`: {_minutes(spent)} (estimated {_minutes(sum(estimates.values()))}).",
+            "",
+            f"Before: {before}",
+            "",
+            f"After: load average {_machine.load()} (1 / 5 / 15 min).",
+            "",
+            "| module | metric | value |",
+            "| --- | --- | ---: |",
+            *(f"| {m} | {metric} | {value} |" for m, metric, value in rows),
+        ]
+        with open(args.markdown, "w") as out:
+            out.write("\n".join(text) + "\n")
     return 1 if failed else 0
 
 
