@@ -60,6 +60,7 @@ from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import RecordError, decode_record, encode_changes
 from warmer.core.rules import token_start
 from warmer.inputs import Inputs, Prune
+from warmer.observe.failures import FailureLog
 from warmer.observe.health import Health
 from warmer.observe.http import HttpEndpoint
 from warmer.observe.log import get_logger
@@ -103,6 +104,7 @@ STOP_GRACE_S: Final = 10.0  # well inside a container's usual 30 s between SIGTE
 PRUNE_EVERY_MS: Final = 60_000
 RESTORE_AT_START_ATTEMPTS: Final = 10  # a store lost while starting: about 30 s at most
 RESTORE_AT_START_PAUSE_MS: Final = 1_000
+INBOUND_CHECK_MS: Final = 250  # how often the broker is asked what waits in a shard's queue
 STORE_CHECK_MS: Final = 5_000  # how soon a store that lost its data is noticed when idle
 _CUT: Final = (
     ChannelGone,
@@ -169,6 +171,8 @@ class App:
         """The worker's metrics, in a registry of this app's own."""
         self.health = Health()
         """What keeps the pipeline from making progress (``/readyz``)."""
+        self.failures = FailureLog(self.clock)
+        """Failed warms of every shard, summed into one warning line every so often."""
         self._runners: dict[int, Runner] = {}
         self._reroute_channel: AbstractRobustChannel | None = None
         self._wanted: frozenset[int] = frozenset()
@@ -211,8 +215,21 @@ class App:
         return sorted(k for k, runner in self._runners.items() if runner.running)
 
     def about(self) -> str:
-        """Which shards this replica owns (``/readyz``'s second line)."""
-        return f"replica {self.replica} owns shards {self.owned} of {self.shards}"
+        """Which shards this replica owns (``/readyz``'s second line), and, while it is
+        behind, how far (a third line)."""
+        owns = f"replica {self.replica} owns shards {self.owned} of {self.shards}"
+        behind = self.behind_ms()
+        if behind <= 0:
+            return owns
+        return f"{owns}\nbehind {behind / 1000:.1f} s (oldest due timer, input or warm confirm)"
+
+    def behind_ms(self) -> int:
+        """How far behind the most behind shard's pipeline is (``Worker.behind_ms``)."""
+        now = self.clock.now_ms()
+        return max(
+            (r.worker.behind_ms(now) for r in list(self._runners.values()) if r.worker),
+            default=0,
+        )
 
     def readiness(self) -> str | None:
         """None when ready to do the work, else why not (what ``/readyz`` answers).
@@ -249,7 +266,14 @@ class App:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             return f"taking shard {missing[0]}{more}"
         reasons = self.health.reasons()
-        return "; ".join(reasons) if reasons else None
+        if reasons:
+            return "; ".join(reasons)
+        limit_s = self.config.behind_not_ready_s
+        if limit_s > 0:
+            behind = self.behind_ms()
+            if behind > limit_s * 1000:
+                return f"behind by {behind / 1000:.1f} s (WARMER_BEHIND_NOT_READY_S {limit_s})"
+        return None
 
     async def start(self) -> None:
         """Open the store, connect, declare, take this replica's shards; StartupError with
@@ -288,6 +312,7 @@ class App:
             replica=self.replica,
         )
         self.metrics.registry.register(StateGauges(self._statuses, self._timers))
+        self.metrics.behind.set_function(lambda: self.behind_ms() / 1000)
         self.metrics.registry.register(CostGauges(self._economy, self._savings))
         await self._balance(first=True)
         # A shard whose lock is free has no live holder, whatever the store says (a killed
@@ -519,7 +544,7 @@ class App:
         read or written."""
         assert self._connection is not None and self._publisher is not None
         started = time.perf_counter()  # a duration, not a wait: not the Clock's
-        runner = Runner(shard, self.health if self.shards == 1 else Health())
+        runner = Runner(shard, self.health if self.shards == 1 else Health(), self.clock)
         lock = await self._lock(shard)
         if lock is None:
             return False
@@ -545,7 +570,10 @@ class App:
                 health=runner.health,
                 confirm_ms=self.config.confirm_timeout_ms,
                 on_fenced=lambda _: self._lose_soon(shard, "fenced"),
+                warms_in_flight=self.config.warms_in_flight,
+                failures=self.failures,
             )
+            worker.hold_above = self.config.prefetch
             await self._consume(runner)
         except _CUT:  # the connection went: taken again once it is back
             await self._lose(shard, "connection lost", graceful=False)
@@ -564,6 +592,7 @@ class App:
             watch(loop.create_task(self._prune_forever(runner.inputs), name="prune")),
             watch(loop.create_task(self._watchdog(runner).run(), name="stall watchdog")),
             watch(loop.create_task(worker.watch_store(STORE_CHECK_MS), name="store-check")),
+            watch(loop.create_task(self._watch_inbound(runner), name="inbound-check")),
         ]
         took = time.perf_counter() - started
         self.metrics.takeovers.inc()
@@ -578,6 +607,40 @@ class App:
             took_ms=round(took * 1000),
         )
         return True
+
+    async def _watch_inbound(self, runner: Runner) -> None:
+        """Every ``INBOUND_CHECK_MS``, ask the broker how many lifecycle messages wait in
+        the shard's queue (a passive declare, on a channel of its own) and tell the
+        pipeline (``Worker.inbound``): messages the broker holds back because the worker
+        has not settled what it was given are inputs waiting too, completions among them.
+        A failed look is only logged (the connection going, say) and tried again."""
+        queue = self.names.shard_queues(runner.shard)[0]
+        channel: aiormq.abc.AbstractChannel | None = None
+        delivered, at = runner.inputs.delivered, self.clock.now_ms()
+        try:
+            while True:
+                await sleep(self.clock, INBOUND_CHECK_MS)
+                worker = runner.worker
+                if worker is None or self._connection is None:
+                    continue
+                try:
+                    if channel is None or channel.is_closed:
+                        channel = await own_channel(self._connection)
+                    declared = await within(
+                        self.clock,
+                        self.config.confirm_timeout_ms,
+                        channel.queue_declare(queue, passive=True),
+                    )
+                except (*_CUT, aiormq.exceptions.AMQPError, TimeoutError) as exc:
+                    log.debug("inbound_check_failed", shard=runner.shard, error=repr(exc)[:300])
+                    channel = None
+                    continue
+                now, count = self.clock.now_ms(), runner.inputs.delivered
+                worker.inbound(declared.message_count or 0, count - delivered, now - at)
+                delivered, at = count, now
+        finally:
+            if channel is not None:
+                await close_quietly(channel)
 
     async def _lock(self, shard: int) -> ShardLock | None:
         """``shard``'s lock, taken; None when another replica holds it or the connection
@@ -1168,6 +1231,7 @@ class App:
         # the store check and the closes have their own timeouts.
         shards = list(self._runners)
         await asyncio.gather(*(self._lose(k, "stopping", graceful=connected) for k in shards))
+        self.failures.flush(force=True)  # the failure counts not yet told
         if self._publisher is not None:
             self._publisher.close()
         if self._store_open:

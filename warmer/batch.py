@@ -47,6 +47,7 @@ from warmer.core import (
     WarmSkipped,
 )
 from warmer.inputs import Fired, Input, Prune, Queue, Received, Returned
+from warmer.observe.failures import FailureLog
 from warmer.observe.log import get_logger
 from warmer.observe.metrics import Metrics, Tally
 
@@ -78,10 +79,12 @@ class Step:
 class Applied:
     """What applying a batch produced, kept apart until it is committed."""
 
-    __slots__ = ("refused", "steps", "tally", "timers", "warms")
+    __slots__ = ("failed", "refused", "steps", "tally", "timers", "warms")
 
     def __init__(self, refused: bool) -> None:
         self.refused = refused
+        self.failed: list[WarmFailed] = []
+        """The warms that failed, for the failure summary once committed."""
         self.steps: list[Step] = []
         self.timers: list[Arm | Cancel] = []
         self.warms: list[PublishWarm] = []
@@ -91,8 +94,20 @@ class Applied:
 class Applier:
     """Applies inputs to the core: decodes, counts, and collects each one's effects."""
 
-    def __init__(self, core: Warmer, clock: Clock, outbound: Outbound, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        core: Warmer,
+        clock: Clock,
+        outbound: Outbound,
+        metrics: Metrics,
+        failures: FailureLog | None = None,
+    ) -> None:
+        """``failures``: told of each failed warm once its batch is committed (the
+        pipeline's ``commit``; a summary line every so often, not a warning a warm)."""
         self.core = core
+        self.failures = failures or FailureLog(clock)
+        self.behind_ms = 0
+        """How far behind the worker is for the batch being applied (``Warmer.on_timer``)."""
         self.clock = clock
         self.outbound = outbound
         self.metrics = metrics
@@ -134,7 +149,10 @@ class Applier:
     ) -> Outcome | None:
         match item:
             case Fired(cid, token):
-                return self.core.on_timer(now, cid, token)
+                outcome = self.core.on_timer(now, cid, token, self.behind_ms)
+                if outcome.verdict == "extended":
+                    tally.counts[self.metrics.warm_timeouts_extended] += 1
+                return outcome
             case Returned(cid, token):
                 return self.core.on_warm_returned(now, cid, token)
             case Prune():
@@ -258,7 +276,8 @@ class Applier:
                         step.publishes.append(answer)
                 case WarmFailed():
                     applied.tally.counts[self.metrics.warms_failed[effect.cause]] += 1
-                    log.warning(
+                    applied.failed.append(effect)
+                    log.info(
                         "warm_failed",
                         conversation_id=effect.conversation_id,
                         token=effect.token,
@@ -287,6 +306,13 @@ class Applier:
                     )
                 case _:
                     assert_never(effect)
+
+    def committed(self, applied: Applied) -> None:
+        """``applied`` was committed: its failed warms go into the failure summary."""
+        for failed in applied.failed:
+            self.failures.failed(
+                failed.cause, failed.conversation_id, failed.error, paused=failed.paused
+            )
 
     def _account(self, effect: Accounted, tally: Tally) -> None:
         """Count what an input added to a savings account (base-input-token units)."""

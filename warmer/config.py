@@ -41,6 +41,7 @@ StoreUrl = Annotated[
 Shards = Annotated[int, msgspec.Meta(ge=1, le=256)]
 ReplicaId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9._:-]{0,100}\Z")]
 Prefetch = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+InFlight = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 Milliseconds = Annotated[int, msgspec.Meta(ge=1000, le=_INT_MAX)]
@@ -79,6 +80,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     store: StoreUrl = "sqlite:///warmer.db"
     store_timeout_ms: Milliseconds = 2_000
     prefetch: Prefetch = 256
+    warms_in_flight: InFlight = 1024
+    behind_not_ready_s: WaitSeconds = 0
     confirm_timeout_ms: Milliseconds = CONFIRM_TIMEOUT_MS
     log_format: LogFormat = "json"
     log_level: LogLevel = "info"
@@ -231,6 +234,23 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "prefetch",
         "unacknowledged lifecycle events per consumer",
         "an integer from 1 to 65535",
+    ),
+    Setting(
+        "WARMER_WARMS_IN_FLIGHT",
+        "warms_in_flight",
+        "at most this many timers fired and not yet through the worker (applied, their warm "
+        "request confirmed); more that fall due wait in the schedule, due times kept, oldest "
+        "first, so an overloaded worker spreads its warms instead of timing them out "
+        "(0: no bound)",
+        "an integer from 0 to 1000000",
+    ),
+    Setting(
+        "WARMER_BEHIND_NOT_READY_S",
+        "behind_not_ready_s",
+        "/readyz fails while the worker is more than this many seconds behind (its oldest due "
+        "timer, input or unconfirmed warm request); 0: never, /readyz only tells how far "
+        "behind on a line of its own",
+        "an integer from 0 to 86400 (seconds)",
     ),
     Setting(
         "WARMER_CONFIRM_TIMEOUT_MS",

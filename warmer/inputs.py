@@ -15,6 +15,7 @@ from typing import Final, Literal
 import msgspec
 
 from warmer.bus.port import Delivery
+from warmer.clock import Clock
 
 BATCH_MAX: Final = 1024
 
@@ -50,33 +51,85 @@ Input = Received | Fired | Returned | Prune
 
 
 class Inputs:
-    """What the pipeline has yet to apply, in arrival order; consumers and timers add to it."""
+    """What the pipeline has yet to apply; consumers and timers add to it.
 
-    def __init__(self) -> None:
+    Commands come first: a person waits on each, and they are few, so a batch is made of
+    the commands waiting, when there are any, before the rest (deliveries, timers that fell
+    due, returns) in arrival order. With a clock, the rest is stamped as it arrives, so the
+    pipeline can tell how long its inputs wait (``waited_ms``, ``oldest_ms``): part of how
+    far behind the worker is.
+    """
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self._commands: deque[Input] = deque()
         self._items: deque[Input] = deque()
+        # [arrival ms, how many arrived then], oldest first, over ``_items`` in order.
+        self._stamps: deque[list[int]] = deque()
+        self._clock = clock
         self._ready = asyncio.Event()
         self._closed = False
         self.taken = 0
         """How many batches the pipeline has taken: the stall watchdog's sign of progress."""
         self.idle = False
-        """True while the pipeline waits in ``take`` for input: idle, not stalled."""
+        """True while the pipeline waits in ``take`` for input."""
+        self.delivered = 0
+        """How many lifecycle deliveries arrived so far (how fast the worker takes them)."""
+        self.fired_waiting = 0
+        """Timers fired and not yet through the pipeline (``fires_through``)."""
+        self.waited_ms = 0
+        """How long the oldest input of the last batch taken (commands aside) had waited."""
+        self.taken_since_ms: int | None = None
+        """When the oldest input of the last batch taken arrived (None without a clock)."""
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + len(self._commands)
 
     def put(self, item: Input) -> None:
-        """Add one input at the end."""
-        self._items.append(item)
+        """Add one input at the end (of the commands when it is one)."""
+        if isinstance(item, Received) and item.queue == "commands":
+            self._commands.append(item)
+        else:
+            self._items.append(item)
+            self._stamp(1)
+            if type(item) is Fired:
+                self.fired_waiting += 1
         self._ready.set()
+
+    def _stamp(self, count: int) -> None:
+        if self._clock is None:
+            return
+        now = self._clock.now_ms()
+        stamps = self._stamps
+        if stamps and stamps[-1][0] == now:
+            stamps[-1][1] += count
+        else:
+            stamps.append([now, count])
 
     def put_back(self, items: Iterable[Input]) -> None:
         """Put inputs of an abandoned batch back at the front, in their order."""
-        self._items.extendleft(reversed(list(items)))
-        if self._items:
+        back = list(items)
+        commands = [i for i in back if isinstance(i, Received) and i.queue == "commands"]
+        rest = [i for i in back if not (isinstance(i, Received) and i.queue == "commands")]
+        self.fired_waiting += sum(type(i) is Fired for i in rest)
+        self._commands.extendleft(reversed(commands))
+        self._items.extendleft(reversed(rest))
+        if rest and self._clock is not None:
+            oldest = self._stamps[0][0] if self._stamps else self._clock.now_ms()
+            self._stamps.appendleft([oldest, len(rest)])
+        if self._items or self._commands:
             self._ready.set()
+
+    def fires_through(self, count: int) -> None:
+        """``count`` fired timers taken were applied (or put back, which counts them again)."""
+        self.fired_waiting -= count
+
+    def oldest_ms(self, now: int) -> int:
+        """How long the oldest input waiting (commands aside) has waited; 0 when none."""
+        return now - self._stamps[0][0] if self._stamps else 0
 
     async def lifecycle(self, delivery: Delivery) -> None:
         """The lifecycle consumer's callback."""
+        self.delivered += 1
         self.put(Received("lifecycle", delivery))
 
     async def command(self, delivery: Delivery) -> None:
@@ -95,14 +148,8 @@ class Inputs:
     def take_commands(self) -> list[Input]:
         """Take out every command delivery waiting, in order, leaving the rest in theirs
         (answered at once while the store fails, not held behind a batch being retried)."""
-        if not any(isinstance(item, Received) and item.queue == "commands" for item in self._items):
-            return []
-        commands: list[Input] = []
-        rest: deque[Input] = deque()
-        for item in self._items:
-            is_command = isinstance(item, Received) and item.queue == "commands"
-            (commands if is_command else rest).append(item)
-        self._items = rest
+        commands = list(self._commands)
+        self._commands.clear()
         return commands
 
     async def arrived(self) -> None:
@@ -113,8 +160,9 @@ class Inputs:
             await asyncio.Event().wait()
 
     async def take(self, limit: int = BATCH_MAX) -> list[Input] | None:
-        """Wait for at least one input, then take every one there is (at most ``limit``)."""
-        while not self._items:
+        """Wait for at least one input, then take the commands waiting, if any (at most
+        ``limit``), else every other input there is (at most ``limit``)."""
+        while not self._items and not self._commands:
             if self._closed:
                 return None
             self._ready.clear()
@@ -123,9 +171,30 @@ class Inputs:
                 await self._ready.wait()
             finally:
                 self.idle = False
-        count = min(limit, len(self._items))
         self.taken += 1
+        if self._commands:
+            count = min(limit, len(self._commands))
+            if self._clock is not None:
+                self.taken_since_ms = self._clock.now_ms()
+            return [self._commands.popleft() for _ in range(count)]
+        count = min(limit, len(self._items))
+        self._unstamp(count)
         return [self._items.popleft() for _ in range(count)]
+
+    def _unstamp(self, count: int) -> None:
+        """Forget the stamps of the ``count`` oldest inputs, noting how long they waited."""
+        stamps = self._stamps
+        if self._clock is None or not stamps:
+            return
+        self.taken_since_ms = stamps[0][0]
+        self.waited_ms = self._clock.now_ms() - stamps[0][0]
+        while count and stamps:
+            first = stamps[0]
+            if first[1] > count:
+                first[1] -= count
+                return
+            count -= first[1]
+            stamps.popleft()
 
 
 __all__ = ["BATCH_MAX", "Fired", "Input", "Inputs", "Prune", "Queue", "Received", "Returned"]

@@ -11,6 +11,12 @@ One task sleeps until the earliest due time through a single clock alarm; arming
 earlier timer wakes it to sleep again on the new earliest. Each fire tells ``lateness``
 (if given) how late it came, in seconds: the scheduler is the one part that still knows
 the due time then.
+
+Spreading: with ``room`` (how many more timers the pipeline takes now), timers fall due no
+faster than the pipeline applies and publishes them: at most ``room()`` fire per turn, the
+rest stay in the heap, due times kept, oldest first, until ``nudge()`` says there is room
+again. How late the oldest due timer is (``behind_ms``) is then how far behind the worker
+is on its schedule.
 """
 
 from __future__ import annotations
@@ -23,12 +29,15 @@ from warmer.clock import Alarm, Clock
 from warmer.observe.log import get_logger
 from warmer.observe.tasks import watch
 
-__all__ = ["Lateness", "OnFire", "Scheduler"]
+__all__ = ["Lateness", "OnFire", "Room", "Scheduler"]
 
 log = get_logger(__name__)
 
 OnFire = Callable[[str, int], None]
 """What a fired timer calls: `on_fire(key, token)`."""
+
+Room = Callable[[], int]
+"""How many more timers may fire now (the pipeline's room); at most 0 holds them back."""
 
 Lateness = Callable[[float], None]
 """Told, for each fire, the fire time minus the due time in seconds (a histogram's observe)."""
@@ -39,11 +48,23 @@ _Entry = tuple[int, int, str, int]
 # Below this many dead entries the heap is never rebuilt: small heaps are cheap anyway.
 _COMPACT_MIN_DEAD = 1024
 
+# Held back (no room), timers due: looked at again this soon even without a nudge.
+_HELD_RECHECK_MS = 50
+
 
 class Scheduler:
     """One pending timer per key; fires `on_fire(key, token)` when its due time comes."""
 
-    def __init__(self, clock: Clock, on_fire: OnFire, *, lateness: Lateness | None = None) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        on_fire: OnFire,
+        *,
+        lateness: Lateness | None = None,
+        room: Room | None = None,
+    ) -> None:
+        self.room = room
+        """How many timers may fire now (spreading); None: every timer that falls due."""
         self._clock = clock
         self._on_fire = on_fire
         self._lateness = lateness
@@ -86,8 +107,21 @@ class Scheduler:
         entry = self._live.get(key)
         return None if entry is None else (entry[0], entry[3])
 
-    def fire_due(self, now_ms: int) -> int:
-        """Fire every timer due at or before `now_ms`, in due order, ties in arm order.
+    def behind_ms(self, now_ms: int) -> int:
+        """How late the oldest timer due and not yet fired is at `now_ms`; 0 when none,
+        or when the task is not running (stopped, it is not behind: nothing fires)."""
+        if not self.running:
+            return 0
+        next_due = self._next_due()
+        return now_ms - next_due if next_due is not None and next_due < now_ms else 0
+
+    def nudge(self) -> None:
+        """The pipeline has room again: fire what is held back."""
+        self._wake()
+
+    def fire_due(self, now_ms: int, limit: int | None = None) -> int:
+        """Fire every timer due at or before `now_ms` (at most `limit` of them), in due
+        order, ties in arm order.
 
         Each timer is disarmed before its `on_fire` runs, so the callback may re-arm or
         cancel any key. A timer armed by a callback never fires within the same call,
@@ -102,6 +136,8 @@ class Scheduler:
         self._firing = True
         try:
             while self._heap and self._heap[0][0] <= now_ms:
+                if limit is not None and fired >= limit:
+                    break
                 entry = heapq.heappop(self._heap)
                 _, seq, key, token = entry
                 if self._live.get(key) is not entry:
@@ -129,10 +165,14 @@ class Scheduler:
         """Fire timers as they fall due, forever; cancel the task (or `stop()`) to end."""
         loop = asyncio.get_running_loop()
         while True:
-            self.fire_due(self._clock.now_ms())
+            room = None if self.room is None else max(0, self.room())
+            if room != 0:
+                self.fire_due(self._clock.now_ms(), room)
             next_due = self._next_due()
-            if next_due is not None and next_due <= self._clock.now_ms():
-                # Armed by a callback already due: fire it after letting others run.
+            held = self.room is not None and self.room() <= 0
+            if not held and next_due is not None and next_due <= self._clock.now_ms():
+                # Armed by a callback already due, or more due than fit in one turn:
+                # fire it after letting others run.
                 await asyncio.sleep(0)
                 continue
             alarm: Alarm | None = None
@@ -140,7 +180,11 @@ class Scheduler:
             self._sleeping_until = next_due
             try:
                 if next_due is not None:
-                    alarm = self._clock.call_at(next_due, self._wake)
+                    # Held back with timers due: ``nudge`` (room again) wakes it, or at the
+                    # latest a look again a moment later (a nudge never missed for long).
+                    now = self._clock.now_ms()
+                    at = now + _HELD_RECHECK_MS if held and next_due <= now else next_due
+                    alarm = self._clock.call_at(at, self._wake)
                 await self._waiter
             finally:
                 self._waiter = None

@@ -18,6 +18,7 @@ from typing import Final
 
 from warmer.bus.consumer import ShardConsumer
 from warmer.bus.lock import ShardLock
+from warmer.clock import Clock
 from warmer.inputs import Inputs
 from warmer.observe.health import Health
 from warmer.observe.log import get_logger
@@ -34,10 +35,11 @@ TOKEN_STRIDE: Final = 256
 class Runner:
     """What one owned shard runs; built in steps by the app as it takes the shard."""
 
-    def __init__(self, shard: int, health: Health) -> None:
+    def __init__(self, shard: int, health: Health, clock: Clock | None = None) -> None:
+        """``clock``: stamps the inputs as they arrive (how long they wait: how far behind)."""
         self.shard = shard
         self.health = health
-        self.inputs = Inputs()
+        self.inputs = Inputs(clock)
         self.view: Store | None = None
         self.worker: Worker | None = None
         self.lock: ShardLock | None = None

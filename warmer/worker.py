@@ -61,7 +61,8 @@ from warmer.core import (
 )
 from warmer.core.gaps import MODEL_KEY
 from warmer.core.records import encode_changes, encode_record
-from warmer.inputs import Input, Inputs, Received, Returned
+from warmer.inputs import Fired, Input, Inputs, Received, Returned
+from warmer.observe.failures import FailureLog
 from warmer.observe.health import Health
 from warmer.observe.log import get_logger
 from warmer.observe.metrics import Metrics
@@ -75,6 +76,12 @@ log = get_logger(__name__)
 RETRY_FIRST_MS: Final = 100
 RETRY_MAX_MS: Final = 5000
 _ENCODE_CHUNK: Final = 10_000
+HOLD_ABOVE: Final = 256
+"""No timer fires while more lifecycle messages than this wait at the broker (a full
+prefetch window's worth, by default: ``WARMER_PREFETCH``)."""
+QUEUED_MAX_MS: Final = 600_000
+BEHIND_MIN_MS: Final = 100
+"""Below this the worker keeps up (``behind_ms`` reports 0): a warm timeout fails."""
 
 
 class Worker:
@@ -94,12 +101,17 @@ class Worker:
         health: Health | None = None,
         confirm_ms: int = CONFIRM_TIMEOUT_MS,
         on_fenced: Callable[[str], None] | None = None,
+        warms_in_flight: int = 0,
+        failures: FailureLog | None = None,
     ) -> None:
         """``retry_ms``: the first and the longest pause between retries of a failed step;
         ``health``: where the pipeline says what keeps it from making progress;
         ``confirm_ms``: how long a batch's publishes may wait for their confirms;
         ``on_fenced``: called once when the store refuses a commit because another replica
-        took the shard (the pipeline has stopped)."""
+        took the shard (the pipeline has stopped); ``warms_in_flight``: at most this many
+        timers fired and not yet through (applied, their warm request confirmed), the rest
+        held back in the scheduler, due times kept (0: no bound); ``failures``: where failed
+        warms are counted for the summary line (one of the worker's own when None)."""
         self.core = core
         self.scheduler = scheduler
         self.store = store
@@ -108,9 +120,26 @@ class Worker:
         self.inputs = inputs
         self.metrics = metrics
         self.health = health or Health()
-        self._applier = Applier(core, clock, outbound, metrics)
+        self.failures = failures or FailureLog(clock)
+        """Failed warms, summed into a warning line every so often."""
+        self._applier = Applier(core, clock, outbound, metrics, self.failures)
         self._retry_first_ms, self._retry_max_ms = retry_ms
-        self._warms: set[asyncio.Task[None]] = set()
+        # Each warm request under way, and when it was started (insertion order: the
+        # first is the oldest).
+        self._warms: dict[asyncio.Task[None], int] = {}
+        self._in_flight = warms_in_flight
+        # Each batch taken and not yet settled, and when its oldest input arrived (in batch
+        # order: the first is the oldest). Its deliveries hold the consumer's prefetch until
+        # then: while they are old, what the broker holds back for this worker is late too.
+        self._batches: dict[object, int] = {}
+        self._queued = 0
+        """Lifecycle messages the broker held in the shard's queue at the last look."""
+        self._queued_ms = 0
+        """How long they would wait, at the pace deliveries came meanwhile."""
+        self.hold_above = HOLD_ABOVE
+        """While more lifecycle messages than this wait at the broker, no timer fires."""
+        if warms_in_flight > 0:
+            scheduler.room = self._room
         self._abandoned = False
         self._confirm_ms = confirm_ms
         # The deadline now: the setting, doubled after each reset (a broker slow but alive
@@ -151,7 +180,10 @@ class Worker:
         """
         tails: deque[asyncio.Task[None]] = deque()
         while not self._abandoned and (items := await self.inputs.take()) is not None:
-            while len(tails) > 1 or (tails and tails[0].done()):
+            # A batch of commands (a person waits on each) does not wait for the batches
+            # being published: its replies go out as soon as it is committed.
+            most = len(tails) + 1 if _is_command(items[0]) else 1
+            while len(tails) > most or (tails and tails[0].done()):
                 await tails.popleft()
             try:
                 tail = await self._stage(items, tails[-1] if tails else None)
@@ -187,12 +219,64 @@ class Worker:
         if tail is not None:
             await tail
 
+    def _room(self) -> int:
+        """How many more timers may fire now (``warms_in_flight`` bounds the timers fired
+        and not yet through: waiting in the inputs or being applied, their warm requests
+        not yet confirmed)."""
+        if self._queued > self.hold_above:
+            return 0  # completions wait for the worker: they come before new warms
+        busy = self.inputs.fired_waiting + len(self._warms)
+        return self._in_flight - busy
+
+    def inbound(self, queued: int, delivered: int, over_ms: int) -> None:
+        """The broker holds ``queued`` lifecycle messages for this shard; ``delivered``
+        came in the last ``over_ms``: how long the last of them would wait."""
+        self._queued = queued
+        if queued <= 0:
+            self._queued_ms = 0
+        elif delivered > 0:
+            self._queued_ms = min(queued * over_ms // delivered, QUEUED_MAX_MS)
+        else:  # none taken meanwhile: at least that long already
+            self._queued_ms = min(max(self._queued_ms + over_ms, over_ms), QUEUED_MAX_MS)
+        if queued <= self.hold_above:
+            self.scheduler.nudge()
+
+    def behind_ms(self, now: int | None = None) -> int:
+        """How far behind the worker is, in ms: the most of how late its oldest timer
+        due is (held back, or not yet fired), how long its oldest input has waited
+        (commands aside), and how long its oldest warm request has waited for its
+        confirm. 0 when that is under ``BEHIND_MIN_MS``: it keeps up."""
+        now = self.clock.now_ms() if now is None else now
+        oldest_warm = next(iter(self._warms.values()), now)
+        oldest_batch = next(iter(self._batches.values()), now)
+        behind = max(
+            self.scheduler.behind_ms(now),
+            self.inputs.oldest_ms(now),
+            now - oldest_warm,
+            now - oldest_batch,
+            self._queued_ms,
+        )
+        return behind if behind >= BEHIND_MIN_MS else 0
+
     async def _stage(
         self, items: list[Input], previous: asyncio.Task[None] | None
     ) -> asyncio.Task[None] | None:
         """Apply and commit; start the publishes; return the task that acknowledges."""
-        steps = await self._apply_and_commit(items)
+        fires = sum(type(item) is Fired for item in items)
+        batch = object()
+        since = self.inputs.taken_since_ms
+        self._batches[batch] = self.clock.now_ms() if since is None else since
+        try:
+            steps = await self._apply_and_commit(items)
+        except BaseException:
+            self._batches.pop(batch, None)
+            raise
+        finally:
+            if fires:
+                self.inputs.fires_through(fires)
+                self.scheduler.nudge()
         if steps is None:  # rolled back: each delivery is to come again
+            self._batches.pop(batch, None)
             deliveries = [i.delivery for i in items if isinstance(i, Received)]
             if self._abandoned or self.outbound.closing:
                 self._leave(deliveries)  # the worker goes: the broker takes them back
@@ -202,9 +286,11 @@ class Worker:
         work = [(step, effect) for step in steps for effect in step.publishes]
         # Started now, in order: a later batch's publishes never overtake these.
         attempts = _start(work)
-        return watch(
+        tail = watch(
             asyncio.get_running_loop().create_task(self._finish(steps, work, attempts, previous))
         )
+        tail.add_done_callback(lambda _: self._batches.pop(batch, None))
+        return tail
 
     async def _finish(
         self,
@@ -348,6 +434,11 @@ class Worker:
         """
         now = self.clock.now_ms()
         metrics = self.metrics
+        # How far behind the worker is as this batch is applied: a warm timeout in it is
+        # checked again later rather than failed (``Warmer.on_timer``).
+        waited = self.inputs.waited_ms if any(type(i) is Fired for i in items) else 0
+        behind = max(self.behind_ms(now), waited if waited >= BEHIND_MIN_MS else 0)
+        self._applier.behind_ms = behind
         async with self._committing:
             self.core.begin()
             refusing: asyncio.Task[None] | None = None
@@ -404,6 +495,7 @@ class Worker:
                 self.core.end()
                 await self._stop_refusing(refusing)
         metrics.add(applied.tally, len(items))
+        self._applier.committed(applied)
         for timer in applied.timers:
             match timer:
                 case Arm():
@@ -412,11 +504,18 @@ class Worker:
                     self.scheduler.cancel(timer.conversation_id)
                 case _:
                     assert_never(timer)
+        loop, started = asyncio.get_running_loop(), self.clock.now_ms()
         for warm in applied.warms:
-            task = watch(asyncio.get_running_loop().create_task(self._send_warm(warm)))
-            self._warms.add(task)
-            task.add_done_callback(self._warms.discard)
+            task = watch(loop.create_task(self._send_warm(warm)))
+            self._warms[task] = started
+            task.add_done_callback(self._warm_done)
+        self.failures.flush()
         return applied.steps
+
+    def _warm_done(self, task: asyncio.Task[None]) -> None:
+        self._warms.pop(task, None)
+        if self._in_flight > 0:
+            self.scheduler.nudge()
 
     def _refuse_commands_of(self, items: list[Input], now: int, outage_began: bool) -> Applied:
         """The batch's commit failed, known not to have written: answer its commands
@@ -729,9 +828,11 @@ class Worker:
             log.info("warm_withdrawn", conversation_id=cid, token=token)
             return
         except PublishFailed as exc:  # left to the warm timeout, which fails and retries it
-            # A warning: the worker handles it (the timeout retries; an overdue confirm
-            # drops the connection), so it must not page anyone by itself.
-            log.warning("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
+            # Counted into the failure summary (a warning every so often, not one a warm):
+            # the worker handles it (the timeout retries; an overdue confirm drops the
+            # connection), so it must not page anyone by itself.
+            log.info("warm_publish_failed", conversation_id=cid, error=str(exc)[:300])
+            self.failures.publish_failed(str(exc))
             if isinstance(exc, ConfirmOverdue):
                 await self._confirms_overdue(exc)
             return

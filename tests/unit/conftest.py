@@ -112,10 +112,10 @@ class NotingWarmer(Warmer):
         """Apply a lifecycle event; noted."""
         return self._noted("apply_event", (now, event), super().apply_event(now, event))
 
-    def on_timer(self, now: int, conversation_id: str, token: int) -> Outcome:
-        """A timer fired; noted."""
+    def on_timer(self, now: int, conversation_id: str, token: int, behind_ms: int = 0) -> Outcome:
+        """A timer fired; noted (``behind_ms`` aside)."""
         args = (now, conversation_id, token)
-        return self._noted("on_timer", args, super().on_timer(*args))
+        return self._noted("on_timer", args, super().on_timer(*args, behind_ms))
 
     def on_warm_returned(self, now: int, conversation_id: str, token: int) -> Outcome:
         """A warm came back unroutable; noted."""

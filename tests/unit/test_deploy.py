@@ -111,6 +111,9 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "warmer_shard_takeover_seconds": ("histogram", frozenset()),
     "warmer_shard_handover_seconds": ("histogram", frozenset()),
     "warmer_messages_rerouted_total": ("counter", frozenset()),
+    # Overload (issue 17): how far behind the worker is, and the timeouts that waited for it.
+    "warmer_behind_seconds": ("gauge", frozenset()),
+    "warmer_warm_timeouts_extended_total": ("counter", frozenset()),
 }
 HISTOGRAM_SERIES: Final = ("_bucket", "_sum", "_count")
 

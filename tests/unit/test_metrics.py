@@ -114,6 +114,7 @@ GAUGES = {
     "warmer_savings_tokens",
     "warmer_clock_offset_seconds",
     "warmer_shards_owned",
+    "warmer_behind_seconds",
 }
 ADVICE = {"warmer_cache_cost_per_gap", "warmer_ttl_1h_cheaper"}
 

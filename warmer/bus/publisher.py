@@ -154,17 +154,19 @@ class Publisher:
     ) -> bool:
         """Publish a warm request, mandatory; False when the broker returned it unroutable.
 
-        Each attempt carries its real publish time as ``requestedAt`` and what is left of
-        the attempt's timeout (counted from the request's ``requested_at``) as its
-        expiration. A request cut by a lost connection is published again only while
-        ``still_wanted()`` and time is left: once its warm timed out, its retry has a new
-        token, and the old request must not run late beside it (PublishWithdrawn).
+        Each attempt carries its real publish time as ``requestedAt`` and the warm
+        timeout as its expiration, counted from then: a request the worker itself sent
+        late (behind on its own work) still gets the whole timeout at the orchestrator, as
+        its warm timeout waits for the worker (docs/semantics.md, addition 2). A request is
+        published (again, after a lost connection) only while ``still_wanted()``: once its
+        warm timed out, its retry has a new token, and the old request must not run late
+        beside it (PublishWithdrawn).
         """
 
         def attempt() -> Message | None:
             now = self._clock.now_ms()
-            left = timeout_ms - max(0, now - request.requested_at)
-            if left <= 0 or not still_wanted():
+            left = timeout_ms
+            if not still_wanted():
                 return None
             body = msgspec.structs.replace(request, requested_at=now)
             return Message(

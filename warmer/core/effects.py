@@ -104,7 +104,9 @@ Effect = (
 )
 
 
-Verdict = Literal["applied", "answered", "stale", "dropped_active", "ignored", "rejected"]
+Verdict = Literal[
+    "applied", "answered", "stale", "dropped_active", "ignored", "rejected", "extended"
+]
 
 
 class Outcome(Struct, frozen=True):

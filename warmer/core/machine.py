@@ -326,14 +326,16 @@ class Warmer:
         conv = self._conversations.get(cid)
         if conv is not None and conv.active:
             return Outcome([], "dropped_active")
-        if conv is not None and _is_stale_token(event.token, conv):
+        late = conv is not None and _is_late_answer(event.token, conv)
+        if conv is not None and not late and _is_stale_token(event.token, conv):
             return Outcome([], "stale")
         self._touch(cid)
         if conv is None:
             conv = self._create(now, cid)
-        current = event.token is not None and event.token == conv.token
+        current = event.token is not None and (event.token == conv.token or late)
         if current:
-            conv.answered_token = conv.token
+            assert event.token is not None
+            conv.answered_token = event.token
         status = conv.status
         effects: list[Effect] = []
         if event.error is not None:
@@ -363,11 +365,26 @@ class Warmer:
 
     # -- timers and returns -----------------------------------------------------------
 
-    def on_timer(self, now: int, conversation_id: str, token: int) -> Outcome:
-        """A timer fired: publish a warm, or time out the outstanding one."""
+    def on_timer(self, now: int, conversation_id: str, token: int, behind_ms: int = 0) -> Outcome:
+        """A timer fired: publish a warm, or time out the outstanding one.
+
+        ``behind_ms``: how far behind the worker is now (its timers, its inputs, its warm
+        requests not yet confirmed: the shell's measure, 0 when it keeps up). A warm
+        timeout that fires while the worker is behind is not the orchestrator's failure:
+        the completion may be waiting behind the worker's own backlog. It is checked again
+        ``behind_ms`` later, or half its timeout if that is later (verdict ``extended``: no
+        change, no surface), for at most ``warm_timeout_ms`` past its deadline; only a
+        timeout that fires while the worker keeps up (or past that bound) fails the warm.
+        """
         conv = self._conversations.get(conversation_id)
         if conv is None or token != conv.token or not conv.enabled or conv.active:
             return _NOTHING
+        if conv.phase is Status.WARMING and behind_ms > 0:
+            deadline = conv.published_at + conv.timeout_ms
+            if now < deadline + self.policy.warm_timeout_ms:
+                wait = max(behind_ms, conv.timeout_ms // 2)
+                again = min(now + wait, deadline + self.policy.warm_timeout_ms)
+                return Outcome([Arm(conversation_id, again, token)], "extended")
         self._touch(conversation_id)
         effects: list[Effect] = []
         if conv.phase is Status.WARMING:
@@ -632,6 +649,17 @@ def _both(census: Callable[[str], None], journal: Callable[[str], None]) -> Call
 def _is_stale_token(token: int | None, conv: Conversation) -> bool:
     """A completion older than the armed token, or a duplicate of one already applied."""
     return token is not None and (token < conv.token or token <= conv.answered_token)
+
+
+def _is_late_answer(token: int | None, conv: Conversation) -> bool:
+    """The completion of a warm that failed (timed out) while no newer request went out:
+    the retry is only armed (``retrying``), and the token is one of ours not yet answered.
+    It answers the warm after all: credited as current (docs/semantics.md, "Tokens")."""
+    return (
+        token is not None
+        and conv.phase is Status.RETRYING
+        and conv.answered_token < token < conv.token
+    )
 
 
 def _is_stale_seq(seq: int | None, conv: Conversation | None) -> bool:

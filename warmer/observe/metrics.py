@@ -285,6 +285,19 @@ class Metrics:
             "Times the broker connection was lost and made again.",
             registry=r,
         )
+        self.warm_timeouts_extended: Final = Counter(
+            "warmer_warm_timeouts_extended_total",
+            "Warm timeouts that fired while the worker was behind: checked again later "
+            "instead of failing the warm (the worker's lateness is not the orchestrator's).",
+            registry=r,
+        )
+        self.behind: Final = Gauge(
+            "warmer_behind_seconds",
+            "How far behind the worker is: the most of how late its oldest due timer is, "
+            "how long its oldest input has waited, and how long its oldest warm request "
+            "has waited for its confirm (0 under 0.1 s: it keeps up).",
+            registry=r,
+        )
         self.shards_owned: Final = Gauge(
             "warmer_shards_owned",
             "Shards this replica owns now (their timers armed here, their queues consumed).",
