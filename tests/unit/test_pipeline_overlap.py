@@ -79,16 +79,22 @@ async def commit_abandoned_then_a_command_behind(rig: Rig) -> tuple[Received, Re
     """The lifecycle channel goes while the store does not answer (the outcome unknown, so
     the command is not refused): the batch is rolled back, and its command, on the
     commands channel that stays open, is to come again; then a command on that channel
-    is acknowledged."""
+    is acknowledged.
+
+    The loop's inputs no longer put a command in a batch with lifecycle events (commands
+    are taken first, in batches of their own: issue 17), so the mixed batch is started by
+    hand; what a rollback gives back is the same for any batch with a delivery on a
+    channel that stays open."""
     event = rig.event(closed("e", seq=1))
     command = rig.command(enable("c"), reply_to="replies")
     rig.store.unknown_next, rig.store.unknown_lands = 10_000, False
-    rig.run()
-    rig.put(event, command)
+    first = rig.start(event, command)
     await rig.drive(lambda: rig.metric("warmer_store_errors_total") >= 2)
     rig.lifecycle.close()
     await rig.drive(lambda: rig.metric("warmer_redeliveries_total") >= 2)
+    await first
     rig.store.unknown_next = 0
+    rig.run()
     later = rig.command(enable("d"), reply_to="replies")
     rig.put(later)
     await rig.drive(lambda: outcome(later) is not None)

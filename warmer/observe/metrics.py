@@ -123,6 +123,8 @@ NAMES: Final = (
     "warmer_shard_takeover_seconds",
     "warmer_shard_handover_seconds",
     "warmer_messages_rerouted_total",
+    "warmer_behind_seconds",
+    "warmer_warm_timeouts_extended_total",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
