@@ -2,7 +2,7 @@
 
 A short reproduction of the overload target of issue 17 (not ``make bench``'s module):
 the simulated orchestrator of ``bench.replicas`` answers every warm, one replica
-(``WARMER_SHARDS=1``, Redis) warms K conversations at 1 s for ``--seconds``, while a
+(``WARMER_SHARDS=1``, SQLite) warms K conversations at 1 s for ``--seconds``, while a
 person-sized stream of commands (``get_state`` and a no-op ``set_enabled true``, 50 a
 second, open loop) is timed reply by reply. Printed: warms requested and completed, warms
 failed by cause, conversations paused, the replica's warning lines (by event), the
@@ -97,9 +97,10 @@ def _pct(values: list[float], q: float) -> float:
 async def flood(k: int, seconds: float) -> dict[str, object]:
     replicas.SHARDS = 1  # type: ignore[misc]  # one shard: the whole load on one pipeline
     namespace = f"bench-flood-{os.getpid()}"
-    store = f"{replicas.REDIS_URL}?prefix={namespace}"
     with tempfile.TemporaryDirectory(prefix="bench-flood-") as name:
         directory = Path(name)
+        # SQLite (one replica): the shared Redis of this machine is other benches' too.
+        store = f"sqlite:///{directory / 'flood.db'}"
         orchestrator = replicas.Orchestrator(namespace, directory)
         replica: replicas.Replica | None = None
         try:

@@ -80,7 +80,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     store: StoreUrl = "sqlite:///warmer.db"
     store_timeout_ms: Milliseconds = 2_000
     prefetch: Prefetch = 256
-    warms_in_flight: InFlight = 1024
+    warms_in_flight: InFlight = 256
     behind_not_ready_s: WaitSeconds = 0
     confirm_timeout_ms: Milliseconds = CONFIRM_TIMEOUT_MS
     log_format: LogFormat = "json"

@@ -18,6 +18,10 @@ from warmer.bus.port import Delivery
 from warmer.clock import Clock
 
 BATCH_MAX: Final = 1024
+BATCH_NEAR_COMMANDS: Final = 256
+"""The most inputs of a batch (commands aside) while commands are coming (one within
+``COMMANDS_RECENT_MS``): a command that arrives while a batch is applied waits for it."""
+COMMANDS_RECENT_MS: Final = 1_000
 
 Queue = Literal["lifecycle", "commands"]
 
@@ -72,6 +76,7 @@ class Inputs:
         """How many batches the pipeline has taken: the stall watchdog's sign of progress."""
         self.idle = False
         """True while the pipeline waits in ``take`` for input."""
+        self._command_at: int | None = None
         self.delivered = 0
         """How many lifecycle deliveries arrived so far (how fast the worker takes them)."""
         self.fired_waiting = 0
@@ -88,6 +93,8 @@ class Inputs:
         """Add one input at the end (of the commands when it is one)."""
         if isinstance(item, Received) and item.queue == "commands":
             self._commands.append(item)
+            if self._clock is not None:
+                self._command_at = self._clock.now_ms()
         else:
             self._items.append(item)
             self._stamp(1)
@@ -161,7 +168,8 @@ class Inputs:
 
     async def take(self, limit: int = BATCH_MAX) -> list[Input] | None:
         """Wait for at least one input, then take the commands waiting, if any (at most
-        ``limit``), else every other input there is (at most ``limit``)."""
+        ``limit``), else every other input there is (at most ``limit``, and at most
+        ``BATCH_NEAR_COMMANDS`` while commands are coming: a batch takes less long)."""
         while not self._items and not self._commands:
             if self._closed:
                 return None
@@ -177,6 +185,9 @@ class Inputs:
             if self._clock is not None:
                 self.taken_since_ms = self._clock.now_ms()
             return [self._commands.popleft() for _ in range(count)]
+        at, clock = self._command_at, self._clock
+        if at is not None and clock is not None and clock.now_ms() - at < COMMANDS_RECENT_MS:
+            limit = min(limit, BATCH_NEAR_COMMANDS)
         count = min(limit, len(self._items))
         self._unstamp(count)
         return [self._items.popleft() for _ in range(count)]
@@ -197,4 +208,15 @@ class Inputs:
             stamps.popleft()
 
 
-__all__ = ["BATCH_MAX", "Fired", "Input", "Inputs", "Prune", "Queue", "Received", "Returned"]
+__all__ = [
+    "BATCH_MAX",
+    "BATCH_NEAR_COMMANDS",
+    "COMMANDS_RECENT_MS",
+    "Fired",
+    "Input",
+    "Inputs",
+    "Prune",
+    "Queue",
+    "Received",
+    "Returned",
+]

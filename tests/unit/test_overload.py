@@ -21,7 +21,14 @@ from tests.unit.conftest import T0, Shell
 from warmer.bus.memory import MemoryChannel
 from warmer.clock import ManualClock
 from warmer.core import Arm, WarmFailed
-from warmer.inputs import Fired, Inputs, Received
+from warmer.inputs import (
+    BATCH_MAX,
+    BATCH_NEAR_COMMANDS,
+    COMMANDS_RECENT_MS,
+    Fired,
+    Inputs,
+    Received,
+)
 from warmer.observe.failures import FailureLog
 from warmer.scheduler import Scheduler
 from warmer.worker import BEHIND_MIN_MS
@@ -333,3 +340,20 @@ def test_a_failed_warm_is_no_warning_line_of_its_own(count: int) -> None:
     assert warnings[0]["count"] == 1  # the rest within the interval: told later
     per_warm = [entry for entry in logs if entry["event"] == "warm_failed"]
     assert len(per_warm) == count and all(e["log_level"] == "info" for e in per_warm)
+
+
+async def test_while_commands_come_the_other_batches_are_smaller() -> None:
+    clock = ManualClock(T0)
+    inputs = Inputs(clock)
+    commands = MemoryChannel("commands")
+    for n in range(BATCH_MAX + 10):
+        inputs.fired(f"c{n}", n)
+    first = await inputs.take()
+    assert first is not None and len(first) == BATCH_MAX  # no command seen yet
+    await inputs.command(commands.deliver(b"{}"))
+    assert len(await inputs.take() or []) == 1  # the command, alone
+    for n in range(2 * BATCH_MAX):
+        inputs.fired(f"d{n}", n)
+    assert len(await inputs.take() or []) == BATCH_NEAR_COMMANDS
+    clock.advance(COMMANDS_RECENT_MS)  # no command for a second
+    assert len(await inputs.take() or []) == BATCH_MAX
