@@ -69,9 +69,7 @@ async def test_a_warm_request_published_at_once_keeps_its_whole_timeout() -> Non
     assert message.message_id == "c:7"
 
 
-async def test_republished_after_a_reconnection_it_carries_its_real_time_whole_timeout() -> (
-    None
-):
+async def test_republished_after_a_reconnection_it_carries_its_real_time_whole_timeout() -> None:
     # Issue 17: the warm timeout waits for a worker (or broker) that sent it late, so the
     # request is good for its whole timeout from when it really goes out.
     clock = ManualClock(T0)
