@@ -12,8 +12,10 @@ state, close. Shutting down never changes a conversation.
 
 Ready (``/readyz``) means: connected to the broker, both consumers consuming since the
 last (re)connection, the store open, the pipeline and every background task (timers,
-store check, prune, clock, stall watchdog) running, and no part reporting trouble
-(``warmer.observe.health``: the broker blocking the connection, a stall, ...).
+store check, inbound check, prune, clock, stall watchdog) running, and no part reporting
+trouble (``warmer.observe.health``: the broker blocking the connection, a stall, ...);
+and, with ``WARMER_BEHIND_NOT_READY_S``, not further behind than that. How far behind is a
+line of ``/readyz`` of its own either way (``about``).
 
 A lost connection is logged once (``broker_connection_lost``) and its end once
 (``broker_reconnected``, with the attempts and the time between), whatever the number of
