@@ -134,3 +134,15 @@ async def test_a_flooded_worker_falls_behind_without_failing_or_pausing_warms(
     # Commands answered all along (a person waits on each).
     assert len(took) >= FLOOD_S, len(took)  # one after the other, 0.1 s apart
     assert statistics.median(took) < 1.0, sorted(took)[-5:]
+
+
+async def test_behind_fails_readiness_only_past_the_setting(start_worker: Any) -> None:
+    app: App = await start_worker(behind_not_ready_s=2, store="memory://")
+    assert app.readiness() is None
+    assert "behind" not in app.about()  # keeping up: no third line
+    app.behind_ms = lambda: 2_500  # type: ignore[method-assign]
+    assert app.readiness() == "behind by 2.5 s (WARMER_BEHIND_NOT_READY_S 2)"
+    assert app.about().splitlines()[1].startswith("behind 2.5 s")
+    app.behind_ms = lambda: 2_000  # type: ignore[method-assign]
+    assert app.readiness() is None  # at the limit: still ready, the line says it
+    assert app.about().splitlines()[1].startswith("behind 2.0 s")
