@@ -177,6 +177,7 @@ class App:
         """Failed warms of every shard, summed into one warning line every so often."""
         self._runners: dict[int, Runner] = {}
         self._reroute_channel: AbstractRobustChannel | None = None
+        self._reply_channel: AbstractRobustChannel | None = None
         self._wanted: frozenset[int] = frozenset()
         self._beaten_at = 0
         """When this replica's presence was last beaten (the Clock's ms)."""
@@ -312,6 +313,7 @@ class App:
             self.clock,
             confirm_timeout_ms=self.config.confirm_timeout_ms,
             replica=self.replica,
+            reply_channel=self._reply_channel,
         )
         self.metrics.registry.register(StateGauges(self._statuses, self._timers))
         self.metrics.behind.set_function(lambda: self.behind_ms() / 1000)
@@ -353,6 +355,8 @@ class App:
         dlx = await dead_channel.declare_exchange(
             self.names.dlx, aio_pika.ExchangeType.FANOUT, durable=True
         )
+        # Command replies on a channel of their own: not behind a flood of warms (issue 17).
+        self._reply_channel = await self._connection.channel(publisher_confirms=True)
         if self.shards > 1:  # re-publishes what reached a shard without its header
             self._reroute_channel = await self._connection.channel(publisher_confirms=True)
         return publish_channel, topology, dead_channel, dlx

@@ -79,13 +79,17 @@ class Publisher:
         clock: Clock,
         confirm_timeout_ms: int = CONFIRM_TIMEOUT_MS,
         replica: str = "",
+        reply_channel: AbstractRobustChannel | None = None,
     ) -> None:
         """Publish on ``channel``; dead letters to ``dead_letters`` on ``dead_channel``;
         ``confirm_timeout_ms``: how long a warm request or a dead letter waits for its
         confirm (the pipeline bounds the others with one deadline per batch); ``replica``:
         this replica's id, in the header ``x-warmer-replica`` of warm requests and surface
-        updates (none when empty)."""
+        updates (none when empty); ``reply_channel``: where command replies go (``channel``
+        when None): a channel of their own does not queue them behind the warm requests and
+        surface updates of a flood, at the broker (a process per channel) or for confirms."""
         self._channel = channel
+        self._reply_channel = reply_channel or channel
         self._replica = replica
         self._told_waiting = False
         self._names = topology.names
@@ -206,7 +210,7 @@ class Publisher:
             message_id=self._next_id(),
             headers={"x-warmer-replica": self._replica} if self._replica else None,
         )
-        await self._send("", reply_to, encode(reply), properties)
+        await self._send("", reply_to, encode(reply), properties, self._reply_channel)
 
     def _next_id(self) -> str:
         # aiormq needs a message id per publish and would draw a random UUID for each.
@@ -219,11 +223,14 @@ class Publisher:
         routing_key: str,
         body: bytes,
         properties: aiormq.spec.Basic.Properties,
+        on: AbstractRobustChannel | None = None,
     ) -> None:
-        """Publish on the underlying channel; again after a lost connection."""
+        """Publish on the underlying channel (of ``on``, else the publish channel); again
+        after a lost connection."""
+        robust = on or self._channel
         while True:
             try:
-                channel = await self._channel.get_underlay_channel()
+                channel = await robust.get_underlay_channel()
                 await channel.basic_publish(
                     body, exchange=exchange, routing_key=routing_key, properties=properties
                 )
@@ -234,10 +241,10 @@ class Publisher:
             except _REFUSALS as exc:
                 raise PublishFailed(f"broker closed the channel: {exc}"[:300]) from exc
             except Exception as exc:
-                if not _lost(exc, self._channel):
+                if not _lost(exc, robust):
                     raise
                 self._waiting(routing_key)
-                await self._until_ready(exc, self._channel)
+                await self._until_ready(exc, robust)
 
     async def dead_letter(self, incoming: AbstractIncomingMessage, rejection: Rejection) -> None:
         """Re-publish an invalid message to the dead-letter exchange, with its reasons.
