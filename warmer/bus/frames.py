@@ -63,8 +63,11 @@ def short_string(value: str) -> bytes:
     return bytes((len(data),)) + data
 
 
-def table(value: Mapping[str, Any]) -> bytes:
-    """A field table, keys sorted; string values fast, any other through pamqp."""
+def table(value: Mapping[str, Any] | bytes) -> bytes:
+    """A field table, keys sorted; string values fast, any other through pamqp; bytes are
+    a table already encoded (``KeyedTable``)."""
+    if isinstance(value, bytes):
+        return value
     if not value:
         return b"\x00\x00\x00\x00"
     parts: list[bytes] = []
@@ -76,6 +79,26 @@ def table(value: Mapping[str, Any]) -> bytes:
         parts.append(b"S" + _LONG.pack(len(data)) + data)
     joined = b"".join(parts)
     return _LONG.pack(len(joined)) + joined
+
+
+class KeyedTable:
+    """A header table of string values, fixed but for the value of one key: encoded as
+    ``table`` encodes the whole (keys in the same order), the fixed entries once."""
+
+    __slots__ = ("_after", "_before", "_key")
+
+    def __init__(self, key: str, fixed: Mapping[str, str]) -> None:
+        if key in fixed or any(len(k.encode()) > 128 for k in [key, *fixed]):
+            raise ValueError("a key given twice, or longer than 128 bytes")
+        self._before = table({k: v for k, v in fixed.items() if k < key})[4:]
+        self._after = table({k: v for k, v in fixed.items() if k > key})[4:]
+        self._key = short_string(key) + b"S"
+
+    def encode(self, value: str) -> bytes:
+        """The table with ``value`` at the key."""
+        data = value.encode()
+        inner = b"".join((self._before, self._key, _LONG.pack(len(data)), data, self._after))
+        return _LONG.pack(len(inner)) + inner
 
 
 def _octet(value: int) -> bytes:
@@ -145,10 +168,10 @@ class Properties:
         parts = [b""]
         position = 0
         for segment in self._segments:
-            if segment.__class__ is bytes:
-                parts.append(segment)  # type: ignore[arg-type]
+            if isinstance(segment, bytes):
+                parts.append(segment)
                 continue
-            flag, encoder = segment  # type: ignore[misc]
+            flag, encoder = segment
             value = values[position]
             position += 1
             if value is None or value == "":
@@ -198,6 +221,7 @@ def publish_frames(
 __all__ = [
     "FRAME_OVERHEAD",
     "PROPERTY_FLAGS",
+    "KeyedTable",
     "Properties",
     "method_frame",
     "publish_frames",
