@@ -10,7 +10,7 @@ declaration, so it is checked, not changed), the handler taking the JSON body de
 acknowledges the delivery once the handler returns (its default acknowledgement policy).
 Its per-message access log is off (``logger=None``), as the worker runs at ``warning``.
 Runs until SIGTERM or SIGINT (``FastStream.run``), then closes. No ``run()``: ``make
-bench`` skips it. Needs the ``bench`` extra (``pip install -e '.[bench]'``).
+bench`` skips it. FastStream comes with the ``dev`` extra.
 """
 
 from __future__ import annotations

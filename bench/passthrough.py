@@ -16,12 +16,13 @@ to an exchange with one counting queue bound (never consumed: its depth is the c
 - faststream: ``python -m bench.faststream_consumer``, the same queue and prefetch, a
   ``RabbitBroker`` with one ``@broker.subscriber``: the body decoded by FastStream, one
   persistent ``broker.publish`` with its confirm awaited, acknowledged by FastStream
-  (skipped, and said so, when FastStream is not installed: the ``bench`` extra).
+  (skipped, and said so, when FastStream is not installed: it comes with the ``dev`` extra).
 
 Rounds alternate worker, bare, faststream, worker, bare, faststream...; each has
 namespaces of its own, deleted afterwards. After each round the contender is stopped and
 its input queue must be empty.
-``python -m bench.passthrough [rounds] [events]``; with ``BENCH_PY_SPY=/tmp/worker`` each
+``python -m bench.passthrough [rounds] [events]``; ``BENCH_PT_CONTENDERS=worker,bare``
+races only those; with ``BENCH_PY_SPY=/tmp/worker`` each
 timed worker is sampled by py-spy (``pip install py-spy``) into ``/tmp/worker-<tag>.txt``.
 """
 
@@ -333,7 +334,10 @@ async def race(rounds: int, events: int, conversations: int) -> dict[str, float]
     if _faststream_installed():
         contenders.append("faststream")
     else:
-        print("faststream is not installed (pip install -e '.[bench]'): not raced", file=sys.stderr)
+        print("faststream is not installed (the dev extra): not raced", file=sys.stderr)
+    only = os.environ.get("BENCH_PT_CONTENDERS")  # e.g. "worker,bare": a quicker look
+    if only:
+        contenders = [who for who in contenders if who in only.split(",")]
     runs: dict[str, list[Run]] = {who: [] for who in contenders}
     connection = await aio_pika.connect(AMQP_URL)
     try:
@@ -342,10 +346,12 @@ async def race(rounds: int, events: int, conversations: int) -> dict[str, float]
             directory = Path(name)
             for r in range(1, rounds + 1):
                 tag = f"{os.getpid()}-{r}"
-                runs["worker"].append(
-                    await worker_round(channel, stream, conversations, tag, directory)
-                )
-                runs["bare"].append(await bare_round(channel, stream, tag, directory))
+                if "worker" in runs:
+                    runs["worker"].append(
+                        await worker_round(channel, stream, conversations, tag, directory)
+                    )
+                if "bare" in runs:
+                    runs["bare"].append(await bare_round(channel, stream, tag, directory))
                 if "faststream" in runs:
                     runs["faststream"].append(
                         await bare_round(channel, stream, tag, directory, "faststream")
@@ -362,7 +368,7 @@ async def race(rounds: int, events: int, conversations: int) -> dict[str, float]
         figures[f"{who}_median_cpu_us_per_event"] = statistics.median(
             run.cpu_us_per_event for run in runs[who]
         )
-    for who in contenders[1:]:
+    for who in [c for c in contenders if c != "worker" and "worker" in contenders]:
         figures[f"ratio_worker_over_{who}"] = (
             figures["worker_median_events_per_s"] / figures[f"{who}_median_events_per_s"]
         )

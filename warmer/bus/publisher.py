@@ -232,9 +232,12 @@ class Publisher:
         return f"warmer-{self._sent}"
 
     async def _linked(self) -> _Link:
-        """The underlying channel now, with the method frames prepared for it."""
-        channel = await self._channel.get_underlay_channel()
+        """The underlying channel now, with the method frames prepared for it: the one of
+        the last publish while it is open (a reopened robust channel has a new one)."""
         link = self._link
+        if link is not None and not link.channel.is_closed:
+            return link
+        channel = await self._channel.get_underlay_channel()
         if link is None or link.channel is not channel:
             link = self._link = _Link(channel, self._names.surface, self._names.warm)
         return link
