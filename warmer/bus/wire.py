@@ -23,15 +23,20 @@ publish's content frames.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Final
 
 from aiormq.abc import ChannelFrame
 from aiormq.channel import Channel
 from aiormq.exceptions import ChannelInvalidStateError
 
+from warmer.bus.reader import check_pinned
 from warmer.observe.log import get_logger
 
 log = get_logger(__name__)
+
+PINNED: Final = {"aiormq": "7.2."}
+"""The aiormq whose channel bookkeeping this shares (``lock``, ``delivery_tag``,
+``confirmations``, ``message_id_delivery_tag``, the connection's ``write_queue``)."""
 
 
 class _Outgoing:
@@ -49,6 +54,7 @@ class Wire:
     """Publishes framed messages on aiormq channels, a loop turn's together."""
 
     def __init__(self) -> None:
+        check_pinned(PINNED, "warmer.bus.wire")
         self._pending: dict[Channel, list[_Outgoing]] = {}
         self._writes: set[asyncio.Task[None]] = set()
         self.writes = 0
@@ -153,4 +159,4 @@ def _forget(channel: Channel, message_id: str, tag: int) -> Any:
     return forget
 
 
-__all__ = ["Wire"]
+__all__ = ["PINNED", "Wire"]
