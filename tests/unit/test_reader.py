@@ -31,7 +31,9 @@ def stream(count: int, seed: int) -> bytes:
             properties = spec.Basic.Properties(
                 content_type="application/json", headers={"conversation-id": f"c-é-{tag}"}
             )
-            frames.append((spec.Basic.Deliver("ctag", tag, False, "ex", "rk"), channel))
+            redelivered = rng.random() < 0.3
+            deliver = spec.Basic.Deliver(f"ctag-é{tag}", tag, redelivered, "ex", f"rk-ü-{tag}")
+            frames.append((deliver, channel))
             frames.append((ContentHeader(0, len(body), properties), channel))
             for start in range(0, len(body), 2048):
                 frames.append((ContentBody(body[start : start + 2048]), channel))
@@ -134,3 +136,29 @@ async def test_many_frames_in_one_read_come_out_without_waiting_for_the_socket()
     for _ in range(100):
         await receiver.get_frame()
     assert reads == 0
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        spec.Basic.Deliver("", 2**63 - 1, True, "", ""),
+        spec.Basic.Deliver("t" * 255, 1, False, "x" * 127, "é" * 127),
+        spec.Basic.Ack(0, False),
+        spec.Basic.Ack(-1, True),
+        spec.Basic.Nack(5, True, False),
+        spec.Basic.Cancel("ctag", True),
+    ],
+)
+async def test_the_methods_decoded_directly_are_pamqps(frame: Any) -> None:
+    data = pamqp.frame.marshal(frame, 9)
+    ours = await BufferedFrameReceiver(feed(data, [])).get_frame()
+    theirs = pamqp.frame.unmarshal(data)
+    assert (ours[0], ours[1], _describe(ours[2])) == (theirs[0], theirs[1], _describe(theirs[2]))
+
+
+async def test_a_deliver_that_is_not_utf_8_fails_as_in_aiormq() -> None:
+    data = pamqp.frame.marshal(spec.Basic.Deliver("ab", 1, False, "", "cd"), 1)
+    bad = data.replace(b"\x02ab", b"\x02\xff\xfe")
+    for receiver_type in (FrameReceiver, BufferedFrameReceiver):
+        with pytest.raises(InvalidFrameError, match="utf-8"):
+            await receiver_type(feed(bad, [])).get_frame()

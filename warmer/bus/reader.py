@@ -19,12 +19,13 @@ from __future__ import annotations
 import asyncio
 import struct
 from importlib.metadata import version
-from typing import Final
+from typing import Final, TypeVar
 
 import aiormq.connection
 import pamqp.frame
 from aiormq.connection import ReceivedFrame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from pamqp import commands as spec
 from pamqp.exceptions import PAMQPException
 
 PINNED: Final = {"aiormq": "7.2.", "pamqp": "4.0."}
@@ -34,6 +35,55 @@ CHUNK: Final = 256 * 1024
 
 _HEADER: Final = struct.Struct(">BHI")
 _HEADER_SIZE: Final = 7
+_METHOD: Final = 1
+_FRAME_END: Final = 0xCE
+_CHANNEL: Final = struct.Struct(">H")
+_T = TypeVar("_T")
+_INDEX: Final = struct.Struct(">I")
+_TAG_BITS: Final = struct.Struct(">qB")  # signed, as pamqp decodes a longlong
+_DELIVER: Final = spec.Basic.Deliver.index
+_ACK: Final = spec.Basic.Ack.index
+
+
+def _method(buffer: bytes, offset: int, end: int) -> spec.Basic.Deliver | spec.Basic.Ack | None:
+    """``basic.deliver`` and ``basic.ack`` (most of what the broker sends) decoded
+    directly into pamqp's classes, with the values pamqp would give them; None for any
+    other method, or anything unexpected (pamqp then decodes it, errors included)."""
+    index = _INDEX.unpack_from(buffer, offset + _HEADER_SIZE)[0]
+    at = offset + _HEADER_SIZE + 4
+    try:
+        if index == _ACK:
+            tag, bits = _TAG_BITS.unpack_from(buffer, at)
+            if at + 9 != end - 1:
+                return None
+            ack = _new(spec.Basic.Ack)
+            ack.delivery_tag, ack.multiple = tag, bool(bits & 1)
+            return ack
+        if index == _DELIVER:
+            size = buffer[at]
+            consumer_tag = buffer[at + 1 : at + 1 + size].decode()
+            at += 1 + size
+            tag, bits = _TAG_BITS.unpack_from(buffer, at)
+            at += 9
+            size = buffer[at]
+            exchange = buffer[at + 1 : at + 1 + size].decode()
+            at += 1 + size
+            size = buffer[at]
+            routing_key = buffer[at + 1 : at + 1 + size].decode()
+            if at + 1 + size != end - 1:
+                return None
+            deliver = _new(spec.Basic.Deliver)
+            deliver.consumer_tag, deliver.delivery_tag = consumer_tag, tag
+            deliver.redelivered, deliver.exchange = bool(bits & 1), exchange
+            deliver.routing_key = routing_key
+            return deliver
+    except (IndexError, struct.error, UnicodeDecodeError):
+        return None
+    return None
+
+
+def _new(cls: type[_T]) -> _T:
+    return cls.__new__(cls)
 
 
 class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
@@ -76,6 +126,10 @@ class BufferedFrameReceiver(aiormq.connection.FrameReceiver):
         if len(buffer) < end:
             return None
         self._offset = end
+        if buffer[offset] == _METHOD and buffer[end - 1] == _FRAME_END:
+            method = _method(buffer, offset, end)
+            if method is not None:
+                return end - offset, _CHANNEL.unpack_from(buffer, offset + 1)[0], method
         try:
             return pamqp.frame.unmarshal(buffer[offset:end])
         except PAMQPException as e:
