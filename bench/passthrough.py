@@ -22,7 +22,7 @@ Rounds alternate worker, bare, faststream, worker, bare, faststream...; each has
 namespaces of its own, deleted afterwards. After each round the contender is stopped and
 its input queue must be empty.
 ``python -m bench.passthrough [rounds] [events]``; ``BENCH_PT_CONTENDERS=worker,bare``
-races only those; with ``BENCH_PY_SPY=/tmp/worker`` each
+races only those, ``BENCH_WARMER_LOOP=uvloop`` runs the worker on uvloop; with ``BENCH_PY_SPY=/tmp/worker`` each
 timed worker is sampled by py-spy (``pip install py-spy``) into ``/tmp/worker-<tag>.txt``.
 """
 
@@ -243,6 +243,7 @@ async def worker_round(
         "WARMER_STORE": f"sqlite:///{directory / f'{tag}.db'}",
         "WARMER_LOG_LEVEL": "warning",
         "WARMER_LOG_FORMAT": "json",
+        "WARMER_LOOP": os.environ.get("BENCH_WARMER_LOOP", "asyncio"),
     }
     argv = [sys.executable, "-m", "warmer", "run"]
     log = directory / f"{tag}.log"
