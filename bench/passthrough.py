@@ -22,8 +22,9 @@ Rounds alternate worker, bare, faststream, worker, bare, faststream...; each has
 namespaces of its own, deleted afterwards. After each round the contender is stopped and
 its input queue must be empty.
 ``python -m bench.passthrough [rounds] [events]``; ``BENCH_PT_CONTENDERS=worker,bare``
-races only those, ``BENCH_WARMER_LOOP=uvloop`` runs the worker on uvloop; with ``BENCH_PY_SPY=/tmp/worker`` each
-timed worker is sampled by py-spy (``pip install py-spy``) into ``/tmp/worker-<tag>.txt``.
+races only those, ``BENCH_WARMER_LOOP=uvloop`` runs the worker on uvloop; with
+``BENCH_PY_SPY=/tmp/worker`` each timed worker is sampled by py-spy (``pip install
+py-spy``) into ``/tmp/worker-<tag>.txt``.
 """
 
 from __future__ import annotations
