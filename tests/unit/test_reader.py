@@ -11,6 +11,8 @@ import pamqp.frame
 import pytest
 from aiormq.connection import FrameReceiver
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
@@ -162,3 +164,53 @@ async def test_a_deliver_that_is_not_utf_8_fails_as_in_aiormq() -> None:
     for receiver_type in (FrameReceiver, BufferedFrameReceiver):
         with pytest.raises(InvalidFrameError, match="utf-8"):
             await receiver_type(feed(bad, [])).get_frame()
+
+
+_SIMPLE_NAMES: tuple[str, ...] = ("content_type", "content_encoding", "correlation_id", "reply_to")
+_SIMPLE_NAMES += ("expiration", "message_id", "message_type", "user_id", "app_id")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    strings=st.fixed_dictionaries(
+        {},
+        optional={name: st.text(alphabet="ab1-é€😀", max_size=60) for name in _SIMPLE_NAMES},
+    ),
+    delivery_mode=st.sampled_from([None, 1, 2, 0, 255]),
+    priority=st.sampled_from([None, 0, 9, 255]),
+    body_size=st.integers(0, 2**40),
+)
+def test_a_simple_content_header_is_decoded_as_pamqp_decodes_it(
+    strings: dict[str, str], delivery_mode: int | None, priority: int | None, body_size: int
+) -> None:
+    from warmer.bus import lenient
+
+    given_: dict[str, Any] = dict(strings)
+    properties = spec.Basic.Properties(priority=priority, **given_)
+    properties.delivery_mode = delivery_mode  # 0 and 255 too: pamqp's constructor refuses them
+    data = ContentHeader(0, body_size, properties).marshal()
+    ours = lenient._simple(data)
+    theirs = ContentHeader()
+    theirs.unmarshal(data)
+    assert ours is not None
+    decoded: list[tuple[Any, ...]] = [
+        (header.class_id, header.weight, header.body_size) for header in (ours, theirs)
+    ]
+    assert decoded == [(60, 0, body_size)] * 2
+    for name in spec.Basic.Properties.__slots__:
+        assert getattr(ours.properties, name) == getattr(theirs.properties, name), name
+
+
+def test_headers_timestamps_and_odd_bytes_are_left_to_pamqp_and_the_lenient_reader() -> None:
+    from datetime import UTC, datetime
+
+    from warmer.bus import lenient
+
+    for properties in [
+        spec.Basic.Properties(headers={"a": "b"}),
+        spec.Basic.Properties(timestamp=datetime(2026, 1, 1, tzinfo=UTC)),
+    ]:
+        assert lenient._simple(ContentHeader(0, 1, properties).marshal()) is None
+    data = ContentHeader(0, 1, spec.Basic.Properties(message_id="ab")).marshal()
+    assert lenient._simple(data.replace(b"\x02ab", b"\x02\xff\xfe")) is None  # not UTF-8
+    assert lenient._simple(data[:-1]) is None  # cut short
