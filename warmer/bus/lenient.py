@@ -105,6 +105,7 @@ def install() -> None:
 _SIMPLE: Final = (
     ("content_type", 1 << 15, True),
     ("content_encoding", 1 << 14, True),
+    ("headers", 1 << 13, None),  # only an empty table (what aio-pika sends by default)
     ("delivery_mode", 1 << 12, False),
     ("priority", 1 << 11, False),
     ("correlation_id", 1 << 10, True),
@@ -116,14 +117,15 @@ _SIMPLE: Final = (
     ("app_id", 1 << 3, True),
     ("cluster_id", 1 << 2, True),
 )
-_NOT_SIMPLE: Final = (1 << 13) | (1 << 6) | 0b11
+_NOT_SIMPLE: Final = (1 << 6) | 0b11
+_EMPTY_TABLE: Final = b"\x00\x00\x00\x00"
 _FLAGS: Final = struct.Struct(">H")
 
 
 def _simple(frame_data: bytes) -> ContentHeader | None:
-    """A content header with only string and octet properties, decoded as pamqp decodes
-    it (the common case: no headers, no timestamp); None for any other or anything odd,
-    which pamqp (or the lenient reader) then decodes."""
+    """A content header with only string and octet properties and at most an empty header
+    table, decoded as pamqp decodes it (the common case); None for any other or anything
+    odd (a table with entries, a timestamp), which pamqp or the lenient reader decodes."""
     (flags,) = _FLAGS.unpack_from(frame_data, _FIXED.size)
     if flags & _NOT_SIMPLE:
         return None
@@ -139,6 +141,11 @@ def _simple(frame_data: bytes) -> ContentHeader | None:
                 size = frame_data[at]
                 setattr(properties, name, frame_data[at + 1 : at + 1 + size].decode())
                 at += 1 + size
+            elif is_string is None:
+                if frame_data[at : at + 4] != _EMPTY_TABLE:
+                    return None
+                properties.headers = {}
+                at += 4
             else:
                 setattr(properties, name, frame_data[at])
                 at += 1
