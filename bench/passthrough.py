@@ -29,6 +29,7 @@ py-spy``) into ``/tmp/worker-<tag>.txt``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.util
 import os
@@ -70,6 +71,8 @@ EVENTS: Final = 20_000
 CONVERSATIONS: Final = 1_000
 ROUNDS: Final = 3
 TARGET_RATIO: Final = 1.5
+ESTIMATE_S: Final = 200.0
+"""Three rounds of three contenders here; FastStream's rounds take about half of it."""
 INTERVAL_MS: Final = 1_800_000  # inside the 45-minute idle budget, far beyond the run
 _POLL_S: Final = 0.005
 _DEADLINE_S: Final = 180.0
@@ -389,6 +392,14 @@ def run(
 
 
 if __name__ == "__main__":
-    args = [int(arg) for arg in sys.argv[1:]]
-    for metric, value in run(*args).items():
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.passthrough",
+        description="Lifecycle events per second: the worker against a bare aio-pika "
+        "consumer and a FastStream subscriber, alternating rounds, each in its own process.",
+    )
+    parser.add_argument("rounds", nargs="?", type=int, default=ROUNDS)
+    parser.add_argument("events", nargs="?", type=int, default=EVENTS)
+    parser.add_argument("conversations", nargs="?", type=int, default=CONVERSATIONS)
+    given = parser.parse_args()
+    for metric, value in run(given.rounds, given.events, given.conversations).items():
         print(f"{metric:<32} {value:>12,.2f}")
