@@ -1,4 +1,5 @@
-"""Pass-through: lifecycle events per second, the worker against a bare aio-pika consumer.
+"""Pass-through: lifecycle events per second, the worker against a bare aio-pika consumer
+and an idiomatic FastStream subscriber.
 
 One stream of 20,000 events (``turn.started``, ``turn.settled`` with ``cwd`` and model,
 ``warm.completed`` with usage, in sweeps over 1,000 conversations) is published into a
@@ -11,17 +12,26 @@ to an exchange with one counting queue bound (never consumed: its depth is the c
   falls due during the run, and every event is applied, so one ``surface.changed`` each);
 - bare: ``python -m bench.bare_consumer`` on a quorum queue with the worker's inbound
   arguments, prefetch 256: ``json.loads``, one persistent publish with its confirm
-  awaited, ``ack``, per message.
+  awaited, ``ack``, per message;
+- faststream: ``python -m bench.faststream_consumer``, the same queue and prefetch, a
+  ``RabbitBroker`` with one ``@broker.subscriber``: the body decoded by FastStream, one
+  persistent ``broker.publish`` with its confirm awaited, acknowledged by FastStream
+  (skipped, and said so, when FastStream is not installed: it comes with the ``dev`` extra).
 
-Rounds alternate worker, bare, worker, bare...; each has namespaces of its own, deleted
-afterwards. After each round the contender is stopped and its input queue must be empty.
-``python -m bench.passthrough [rounds] [events]``; with ``BENCH_PY_SPY=/tmp/worker`` each
-timed worker is sampled by py-spy (``pip install py-spy``) into ``/tmp/worker-<tag>.txt``.
+Rounds alternate worker, bare, faststream, worker, bare, faststream...; each has
+namespaces of its own, deleted afterwards. After each round the contender is stopped and
+its input queue must be empty.
+``python -m bench.passthrough [rounds] [events]``; ``BENCH_PT_CONTENDERS=worker,bare``
+races only those, ``BENCH_WARMER_LOOP=uvloop`` runs the worker on uvloop; with
+``BENCH_PY_SPY=/tmp/worker`` each timed worker is sampled by py-spy (``pip install
+py-spy``) into ``/tmp/worker-<tag>.txt``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
@@ -61,6 +71,8 @@ EVENTS: Final = 20_000
 CONVERSATIONS: Final = 1_000
 ROUNDS: Final = 3
 TARGET_RATIO: Final = 1.5
+ESTIMATE_S: Final = 200.0
+"""Three rounds of three contenders here; FastStream's rounds take about half of it."""
 INTERVAL_MS: Final = 1_800_000  # inside the 45-minute idle budget, far beyond the run
 _POLL_S: Final = 0.005
 _DEADLINE_S: Final = 180.0
@@ -235,6 +247,7 @@ async def worker_round(
         "WARMER_STORE": f"sqlite:///{directory / f'{tag}.db'}",
         "WARMER_LOG_LEVEL": "warning",
         "WARMER_LOG_FORMAT": "json",
+        "WARMER_LOOP": os.environ.get("BENCH_WARMER_LOOP", "asyncio"),
     }
     argv = [sys.executable, "-m", "warmer", "run"]
     log = directory / f"{tag}.log"
@@ -267,9 +280,12 @@ async def worker_round(
         await delete(channel, names)
 
 
-async def bare_round(channel: AbstractChannel, stream: Stream, tag: str, directory: Path) -> Run:
-    """One timed run of ``bench.bare_consumer``."""
-    prefix = f"bench-pt-bare-{tag}"
+async def bare_round(
+    channel: AbstractChannel, stream: Stream, tag: str, directory: Path, who: str = "bare"
+) -> Run:
+    """One timed run of ``bench.bare_consumer`` (or, ``who="faststream"``, of
+    ``bench.faststream_consumer``), each in its own process."""
+    prefix = f"bench-pt-{who}-{tag}"
     inbound = await channel.declare_exchange(f"{prefix}.in", "topic", durable=True)
     out = await channel.declare_exchange(f"{prefix}.out", "topic", durable=True)
     dlx = await channel.declare_exchange(f"{prefix}.dlx", "fanout", durable=True)
@@ -283,7 +299,11 @@ async def bare_round(channel: AbstractChannel, stream: Stream, tag: str, directo
     process: subprocess.Popen[bytes] | None = None
     try:
         await publish(inbound, stream)
-        argv = [sys.executable, "-m", "bench.bare_consumer", AMQP_URL, queue.name, out.name]
+        if who == "faststream":
+            argv = [sys.executable, "-m", "bench.faststream_consumer", AMQP_URL]
+            argv += [queue.name, out.name, dlx.name]
+        else:
+            argv = [sys.executable, "-m", "bench.bare_consumer", AMQP_URL, queue.name, out.name]
         process = _start(argv, dict(os.environ), log)
         run = await _timed(channel, process, queue.name, counter.name, len(stream))
         await _settled_and_stopped(channel, process, log, queue.name)
@@ -306,11 +326,24 @@ async def _routed(channel: AbstractChannel, queue: str, count: int) -> bool:
     return (await _depth(channel, queue))[0] >= count
 
 
+def _faststream_installed() -> bool:
+    return importlib.util.find_spec("faststream") is not None
+
+
 async def race(rounds: int, events: int, conversations: int) -> dict[str, float]:
-    """Worker and bare consumer in turn, ``rounds`` each; every run's figures and the medians."""
+    """Worker, bare consumer and FastStream in turn, ``rounds`` each; every run's figures
+    and the medians."""
     stream = lifecycle_stream(events, conversations)
     figures: dict[str, float] = {}
-    runs: dict[str, list[Run]] = {"worker": [], "bare": []}
+    contenders = ["worker", "bare"]
+    if _faststream_installed():
+        contenders.append("faststream")
+    else:
+        print("faststream is not installed (the dev extra): not raced", file=sys.stderr)
+    only = os.environ.get("BENCH_PT_CONTENDERS")  # e.g. "worker,bare": a quicker look
+    if only:
+        contenders = [who for who in contenders if who in only.split(",")]
+    runs: dict[str, list[Run]] = {who: [] for who in contenders}
     connection = await aio_pika.connect(AMQP_URL)
     try:
         channel = await connection.channel()
@@ -318,25 +351,35 @@ async def race(rounds: int, events: int, conversations: int) -> dict[str, float]
             directory = Path(name)
             for r in range(1, rounds + 1):
                 tag = f"{os.getpid()}-{r}"
-                runs["worker"].append(
-                    await worker_round(channel, stream, conversations, tag, directory)
-                )
-                runs["bare"].append(await bare_round(channel, stream, tag, directory))
-                for who in ("worker", "bare"):
+                if "worker" in runs:
+                    runs["worker"].append(
+                        await worker_round(channel, stream, conversations, tag, directory)
+                    )
+                if "bare" in runs:
+                    runs["bare"].append(await bare_round(channel, stream, tag, directory))
+                if "faststream" in runs:
+                    runs["faststream"].append(
+                        await bare_round(channel, stream, tag, directory, "faststream")
+                    )
+                for who in contenders:
                     figures[f"{who}_{r}_events_per_s"] = runs[who][-1].events_per_s
                     figures[f"{who}_{r}_cpu_us_per_event"] = runs[who][-1].cpu_us_per_event
     finally:
         await connection.close()
-    for who in ("worker", "bare"):
+    for who in contenders:
         figures[f"{who}_median_events_per_s"] = statistics.median(
             run.events_per_s for run in runs[who]
         )
         figures[f"{who}_median_cpu_us_per_event"] = statistics.median(
             run.cpu_us_per_event for run in runs[who]
         )
-    figures["ratio_worker_over_bare"] = (
-        figures["worker_median_events_per_s"] / figures["bare_median_events_per_s"]
-    )
+    for who in [c for c in contenders if c != "worker" and "worker" in contenders]:
+        figures[f"ratio_worker_over_{who}"] = (
+            figures["worker_median_events_per_s"] / figures[f"{who}_median_events_per_s"]
+        )
+        figures[f"cpu_ratio_{who}_over_worker"] = (
+            figures[f"{who}_median_cpu_us_per_event"] / figures["worker_median_cpu_us_per_event"]
+        )
     figures["target_ratio"] = TARGET_RATIO
     return figures
 
@@ -349,6 +392,14 @@ def run(
 
 
 if __name__ == "__main__":
-    args = [int(arg) for arg in sys.argv[1:]]
-    for metric, value in run(*args).items():
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.passthrough",
+        description="Lifecycle events per second: the worker against a bare aio-pika "
+        "consumer and a FastStream subscriber, alternating rounds, each in its own process.",
+    )
+    parser.add_argument("rounds", nargs="?", type=int, default=ROUNDS)
+    parser.add_argument("events", nargs="?", type=int, default=EVENTS)
+    parser.add_argument("conversations", nargs="?", type=int, default=CONVERSATIONS)
+    given = parser.parse_args()
+    for metric, value in run(given.rounds, given.events, given.conversations).items():
         print(f"{metric:<32} {value:>12,.2f}")

@@ -47,7 +47,7 @@ from aio_pika.abc import (
 from yarl import URL
 
 from warmer.balance import assign
-from warmer.bus import flow, lenient
+from warmer.bus import flow, lenient, reader
 from warmer.bus.consumer import AmqpDelivery, ShardConsumer, close_quietly, own_channel
 from warmer.bus.lock import ShardLock
 from warmer.bus.port import ChannelGone, Delivery, PluginMissing, PublishFailed, ShardHeld
@@ -147,6 +147,7 @@ class App:
         """``retry_ms``: the first and longest pause between retries of a failed commit."""
         lenient.install()
         flow.install()
+        reader.install()
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._retry_ms = retry_ms

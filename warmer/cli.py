@@ -547,11 +547,30 @@ def _run(args: argparse.Namespace) -> int:
     for name in unknown_settings(os.environ):
         log.warning("config_unknown_setting", name=name)
     log.info("config_loaded", **config.as_log_fields())
+    loop_factory = _loop_factory(config)
     try:
-        return asyncio.run(_app_run()(config))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_app_run()(config))
     except KeyboardInterrupt:
         log.info("worker_interrupted")
         return EXIT_OK
+
+
+def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when ``WARMER_LOOP=uvloop`` (exit 2 when it is not installed);
+    None: asyncio's own."""
+    if config.loop == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        print(
+            "warmer: WARMER_LOOP=uvloop needs the uvloop package (pip install 'warmer[uvloop]')",
+            file=sys.stderr,
+        )
+        raise _Exit(EXIT_USAGE) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _app_run() -> AppRun:

@@ -44,6 +44,7 @@ Prefetch = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 InFlight = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 LogFormat = Literal["json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+EventLoop = Literal["asyncio", "uvloop"]
 Milliseconds = Annotated[int, msgspec.Meta(ge=1000, le=_INT_MAX)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1, le=_INT_MAX)]
 Tokens = Annotated[int, msgspec.Meta(ge=0, le=_INT_MAX)]
@@ -106,6 +107,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     stall_s: StallSeconds = 15
     shards: Shards = 1
     replica_id: ReplicaId = ""
+    loop: EventLoop = "asyncio"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], *, isatty: bool = False) -> Config:
@@ -420,6 +422,13 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "of what it publishes; empty: the host name and process id",
         "up to 100 letters, digits and ._:-",
         shown="host name:process id",
+    ),
+    Setting(
+        "WARMER_LOOP",
+        "loop",
+        "the event loop: asyncio (the standard library's) or uvloop (about a tenth less CPU "
+        "per event; needs the uvloop package: pip install 'warmer[uvloop]')",
+        "one of asyncio, uvloop",
     ),
 )
 

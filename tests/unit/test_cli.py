@@ -193,3 +193,38 @@ def test_a_corrupted_store_file_stops_start_up_naming_it(
     assert str(path) in str(failure["error"])
     assert "\n" not in str(failure["error"])
     assert path.read_bytes() == garbage  # no silent reset
+
+
+def test_the_event_loop_is_asyncios_unless_uvloop_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import asyncio
+    import importlib
+
+    import uvloop
+
+    from warmer.cli import _Exit, _loop_factory
+    from warmer.config import Config
+
+    assert _loop_factory(Config()) is None
+    factory = _loop_factory(Config(loop="uvloop"))
+    assert factory is uvloop.new_event_loop
+    loop = factory()
+    try:
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+        assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+    finally:
+        loop.close()
+
+    real = importlib.import_module
+
+    def without_uvloop(name: str, package: str | None = None) -> object:
+        if name == "uvloop":
+            raise ImportError(name)
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", without_uvloop)
+    with pytest.raises(_Exit) as exited:
+        _loop_factory(Config(loop="uvloop"))
+    assert exited.value.code == 2
+    assert "needs the uvloop package" in capsys.readouterr().err

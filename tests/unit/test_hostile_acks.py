@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from tests.unit import test_pipeline
+from tests.unit.fake_amqp import Robust, Sent, Underlay
 from tests.unit.test_pipeline import CONFIRM_MS, T0, Rig, settled
 from warmer.bus.memory import MemoryChannel, MemoryDelivery, MemoryOutbound
 from warmer.bus.port import ConfirmOverdue, DeadLetterRefused, PublishFailed
@@ -324,49 +325,39 @@ async def _acknowledgements(
 # -- a publish cut by a reset -------------------------------------------------------------
 
 
-class ClosedChannel:
-    """A robust channel closed by a reset, ready again as soon as asked."""
-
-    is_closed = True
-
-    async def ready(self) -> None:
-        self.is_closed = False
-
-
-class CutExchange:
+class CutBroker:
     """The first publish fails as aiormq fails a frame a closing connection cut: with a
-    bare ``Exception``."""
+    bare ``Exception`` (what its ``reject_all`` sets)."""
 
     def __init__(self) -> None:
-        self.published: list[Any] = []
+        self.attempts = 0
+        self.underlay = Underlay(self.broker)
 
-    async def publish(self, message: Any, routing_key: str, **_: Any) -> None:
-        if not self.published:
-            self.published.append(None)
-            raise Exception  # what aiormq's reject_all sets
-        self.published.append(message)
+    async def broker(self, message: Sent) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise Exception
 
 
-async def warm_after_a_cut(channel_closed: bool) -> CutExchange:
+async def warm_after_a_cut(channel_closed: bool) -> CutBroker:
     """A warm request whose first publish is cut, on a channel closed or not."""
     names = Names.of("ns")
-    exchange = CutExchange()
-    exchanges: dict[str, Any] = {name: exchange for name, _ in names.exchanges()}
-    channel: Any = ClosedChannel()
-    channel.is_closed = channel_closed
+    cut = CutBroker()
+    exchanges: dict[str, Any] = {name: None for name, _ in names.exchanges()}
+    channel: Any = Robust(cut.underlay, closed=channel_closed)
     topology = Topology(names=names, exchanges=exchanges, queues={})
-    publisher = Publisher(channel, topology, channel, exchange, ManualClock(T0))  # type: ignore[arg-type]
+    publisher = Publisher(channel, topology, channel, None, ManualClock(T0))  # type: ignore[arg-type]
     request = WarmRequested(conversation_id="c", token=7, requested_at=T0)
     assert await publisher.warm(request, 30_000, lambda: True) is True
-    return exchange
+    return cut
 
 
 async def test_a_warm_request_cut_by_a_reset_goes_out_again_instead_of_failing() -> None:
     # Over the real broker, a reset while a warm request was being written failed it with
     # a bare Exception about once in six tries: the worker's warm task failed (task_failed)
     # and the warm waited for its timeout; a surface or dead letter cut so was given up.
-    exchange = await warm_after_a_cut(channel_closed=True)
-    assert len(exchange.published) == 2 and exchange.published[1] is not None
+    cut = await warm_after_a_cut(channel_closed=True)
+    assert cut.attempts == 2 and len(cut.underlay.published) == 1
 
 
 async def test_a_bare_exception_on_an_open_channel_is_not_retried() -> None:
@@ -405,36 +396,16 @@ async def test_the_holes_remembered_do_not_grow_with_the_channels_that_come_and_
     assert max(sizes) == 1
 
 
-class SlowExchange:
+class SlowBroker:
     """Confirms every publish ``confirm_ms`` after it was sent, on the clock."""
 
     def __init__(self, clock: ManualClock, confirm_ms: int) -> None:
         self.clock = clock
         self.confirm_ms = confirm_ms
-        self.published: list[Any] = []
+        self.underlay = Underlay(self.broker)
 
-    async def publish(self, message: Any, routing_key: str, **_: Any) -> None:
+    async def broker(self, message: Sent) -> None:
         await sleep(self.clock, self.confirm_ms)
-        self.published.append(message)
-
-
-class LiveChannel:
-    """A robust channel on a live connection that a reset closes (and nothing more)."""
-
-    is_closed = False
-
-    def __init__(self) -> None:
-        self.connection = self
-        self.closes = 0
-
-    async def ready(self) -> None:
-        return None
-
-    async def get_underlay_channel(self) -> Any:
-        return self
-
-    async def close(self, cause: BaseException) -> None:
-        self.closes += 1
 
 
 async def test_warm_requests_on_a_broker_slow_but_alive_go_out_after_one_reset() -> None:
@@ -444,11 +415,11 @@ async def test_warm_requests_on_a_broker_slow_but_alive_go_out_after_one_reset()
     # pipeline's does, and comes back to the setting once a confirm is in time.
     clock = ManualClock(T0)
     names = Names.of("ns")
-    exchange = SlowExchange(clock, 1_500)
-    exchanges: dict[str, Any] = {name: exchange for name, _ in names.exchanges()}
-    channel: Any = LiveChannel()
+    exchange = SlowBroker(clock, 1_500)
+    exchanges: dict[str, Any] = {name: None for name, _ in names.exchanges()}
+    channel: Any = Robust(exchange.underlay)
     topology = Topology(names=names, exchanges=exchanges, queues={})
-    publisher = Publisher(channel, topology, channel, exchange, clock, 1_000)  # type: ignore[arg-type]
+    publisher = Publisher(channel, topology, channel, None, clock, 1_000)  # type: ignore[arg-type]
 
     async def warm(token: int) -> bool | str:
         request = WarmRequested(conversation_id="c", token=token, requested_at=clock.now_ms())
@@ -471,4 +442,4 @@ async def test_warm_requests_on_a_broker_slow_but_alive_go_out_after_one_reset()
     exchange.confirm_ms = 1_500
     assert await warm(5) == "overdue"
     await asyncio.sleep(0)
-    assert channel.closes == 2
+    assert exchange.underlay.closes == 2

@@ -100,7 +100,67 @@ def install() -> None:
     pamqp.frame._unmarshal_header_frame = _unmarshal_header_frame
 
 
+# The properties the fast path reads (strings and octets, in wire order), and the flags it
+# leaves to pamqp: headers, timestamp, a second flag word (and the reserved bits).
+_SIMPLE: Final = (
+    ("content_type", 1 << 15, True),
+    ("content_encoding", 1 << 14, True),
+    ("headers", 1 << 13, None),  # only an empty table (what aio-pika sends by default)
+    ("delivery_mode", 1 << 12, False),
+    ("priority", 1 << 11, False),
+    ("correlation_id", 1 << 10, True),
+    ("reply_to", 1 << 9, True),
+    ("expiration", 1 << 8, True),
+    ("message_id", 1 << 7, True),
+    ("message_type", 1 << 5, True),
+    ("user_id", 1 << 4, True),
+    ("app_id", 1 << 3, True),
+    ("cluster_id", 1 << 2, True),
+)
+_NOT_SIMPLE: Final = (1 << 6) | 0b11
+_EMPTY_TABLE: Final = b"\x00\x00\x00\x00"
+_FLAGS: Final = struct.Struct(">H")
+
+
+def _simple(frame_data: bytes) -> ContentHeader | None:
+    """A content header with only string and octet properties and at most an empty header
+    table, decoded as pamqp decodes it (the common case); None for any other or anything
+    odd (a table with entries, a timestamp), which pamqp or the lenient reader decodes."""
+    (flags,) = _FLAGS.unpack_from(frame_data, _FIXED.size)
+    if flags & _NOT_SIMPLE:
+        return None
+    header = ContentHeader()
+    header.class_id, header.weight, header.body_size = _FIXED.unpack_from(frame_data)
+    properties = header.properties
+    at = _FIXED.size + _FLAGS.size
+    try:
+        for name, flag, is_string in _SIMPLE:
+            if not flags & flag:
+                continue
+            if is_string:
+                size = frame_data[at]
+                setattr(properties, name, frame_data[at + 1 : at + 1 + size].decode())
+                at += 1 + size
+            elif is_string is None:
+                if frame_data[at : at + 4] != _EMPTY_TABLE:
+                    return None
+                properties.headers = {}
+                at += 4
+            else:
+                setattr(properties, name, frame_data[at])
+                at += 1
+    except (IndexError, UnicodeDecodeError):
+        return None
+    if at > len(frame_data):
+        return None
+    return header
+
+
 def _unmarshal_header_frame(frame_data: bytes) -> ContentHeader:
+    simple = _simple(frame_data) if len(frame_data) >= _FIXED.size + _FLAGS.size else None
+    if simple is not None:
+        _check(simple.properties)
+        return simple
     header = ContentHeader()
     try:
         header.unmarshal(frame_data)

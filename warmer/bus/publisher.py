@@ -9,6 +9,12 @@ place and leaves the message that caused it unacknowledged meanwhile; an overdue
 may mean a connection that died without a word, which ``reset`` drops. The exceptions are
 the port's (``warmer.bus.port``): aiormq's never leave this module.
 
+Warm requests, surface updates and replies take the fast path (``warmer.bus.frames``,
+``warmer.bus.wire``): their frames are prepared from templates, and a loop turn's
+publishes leave in one socket write, their confirms tracked in aiormq's own bookkeeping.
+Their properties, headers and message ids are what the aio-pika ``Message`` of each
+carried before (checked byte for byte in ``tests/unit/test_publisher.py``).
+
 Dead letters go out on a channel of their own: one the broker refuses (for something in
 the message itself) closes only that channel, never the one good messages use, and
 raises ``DeadLetterRefused`` so the caller rejects the original instead.
@@ -18,21 +24,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Final
+from typing import Any, Final, cast
 
 import aiormq
 import msgspec
-from aio_pika import DeliveryMode, Message
+from aio_pika import Message
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     FieldValue,
 )
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from aiormq.channel import Channel
 
 from warmer.bus import deadletter
+from warmer.bus.frames import FRAME_OVERHEAD, KeyedTable, Properties, method_frame, publish_frames
 from warmer.bus.port import (
     CONFIRM_BACKOFF_MAX,
     CONFIRM_TIMEOUT_MS,
@@ -42,6 +49,7 @@ from warmer.bus.port import (
     PublishWithdrawn,
 )
 from warmer.bus.topology import SURFACE_ROUTING_KEY, WARM_ROUTING_KEY, Topology
+from warmer.bus.wire import Wire
 from warmer.clock import Clock, sleep, within
 from warmer.contract import Rejection, Reply, SurfaceChanged, WarmRequested, encode
 from warmer.observe.log import get_logger
@@ -52,6 +60,17 @@ log = get_logger(__name__)
 JSON: Final = "application/json"
 _REOPEN_POLL_MS: Final = 20
 _NUDGE_AFTER_S: Final = 1.0
+REPLICA_HEADER: Final = "x-warmer-replica"
+CONVERSATION_HEADER: Final = "conversation-id"
+# The three kinds' properties: what the aio-pika Message of each carried.
+_SURFACE: Final = Properties({"content_type": JSON, "delivery_mode": 1}, ("headers", "message_id"))
+_WARM: Final = Properties(
+    {"content_type": JSON, "delivery_mode": 2, "priority": 0},  # aio-pika's default priority
+    ("headers", "expiration", "message_id", "timestamp"),
+)
+_REPLY: Final = Properties(
+    {"content_type": JSON, "delivery_mode": 1}, ("headers", "correlation_id", "message_id")
+)
 # Errors that mean "the connection or channel went away": wait for it and publish again.
 _CONNECTION_ERRORS: Final = (
     aiormq.exceptions.AMQPConnectionError,
@@ -93,8 +112,6 @@ class Publisher:
         self._replica = replica
         self._told_waiting = False
         self._names = topology.names
-        self._warm = topology.exchanges[topology.names.warm]
-        self._surface = topology.exchanges[topology.names.surface]
         self._dlx = dead_letters
         self._dead_channel = dead_channel
         self.nudge_after_s = _NUDGE_AFTER_S
@@ -109,11 +126,16 @@ class Publisher:
         self._closing = False
         self._closed = asyncio.Event()
         self._resets: set[asyncio.Task[None]] = set()
-
-    def _headers(self, conversation_id: str) -> dict[str, FieldValue]:
-        if self._replica:
-            return {"conversation-id": conversation_id, "x-warmer-replica": self._replica}
-        return {"conversation-id": conversation_id}
+        self.wire = Wire()
+        """Where the fast path's publishes are written, a loop turn's together."""
+        self._conversation_headers = KeyedTable(
+            CONVERSATION_HEADER, {REPLICA_HEADER: replica} if replica else {}
+        )
+        self._reply_headers: dict[str, FieldValue] | None = (
+            {REPLICA_HEADER: replica} if replica else None
+        )
+        self._links: dict[int, _Link] = {}
+        """The link of each robust channel published on (by its id): publishes, replies."""
 
     def close(self) -> None:
         """Stop retrying publishes cut by a lost connection."""
@@ -167,75 +189,103 @@ class Publisher:
         beside it (PublishWithdrawn).
         """
 
-        def attempt() -> Message | None:
+        headers = self._conversation_headers.encode(request.conversation_id)
+        message_id = f"{request.conversation_id}:{request.token}"
+
+        def attempt(link: _Link) -> bytes | None:
             now = self._clock.now_ms()
             left = timeout_ms
             if not still_wanted():
                 return None
-            body = msgspec.structs.replace(request, requested_at=now)
-            return Message(
-                encode(body),
-                content_type=JSON,
-                delivery_mode=DeliveryMode.PERSISTENT,
-                message_id=f"{request.conversation_id}:{request.token}",
-                headers=self._headers(request.conversation_id),
-                timestamp=now / 1000,
-                expiration=timedelta(milliseconds=left),
-            )
+            body = encode(msgspec.structs.replace(request, requested_at=now))
+            # What aio-pika made of timedelta(milliseconds=left) and of now / 1000.
+            expiration = str(int(left / 1000 * 1000))
+            properties = _WARM.encode(headers, expiration, message_id, now // 1000)
+            return publish_frames(link.number, link.max_body, link.warm, properties, body)
 
-        result = await self._publish(self._warm, attempt, WARM_ROUTING_KEY, mandatory=True)
+        result = await self._send(attempt, WARM_ROUTING_KEY, returnable=message_id)
         return not isinstance(result, DeliveredMessage)
 
     async def surface(self, update: SurfaceChanged) -> None:
         """Publish a surface update: not mandatory, not persistent.
 
-        The hot path: one per applied input, so it goes straight to the channel with
-        prebuilt properties. Its confirm is awaited without a timer of its own: the
-        pipeline bounds a whole batch's confirms with one deadline.
+        The hot path: one per applied input. Its confirm is awaited without a timer of its
+        own: the pipeline bounds a whole batch's confirms with one deadline.
         """
-        properties = aiormq.spec.Basic.Properties(
-            content_type=JSON,
-            delivery_mode=1,
-            headers=self._headers(update.conversation_id),
-            message_id=self._next_id(),
-        )
-        await self._send(self._names.surface, SURFACE_ROUTING_KEY, encode(update), properties)
+        body = encode(update)
+        headers = self._conversation_headers.encode(update.conversation_id)
+        message_id = self._next_id()
+
+        def attempt(link: _Link) -> bytes:
+            properties = _SURFACE.encode(headers, message_id)
+            return publish_frames(link.number, link.max_body, link.surface, properties, body)
+
+        await self._send(attempt, SURFACE_ROUTING_KEY, deadline=False)
 
     async def reply(self, reply_to: str, correlation_id: str | None, reply: Reply) -> None:
         """Answer a command on its ``reply_to`` queue through the default exchange."""
-        properties = aiormq.spec.Basic.Properties(
-            content_type=JSON,
-            correlation_id=correlation_id,
-            delivery_mode=1,
-            message_id=self._next_id(),
-            headers={"x-warmer-replica": self._replica} if self._replica else None,
-        )
-        await self._send("", reply_to, encode(reply), properties, self._reply_channel)
+        body = encode(reply)
+        properties = _REPLY.encode(self._reply_headers, correlation_id, self._next_id())
+
+        def attempt(link: _Link) -> bytes:
+            method = method_frame(link.number, "", reply_to, mandatory=False)
+            return publish_frames(link.number, link.max_body, method, properties, body)
+
+        await self._send(attempt, reply_to, deadline=False, on=self._reply_channel)
 
     def _next_id(self) -> str:
         # aiormq needs a message id per publish and would draw a random UUID for each.
         self._sent += 1
         return f"warmer-{self._sent}"
 
+    async def _linked(self, robust: AbstractRobustChannel) -> _Link:
+        """The underlying channel of ``robust`` now, with the method frames prepared for
+        it: the one of its last publish while it is open (a reopened robust channel has a
+        new one)."""
+        link = self._links.get(id(robust))
+        if link is not None and not link.channel.is_closed:
+            return link
+        channel = await robust.get_underlay_channel()
+        if link is None or link.channel is not channel:
+            link = _Link(channel, self._names.surface, self._names.warm)
+            self._links[id(robust)] = link
+        return link
+
     async def _send(
         self,
-        exchange: str,
+        attempt: Callable[[_Link], bytes | None],
         routing_key: str,
-        body: bytes,
-        properties: aiormq.spec.Basic.Properties,
+        *,
+        deadline: bool = True,
+        returnable: str | None = None,
         on: AbstractRobustChannel | None = None,
-    ) -> None:
-        """Publish on the underlying channel (of ``on``, else the publish channel); again
-        after a lost connection."""
+    ) -> object:
+        """Publish what ``attempt`` frames for the channel (of ``on``, else the publish
+        channel), again after a lost connection (None withdraws it); with ``deadline``, its
+        confirm within the publisher's own deadline (ConfirmOverdue past it).
+        ``returnable``: the message id of a mandatory publish; the broker's return is then
+        the result."""
         robust = on or self._channel
         while True:
             try:
-                channel = await robust.get_underlay_channel()
-                await channel.basic_publish(
-                    body, exchange=exchange, routing_key=routing_key, properties=properties
-                )
+                link = await self._linked(robust)
+                payload = attempt(link)
+                if payload is None:
+                    raise PublishWithdrawn(routing_key[:255])
+                confirm = self.wire.send(link.channel, payload, returnable=returnable)
+                if not deadline:
+                    result = await confirm
+                    self._told_waiting = False
+                    return result
+                limit, sent = self._deadline_ms, self._clock.now_ms()
+                try:
+                    result = await within(self._clock, limit, confirm)
+                except TimeoutError as exc:
+                    raise ConfirmOverdue(f"no confirm from the broker within {limit} ms") from exc
                 self._told_waiting = False
-                return
+                if self._clock.now_ms() - sent <= self._confirm_timeout_ms:
+                    self._deadline_ms = self._confirm_timeout_ms  # in time again
+                return result
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishFailed(f"broker refused the publish: {exc}") from exc
             except _REFUSALS as exc:
@@ -361,6 +411,20 @@ class Publisher:
                     raise
                 self._waiting(routing_key)
                 await self._until_ready(exc, channel)
+
+
+class _Link:
+    """An underlying channel with what the fast path prepares for it once."""
+
+    __slots__ = ("channel", "max_body", "number", "surface", "warm")
+
+    def __init__(self, channel: AbstractChannel, surface: str, warm: str) -> None:
+        self.channel = cast(Channel, channel)  # aiormq's: the wire keeps its bookkeeping
+        self.number: int = channel.number
+        tune: Any = channel.connection.connection_tune
+        self.max_body: int = tune.frame_max - FRAME_OVERHEAD
+        self.surface = method_frame(self.number, surface, SURFACE_ROUTING_KEY, mandatory=False)
+        self.warm = method_frame(self.number, warm, WARM_ROUTING_KEY, mandatory=True)
 
 
 def _lost(exc: Exception, channel: AbstractRobustChannel) -> bool:
