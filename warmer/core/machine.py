@@ -75,6 +75,7 @@ from warmer.core.rules import (
     expected_pct,
     timeout_error,
 )
+from warmer.core.sharing import Sharing
 from warmer.core.state import DEFAULT_SETTINGS, Conversation, Hold, Record, Settings
 
 _NOTHING: Final = Outcome([], "ignored")
@@ -121,16 +122,31 @@ class Warmer:
         self._stride, self._lane = token_lane
         self._journal = Journal(self._conversations, self._settings)
         self._retention = Retention(self.policy.retention_ms)
-        shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
-        for cid, record in (records or {}).items():
-            self._settings[cid] = shared.setdefault(record.settings, record.settings)
-            state = record.state
-            if state is not None:
-                self._conversations[cid] = state if adopt else replace(state)
-                self._token = max(self._token, state.token)
+        self._sharing = Sharing()
+        self._adopt_all(records or {}, adopt)
         self._census = Census(self._conversations)
         # Called before every change of a conversation: bound once, on the hot path.
         self._touch = _both(self._census.touch, self._journal.touch)
+
+    def _adopt_all(self, records: Mapping[str, Record], adopt: bool) -> None:
+        """Take the stored records in: at start a million of them, so one tight loop;
+        their values shared (``Sharing``), their settings one object per distinct value."""
+        shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
+        all_settings, conversations = self._settings, self._conversations
+        share = self._sharing.adopt
+        token = self._token
+        for cid, record in records.items():
+            settings = record.settings
+            all_settings[cid] = shared.setdefault(settings, settings)
+            state = record.state
+            if state is not None:
+                if not adopt:
+                    state = replace(state)
+                share(state)
+                conversations[cid] = state
+                if state.token > token:
+                    token = state.token
+        self._token = token
 
     # -- queries ----------------------------------------------------------------------
 
@@ -301,8 +317,8 @@ class Warmer:
     def _settled(
         self, now: int, cid: str, conv: Conversation, event: TurnSettled, effects: list[Effect]
     ) -> None:
-        conv.cwd = event.cwd
-        conv.model_name = event.model_name
+        conv.cwd = self._sharing.text(event.cwd)
+        conv.model_name = self._sharing.text(event.model_name)
         conv.active = False
         conv.failures = 0
         self._start_stretch(now, conv)
