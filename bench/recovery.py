@@ -1,11 +1,12 @@
 """Recovery at start: 100,000 and 1,000,000 persisted conversations, SQLite, Redis and
 PostgreSQL.
 
-For each store (SQLite, Redis, PostgreSQL: a schema of its own, dropped afterwards) and size, one process writes N records straight into the
-store in one commit; a fresh process then times what ``App.start`` does before it
-connects: load, decode every record, build the core, ``begin`` + ``recover``, commit what
-recovery touched, arm the scheduler. Separate processes keep the figures apart: the RSS
-growth is the recovering process's own, measured from just after its imports.
+For each store (SQLite, Redis, PostgreSQL: a schema of its own, dropped afterwards) and
+size, one process writes N records straight into the store in one commit; a fresh process
+then times what ``App.start`` does before it connects: load, decode every record, build
+the core, ``begin`` + ``recover``, commit what recovery touched, arm the scheduler.
+Separate processes keep the figures apart: the RSS growth is the recovering process's
+own, measured from just after its imports.
 
 The records are a realistic mix: 60% enabled and armed (due within their interval), 10%
 warming (a warm out, its timeout still running), 10% paused after three failures, 20%
