@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -125,6 +126,15 @@ async def write(url: str, n: int) -> float:
     return elapsed
 
 
+def _decoded(records: dict[str, bytes]) -> Iterator[tuple[str, Record]]:
+    """``App._decoded``: each record decoded as its bytes are dropped."""
+    for cid in list(records):
+        try:
+            yield cid, decode_record(records.pop(cid))
+        except RecordError as exc:
+            raise SystemExit(f"unreadable record {cid!r}: {exc}") from exc
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -151,22 +161,16 @@ async def recover(url: str) -> dict[str, float]:
     await store.open()
     loaded = await store.load()
     lap("load")
-    records: dict[str, Record] = {}
-    for cid, raw in loaded.records.items():
-        try:
-            records[cid] = decode_record(raw)
-        except RecordError as exc:
-            raise SystemExit(f"unreadable record {cid!r}: {exc}") from exc
-    lap("decode")
-    now = clock.now_ms()
     core = Warmer(
         Policy(),
-        records=records,
-        adopt=True,  # as App.start does
+        records=_decoded(loaded.records),  # as App.start does: each record's bytes dropped
+        adopt=True,
         settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
-        token_start=token_start(loaded.token, now),
+        token_start=loaded.token,
     )
-    lap("core")
+    now = clock.now_ms()
+    core.tokens_from(token_start(loaded.token, now))
+    lap("decode_core")
     core.begin()
     recovery = core.recover(now)
     lap("recover")
@@ -190,7 +194,7 @@ async def recover(url: str) -> dict[str, float]:
     phases["touched"] = float(len(changes))
     # What the running worker keeps: the loaded bytes and decoded records are garbage once
     # App.start returns (freed memory the allocator keeps still counts in RSS).
-    del loaded, records, changes, recovery
+    del loaded, changes, recovery
     gc.collect()
     phases["rss_kept_mb"] = (_rss_bytes() - rss_before) / 2**20
     phases["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

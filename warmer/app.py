@@ -34,7 +34,7 @@ import signal
 import socket
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Final, Literal, TypeVar
 
 import aio_pika
@@ -936,25 +936,17 @@ class App:
         except StoreError as exc:
             raise StartupError(f"cannot open the store {store_name}: {exc}") from exc
         model = self._gap_model(loaded.records.pop(MODEL_KEY, None))
-        records = {}
-        for cid, raw in loaded.records.items():
-            try:
-                records[cid] = decode_record(raw)
-            except RecordError as exc:
-                raise StartupError(
-                    f"the store {store_name} holds an unreadable record for conversation "
-                    f"{cid[:200]!r}: {exc}; fix or delete it (nothing was changed)"
-                ) from exc
-        now = self._resumed_now(records)
         core = Warmer(
             self.config.policy(),
-            records=records,
+            records=self._decoded(loaded.records, store_name),
             adopt=True,  # decoded here for this core alone
             settings={cid: parse_settings(raw) for cid, raw in loaded.settings.items()},
-            token_start=token_start(loaded.token, now),
+            token_start=loaded.token,
             model=model,
             token_lane=lane,
         )
+        now = self._resumed_now(core.latest_input())
+        core.tokens_from(token_start(loaded.token, now))
         core.begin()
         recovery = core.recover(now)
         changes = encode_changes(core.touched(), core.touched_model())
@@ -1036,14 +1028,26 @@ class App:
                 log.warning(event, attempt=attempt, error=str(exc)[:300])
                 await sleep(self.clock, RESTORE_AT_START_PAUSE_MS)
 
-    def _resumed_now(self, records: Mapping[str, Record]) -> int:
-        """The time to recover at: a previous run's time line that was ahead of the wall
-        clock (it stepped back) goes on, its schedules with it (``SystemClock.resume``)."""
+    @staticmethod
+    def _decoded(records: dict[str, bytes], store_name: str) -> Iterator[tuple[str, Record]]:
+        """Each stored record decoded, its bytes dropped as soon as it is (``records`` is
+        emptied): a million records are never held both as bytes and decoded, and the
+        memory each one's bytes free is there for the next ones' states. StartupError
+        names the first unreadable one."""
+        for cid in list(records):
+            try:
+                yield cid, decode_record(records.pop(cid))
+            except RecordError as exc:
+                raise StartupError(
+                    f"the store {store_name} holds an unreadable record for conversation "
+                    f"{cid[:200]!r}: {exc}; fix or delete it (nothing was changed)"
+                ) from exc
+
+    def _resumed_now(self, latest: int) -> int:
+        """The time to recover at, given the newest stored input: a previous run's time
+        line that was ahead of the wall clock (it stepped back) goes on, its schedules
+        with it (``SystemClock.resume``)."""
         if isinstance(self.clock, SystemClock):
-            latest = max(
-                (r.state.last_input_at for r in records.values() if r.state is not None),
-                default=0,
-            )
             ahead_ms = self.clock.resume(latest)
             if ahead_ms:
                 log.warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from warmer.contract import TurnStarted
 from warmer.core import Record, Settings, Status, Warmer, decode_record, encode_record
 from warmer.core.sharing import Sharing
 from warmer.core.state import Conversation
@@ -77,3 +78,22 @@ def test_sharing_changes_no_stored_byte() -> None:
     stored = {f"c{i}": _stored(i) for i in range(6)}
     core = Warmer(records={cid: decode_record(raw) for cid, raw in stored.items()}, adopt=True)
     assert {cid: encode_record(record) for cid, record in core.records()} == stored
+
+
+def test_settings_the_state_carries_are_not_kept_apart_yet_read_and_stored_alike() -> None:
+    stored = {"same": _stored(1), "other": _stored(2)}
+    record = decode_record(stored["other"])
+    differing = Record(settings=Settings(False, 300_000), state=record.state)
+    stored["other"] = encode_record(differing)
+    core = Warmer(records={cid: decode_record(raw) for cid, raw in stored.items()}, adopt=True)
+    assert core.persisted("same") == Settings(True, 240_000)
+    assert core.persisted("other") == Settings(False, 300_000)
+    assert core._settings.keys() == {"other"}  # the one a state does not say
+    assert {cid: encode_record(record) for cid, record in core.records()} == stored
+    core.begin()
+    for cid in stored:
+        core.apply_event(T0 + 10, TurnStarted(conversation_id=cid, seq=10**6, at=T0 + 10))
+    touched = core.touched()
+    core.end()
+    assert touched["same"] is not None and touched["same"].settings == Settings(True, 240_000)
+    assert touched["other"] is not None and touched["other"].settings == Settings(False, 300_000)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from msgspec.structs import replace
 
-from warmer.core.state import DEFAULT_SETTINGS, Conversation, Record, Settings
+from warmer.core.state import DEFAULT_SETTINGS, Conversation, Record, Settings, settings_of
 
 Snapshot = tuple[Conversation | None, Settings | None]
 
@@ -60,9 +60,10 @@ class Journal:
             if conv is None and settings is None:
                 changes[cid] = None
             else:
+                if settings is None:
+                    settings = DEFAULT_SETTINGS if conv is None else settings_of(conv)
                 changes[cid] = Record(
-                    settings=DEFAULT_SETTINGS if settings is None else settings,
-                    state=None if conv is None else replace(conv),
+                    settings=settings, state=None if conv is None else replace(conv)
                 )
         return changes
 

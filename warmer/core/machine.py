@@ -18,7 +18,7 @@ timers with ``recover``; ``prune`` forgets conversations without input for too l
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final, assert_never
 
 from msgspec import UNSET
@@ -76,7 +76,14 @@ from warmer.core.rules import (
     timeout_error,
 )
 from warmer.core.sharing import Sharing
-from warmer.core.state import DEFAULT_SETTINGS, Conversation, Hold, Record, Settings
+from warmer.core.state import (
+    DEFAULT_SETTINGS,
+    Conversation,
+    Hold,
+    Record,
+    Settings,
+    settings_of,
+)
 
 _NOTHING: Final = Outcome([], "ignored")
 _GUARDED: Final = frozenset(
@@ -98,7 +105,7 @@ class Warmer:
         settings: Mapping[str, Settings] | None = None,
         token_start: int = 0,
         *,
-        records: Mapping[str, Record] | None = None,
+        records: Mapping[str, Record] | Iterable[tuple[str, Record]] | None = None,
         model: GapModel | None = None,
         adopt: bool = False,
         token_lane: tuple[int, int] = (1, 0),
@@ -106,7 +113,8 @@ class Warmer:
         """Start empty, or from what the store holds.
 
         ``settings``: persisted settings of conversations without a record (an older
-        store); ``records``: the stored records, their states copied, or taken over as
+        store); ``records``: the stored records (a mapping, or pairs decoded one at a time
+        so that none is held beyond its turn), their states copied, or taken over as
         they are with ``adopt`` (records decoded for this core alone: at a million, the
         copy costs a second and a copy of every state). The token counter starts at
         ``token_start``, and never below a stored token. ``model``: the stored gap model
@@ -128,17 +136,26 @@ class Warmer:
         # Called before every change of a conversation: bound once, on the hot path.
         self._touch = _both(self._census.touch, self._journal.touch)
 
-    def _adopt_all(self, records: Mapping[str, Record], adopt: bool) -> None:
+    def _adopt_all(
+        self, records: Mapping[str, Record] | Iterable[tuple[str, Record]], adopt: bool
+    ) -> None:
         """Take the stored records in: at start a million of them, so one tight loop;
-        their values shared (``Sharing``), their settings one object per distinct value."""
-        shared: dict[Settings, Settings] = {}  # a handful of distinct values, a million records
-        all_settings, conversations = self._settings, self._conversations
+        their values shared (``Sharing``), their settings kept apart only where they
+        differ from those merged into the state (``settings_of``)."""
+        apart = self._settings
+        conversations = self._conversations
         share = self._sharing.adopt
         token = self._token
-        for cid, record in records.items():
+        pairs = records.items() if isinstance(records, Mapping) else records
+        for cid, record in pairs:
             settings = record.settings
-            all_settings[cid] = shared.setdefault(settings, settings)
             state = record.state
+            if state is None or (
+                settings.enabled != state.enabled
+                or settings.interval_ms != state.interval_ms
+                or settings.policy != state.policy
+            ):
+                apart[cid] = settings  # what ``settings_of(state)`` would not say
             if state is not None:
                 if not adopt:
                     state = replace(state)
@@ -148,12 +165,21 @@ class Warmer:
                     token = state.token
         self._token = token
 
+    def tokens_from(self, start: int) -> None:
+        """Issue every later token above ``start`` (the counter never goes back): for a
+        start decided once the records are in (``token_start`` at the resumed time)."""
+        self._token = max(self._token, start)
+
     # -- queries ----------------------------------------------------------------------
 
     @property
     def last_token(self) -> int:
         """The highest token issued so far (or the start of the counter)."""
         return self._token
+
+    def latest_input(self) -> int:
+        """The newest last input of any conversation; 0 when none is known."""
+        return max((conv.last_input_at for conv in self._conversations.values()), default=0)
 
     def get(self, conversation_id: str) -> Conversation | None:
         """The runtime state of a conversation, if it has one."""
@@ -177,18 +203,20 @@ class Warmer:
         return self._census.savings()
 
     def persisted(self, conversation_id: str) -> Settings:
-        """The persisted settings of a conversation (defaults when none)."""
-        return self._settings.get(conversation_id, DEFAULT_SETTINGS)
+        """The persisted settings of a conversation: those kept apart for it, else those
+        merged into its state (``settings_of``), else the defaults."""
+        settings = self._settings.get(conversation_id)
+        if settings is not None:
+            return settings
+        conv = self._conversations.get(conversation_id)
+        return DEFAULT_SETTINGS if conv is None else settings_of(conv)
 
     def records(self) -> Iterator[tuple[str, Record]]:
         """Every conversation's record, as the store should hold it once its batch is
         committed: what the shell writes again into a store that lost its data."""
         conversations, settings = self._conversations, self._settings
         for cid in conversations.keys() | settings.keys():
-            yield (
-                cid,
-                Record(settings=settings.get(cid, DEFAULT_SETTINGS), state=conversations.get(cid)),
-            )
+            yield cid, Record(settings=self.persisted(cid), state=conversations.get(cid))
 
     # -- batches (``warmer.core.journal``) ---------------------------------------------
 
