@@ -123,7 +123,25 @@ async def write(url: str, n: int) -> float:
     await store.commit(changes, now * 1000)
     elapsed = time.perf_counter() - started
     await store.close()
+    if url.startswith("postgresql"):
+        await _analyze_postgres(url)
     return elapsed
+
+
+async def _analyze_postgres(url: str) -> None:
+    """Give the planner the statistics autovacuum would within a minute of the write.
+
+    Without them a chunk of the load (``WHERE shard = $1 AND id > $2 ORDER BY id LIMIT``)
+    is planned as a bitmap scan of every later row and a sort: 0.4-0.5 s a chunk, 57 s for
+    1,000,000 here, against 17 ms a chunk with them."""
+    import asyncpg  # only with the postgres case
+
+    schema = url.partition("?schema=")[2]
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'ANALYZE "{schema}".conversations')
+    finally:
+        await conn.close()
 
 
 def _decoded(records: dict[str, bytes]) -> Iterator[tuple[str, Record]]:
@@ -149,12 +167,16 @@ async def recover(url: str) -> dict[str, float]:
     rss_before = _rss_bytes()
     phases: dict[str, float] = {}
     mark = started = time.perf_counter()
+    cpu_mark = cpu_started = time.process_time()
 
     def lap(name: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
+        """The phase's wall time, and its CPU time (this process's own: on a shared
+        machine the wall time also counts the others' jobs)."""
+        nonlocal mark, cpu_mark
+        now, cpu = time.perf_counter(), time.process_time()
         phases[f"{name}_s"] = now - mark
-        mark = now
+        phases[f"{name}_cpu_s"] = cpu - cpu_mark
+        mark, cpu_mark = now, cpu
 
     clock = SystemClock()
     store = open_store(url)
@@ -189,6 +211,7 @@ async def recover(url: str) -> dict[str, float]:
     scheduler.start()
     lap("arm")
     phases["total_s"] = time.perf_counter() - started
+    phases["total_cpu_s"] = time.process_time() - cpu_started
     phases["rss_growth_mb"] = (_rss_bytes() - rss_before) / 2**20
     phases["armed"] = float(len(scheduler))
     phases["touched"] = float(len(changes))
