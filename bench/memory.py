@@ -25,6 +25,7 @@ Fixed seeds (the ids and every choice follow from the conversation's number).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -49,6 +50,7 @@ from warmer.core.records import encode_changes, encode_record
 from warmer.core.rules import token_start
 from warmer.scheduler import Scheduler
 
+ESTIMATE_S: Final = 90.0
 SIZES: Final = (100_000, 1_000_000)
 PHASES: Final = ("start", "churn")
 TARGET_BYTES_PER_CONVERSATION: Final = 600.0
@@ -235,7 +237,12 @@ def _main(argv: list[str]) -> None:
     if argv and argv[0] == "case":
         print(json.dumps(measure(int(argv[1]), argv[2])))
         return
-    sizes = tuple(int(arg) for arg in argv) or SIZES
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.memory",
+        description="RSS and bytes per conversation after start and after an hour of churn.",
+    )
+    parser.add_argument("sizes", nargs="*", type=int, help="conversations (100000 1000000)")
+    sizes = tuple(parser.parse_args(argv).sizes) or SIZES
     for name, value in run(sizes).items():
         print(f"{name:<40} {value:>14,.1f}")
 

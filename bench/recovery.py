@@ -17,6 +17,7 @@ figures. Some sizes only: ``python -m bench.recovery 1000000``; after a still st
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import json
@@ -42,6 +43,7 @@ from warmer.observe.log import configure_logging
 from warmer.scheduler import Scheduler
 from warmer.store import open_store
 
+ESTIMATE_S: Final = 75.0
 SIZES: Final = (100_000, 1_000_000)
 STORES: Final = ("sqlite", "redis", "postgres")
 TARGET_S: Final = 5.0
@@ -295,8 +297,16 @@ def _main(argv: list[str]) -> None:
     elif argv and argv[0] == "recover":
         print(json.dumps(asyncio.run(recover(argv[1]))))
     else:
-        sizes = tuple(int(arg) for arg in argv if arg.isdigit()) or SIZES
-        stores = tuple(arg for arg in argv if not arg.isdigit()) or STORES
+        parser = argparse.ArgumentParser(
+            prog="python -m bench.recovery",
+            description="Start-up with N stored conversations, per store.",
+        )
+        parser.add_argument(
+            "cases", nargs="*", help=f"sizes and stores ({', '.join(STORES)}); all by default"
+        )
+        cases = parser.parse_args(argv).cases
+        sizes = tuple(int(arg) for arg in cases if arg.isdigit()) or SIZES
+        stores = tuple(arg for arg in cases if not arg.isdigit()) or STORES
         for name, value in run(sizes, stores).items():
             print(f"{name:<36} {value:>12,.3f}")
 
