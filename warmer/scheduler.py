@@ -85,9 +85,13 @@ class Scheduler:
         """Arm the timer of `key` for `due_at_ms`, replacing any pending one."""
         seq = self._seq
         self._seq = seq + 1
-        entry = (due_at_ms, seq, key, token)
-        if self._live.get(key) is not None:
+        pending = self._live.get(key)
+        if pending is not None:
             self._dead += 1
+            # The key object the timer holds already: an equal copy (each decoded message
+            # brings its own) is not kept as well, a million timers long.
+            key = pending[2]
+        entry = (due_at_ms, seq, key, token)
         self._live[key] = entry
         heapq.heappush(self._heap, entry)
         if self._waiter is not None and (

@@ -483,3 +483,15 @@ async def test_system_clock_alarm_in_the_past_rings_on_the_next_turns() -> None:
     assert rang == []
     await turns()
     assert rang == ["kept"]
+
+
+def test_a_rearm_keeps_the_key_object_the_timer_holds() -> None:
+    recorder = Recorder()
+    scheduler = Scheduler(ManualClock(T0), recorder)
+    held = "".join(["conv-", "1"])
+    scheduler.arm(held, T0 + 10, 1)
+    scheduler.arm("".join(["conv-", "1"]), T0 + 20, 2)  # an equal copy, as a new message's
+    assert scheduler.pending("conv-1") == (T0 + 20, 2)
+    scheduler.fire_due(T0 + 20)
+    assert recorder.fired == [("conv-1", 2)]
+    assert recorder.fired[0][0] is held
