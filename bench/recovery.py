@@ -125,25 +125,7 @@ async def write(url: str, n: int) -> float:
     await store.commit(changes, now * 1000)
     elapsed = time.perf_counter() - started
     await store.close()
-    if url.startswith("postgresql"):
-        await _analyze_postgres(url)
     return elapsed
-
-
-async def _analyze_postgres(url: str) -> None:
-    """Give the planner the statistics autovacuum would within a minute of the write.
-
-    Without them a chunk of the load (``WHERE shard = $1 AND id > $2 ORDER BY id LIMIT``)
-    is planned as a bitmap scan of every later row and a sort: 0.4-0.5 s a chunk, 57 s for
-    1,000,000 here, against 17 ms a chunk with them."""
-    import asyncpg  # only with the postgres case
-
-    schema = url.partition("?schema=")[2]
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f'ANALYZE "{schema}".conversations')
-    finally:
-        await conn.close()
 
 
 def _decoded(records: dict[str, bytes]) -> Iterator[tuple[str, Record]]:
