@@ -642,6 +642,14 @@ class App:
                     log.debug("inbound_check_failed", shard=runner.shard, error=repr(exc)[:300])
                     channel = None
                     continue
+                except Exception as exc:
+                    # aiormq fails an RPC that a closing connection cut with a bare
+                    # Exception (its futures' default rejection): the look is lost, not
+                    # the task. Anything else is a bug worth a line, and still retried.
+                    say = log.debug if type(exc) is Exception else log.warning
+                    say("inbound_check_failed", shard=runner.shard, error=repr(exc)[:300])
+                    channel = None
+                    continue
                 now, count = self.clock.now_ms(), runner.inputs.delivered
                 worker.inbound(declared.message_count or 0, count - delivered, now - at)
                 delivered, at = count, now

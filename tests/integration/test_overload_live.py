@@ -1,9 +1,8 @@
 """Overload on the real broker (issue 17): one worker flooded with warms, briefly.
 
 K conversations at the shortest interval (1 s, so a 1 s warm timeout), answered by a
-simulated orchestrator in this process (every ``warm.requested`` answered at once with its
-token), more than the worker gets through while it shares this process and the machine
-with the orchestrator and the requester; commands timed meanwhile. The worker falls
+simulated orchestrator in a process of its own (every ``warm.requested`` answered at once
+with its token), more than the worker gets through; commands timed meanwhile. The worker falls
 behind (that is checked: the test floods it), and still no warm fails with cause
 ``timeout``, no conversation is paused, no ``warms_failed`` warning is written, and every
 command is answered. ``/readyz`` says how far behind on a line of its own and stays ready.
@@ -12,77 +11,71 @@ command is answered. ``/readyz`` says how far behind on a line of its own and st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
-import aio_pika
 import aiohttp
-import msgspec
 import pytest
 
 from tests.integration.probe import Probe
 from tests.replicas.requester import Requester
 from warmer.app import App
-from warmer.bus.topology import WARM_ROUTING_KEY, Names
 from warmer.worker import BEHIND_MIN_MS
 
 pytestmark = pytest.mark.broker
 
-K = 1_200
+K = 2_400
 FLOOD_S = 10.0
 INTERVAL_MS = 1_000
 
 
 class Orchestrator:
-    """Answers every warm request at once with a completion of its token."""
+    """The benchmark's simulated orchestrator (``python -m bench.orchestrator``) in a process
+    of its own: it answers every warm request at once with a completion of its token, a
+    batch at a time in one write, so it is never what falls behind (an orchestrator slower
+    than the worker would time warms out for real: those are its failures)."""
 
-    def __init__(self) -> None:
-        self.answered = 0
-        self._connection: aio_pika.abc.AbstractConnection | None = None
+    def __init__(self, amqp_url: str, namespace: str, records: Path) -> None:
+        argv = [sys.executable, "-m", "bench.orchestrator", amqp_url, namespace, str(records)]
+        argv += ["--interval-ms", str(INTERVAL_MS)]
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
-    async def start(self, amqp_url: str, names: Names) -> None:
-        self._connection = await aio_pika.connect(amqp_url)
-        listen = await self._connection.channel()
-        await listen.set_qos(prefetch_count=2_000)
-        publish = await self._connection.channel(publisher_confirms=False)
-        lifecycle = await publish.get_exchange(names.lifecycle)
-        queue = await listen.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(names.warm, WARM_ROUTING_KEY)
-
-        async def answer(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            warm = msgspec.json.decode(message.body)
-            body = {
-                "type": "warm.completed",
-                "conversationId": warm["conversationId"],
-                "token": warm["token"],
-                "usage": {"inputTokens": 2000, "cacheReadTokens": 2000, "cacheWriteTokens": 0},
-            }
-            await lifecycle.publish(
-                aio_pika.Message(
-                    msgspec.json.encode(body),
-                    content_type="application/json",
-                    headers={"conversation-id": warm["conversationId"]},
-                ),
-                "warm.completed",
-            )
-            self.answered += 1
-
-        await queue.consume(answer, no_ack=True)
+    async def start(self) -> None:
+        assert self._process.stdout is not None
+        line = await asyncio.to_thread(self._process.stdout.readline)
+        assert line.strip() == "ready", line
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        process = self._process
+        if process.poll() is None and process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.write("stop\n")
+                process.stdin.flush()
+            try:
+                await asyncio.to_thread(process.wait, 15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
 
 
 async def test_a_flooded_worker_falls_behind_without_failing_or_pausing_warms(
-    amqp_url: str, namespace: str, probe: Probe, start_worker: Any
+    amqp_url: str, namespace: str, probe: Probe, start_worker: Any, tmp_path: Path
 ) -> None:
     app: App = await start_worker(
         http="127.0.0.1:0", idle_max_warms=1_000_000, store="memory://", prefetch=256
     )
-    orchestrator = Orchestrator()
-    await orchestrator.start(amqp_url, Names.of(namespace))
+    orchestrator = Orchestrator(amqp_url, namespace, tmp_path / "records.json")
+    await orchestrator.start()
     requester = await Requester.connect(amqp_url, namespace)
     ids = [f"flood-{n:05d}" for n in range(K)]
     took: list[float] = []
@@ -121,11 +114,10 @@ async def test_a_flooded_worker_falls_behind_without_failing_or_pausing_warms(
 
     metrics = app.metrics
     completed = metrics.value("warmer_warms_completed_total")
-    # It was flooded: behind by more than the threshold, and not keeping the 1 s schedule.
+    # It was flooded: behind by more than the threshold.
     assert max(behind) >= BEHIND_MIN_MS, behind
     assert any("\nbehind " in text for _, text in readyz), readyz[-3:]
     assert all(status == 200 for status, _ in readyz)  # a line, not a failure by default
-    assert completed < K * FLOOD_S * 0.9, completed
     # And yet: no warm failed with cause timeout, none paused, no failure warning.
     assert completed > K, completed
     assert metrics.value("warmer_warms_failed_total", cause="timeout") == 0
