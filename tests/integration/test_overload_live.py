@@ -108,21 +108,26 @@ async def test_a_flooded_worker_falls_behind_without_failing_or_pausing_warms(
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await asyncio.gather(commands(), watch(session))
         await asyncio.sleep(1.0)  # the completions of the last warms come in
+        # Read before the orchestrator goes: the warms requested after it are returned
+        # unroutable, real failures of their own (cause ``returned``), and summed.
+        metrics = app.metrics
+        completed = metrics.value("warmer_warms_completed_total")
+        timeouts = metrics.value("warmer_warms_failed_total", cause="timeout")
+        paused = metrics.value("warmer_conversations", status="paused")
+        lines = app.failures.lines
     finally:
         await requester.close()
         await orchestrator.close()
 
-    metrics = app.metrics
-    completed = metrics.value("warmer_warms_completed_total")
     # It was flooded: behind by more than the threshold.
     assert max(behind) >= BEHIND_MIN_MS, behind
     assert any("\nbehind " in text for _, text in readyz), readyz[-3:]
     assert all(status == 200 for status, _ in readyz)  # a line, not a failure by default
     # And yet: no warm failed with cause timeout, none paused, no failure warning.
     assert completed > K, completed
-    assert metrics.value("warmer_warms_failed_total", cause="timeout") == 0
-    assert metrics.value("warmer_conversations", status="paused") == 0
-    assert app.failures.lines == 0
+    assert timeouts == 0
+    assert paused == 0
+    assert lines == 0
     # Commands answered all along (a person waits on each).
     assert len(took) >= FLOOD_S, len(took)  # one after the other, 0.1 s apart
     assert statistics.median(took) < 1.0, sorted(took)[-5:]
