@@ -8,7 +8,9 @@ and then into aio-pika's ``IncomingMessage``, which must not raise either.
 from __future__ import annotations
 
 import datetime
+import re
 import struct
+from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any, cast
 
@@ -19,8 +21,9 @@ from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp import commands
 from pamqp.header import ContentHeader
 
-from warmer.bus import lenient
+from warmer.bus import flow, lenient, pinned, reader
 from warmer.bus.lenient import MAX_DEPTH, UNREADABLE, Undecodable, unreadable
+from warmer.bus.wire import Wire
 
 lenient.install()
 
@@ -277,6 +280,19 @@ def test_pinned_to_the_versions_it_was_written_for() -> None:
 
 
 def test_install_refuses_other_versions(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lenient, "version", lambda package: "99.0.0")
-    with pytest.raises(RuntimeError, match="written for pamqp"):
+    monkeypatch.setattr(pinned, "version", lambda package: "99.0.0")
+    with pytest.raises(RuntimeError, match=re.escape("warmer.bus.lenient was written for pamqp")):
         lenient.install()
+
+
+@pytest.mark.parametrize(
+    ("install", "who"),
+    [(reader.install, "reader"), (flow.install, "flow"), (Wire, "wire")],
+)
+def test_every_patch_refuses_other_versions(
+    monkeypatch: pytest.MonkeyPatch, install: Callable[[], object], who: str
+) -> None:
+    monkeypatch.setattr(pinned, "version", lambda package: "99.0.0")
+    refusal = re.escape(f"warmer.bus.{who} was written for aiormq 7.2.x")
+    with pytest.raises(RuntimeError, match=refusal):
+        install()

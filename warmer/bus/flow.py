@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from importlib.metadata import version
 from typing import Any, Final
 
 import aiormq.connection
 from pamqp import commands as spec
 
+from warmer.bus.pinned import check_pinned
 from warmer.observe.log import get_logger
 
 __all__ = ["Listener", "install", "release", "subscribe"]
@@ -43,13 +43,7 @@ _listeners: list[Listener] = []
 
 def install() -> None:
     """Tell listeners about blocked and unblocked connections from now on; idempotent."""
-    package, prefix = PINNED
-    found = version(package)
-    if not found.startswith(prefix):
-        raise RuntimeError(
-            f"warmer.bus.flow was written for {package} {prefix}x, found {found}: check "
-            "how it handles connection.blocked now, then update PINNED"
-        )
+    check_pinned(dict([PINNED]), "warmer.bus.flow", "how it handles connection.blocked")
     connection = aiormq.connection.Connection
     for name, reason in ((_BLOCKED, _reason), (_UNBLOCKED, _no_reason)):
         handler = getattr(connection, name)

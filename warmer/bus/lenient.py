@@ -23,13 +23,14 @@ from __future__ import annotations
 import datetime
 import struct
 from collections.abc import Callable
-from importlib.metadata import version
 from typing import Any, Final
 
 import pamqp.frame
 from pamqp import decode
 from pamqp.exceptions import UnmarshalingException
 from pamqp.header import ContentHeader
+
+from warmer.bus.pinned import check_pinned
 
 UNREADABLE: Final = "x-warmer-unreadable"
 PINNED: Final = {"pamqp": "4.0.", "aiormq": "7.2.", "aio-pika": "10.2."}
@@ -90,13 +91,7 @@ def unreadable(headers: object) -> Unreadable | None:
 
 def install() -> None:
     """Decode content headers leniently from now on; idempotent."""
-    for package, prefix in PINNED.items():
-        found = version(package)
-        if not found.startswith(prefix):
-            raise RuntimeError(
-                f"warmer.bus.lenient was written for {package} {prefix}x, found {found}: "
-                "check it against the new version and its tests, then update PINNED"
-            )
+    check_pinned(PINNED, "warmer.bus.lenient")
     pamqp.frame._unmarshal_header_frame = _unmarshal_header_frame
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from importlib.metadata import version
 from typing import Final, TypeVar
 
 import aiormq.connection
@@ -27,6 +26,8 @@ from aiormq.connection import ReceivedFrame
 from aiormq.exceptions import AMQPConnectionError, InvalidFrameError, ProtocolSyntaxError
 from pamqp import commands as spec
 from pamqp.exceptions import PAMQPException
+
+from warmer.bus.pinned import check_pinned
 
 PINNED: Final = {"aiormq": "7.2.", "pamqp": "4.0."}
 """The versions whose receiver this one stands in for; ``install()`` refuses others."""
@@ -167,15 +168,4 @@ def install() -> None:
     aiormq.connection.FrameReceiver = BufferedFrameReceiver  # type: ignore[misc]
 
 
-def check_pinned(pinned: dict[str, str], who: str) -> None:
-    """RuntimeError unless each package's installed version starts with its prefix."""
-    for package, prefix in pinned.items():
-        found = version(package)
-        if not found.startswith(prefix):
-            raise RuntimeError(
-                f"{who} was written for {package} {prefix}x, found {found}: check it against "
-                "the new version and its tests, then update PINNED"
-            )
-
-
-__all__ = ["CHUNK", "PINNED", "BufferedFrameReceiver", "check_pinned", "install"]
+__all__ = ["CHUNK", "PINNED", "BufferedFrameReceiver", "install"]

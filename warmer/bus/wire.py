@@ -29,7 +29,7 @@ from aiormq.abc import ChannelFrame
 from aiormq.channel import Channel
 from aiormq.exceptions import ChannelInvalidStateError
 
-from warmer.bus.reader import check_pinned
+from warmer.bus.pinned import check_pinned
 from warmer.observe.log import get_logger
 
 log = get_logger(__name__)
