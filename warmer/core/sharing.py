@@ -13,6 +13,7 @@ starts over (the values already shared stay shared; later ones share with each o
 
 from __future__ import annotations
 
+import sys
 from typing import Final
 
 from warmer.core.state import Conversation
@@ -22,7 +23,11 @@ __all__ = ["MAX_SHARED_CHARS", "MAX_SHARED_NUMBERS", "MAX_SHARED_STRINGS", "Shar
 MAX_SHARED_STRINGS: Final = 131_072
 """Distinct strings (working directories, model names) held at once."""
 MAX_SHARED_CHARS: Final = 8 * 2**20
-"""Their characters in all: a working directory may be 4,096 characters long."""
+"""The memory their characters take in all, in bytes (an ASCII character takes one, others
+two or four: a string is weighed by ``sys.getsizeof``, so a stream of distinct non-ASCII
+working directories cannot hold four times the bound); a working directory may be 4,096
+characters long."""
+_EMPTY_SIZE: Final = sys.getsizeof("")
 MAX_SHARED_NUMBERS: Final = 4_096
 """Distinct intervals and timeouts held at once (a deployment has a handful)."""
 
@@ -52,12 +57,13 @@ class Sharing:
         held = self._strings.get(value)
         if held is not None:
             return held
-        if len(self._strings) >= self._max_strings or self._chars + len(value) > self._max_chars:
+        weight = sys.getsizeof(value) - _EMPTY_SIZE
+        if len(self._strings) >= self._max_strings or self._chars + weight > self._max_chars:
             self._strings.clear()
             self._chars = 0
-        if len(value) <= self._max_chars:
+        if weight <= self._max_chars:
             self._strings[value] = value
-            self._chars += len(value)
+            self._chars += weight
         return value
 
     def number(self, value: int) -> int:
