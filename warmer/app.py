@@ -333,6 +333,7 @@ class App:
         self._tasks = [
             watch(loop.create_task(self._balance_forever(), name="balance")),
             watch(loop.create_task(self._watch_clock_forever(), name="clock")),
+            watch(loop.create_task(self.failures.run(), name="failure-summary")),
         ]
         self._consuming = True
 

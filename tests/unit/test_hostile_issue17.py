@@ -20,11 +20,15 @@ from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
+from structlog.testing import capture_logs
+
 from tests.unit.conftest import Shell
 from warmer.bus import lenient
 from warmer.bus.reader import BufferedFrameReceiver
+from warmer.clock import ManualClock
 from warmer.core.sharing import Sharing
 from warmer.core.state import Conversation
+from warmer.observe.failures import FAILURE_SUMMARY_EVERY_MS, FailureLog
 
 C = "conv-1"
 TIMEOUT = 60_000
@@ -265,3 +269,29 @@ def test_adopting_thousands_of_distinct_conversations_keeps_the_tables_bounded()
         sharing.adopt(conv)
         assert conv.cwd == f"/srv/{i}" and conv.interval_ms == 60_000 + i
     assert len(sharing._strings) <= 500 and len(sharing._numbers) <= 64
+
+
+# -- overload: the failure summary's tail -------------------------------------------------
+
+
+async def test_the_tail_of_a_failure_burst_is_told_without_another_batch() -> None:
+    """A burst that pauses the conversations it hits leaves nothing to commit after it:
+    its pauses were only told at the next batch (maybe hours later) or at stop."""
+    clock = ManualClock(1_000_000)
+    failures = FailureLog(clock)
+    with capture_logs() as logs:
+        failures.failed("timeout", "c1", "no answer", paused=False)
+        failures.flush()  # the first batch of the burst: told at once
+        failures.failed("timeout", "c1", "no answer", paused=True)
+        failures.flush()  # within the interval: held
+        task = asyncio.get_running_loop().create_task(failures.run())
+        try:
+            await asyncio.sleep(0)
+            clock.advance(FAILURE_SUMMARY_EVERY_MS)  # and then nothing commits
+            for _ in range(3):
+                await asyncio.sleep(0)
+        finally:
+            task.cancel()
+    lines = [e for e in logs if e["event"] == "warms_failed"]
+    assert [line["paused"] for line in lines] == [0, 1]
+    assert not task.done() or task.cancelled()

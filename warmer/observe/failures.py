@@ -6,7 +6,9 @@ with its conversation; the warning is a summary: at most one ``warms_failed`` li
 one, how many conversations were paused by them, and one example. Under a flood of
 failures (tens of thousands a minute) that is 6 warning lines a minute, not a line a warm.
 The counts are written when a batch is committed after the interval has passed (and at
-stop): a burst is told at once, its tail at the next batch after the interval.
+stop): a burst is told at once, its tail at the next batch after the interval, or by
+``run()`` once the interval has passed when no batch comes (a burst that paused every
+conversation it hit leaves nothing to commit: its pauses must still be told).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import collections
 from typing import Final
 
-from warmer.clock import Clock
+from warmer.clock import Clock, sleep
 from warmer.observe.log import get_logger
 
 __all__ = ["FAILURE_SUMMARY_EVERY_MS", "FailureLog"]
@@ -56,6 +58,12 @@ class FailureLog:
         if self._since is None:
             self._since = self._clock.now_ms()
         self._counts[cause] += 1
+
+    async def run(self) -> None:
+        """Forever: write what is left once the interval has passed, batch or no batch."""
+        while True:
+            await sleep(self._clock, self.every_ms)
+            self.flush()
 
     def flush(self, *, force: bool = False) -> None:
         """Write the summary when there is one and the interval has passed (or ``force``)."""
