@@ -19,13 +19,13 @@ from pamqp import commands as spec
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
-
 from structlog.testing import capture_logs
 
 from tests.unit.conftest import Shell
 from warmer.bus import lenient
 from warmer.bus.reader import BufferedFrameReceiver
 from warmer.clock import ManualClock
+from warmer.core import Arm
 from warmer.core.sharing import Sharing
 from warmer.core.state import Conversation
 from warmer.observe.failures import FAILURE_SUMMARY_EVERY_MS, FailureLog
@@ -86,7 +86,7 @@ def _delivery_stream() -> bytes:
 
 async def read_all(receiver: FrameReceiver) -> list[tuple[int, int, str]]:
     """Every frame, a header with all its properties (the lenient notes as text)."""
-    out = []
+    out: list[tuple[int, int, str]] = []
     try:
         await _collect(receiver, out)
     except AMQPConnectionError as e:  # the end of stream between frames
@@ -152,8 +152,11 @@ async def test_a_stream_fed_one_byte_a_turn_reads_whole() -> None:
 
 
 def _header(flags: int, properties: bytes, body_size: int = 2) -> bytes:
-    return (60).to_bytes(2, "big") + b"\0\0" + body_size.to_bytes(8, "big") + (
-        flags.to_bytes(2, "big") + properties
+    return (
+        (60).to_bytes(2, "big")
+        + b"\0\0"
+        + body_size.to_bytes(8, "big")
+        + (flags.to_bytes(2, "big") + properties)
     )
 
 
@@ -223,6 +226,7 @@ def test_a_worker_behind_forever_still_fails_the_warm_within_the_bound(shell: Sh
         if out.verdict != "extended":
             break
         (arm,) = out.effects
+        assert isinstance(arm, Arm)
         assert arm.due_at > now
         now = arm.due_at
         assert checks < 10
