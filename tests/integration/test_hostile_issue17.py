@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from aiormq.abc import DeliveredMessage
 from aiormq.exceptions import DeliveryError
 from pamqp import commands as spec
 
+from tests.integration.probe import Probe
 from tests.reliability.tcp_proxy import TcpProxy
 from warmer.bus import lenient, reader
 from warmer.bus.frames import FRAME_OVERHEAD, Properties, method_frame, publish_frames
@@ -203,3 +205,76 @@ async def test_a_connection_cut_mid_write_loses_no_confirmed_publish(
     finally:
         await check.close()
         await _cleanup(amqp_url, [name], [])
+
+
+@pytest.fixture
+async def slow_path(amqp_url: str) -> AsyncIterator[TcpProxy]:
+    proxy = await TcpProxy.to_broker(amqp_url)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+async def test_a_broker_slow_to_answer_the_inbound_check_leaks_no_channel(
+    slow_path: TcpProxy, amqp_url: str, start_worker: Any
+) -> None:
+    """The overload's inbound check (a passive declare every 250 ms on a channel of its
+    own) gave up on a late answer by opening another channel, leaving the old one open:
+    one channel more per slow answer, for as long as the connection lives (channel_max
+    2047), under the overload that makes the broker slow."""
+    app = await start_worker(amqp_url=slow_path.url(amqp_url), confirm_timeout_ms=1000)
+    connection = app._connection.transport.connection  # type: ignore[union-attr]
+    await asyncio.sleep(0.6)  # the check's channel is open
+    before = len(connection.channels)
+    for _ in range(2):
+        slow_path.blackhole()  # the answer comes late, not never
+        await asyncio.sleep(1.5)
+        slow_path.restore()
+        await asyncio.sleep(0.6)
+    assert app.reconnections == 0
+    assert len(connection.channels) <= before
+
+
+async def test_a_connection_cut_in_a_flood_loses_no_surface_and_leaves_no_unseen_error(
+    slow_path: TcpProxy,
+    amqp_url: str,
+    start_worker: Any,
+    probe: Probe,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Events flood in; the connection is cut while batches of surface updates are being
+    written and confirmed. Every event is applied and its surface published after the
+    reconnection (none acknowledged on a surface that was never confirmed), and no task
+    fails unseen ("Task exception was never retrieved", a traceback in the log)."""
+    caplog.set_level(logging.WARNING)
+    app = await start_worker(amqp_url=slow_path.url(amqp_url))
+    surfaces = await probe.surfaces()
+    count = 400
+    seen: set[str] = set()
+    flowing = asyncio.Event()
+
+    async def collect() -> None:
+        while len(seen) < count:
+            body = await surfaces.next_body(timeout=30)
+            seen.add(body["conversationId"])
+            if len(seen) >= 20:
+                flowing.set()
+
+    collecting = asyncio.get_running_loop().create_task(collect())
+    for i in range(count):
+        await probe.event({"type": "turn.settled", "conversationId": f"flood-{i}", "cwd": "/r"})
+        if i == count // 3:
+            await asyncio.wait_for(flowing.wait(), 10)  # surfaces are flowing
+            slow_path.cut()
+    await asyncio.wait_for(collecting, 40)
+    assert len(seen) == count
+    assert app.reconnections >= 1
+    gc.collect()
+    await asyncio.sleep(0.05)
+    unseen = [str(r.msg) for r in caplog.records if "never retrieved" in str(r.msg)]
+    assert not unseen
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    assert "never retrieved" not in out + err
