@@ -224,7 +224,7 @@ async def test_a_broker_slow_to_answer_the_inbound_check_leaks_no_channel(
     one channel more per slow answer, for as long as the connection lives (channel_max
     2047), under the overload that makes the broker slow."""
     app = await start_worker(amqp_url=slow_path.url(amqp_url), confirm_timeout_ms=1000)
-    connection = app._connection.transport.connection  # type: ignore[union-attr]
+    connection = app._connection.transport.connection
     await asyncio.sleep(0.6)  # the check's channel is open
     before = len(connection.channels)
     for _ in range(2):
