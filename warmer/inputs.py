@@ -59,7 +59,8 @@ class Inputs:
 
     Commands come first: a person waits on each, and they are few, so a batch is made of
     the commands waiting, when there are any, before the rest (deliveries, timers that fell
-    due, returns) in arrival order. With a clock, the rest is stamped as it arrives, so the
+    due, returns) in arrival order; but not twice in a row while the rest waits, so a
+    steady stream of commands (a dashboard polling, a hostile publisher) cannot starve it. With a clock, the rest is stamped as it arrives, so the
     pipeline can tell how long its inputs wait (``waited_ms``, ``oldest_ms``): part of how
     far behind the worker is.
     """
@@ -77,6 +78,9 @@ class Inputs:
         self.idle = False
         """True while the pipeline waits in ``take`` for input."""
         self._command_at: int | None = None
+        self._commands_last = False
+        # The last batch taken was commands: the rest, when any waits, goes next (commands
+        # first, not commands only: a steady stream of them must not starve the rest).
         self.delivered = 0
         """How many lifecycle deliveries arrived so far (how fast the worker takes them)."""
         self.fired_waiting = 0
@@ -169,7 +173,9 @@ class Inputs:
     async def take(self, limit: int = BATCH_MAX) -> list[Input] | None:
         """Wait for at least one input, then take the commands waiting, if any (at most
         ``limit``), else every other input there is (at most ``limit``, and at most
-        ``BATCH_NEAR_COMMANDS`` while commands are coming: a batch takes less long)."""
+        ``BATCH_NEAR_COMMANDS`` while commands are coming: a batch takes less long).
+        After a commands batch the rest goes first when it waits: a command waits at most
+        one other batch, and a steady stream of commands cannot starve the rest."""
         while not self._items and not self._commands:
             if self._closed:
                 return None
@@ -180,11 +186,13 @@ class Inputs:
             finally:
                 self.idle = False
         self.taken += 1
-        if self._commands:
+        if self._commands and not (self._commands_last and self._items):
+            self._commands_last = True
             count = min(limit, len(self._commands))
             if self._clock is not None:
                 self.taken_since_ms = self._clock.now_ms()
             return [self._commands.popleft() for _ in range(count)]
+        self._commands_last = False
         at, clock = self._command_at, self._clock
         if at is not None and clock is not None and clock.now_ms() - at < COMMANDS_RECENT_MS:
             limit = min(limit, BATCH_NEAR_COMMANDS)

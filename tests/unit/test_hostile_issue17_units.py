@@ -23,11 +23,13 @@ from structlog.testing import capture_logs
 
 from tests.unit.conftest import Shell
 from warmer.bus import lenient
+from warmer.bus.memory import MemoryChannel
 from warmer.bus.reader import BufferedFrameReceiver
 from warmer.clock import ManualClock
 from warmer.core import Arm
 from warmer.core.sharing import Sharing
 from warmer.core.state import Conversation
+from warmer.inputs import Inputs, Received
 from warmer.observe.failures import FAILURE_SUMMARY_EVERY_MS, FailureLog
 from warmer.scheduler import Scheduler
 
@@ -332,3 +334,25 @@ def test_a_backlog_that_never_drains_still_fails_an_outstanding_warm_within_the_
 
     shell._run(run())
     assert fired == [C]  # the check runs (and, the worker behind, fails at the bound)
+
+
+# -- overload: commands first, not commands only --------------------------------------------
+
+
+async def test_a_steady_stream_of_commands_does_not_starve_the_lifecycle_events() -> None:
+    """Commands are taken first; a dashboard polling ``get_state`` (or a hostile publisher)
+    sending a command before every batch must not keep completions and turns waiting for
+    ever: they wait at most one commands batch."""
+    clock = ManualClock(1_000_000)
+    inputs = Inputs(clock)
+    lifecycle, commands = MemoryChannel("lifecycle"), MemoryChannel("commands")
+    await inputs.lifecycle(lifecycle.deliver(b"{}"))
+    kinds = []
+    for _ in range(10):
+        await inputs.command(commands.deliver(b"{}"))  # one more command before each take
+        batch = await inputs.take()
+        assert batch is not None
+        kinds.append({i.queue for i in batch if isinstance(i, Received)})
+        clock.advance(5)
+    assert {"lifecycle"} in kinds[:2]
+    assert kinds[0] == {"commands"}  # and commands still come first
