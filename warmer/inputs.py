@@ -60,9 +60,9 @@ class Inputs:
     Commands come first: a person waits on each, and they are few, so a batch is made of
     the commands waiting, when there are any, before the rest (deliveries, timers that fell
     due, returns) in arrival order; but not twice in a row while the rest waits, so a
-    steady stream of commands (a dashboard polling, a hostile publisher) cannot starve it. With a clock, the rest is stamped as it arrives, so the
-    pipeline can tell how long its inputs wait (``waited_ms``, ``oldest_ms``): part of how
-    far behind the worker is.
+    steady stream of commands (a dashboard polling, a hostile publisher) cannot starve it.
+    With a clock, the rest is stamped as it arrives, so the pipeline can tell how long its
+    inputs wait (``waited_ms``, ``oldest_ms``): part of how far behind the worker is.
     """
 
     def __init__(self, clock: Clock | None = None) -> None:
