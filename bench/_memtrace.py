@@ -42,8 +42,7 @@ def trace(n: int) -> None:
     core.touched()
     core.end()
     scheduler = Scheduler(ManualClock(_NOW), _ignore)
-    for arm in recovery.arms:
-        scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
+    scheduler.arm_many((arm.conversation_id, arm.due_at, arm.token) for arm in recovery.arms)
     peak = tracemalloc.get_traced_memory()[1]
     del recovery
     gc.collect()

@@ -90,8 +90,9 @@ class _Worker:
         encode_changes(self.core.touched())  # what the start-up commit would write
         self.core.end()
         self.scheduler = Scheduler(self.clock, _never_fired)
-        for arm in recovery.arms:
-            self.scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
+        self.scheduler.arm_many(
+            (arm.conversation_id, arm.due_at, arm.token) for arm in recovery.arms
+        )
         self.n = n
         self.seq = 1_000
 

@@ -190,8 +190,7 @@ async def recover(url: str) -> dict[str, float]:
     core.end()
     lap("commit")
     scheduler = Scheduler(clock, _ignore)
-    for arm in recovery.arms:
-        scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
+    scheduler.arm_many((arm.conversation_id, arm.due_at, arm.token) for arm in recovery.arms)
     scheduler.start()
     lap("arm")
     phases["total_s"] = time.perf_counter() - started

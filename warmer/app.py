@@ -591,8 +591,7 @@ class App:
             raise
         if runner.lost is not None:  # the connection went meanwhile
             return False
-        for arm in arms:
-            scheduler.arm(arm.conversation_id, arm.due_at, arm.token)
+        scheduler.arm_many((arm.conversation_id, arm.due_at, arm.token) for arm in arms)
         scheduler.start()
         loop = asyncio.get_running_loop()
         runner.tasks = [

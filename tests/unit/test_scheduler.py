@@ -495,3 +495,49 @@ def test_a_rearm_keeps_the_key_object_the_timer_holds() -> None:
     scheduler.fire_due(T0 + 20)
     assert recorder.fired == [("conv-1", 2)]
     assert recorder.fired[0][0] is held
+
+
+def test_arm_many_is_many_arms_in_turn() -> None:
+    rng = random.Random(17)
+    timers = [
+        (f"conv-{rng.randrange(300)}", T0 + rng.randrange(0, 50), token) for token in range(2_000)
+    ]
+    one, many = Recorder(), Recorder()
+    by_arm, in_bulk = Scheduler(ManualClock(T0), one), Scheduler(ManualClock(T0), many)
+    by_arm.arm("conv-held", T0 + 5, 1)
+    in_bulk.arm("conv-held", T0 + 5, 1)
+    for key, due, token in timers:
+        by_arm.arm(key, due, token)
+    in_bulk.arm_many(timers)
+    assert len(in_bulk) == len(by_arm)
+    assert all(in_bulk.pending(key) == by_arm.pending(key) for key, _, _ in timers)
+    assert in_bulk.fire_due(T0 + 25) == by_arm.fire_due(T0 + 25)
+    in_bulk.arm_many([])
+    in_bulk.fire_due(T0 + 50)
+    by_arm.fire_due(T0 + 50)
+    assert many.fired == one.fired
+    assert len(in_bulk) == 0
+
+
+def test_arm_many_keeps_the_key_object_the_timer_holds() -> None:
+    recorder = Recorder()
+    scheduler = Scheduler(ManualClock(T0), recorder)
+    held = "".join(["conv-", "1"])
+    scheduler.arm(held, T0 + 10, 1)
+    scheduler.arm_many([("".join(["conv-", "1"]), T0 + 20, 2)])
+    scheduler.fire_due(T0 + 20)
+    assert recorder.fired == [("conv-1", 2)]
+    assert recorder.fired[0][0] is held
+
+
+async def test_arm_many_wakes_the_running_task(clock: ManualClock, fired: Recorder) -> None:
+    scheduler = Scheduler(clock, fired)
+    scheduler.arm("late", T0 + 1_000, 1)
+    scheduler.start()
+    await turns()
+    scheduler.arm_many([("early", T0 + 10, 2)])
+    await turns()
+    clock.advance(10)
+    await turns()
+    assert fired.fired == [("early", 2)]
+    await scheduler.stop()
