@@ -97,26 +97,23 @@ class Sharing:
         ttl = conv.cache_ttl_ms
         if ttl is not None:
             conv.cache_ttl_ms = numbers.get(ttl) or self.number(ttl)
-        _share_times(conv)
-
-
-def _share_times(conv: Conversation) -> None:
-    """One object for equal times: a completion sets its last warm, last read and last
-    input to the same ``now``, which decoding had made three objects."""
-    read = conv.last_read_at
-    if read is not None:
-        if conv.last_warm_at == read:
-            conv.last_warm_at = read
-        if conv.published_at == read:
-            conv.published_at = read
-        if conv.settled_read_at == read:
-            conv.settled_read_at = read
-        if conv.last_input_at == read:
-            conv.last_input_at = read
-    last_input = conv.last_input_at
-    if conv.idle_since == last_input:
-        conv.idle_since = last_input
-    if conv.settled_at == last_input:
-        conv.settled_at = last_input
-    if conv.answered_token == conv.token:
-        conv.answered_token = conv.token
+        # One object for equal times: a completion sets its last warm, last read and last
+        # input to the same ``now``, which decoding had made three objects. (Inline, not a
+        # call: a million times at start.)
+        read = conv.last_read_at
+        if read is not None:
+            if conv.last_warm_at == read:
+                conv.last_warm_at = read
+            if conv.published_at == read:
+                conv.published_at = read
+            if conv.settled_read_at == read:
+                conv.settled_read_at = read
+            if conv.last_input_at == read:
+                conv.last_input_at = read
+        last_input = conv.last_input_at
+        if conv.idle_since == last_input:
+            conv.idle_since = last_input
+        if conv.settled_at == last_input:
+            conv.settled_at = last_input
+        if conv.answered_token == conv.token:
+            conv.answered_token = conv.token
