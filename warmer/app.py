@@ -591,7 +591,15 @@ class App:
             raise
         if runner.lost is not None:  # the connection went meanwhile
             return False
-        scheduler.arm_many((arm.conversation_id, arm.due_at, arm.token) for arm in arms)
+        awaiting = core.is_awaiting
+        scheduler.arm_many(
+            (arm.conversation_id, arm.due_at, arm.token)
+            for arm in arms
+            if not awaiting(arm.conversation_id, arm.token)
+        )
+        for arm in arms:  # the warms out: their timeouts are checks (decision 109)
+            if awaiting(arm.conversation_id, arm.token):
+                scheduler.arm(arm.conversation_id, arm.due_at, arm.token, check=True)
         scheduler.start()
         loop = asyncio.get_running_loop()
         runner.tasks = [

@@ -16,7 +16,8 @@ Spreading: with ``room`` (how many more timers the pipeline takes now), timers f
 faster than the pipeline applies and publishes them: at most ``room()`` fire per turn, the
 rest stay in the heap, due times kept, oldest first, until ``nudge()`` says there is room
 again. How late the oldest due timer is (``behind_ms``) is then how far behind the worker
-is on its schedule.
+is on its schedule. A timer armed as a ``check`` (a warm's timeout: it publishes nothing)
+is never held back: checks have a heap of their own and fire whatever the room.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Scheduler:
         self._on_fire = on_fire
         self._lateness = lateness
         self._heap: list[_Entry] = []
+        self._checks: list[_Entry] = []
+        """The checks' heap: never held back by the room."""
         self._live: dict[str, _Entry] = {}
         self._dead = 0
         self._seq = 0
@@ -81,8 +84,9 @@ class Scheduler:
         """Return how many timers are armed."""
         return len(self._live)
 
-    def arm(self, key: str, due_at_ms: int, token: int) -> None:
-        """Arm the timer of `key` for `due_at_ms`, replacing any pending one."""
+    def arm(self, key: str, due_at_ms: int, token: int, *, check: bool = False) -> None:
+        """Arm the timer of `key` for `due_at_ms`, replacing any pending one; a `check`
+        fires even while the room holds the others back."""
         seq = self._seq
         self._seq = seq + 1
         pending = self._live.get(key)
@@ -93,7 +97,7 @@ class Scheduler:
             key = pending[2]
         entry = (due_at_ms, seq, key, token)
         self._live[key] = entry
-        heapq.heappush(self._heap, entry)
+        heapq.heappush(self._checks if check else self._heap, entry)
         if self._waiter is not None and (
             self._sleeping_until is None or due_at_ms < self._sleeping_until
         ):
@@ -154,18 +158,30 @@ class Scheduler:
         cancel any key. A timer armed by a callback never fires within the same call,
         even if already due, so a callback that keeps re-arming in the past cannot spin
         forever; it fires on the next call. Returns how many timers fired, counting
-        those whose callback raised (logged as `timer_fire_failed`).
+        those whose callback raised (logged as `timer_fire_failed`). Checks due fire
+        first, and `limit` does not count them.
         """
         first_new_seq = self._seq
+        self._firing = True
+        try:
+            checked = self._fire_from(self._checks, now_ms, None, first_new_seq)
+            return checked + self._fire_from(self._heap, now_ms, limit, first_new_seq)
+        finally:
+            self._firing = False
+            self._compact_if_mostly_dead()
+
+    def _fire_from(
+        self, heap: list[_Entry], now_ms: int, limit: int | None, first_new_seq: int
+    ) -> int:
+        """Fire what is due in one heap (at most ``limit``); see ``fire_due``."""
         deferred: list[_Entry] = []
         fired = 0
         lateness = self._lateness
-        self._firing = True
         try:
-            while self._heap and self._heap[0][0] <= now_ms:
+            while heap and heap[0][0] <= now_ms:
                 if limit is not None and fired >= limit:
                     break
-                entry = heapq.heappop(self._heap)
+                entry = heapq.heappop(heap)
                 _, seq, key, token = entry
                 if self._live.get(key) is not entry:
                     self._dead -= 1
@@ -181,11 +197,9 @@ class Scheduler:
                     except Exception:
                         log.exception("timer_fire_failed", key=key, token=token)
         finally:
-            self._firing = False
             for entry in deferred:
                 # Dead or alive, it goes back: `_dead` counted it as a heap entry.
-                heapq.heappush(self._heap, entry)
-            self._compact_if_mostly_dead()
+                heapq.heappush(heap, entry)
         return fired
 
     async def run(self) -> None:
@@ -193,25 +207,26 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             room = None if self.room is None else max(0, self.room())
-            if room != 0:
-                self.fire_due(self._clock.now_ms(), room)
-            next_due = self._next_due()
+            self.fire_due(self._clock.now_ms(), room)
             held = self.room is not None and self.room() <= 0
-            if not held and next_due is not None and next_due <= self._clock.now_ms():
+            next_due = self._next_due(self._checks) if held else self._next_due()
+            if next_due is not None and next_due <= self._clock.now_ms():
                 # Armed by a callback already due, or more due than fit in one turn:
                 # fire it after letting others run.
                 await asyncio.sleep(0)
                 continue
+            if held and (waiting := self._next_due(self._heap)) is not None:
+                # Held back with timers due: ``nudge`` (room again) wakes it, or at the
+                # latest a look again a moment later (a nudge never missed for long).
+                now = self._clock.now_ms()
+                again = now + _HELD_RECHECK_MS if waiting <= now else waiting
+                next_due = again if next_due is None else min(next_due, again)
             alarm: Alarm | None = None
             self._waiter = loop.create_future()
             self._sleeping_until = next_due
             try:
                 if next_due is not None:
-                    # Held back with timers due: ``nudge`` (room again) wakes it, or at the
-                    # latest a look again a moment later (a nudge never missed for long).
-                    now = self._clock.now_ms()
-                    at = now + _HELD_RECHECK_MS if held and next_due <= now else next_due
-                    alarm = self._clock.call_at(at, self._wake)
+                    alarm = self._clock.call_at(next_due, self._wake)
                 await self._waiter
             finally:
                 self._waiter = None
@@ -248,8 +263,11 @@ class Scheduler:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _next_due(self) -> int | None:
-        heap = self._heap
+    def _next_due(self, heap: list[_Entry] | None = None) -> int | None:
+        """The earliest due time of ``heap`` (both heaps when None), dead tops dropped."""
+        if heap is None:
+            dues = [d for d in map(self._next_due, (self._checks, self._heap)) if d is not None]
+            return min(dues, default=None)
         while heap and self._live.get(heap[0][2]) is not heap[0]:
             heapq.heappop(heap)
             self._dead -= 1
@@ -260,6 +278,9 @@ class Scheduler:
         if self._firing:
             return
         if self._dead > _COMPACT_MIN_DEAD and self._dead * 2 > len(self._live):
-            self._heap = list(self._live.values())
+            live = self._live
+            self._heap = [entry for entry in self._heap if live.get(entry[2]) is entry]
+            self._checks = [entry for entry in self._checks if live.get(entry[2]) is entry]
             heapq.heapify(self._heap)
+            heapq.heapify(self._checks)
             self._dead = 0

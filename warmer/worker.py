@@ -499,7 +499,10 @@ class Worker:
         for timer in applied.timers:
             match timer:
                 case Arm():
-                    self.scheduler.arm(timer.conversation_id, timer.due_at, timer.token)
+                    cid, token = timer.conversation_id, timer.token
+                    # A warm's timeout publishes nothing: never held back (decision 109).
+                    check = self.core.is_awaiting(cid, token)
+                    self.scheduler.arm(cid, timer.due_at, token, check=check)
                 case Cancel():
                     self.scheduler.cancel(timer.conversation_id)
                 case _:

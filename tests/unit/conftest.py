@@ -146,11 +146,15 @@ class NotingScheduler(Scheduler):
     def __init__(self, clock: ManualClock, inputs: Inputs) -> None:
         super().__init__(clock, inputs.fired)
         self.armed: list[Arm] = []
+        self.checks: list[str] = []
+        """The keys of the timers armed as checks (a warm's timeout), in arm order."""
 
-    def arm(self, key: str, due_at_ms: int, token: int) -> None:
+    def arm(self, key: str, due_at_ms: int, token: int, *, check: bool = False) -> None:
         """Arm the timer of ``key``; noted."""
         self.armed.append(Arm(key, due_at_ms, token))
-        super().arm(key, due_at_ms, token)
+        if check:
+            self.checks.append(key)
+        super().arm(key, due_at_ms, token, check=check)
 
 
 class NotingOutbound(MemoryOutbound):

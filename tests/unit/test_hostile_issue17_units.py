@@ -304,17 +304,12 @@ async def test_the_tail_of_a_failure_burst_is_told_without_another_batch() -> No
     assert not task.done() or task.cancelled()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a broker backlog above the prefetch holds every timer, warm-timeout checks "
-    "included: a hostile publisher keeping the shard's queue deep keeps an outstanding "
-    "warm from ever failing (the 'one more warm timeout' bound is not kept)",
-)
 def test_a_backlog_that_never_drains_still_fails_an_outstanding_warm_within_the_bound(
     shell: Shell,
 ) -> None:
     shell.warming(C)
     deadline, token = shell.timers[C]
+    assert shell.scheduler.checks[-1:] == [C]  # the worker armed the timeout as a check
     worker = shell.worker
     worker.inbound(worker.hold_above + 1, 0, 250)  # a flood the worker never drains
     assert worker._room() == 0
@@ -323,7 +318,8 @@ def test_a_backlog_that_never_drains_still_fails_an_outstanding_warm_within_the_
     async def run() -> None:
         clock = ManualClock(shell.now)
         scheduler = Scheduler(clock, lambda key, token: fired.append(key), room=worker._room)
-        scheduler.arm(C, deadline, token)  # the warm's timeout, as the worker armed it
+        scheduler.arm(C, deadline, token, check=True)  # the warm's timeout, as armed
+        scheduler.arm("held", deadline, 1)  # a warm due as long: held back by the room
         scheduler.start()
         try:
             clock.set(deadline + 2 * TIMEOUT)  # past the bound: deadline + one more timeout

@@ -541,3 +541,55 @@ async def test_arm_many_wakes_the_running_task(clock: ManualClock, fired: Record
     await turns()
     assert fired.fired == [("early", 2)]
     await scheduler.stop()
+
+
+# -- checks: a warm's timeout is never held back (decision 109) -----------------------------
+
+
+def test_checks_fire_first_and_outside_the_limit(clock: ManualClock, fired: Recorder) -> None:
+    scheduler = Scheduler(clock, fired)
+    scheduler.arm("warm", T0 + 1, 1)
+    scheduler.arm("check", T0 + 2, 2, check=True)
+    assert scheduler.fire_due(T0 + 5, limit=0) == 1
+    assert fired.keys == ["check"]
+    assert scheduler.pending("warm") == (T0 + 1, 1)  # held: the limit was 0
+    assert scheduler.fire_due(T0 + 5, limit=1) == 1
+    assert fired.keys == ["check", "warm"]
+
+
+def test_a_key_moves_between_the_lanes_with_one_timer_pending(
+    clock: ManualClock, fired: Recorder
+) -> None:
+    scheduler = Scheduler(clock, fired)
+    scheduler.arm("c", T0 + 1, 1, check=True)
+    scheduler.arm("c", T0 + 2, 2)  # the warm came back: the next warm replaces the check
+    assert len(scheduler) == 1
+    assert scheduler.fire_due(T0 + 5, limit=0) == 0  # the check is dead, the warm held
+    scheduler.arm("c", T0 + 3, 3, check=True)  # a warm went out again
+    assert scheduler.fire_due(T0 + 5, limit=0) == 1
+    assert fired.fired == [("c", 3)]
+    assert len(scheduler) == 0
+
+
+def test_compaction_keeps_each_timer_in_its_lane(clock: ManualClock, fired: Recorder) -> None:
+    scheduler = Scheduler(clock, fired)
+    for n in range(3_000):  # enough dead entries to rebuild the heaps
+        scheduler.arm(f"k{n % 10}", T0 + n, n, check=n % 2 == 0)
+    assert len(scheduler) == 10
+    assert scheduler.fire_due(T0 + 10_000, limit=0) == 5  # the even tokens: checks
+    assert sorted(token % 2 for _, token in fired.fired) == [0] * 5
+
+
+async def test_a_check_fires_while_the_room_holds_the_others(clock: ManualClock) -> None:
+    fired = Recorder()
+    scheduler = Scheduler(clock, fired, room=lambda: 0)
+    scheduler.arm("warm", T0 + 10, 1)
+    scheduler.arm("check", T0 + 20, 2, check=True)
+    scheduler.start()
+    try:
+        clock.set(T0 + 30)
+        await turns()
+        assert fired.keys == ["check"]
+        assert scheduler.behind_ms(T0 + 30) == 20  # the held warm is what it is behind on
+    finally:
+        await scheduler.stop()
