@@ -650,6 +650,15 @@ class App:
                     log.debug("inbound_check_failed", shard=runner.shard, error=repr(exc)[:300])
                     channel = None
                     continue
+                except asyncio.CancelledError as exc:
+                    # aiormq cancels the RPCs of a connection it closes (a stall, a reset):
+                    # that look is lost; a cancellation aimed at this task ends it.
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise
+                    log.debug("inbound_check_failed", shard=runner.shard, error=repr(exc)[:300])
+                    channel = None
+                    continue
                 except Exception as exc:
                     # aiormq fails an RPC that a closing connection cut with a bare
                     # Exception (its futures' default rejection): the look is lost, not
