@@ -19,6 +19,7 @@ import textwrap
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from decimal import Decimal
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, get_args
 
 import msgspec
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Every verb reads the WARMER_* settings (see `warmer run --help`).\n" + _EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('warmer')}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     run = commands.add_parser(
         "run",

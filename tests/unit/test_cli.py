@@ -8,6 +8,7 @@ import os
 import sys
 import types
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,12 @@ def test_top_level_help_lists_the_run_command(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "usage: warmer" in out
     assert "run the worker" in out
+
+
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+
+    assert capsys.readouterr().out.strip() == f"warmer {version('warmer')}"
 
 
 def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -128,10 +128,8 @@ def gauges(metrics: Metrics, core: Warmer, timers: int = 0) -> None:
 def series_of(name: str) -> set[str]:
     """The sample names a metric shows in a scrape."""
     if name in HISTOGRAMS:
-        return {f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum", "_created")}
-    if name in GAUGES:
-        return {name}
-    return {name, f"{name.removesuffix('_total')}_created"}
+        return {f"{name}{suffix}" for suffix in ("_bucket", "_count", "_sum")}
+    return {name}  # no `_created` series beside a counter or a histogram
 
 
 def shown_names(metrics: Metrics) -> set[str]:

@@ -33,6 +33,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -40,6 +41,10 @@ from warmer.contract import Command, ErrorCode, LifecycleEvent, Status
 from warmer.core.economy import Economy
 from warmer.core.effects import WarmFailedCause
 from warmer.core.state import Hold
+
+# No `_created` series beside every counter and histogram: they double a scrape and chart
+# nothing a restart does not already show (process_start_time_seconds).
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it untyped
 
 __all__ = [
     "CACHE_WAYS",
