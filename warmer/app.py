@@ -172,6 +172,7 @@ class App:
         self.names = Names.of(config.namespace, config.shards)
         self.metrics = Metrics()
         """The worker's metrics, in a registry of this app's own."""
+        self.metrics.broker_connected.set_function(lambda: float(self._connected()))
         self.health = Health()
         """What keeps the pipeline from making progress (``/readyz``)."""
         self.failures = FailureLog(self.clock)

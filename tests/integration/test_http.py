@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import platform
 import socket
 from collections.abc import AsyncIterator, Callable
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,19 @@ async def test_metrics_show_every_metric_and_move_with_events_and_commands(
         if name not in ADVICE:
             assert (f"{name}_count" if name in HISTOGRAMS else name) in names, name
     assert "process_resident_memory_bytes" in names
+    scraped = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert scraped[("warmer_broker_connected", ())] == 1
+    assert [key for key in scraped if key[0] == "warmer_build_info"] == [
+        (
+            "warmer_build_info",
+            (("python", platform.python_version()), ("version", version("warmer"))),
+        )
+    ]
+    assert not [name for name in names if name.endswith("_created")]
 
     surfaces = await probe.surfaces()
     reply = await probe.command({"type": "set_enabled", "conversationId": "h", "enabled": True})

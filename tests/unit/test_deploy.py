@@ -105,6 +105,9 @@ METRICS: Final[dict[str, tuple[str, frozenset[str]]]] = {
     "warmer_clock_offset_seconds": ("gauge", frozenset()),
     # Replicas (issue 16): the shards a replica owns, taken, lost and fenced.
     "warmer_shards_owned": ("gauge", frozenset()),
+    # What runs, and whether it is connected (issue 18).
+    "warmer_build_info": ("gauge", frozenset({"version", "python"})),
+    "warmer_broker_connected": ("gauge", frozenset()),
     "warmer_shard_takeovers_total": ("counter", frozenset()),
     "warmer_shards_lost_total": ("counter", frozenset({"reason"})),
     "warmer_fenced_commits_total": ("counter", frozenset()),
@@ -873,6 +876,13 @@ def test_the_dashboard_uses_the_datasource_variable(dashboard: dict[str, Any]) -
         for target in panel["targets"]:
             assert target["datasource"] == expected, panel["title"]
             assert "$__rate_interval" in target["expr"] or "rate(" not in target["expr"]
+
+
+def test_each_panels_queries_have_unique_ref_ids(dashboard: dict[str, Any]) -> None:
+    # Grafana shows one of two queries with the same refId (one was hidden before).
+    for panel in _panels(dashboard):
+        ids = [target["refId"] for target in panel.get("targets", [])]
+        assert len(ids) == len(set(ids)), (panel["title"], ids)
 
 
 def test_the_dashboard_panels_have_unique_ids_and_do_not_overlap(

@@ -105,6 +105,8 @@ HISTOGRAMS = {
     "warmer_shard_handover_seconds",
 }
 GAUGES = {
+    "warmer_build_info",
+    "warmer_broker_connected",
     "warmer_conversations",
     "warmer_timers_armed",
     "warmer_idle_gaps_learned",

@@ -24,7 +24,9 @@ at the base input price, ``warmer.core.costs``).
 from __future__ import annotations
 
 import collections
+import platform
 from collections.abc import Callable, Iterable, Mapping
+from importlib.metadata import version
 from typing import Final, get_args
 
 from prometheus_client import (
@@ -130,6 +132,8 @@ NAMES: Final = (
     "warmer_messages_rerouted_total",
     "warmer_behind_seconds",
     "warmer_warm_timeouts_extended_total",
+    "warmer_build_info",
+    "warmer_broker_connected",
 )
 """Every metric of the worker, as a scrape shows it (histograms add their suffixes)."""
 
@@ -303,6 +307,18 @@ class Metrics:
             "How far behind the worker is: the most of how late its oldest due timer is, "
             "how long its oldest input has waited, and how long its oldest warm request "
             "has waited for its confirm (0 under 0.1 s: it keeps up).",
+            registry=r,
+        )
+        self.build_info: Final = Gauge(
+            "warmer_build_info",
+            "Always 1; the running worker's version and Python in its labels.",
+            ["version", "python"],
+            registry=r,
+        )
+        self.build_info.labels(version=version("warmer"), python=platform.python_version()).set(1)
+        self.broker_connected: Final = Gauge(
+            "warmer_broker_connected",
+            "1 while the worker's connection to the broker is up, else 0.",
             registry=r,
         )
         self.shards_owned: Final = Gauge(
