@@ -184,18 +184,27 @@ class Publisher:
         timeout as its expiration, counted from then: a request the worker itself sent
         late (behind on its own work) still gets the whole timeout at the orchestrator, as
         its warm timeout waits for the worker (docs/semantics.md, addition 2). A request is
-        published (again, after a lost connection) only while ``still_wanted()``: once its
-        warm timed out, its retry has a new token, and the old request must not run late
-        beside it (PublishWithdrawn).
+        published only while ``still_wanted()`` (once its warm timed out, its retry has a new
+        token, and the old request must not run late beside it), and again after a lost
+        connection only while its timeout has not passed since it was made: after a longer
+        outage another replica may own the shard (PublishWithdrawn).
         """
 
         headers = self._conversation_headers.encode(request.conversation_id)
         message_id = f"{request.conversation_id}:{request.token}"
 
+        attempts = 0
+
         def attempt(link: _Link) -> bytes | None:
+            nonlocal attempts
+            attempts += 1
             now = self._clock.now_ms()
             left = timeout_ms
             if not still_wanted():
+                return None
+            if attempts > 1 and now - request.requested_at >= timeout_ms:
+                # Cut by a lost connection, and its time is up: the shard may have another
+                # owner by now, whose warm this one would double; its timeout takes over.
                 return None
             body = encode(msgspec.structs.replace(request, requested_at=now))
             # What aio-pika made of timedelta(milliseconds=left) and of now / 1000.
