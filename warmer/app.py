@@ -592,15 +592,14 @@ class App:
             raise
         if runner.lost is not None:  # the connection went meanwhile
             return False
-        awaiting = core.is_awaiting
-        scheduler.arm_many(
-            (arm.conversation_id, arm.due_at, arm.token)
-            for arm in arms
-            if not awaiting(arm.conversation_id, arm.token)
-        )
-        for arm in arms:  # the warms out: their timeouts are checks (decision 109)
-            if awaiting(arm.conversation_id, arm.token):
-                scheduler.arm(arm.conversation_id, arm.due_at, arm.token, check=True)
+        # The warms out: their timeouts are checks (decision 109), never held back.
+        checks: list[tuple[str, int, int]] = []
+        warms: list[tuple[str, int, int]] = []
+        for arm in arms:
+            into = checks if core.is_awaiting(arm.conversation_id, arm.token) else warms
+            into.append((arm.conversation_id, arm.due_at, arm.token))
+        scheduler.arm_many(warms)
+        scheduler.arm_many(checks, check=True)
         scheduler.start()
         loop = asyncio.get_running_loop()
         runner.tasks = [

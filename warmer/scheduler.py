@@ -104,10 +104,11 @@ class Scheduler:
             self._wake()
         self._compact_if_mostly_dead()
 
-    def arm_many(self, timers: Iterable[tuple[str, int, int]]) -> None:
-        """Arm each `(key, due_at_ms, token)` in turn, as many `arm` calls would, with one
-        heap build at the end instead of a push each (a million timers at start-up)."""
-        live, heap = self._live, self._heap
+    def arm_many(self, timers: Iterable[tuple[str, int, int]], *, check: bool = False) -> None:
+        """Arm each `(key, due_at_ms, token)` in turn, as many `arm` calls would (all of them
+        checks with `check`), with one heap build at the end instead of a push each (a
+        million timers at start-up)."""
+        live, heap = self._live, self._checks if check else self._heap
         seq = self._seq
         dead = 0
         for key, due_at_ms, token in timers:
@@ -266,8 +267,8 @@ class Scheduler:
     def _next_due(self, heap: list[_Entry] | None = None) -> int | None:
         """The earliest due time of ``heap`` (both heaps when None), dead tops dropped."""
         if heap is None:
-            dues = [d for d in map(self._next_due, (self._checks, self._heap)) if d is not None]
-            return min(dues, default=None)
+            check, due = self._next_due(self._checks), self._next_due(self._heap)
+            return due if check is None else check if due is None else min(check, due)
         while heap and self._live.get(heap[0][2]) is not heap[0]:
             heapq.heappop(heap)
             self._dead -= 1

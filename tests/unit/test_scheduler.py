@@ -593,3 +593,11 @@ async def test_a_check_fires_while_the_room_holds_the_others(clock: ManualClock)
         assert scheduler.behind_ms(T0 + 30) == 20  # the held warm is what it is behind on
     finally:
         await scheduler.stop()
+
+
+def test_arm_many_arms_checks_in_their_own_lane(clock: ManualClock, fired: Recorder) -> None:
+    scheduler = Scheduler(clock, fired)
+    scheduler.arm_many([("warm", T0 + 1, 1)])
+    scheduler.arm_many([("check", T0 + 2, 2)], check=True)
+    assert scheduler.fire_due(T0 + 5, limit=0) == 1
+    assert fired.keys == ["check"]
